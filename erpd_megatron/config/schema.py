@@ -1,0 +1,404 @@
+"""The typed configuration of erpd_megatron: one dataclass per component, one root.
+
+Every field has a docstring (the string literal under it); :mod:`erpd_megatron.config.loader`
+reads YAML into these classes strictly (an unknown key is an error naming the closest valid
+one) and :mod:`erpd_megatron.config.validate` checks cross-field constraints such as the
+parallel layout. Field docstrings are collected by :func:`field_docs` for ``erpd config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer (Llama, Qwen2/2.5, Qwen3 families)."""
+
+    family: Literal["llama", "qwen2", "qwen3"] = "llama"
+    """Model family; selects the HF <-> Megatron tensor map and HF config class."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 128
+    """Width of the gated MLP (SwiGLU) inner projection."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: int = 2
+    """Number of key/value heads (GQA groups); equal to num_attention_heads for MHA."""
+    kv_channels: Optional[int] = None
+    """Head dimension; null means hidden_size / num_attention_heads."""
+    vocab_size: int = 256
+    """Real vocabulary size of the tokenizer / HF embedding (before padding)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows to a multiple of this times the TP size (Megatron convention).
+    Padded rows are masked out of every softmax, top-k and KL."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is built for (prompt + response)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: Optional[Literal["llama3"]] = None
+    """RoPE scaling type; "llama3" for Llama-3.1+ checkpoints."""
+    rope_scaling_factor: float = 8.0
+    """Scaling factor for rope_scaling="llama3"."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection (Qwen2/2.5: true)."""
+    qk_layernorm: bool = False
+    """RMSNorm on per-head queries and keys (Qwen3: true)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    init_method_std: float = 0.02
+    """Std of the normal init of freshly initialised weights (tiny models trained from scratch)."""
+    num_experts: Optional[int] = None
+    """Number of MoE experts; null for dense models (MoE conversion is not implemented yet)."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model and data are laid out over ranks."""
+
+    tensor_model_parallel_size: int = 1
+    """TP size: shards attention heads, MLP width and vocabulary."""
+    pipeline_model_parallel_size: int = 1
+    """PP size: splits the layers into stages (1F1B schedule)."""
+    expert_model_parallel_size: int = 1
+    """EP size for MoE models."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs Transformer Engine; not available on CPU)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the DP gradient all-reduce with the backward pass."""
+    num_nodes: int = 1
+    """Nodes the recipe targets (used by `erpd dryrun` and the Slurm scripts)."""
+    gpus_per_node: int = 8
+    """GPUs per node the recipe targets (used by `erpd dryrun`)."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU, for the dry-run fit check."""
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """Numerics and kernels."""
+
+    params_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Parameter/compute dtype; auto = bf16 on GPU, fp32 on CPU."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation; auto = Transformer Engine when importable on a GPU, else local."""
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 format for Transformer Engine GEMMs; null disables FP8. Requires Transformer Engine."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """Transformer Engine FP8 scaling recipe."""
+    fp8_margin: int = 0
+    """Margin for the FP8 scaling factor."""
+    fp8_amax_history_len: int = 1024
+    """Length of the amax history window (delayed scaling)."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """How amax is computed from its history (delayed scaling)."""
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW with warmup and decay, through megatron-core's optimizer."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the decay."""
+    lr_warmup_steps: int = 0
+    """Linear warmup steps."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warmup."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global grad-norm clip; 0 disables."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training data: the fixed rollout set of the round and how it is batched."""
+
+    rollout_dir: Optional[str] = None
+    """Directory of rollout Parquet shards (with manifest.json) that Stage 1/2 train on."""
+    global_batch_size: int = 64
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    max_tokens_per_microbatch: int = 4096
+    """Token budget of one micro-batch (padded tokens counted); sequences are bucketed by length."""
+    max_seq_length: int = 4096
+    """Prompt + response longer than this is an error naming the sample (no silent truncation)."""
+    advantage_std_normalize: bool = False
+    """Divide the group-centred advantage by the group reward std (GRPO style)."""
+    shuffle_seed: int = 1234
+    """Seed of the deterministic per-epoch shuffle."""
+    drop_zero_advantage_groups: bool = False
+    """Drop groups whose rewards are all equal (no policy-gradient signal)."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where weights come from and go to."""
+
+    load: Optional[str] = None
+    """Initial weights: a Megatron checkpoint dir (from tools/convert_checkpoint.py) or an HF dir."""
+    save: Optional[str] = None
+    """Directory for checkpoints of this run (iter_XXXXXXX subdirs and a `latest` file)."""
+    save_interval: int = 0
+    """Save every N optimizer steps (0: only at the end and on signals)."""
+    keep_last: int = 2
+    """Number of periodic checkpoints to keep (epoch snapshots and the final one are kept)."""
+    resume: Literal["auto", "never", "must"] = "auto"
+    """auto: resume from `save` when it has a checkpoint; must: fail when it has none."""
+    exit_code_on_signal: int = 17
+    """Exit code after a SIGTERM/SIGUSR1 checkpoint, telling the launcher to requeue."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Metrics sinks."""
+
+    log_interval: int = 1
+    """Log step metrics every N steps."""
+    wandb_project: Optional[str] = None
+    """wandb project; null disables wandb."""
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when WANDB_API_KEY is set, offline otherwise."""
+    run_name: Optional[str] = None
+    """Run name for wandb and the metrics file; null = the config's name."""
+    progress_bar: bool = True
+    """Show a progress bar with ETA on rank 0."""
+
+
+@dataclass(kw_only=True)
+class Stage1Config:
+    """Stage 1: weakly constrained multi-epoch optimisation on the fixed rollouts."""
+
+    loss: Literal["pg", "sapo", "ce", "mse", "unlearned"] = "pg"
+    """Stage-1 loss (see ERPD_SPEC.md); unlearned negates the advantage of `unlearned_base`."""
+    unlearned_base: Literal["pg", "sapo", "mse"] = "pg"
+    """The loss whose advantage is negated when loss = unlearned."""
+    epochs: int = 4
+    """Passes over the fixed data (E1)."""
+    eps_low: Optional[float] = 0.2
+    """Lower ratio clip of pg (1 - eps_low); null = no lower clip."""
+    eps_high: Optional[float] = 0.28
+    """Upper ratio clip of pg (1 + eps_high); null = no upper clip."""
+    anchor: Literal["data", "epoch"] = "data"
+    """Ratio anchor: the data policy pi_r, or the policy at each epoch start (re-scored)."""
+    sapo_tau_pos: float = 1.0
+    """SAPO temperature for positive advantages."""
+    sapo_tau_neg: float = 1.05
+    """SAPO temperature for negative advantages."""
+    mse_beta: float = 1.0
+    """Mirror-descent beta of the mse loss: target mean log-ratio is A / beta."""
+    kl_coef: float = 0.0
+    """Coefficient of the k3 KL-to-pi_r penalty (0 disables)."""
+    save_epochs: list[int] = field(default_factory=list)
+    """Keep a teacher snapshot after these epochs (the final epoch is always kept)."""
+    eval_every_epochs: int = 0
+    """Held-out accuracy through the rollout engine every N epochs (0 disables)."""
+
+
+@dataclass(kw_only=True)
+class TeacherSignalConfig:
+    """One teacher's contribution to the Stage-2 signal."""
+
+    model: str = "teacher0"
+    """Name of the cached model supplying the signal (a key of the teacher cache)."""
+    signal: Literal["topk_kl", "logratio", "contrast", "gated"] = "topk_kl"
+    """How the per-token signal is built (ERPD_SPEC.md, Stage 2 signals)."""
+    weight: float = 1.0
+    """Weight of this teacher in the weighted sum."""
+    lam: float = 1.0
+    """Scale `lambda` of advantage-style signals."""
+    clip: float = 1.0
+    """Clip `c` of advantage-style signals to [-c, c]."""
+    alpha: float = 1.0
+    """topk_kl: geometric-mixture exponent (<1 trust region, >1 extrapolation); gated add-form weight."""
+    contrast_model: str = "unlearned"
+    """contrast: the second cached model whose log-prob is subtracted."""
+    gate_mode: Literal["sign", "add"] = "sign"
+    """gated: keep s where sign(s)==sign(A) ('sign') or use A + alpha*s ('add')."""
+
+
+@dataclass(kw_only=True)
+class Stage2Config:
+    """Stage 2: trust-region distillation of cached teacher signals into pi_r."""
+
+    teachers: list[TeacherSignalConfig] = field(default_factory=lambda: [TeacherSignalConfig()])
+    """Signals to combine (weighted sum)."""
+    cache_dir: Optional[str] = None
+    """Teacher cache written by tools/cache_teacher_logprobs.py."""
+    epochs: int = 2
+    """Passes over the fixed data (E2)."""
+    eps: float = 0.2
+    """Ratio clip [1-eps, 1+eps] against pi_r."""
+    kl_coef: float = 0.0
+    """Coefficient of the k3 KL-to-pi_r penalty."""
+    c_out: Optional[float] = None
+    """Mask tokens whose |signal| exceeds this (null: no outlier mask)."""
+    kl_budget: Optional[float] = None
+    """Stop when mean sequence KL(pi_theta || pi_r) on the data exceeds this (nats); keep the last
+    checkpoint inside the budget. null: no budget."""
+
+
+@dataclass(kw_only=True)
+class CacheModelConfig:
+    """A model scored into the teacher cache."""
+
+    name: str = "teacher0"
+    """Key of the model in the cache (referenced by stage2.teachers[].model)."""
+    checkpoint: str = ""
+    """Megatron checkpoint directory of the model."""
+    topk: bool = True
+    """Store this model's top-k (teachers); false stores only sampled-token log-probs (e.g. U)."""
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    """The teacher cache: what is scored and how it is stored."""
+
+    dir: Optional[str] = None
+    """Output directory of the cache."""
+    models: list[CacheModelConfig] = field(default_factory=list)
+    """Teachers (and U) to score; pi_r (checkpoint.load) is always scored as `base`."""
+    topk: int = 64
+    """Top-k token ids and log-probs stored per token per teacher."""
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """On-disk dtype of log-prob values."""
+    max_shard_bytes: int = 256 * 1024 * 1024
+    """Upper bound on the size of one shard file."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Generating the fixed rollout data of a round."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """Generation engine: vllm (GPU) or Hugging Face transformers (CPU default)."""
+    model_path: Optional[str] = None
+    """HF-format checkpoint that generates (pi_r)."""
+    dataset: Optional[str] = None
+    """Prompt set: a local parquet/jsonl/arrow file or directory, or a hub dataset name."""
+    dataset_split: str = "train"
+    """Split of the prompt set."""
+    prompt_format: Literal["auto", "gsm8k", "math", "polaris", "custom"] = "auto"
+    """Column convention (see README); custom uses question_key/answer_key."""
+    question_key: Optional[str] = None
+    """Column holding the question (custom format)."""
+    answer_key: Optional[str] = None
+    """Column holding the reference answer (custom format)."""
+    prompt_template: str = "{question}"
+    """Template applied to the question before tokenisation."""
+    use_chat_template: bool = False
+    """Wrap the prompt with the tokenizer's chat template."""
+    num_prompts: int = 1000
+    """P: prompts sampled per round (all when fewer exist)."""
+    samples_per_prompt: int = 16
+    """G: samples per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 so that log-probs are exact)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 so that log-probs are exact)."""
+    max_new_tokens: int = 1024
+    """Response length limit."""
+    max_prompt_tokens: int = 1024
+    """Prompts longer than this are filtered out (counted in the manifest)."""
+    seed: int = 0
+    """Seed of prompt sampling and generation."""
+    output_dir: Optional[str] = None
+    """Directory of the Parquet shards and manifest.json."""
+    prompts_per_shard: int = 64
+    """Prompts per Parquet shard (the unit of resume)."""
+    batch_size: int = 32
+    """Sequences generated at once (hf engine)."""
+    reward_fn: str = "erpd_megatron.rollout.verifier:math_reward"
+    """Dotted path `module:function(response_text, reference) -> float` of the reward."""
+    verifier_timeout: float = 5.0
+    """Seconds per answer before the verifier gives up (reward 0)."""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM tensor parallel size within a node."""
+    vllm_gpu_memory_utilization: float = 0.85
+    """Fraction of GPU memory vLLM may take."""
+    vllm_dtype: str = "bfloat16"
+    """vLLM weight dtype."""
+
+
+@dataclass(kw_only=True)
+class EvalModelConfig:
+    """One model in an evaluation table."""
+
+    name: str = "base"
+    """Row name in the table."""
+    path: str = ""
+    """HF-format checkpoint directory."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation of base, teachers and students."""
+
+    models: list[EvalModelConfig] = field(default_factory=list)
+    """Models to evaluate; the first is the reference for KL-to-base unless base_name is set."""
+    base_name: Optional[str] = None
+    """Name of the base model for KL(pi || pi_base); null = the first model."""
+    datasets: list[str] = field(default_factory=list)
+    """Held-out prompt sets (same loader as rollouts)."""
+    num_prompts: int = 500
+    """Prompts per held-out set."""
+    n: int = 4
+    """Samples per prompt for avg@n."""
+    pass_k: list[int] = field(default_factory=lambda: [1, 4])
+    """k values for pass@k (unbiased estimator)."""
+    max_new_tokens: int = 1024
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    output_dir: Optional[str] = None
+    """Where tables, JSON and plots go."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The root: one recipe = model + parallel layout + algorithm + I/O."""
+
+    name: str = "erpd"
+    """Name of the recipe / run."""
+    seed: int = 1234
+    """Global seed (model init, dropout, data order)."""
+    output_dir: str = "runs/erpd"
+    """Root of this run's outputs (metrics, checkpoints) unless a component overrides it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numerics."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and LR schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data and batching."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint I/O."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics sinks."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    """Stage 1."""
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    """Stage 2."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Teacher cache."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout generation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""

@@ -138,7 +138,7 @@ def apply_overrides(tree: dict, overrides: list[str], origin: dict[str, str]) ->
     for text in overrides:
         keys, value = parse_override(text)
         node: Any = tree
-        for i, k in enumerate(keys[:-1]):
+        for k in keys[:-1]:
             if isinstance(node, list):
                 node = _list_item(node, k, text)
                 continue

@@ -135,8 +135,9 @@ class DataConfig:
     """Sequences per optimizer step, over all data-parallel ranks."""
     max_tokens_per_microbatch: int = 4096
     """Token budget of one micro-batch (padded tokens counted); sequences are bucketed by length."""
-    max_seq_length: int = 4096
-    """Prompt + response longer than this is an error naming the sample (no silent truncation)."""
+    max_seq_length: Optional[int] = None
+    """Prompt + response longer than this is an error naming the sample (no silent truncation);
+    null = model.max_position_embeddings."""
     advantage_std_normalize: bool = False
     """Divide the group-centred advantage by the group reward std (GRPO style)."""
     shuffle_seed: int = 1234

@@ -112,7 +112,7 @@ def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runt
             )
     if cfg.data.global_batch_size < 1 or cfg.data.max_tokens_per_microbatch < 1:
         raise ConfigError("data.global_batch_size and data.max_tokens_per_microbatch must be >= 1")
-    if cfg.data.max_seq_length > cfg.model.max_position_embeddings:
+    if cfg.data.max_seq_length is not None and cfg.data.max_seq_length > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"data.max_seq_length={cfg.data.max_seq_length} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}"

@@ -171,8 +171,9 @@ class MicroBatch:
 
 def collate(table: SampleTable, rows: np.ndarray,
             token_arrays: dict[str, list[np.ndarray]] | None = None) -> MicroBatch:
-    """Build the padded tensors of ``rows``. ``token_arrays[name][row]`` holds one value per
-    response token of that row (e.g. cached log-probs) and is placed at the scoring positions."""
+    """Build the padded tensors of ``rows``. ``token_arrays[name][row]`` holds one entry per
+    response token of that row (shape [T] or [T, k], e.g. cached log-probs or top-k ids) and
+    is placed at the scoring positions, keeping its dtype; other positions are 0."""
     rows = np.asarray(rows, np.int64)
     lens = [len(table.prompt_ids[i]) + len(table.response_ids[i]) for i in rows]
     b, s = len(rows), max(lens)
@@ -182,7 +183,10 @@ def collate(table: SampleTable, rows: np.ndarray,
     seq = np.full((b, s), -1, np.int64)
     pos = np.zeros((b, s), np.int64)
     adv = np.zeros((b, s), np.float32)
-    extra = {k: np.zeros((b, s), np.float32) for k in (token_arrays or {})}
+    extra = {}
+    for k, arrs in (token_arrays or {}).items():
+        first = np.asarray(arrs[rows[0]])
+        extra[k] = np.zeros((b, s) + first.shape[1:], first.dtype)
     has_adv = len(table.advantages) == len(table)
     for j, i in enumerate(rows):
         p, r = table.prompt_ids[i], table.response_ids[i]
@@ -197,7 +201,7 @@ def collate(table: SampleTable, rows: np.ndarray,
         if has_adv:
             adv[j, lo:hi] = table.advantages[i]
         for k, arrs in (token_arrays or {}).items():
-            a = np.asarray(arrs[i], np.float32)
+            a = np.asarray(arrs[i])
             if len(a) != len(r):
                 raise ValueError(
                     f"{k}: sample {int(table.sample_ids[i])} has {len(a)} values for {len(r)} response tokens"

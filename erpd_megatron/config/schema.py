@@ -123,6 +123,9 @@ class OptimizerConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Global grad-norm clip; 0 disables."""
+    max_nonfinite_steps: int = 3
+    """Abort (exit code 3) after this many consecutive steps with a non-finite loss or gradient;
+    such steps are skipped and counted, and non-finite weights are never saved."""
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from erpd_megatron.utils.files import atomic_write_bytes
 from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -56,19 +57,8 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop records whose ``step`` is greater than ``step`` (resume)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("step", 0) <= step:
-                keep.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
+        if self.enabled:
+            truncate_jsonl(self.path, step)
 
     def log(self, record: dict[str, Any], step: int) -> None:
         """Write one record (``step`` included) to the JSONL file and wandb."""
@@ -95,6 +85,16 @@ def _start_wandb(cfg: Any, run_name: str | None, config: dict | None, out_dir: P
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return wandb.init(project=cfg.wandb_project, name=run_name, config=config, mode=mode, dir=str(out_dir),
                       resume="allow")
+
+
+def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
+    """Keep only the records of a JSONL file whose ``step`` is at most ``step`` (and drop a
+    last line cut by a kill); rewritten atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [json.dumps(r, sort_keys=True) for r in read_metrics(path) if r.get("step", 0) <= step]
+    atomic_write_bytes(path, "".join(k + "\n" for k in keep).encode())
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -1,0 +1,119 @@
+"""What Stage 1 and Stage 2 share around the loop: config + distributed start-up, the fixed
+data, the engine with pi_r's weights, forward-only scoring, and the per-token log-prob and
+entropy of a micro-batch from vocab-parallel logits."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from erpd_megatron.config.loader import load_config
+from erpd_megatron.config.schema import Config
+from erpd_megatron.config.validate import validate_config
+from erpd_megatron.data.batching import MicroBatch
+from erpd_megatron.train.engine import Engine, VocabShard
+from erpd_megatron.train.loop import EXIT_NONFINITE, NonFiniteAbort, StageSpec, TrainLoop
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+
+def logits_logprob_entropy(logits: torch.Tensor, mb: MicroBatch, shard: VocabShard
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of the target tokens ([b, s], differentiable) and token entropy ([b, s],
+    detached) from vocab-parallel logits [b, s, V/tp]."""
+    from erpd_megatron.ops.vocab_parallel import vp_entropy, vp_logprob
+
+    b, s, v = logits.shape
+    flat = logits.reshape(b * s, v)
+    kw = dict(group=shard.group, vocab_start=shard.start, vocab_size=shard.vocab_size)
+    lp = vp_logprob(flat, mb.targets.to(flat.device).reshape(-1), **kw).reshape(b, s)
+    with torch.no_grad():
+        ent = vp_entropy(flat.detach(), **kw).reshape(b, s)
+    return lp, ent
+
+
+class StageRun:
+    """A started stage: config, distributed env, data, and an engine holding pi_r."""
+
+    def __init__(self, cfg: Config, stage: str) -> None:
+        from erpd_megatron.data.table import load_sample_table
+        from erpd_megatron.runtime.distributed import init_distributed
+
+        self.cfg = cfg
+        self.stage = stage
+        self.out_dir = Path(cfg.output_dir) / stage
+        self.env = init_distributed(cfg)
+        if cfg.data.rollout_dir is None:
+            raise ValueError("data.rollout_dir is not set: point it at the rollout Parquet directory")
+        self.table, self.data_fingerprint = load_sample_table(cfg)
+        steps = self._count_steps()
+        self.engine = Engine(cfg, train=True, total_steps=steps)
+        self._load_initial_weights()
+
+    def _count_steps(self) -> int:
+        epochs = self.cfg.stage1.epochs if self.stage == "stage1" else self.cfg.stage2.epochs
+        per_epoch = -(-len(self.table) // self.cfg.data.global_batch_size)
+        return epochs * per_epoch
+
+    def _load_initial_weights(self) -> None:
+        from erpd_megatron.models.checkpoint import load_checkpoint
+
+        load = self.cfg.checkpoint.load
+        if not load:
+            raise ValueError("checkpoint.load is not set: the Megatron checkpoint of pi_r "
+                             "(convert an HF model with tools/convert_checkpoint.py hf-to-mcore)")
+        if not Path(load).exists():
+            raise FileNotFoundError(f"checkpoint.load={load}: no such checkpoint directory")
+        load_checkpoint(load, self.engine.model)
+
+    def score(self, tag: str) -> list[np.ndarray]:
+        """Per-response-token log-probs of the whole table under the current weights
+        (cached under the stage's output dir by ``tag``)."""
+        from erpd_megatron.train.scoring import score_logprobs
+
+        return score_logprobs(self.engine, self.table, self.out_dir / tag,
+                              max_tokens=self.cfg.data.max_tokens_per_microbatch, desc=tag)
+
+    def report_mismatch(self, trainer_logprobs: list[np.ndarray]) -> dict[str, float]:
+        """Rollout-engine vs trainer log-prob mismatch on the fixed data (logged, returned)."""
+        eng = self.table.engine_logprobs
+        if eng is None:
+            return {}
+        a = np.concatenate([np.asarray(x, np.float64) for x in eng]) if eng else np.zeros(0)
+        b = np.concatenate([np.asarray(x, np.float64) for x in trainer_logprobs]) if trainer_logprobs else np.zeros(0)
+        if len(a) != len(b) or len(a) == 0:
+            return {}
+        d = b - a
+        out = {"mismatch/mean_abs_logprob_diff": float(np.abs(d).mean()),
+               "mismatch/max_abs_logprob_diff": float(np.abs(d).max()),
+               "mismatch/k3_engine_to_trainer": float(np.mean(np.expm1(-d) + d))}
+        log.info("rollout engine vs trainer log-probs: mean |diff| %.3g, max %.3g, k3 %.3g",
+                 *out.values())
+        return out
+
+    @staticmethod
+    def launch(stage: str, config: str, overrides: list[str],
+               build_spec: Callable[[Config, StageRun], StageSpec]) -> int:
+        """Load the config, start the run, train, tear down; returns the exit code."""
+        from erpd_megatron.runtime.distributed import destroy_distributed
+
+        cfg = load_config(config, overrides, validate=False)
+        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
+                        check_runtime=True)
+        try:
+            run = StageRun(cfg, stage)
+            spec = build_spec(cfg, run)
+            loop = TrainLoop(cfg, run.engine, spec, run.out_dir)
+            return loop.run()
+        except NonFiniteAbort as e:
+            log.error("%s", e)
+            return EXIT_NONFINITE
+        finally:
+            destroy_distributed()
+            sys.stdout.flush()

@@ -1,0 +1,208 @@
+"""The Megatron wiring of training: DDP model chunks, optimizer, LR schedule, and one call that
+runs a list of micro-batches through the pipeline schedule (forward+backward or forward-only).
+
+Loss functions stay pure: they receive the last stage's vocab-parallel logits of one
+micro-batch and return ``(loss, metrics)`` where ``loss`` is already normalised by the
+*global* batch normaliser (see :mod:`erpd_megatron.ops.losses`). Megatron divides a returned
+loss by the number of micro-batches and DDP averages gradients over data-parallel ranks;
+:meth:`Engine.run` multiplies both factors back, so that the gradient is exactly the
+gradient of the global-batch loss, whatever the micro-batching and DP size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from erpd_megatron.config.schema import Config
+from erpd_megatron.data.batching import MicroBatch
+
+LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class VocabShard:
+    """Where this rank's logits sit in the vocabulary."""
+
+    group: Any
+    """TP process group (None when TP = 1)."""
+    start: int
+    """First vocabulary id of this rank's logits."""
+    vocab_size: int
+    """The real (unpadded) vocabulary size; ids at or above it are padding."""
+
+
+class Engine:
+    """DDP-wrapped model chunks with (optionally) an optimizer and LR scheduler."""
+
+    def __init__(self, cfg: Config, *, train: bool, total_steps: int = 1) -> None:
+        from megatron.core import parallel_state as ps
+
+        from erpd_megatron.models.builder import build_model
+
+        self.cfg = cfg
+        self.ps = ps
+        self.train = train
+        chunks = build_model(cfg)
+        if train:
+            chunks = self._wrap_ddp(chunks)
+        self.model: list[torch.nn.Module] = chunks
+        self.optimizer = self.scheduler = None
+        if train:
+            self.optimizer, self.scheduler = self._build_optimizer(total_steps)
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.tp_size = tp
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.is_first_stage = ps.is_pipeline_first_stage()
+
+    # ---- construction -------------------------------------------------------------------
+    def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        par = self.cfg.parallel
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=par.overlap_grad_reduce,
+            use_distributed_optimizer=par.use_distributed_optimizer,
+        )
+        out = []
+        for i, m in enumerate(chunks):
+            out.append(DistributedDataParallel(
+                config=_unwrapped(m).config, ddp_config=ddp_cfg, module=m,
+                disable_bucketing=(i > 0),
+            ))
+        return out
+
+    def _build_optimizer(self, total_steps: int) -> tuple[Any, Any]:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.cfg.optimizer
+        dtype = _unwrapped(self.model[0]).config.params_dtype
+        ocfg = OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+            params_dtype=dtype, use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(ocfg, self.model)
+        decay_steps = max(1, total_steps)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0 if o.lr_warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=decay_steps,
+            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=decay_steps, wd_incr_style="constant",
+        )
+        return optimizer, scheduler
+
+    # ---- information ----------------------------------------------------------------------
+    def vocab_shard(self) -> VocabShard:
+        """The TP group and this rank's vocabulary offset, for the vocab-parallel ops."""
+        from erpd_megatron.config.validate import padded_vocab_size
+
+        padded = padded_vocab_size(self.cfg.model, self.tp_size)
+        rank = self.ps.get_tensor_model_parallel_rank()
+        group = self.ps.get_tensor_model_parallel_group() if self.tp_size > 1 else None
+        return VocabShard(group=group, start=rank * padded // self.tp_size, vocab_size=self.cfg.model.vocab_size)
+
+    # ---- running --------------------------------------------------------------------------
+    def run(self, microbatches: list[MicroBatch], loss_fn: LossFn, *, forward_only: bool) -> list[dict]:
+        """Run ``microbatches`` through the pipeline schedule.
+
+        Returns the per-micro-batch metric dicts of ``loss_fn`` on the last pipeline stage
+        (an empty list on other stages). With ``forward_only=False`` gradients accumulate
+        into the DDP buffers (zeroed here first) and are reduced over DP when it returns.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        n = len(microbatches)
+        if n == 0:
+            return []
+        scale = float(n * (1 if forward_only else self.dp_size))
+        device = _device()
+        if not forward_only:
+            for m in self.model:
+                m.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        it = iter([mb.to(device) for mb in microbatches])
+
+        def loss_wrapper(mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            loss, metrics = loss_fn(logits, mb)
+            return loss * scale, metrics
+
+        def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+            mb = next(data_iterator)
+            out = model(mb.input_ids, mb.position_ids, None)
+            return out, partial(loss_wrapper, mb)
+
+        seq = max(int(mb.input_ids.shape[1]) for mb in microbatches)
+        mbs = max(int(mb.input_ids.shape[0]) for mb in microbatches)
+        for m in self.model:
+            _unwrapped(m).config.variable_seq_lengths = True
+        fb = get_forward_backward_func()
+        out = fb(
+            forward_step_func=forward_step, data_iterator=it,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=n, seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
+        )
+        return list(out) if self.is_last_stage else []
+
+    def grads_finite(self) -> bool:
+        """Whether every local gradient is finite, agreed over all ranks (MAX all-reduce)."""
+        bad = torch.zeros(1, dtype=torch.float32)
+        for m in self.model:
+            for p in m.parameters():
+                g = getattr(p, "main_grad", None)
+                if g is None:
+                    g = p.grad
+                if g is not None and not torch.isfinite(g).all():
+                    bad.fill_(1.0)
+                    break
+        bad_dev = bad.to(_device())
+        if dist.is_initialized():
+            dist.all_reduce(bad_dev, op=dist.ReduceOp.MAX)
+        return bool(bad_dev.item() == 0)
+
+    def step(self) -> tuple[bool, float]:
+        """Apply the optimizer and advance the LR schedule; returns (ok, grad_norm)."""
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return bool(ok), float(grad_norm) if grad_norm is not None else 0.0
+
+    def current_lr(self) -> float:
+        """Learning rate of the first param group."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _unwrapped(m: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def reduce_metrics(metric_dicts: list[dict], keys: list[str], *, src_is_owner: bool) -> dict[str, float]:
+    """Sum per-micro-batch metric sums locally, then over the whole world, counting each
+    value once: only ranks with ``src_is_owner`` (last pipeline stage, TP rank 0) contribute.
+    Every rank gets the totals (so rank 0 can log them)."""
+    vec = torch.zeros(len(keys), dtype=torch.float64)
+    if src_is_owner:
+        for d in metric_dicts:
+            for i, k in enumerate(keys):
+                if k in d:
+                    vec[i] += float(d[k].detach().double().sum()) if torch.is_tensor(d[k]) else float(d[k])
+    dev = vec.to(_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(dev)
+    return dict(zip(keys, dev.cpu().tolist()))

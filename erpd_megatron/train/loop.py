@@ -1,0 +1,356 @@
+"""The one training loop shared by Stage 1 and Stage 2.
+
+A stage supplies a :class:`StageSpec`: the sample table, the per-token arrays each
+micro-batch carries, a loss builder, the metric keys, and optional hooks (epoch start,
+after-step stop condition). The loop owns everything else: deterministic epochs and global
+batches, DP sharding and micro-batching, the optimizer step, the NaN/Inf guard, metrics,
+checkpoints (periodic, epoch snapshots, final), resume, and SIGTERM/SIGUSR1 handling.
+
+Checkpoint layout under ``checkpoint.save``::
+
+    iter_0000012/      model + optimizer + scheduler + loop state (for resume)
+    latest             name of the newest complete iter_ directory (moved atomically)
+    epoch_0002/        model-only snapshot after epoch 2 (stage1.save_epochs)
+    final/             model-only output of the stage (what conversion and the cache read)
+    manifest.json      written last: status, steps, where the output is
+
+Exit codes: 0 done; ``checkpoint.exit_code_on_signal`` (17) after a signal checkpoint
+(the launcher requeues); 3 aborted after too many non-finite steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from erpd_megatron.config.loader import to_dict
+from erpd_megatron.config.schema import Config
+from erpd_megatron.data.batching import (
+    MicroBatch,
+    SampleTable,
+    collate,
+    dp_shard,
+    epoch_order,
+    global_batches,
+    micro_batches,
+)
+from erpd_megatron.train.engine import Engine, LossFn, reduce_metrics
+from erpd_megatron.train.metrics import MetricsLogger, progress_bar, truncate_jsonl
+from erpd_megatron.utils.files import atomic_write_json, read_json
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+EXIT_NONFINITE = 3
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class StageSpec:
+    """What a stage plugs into the loop."""
+
+    name: str
+    """Metric namespace: ``stage1`` or ``stage2``."""
+    table: SampleTable
+    """The fixed data."""
+    epochs: int
+    """Passes over the data."""
+    make_loss: Callable[[np.ndarray], LossFn]
+    """Given the global batch's rows, the loss function of its micro-batches (it knows the
+    global normaliser from those rows)."""
+    metric_keys: list[str]
+    """Sum-metrics the loss function returns (reduced over ranks each step)."""
+    finalize_metrics: Callable[[dict[str, float]], dict[str, float]]
+    """Turn reduced sums into the logged values (means, fractions)."""
+    token_arrays: Callable[[int], dict[str, list[np.ndarray]]] = lambda epoch: {}
+    """Per-response-token arrays for epoch ``epoch`` (e.g. anchors), aligned with table rows."""
+    on_epoch_start: Callable[[int], None] = lambda epoch: None
+    """Called on every rank before the first step of each epoch (also after resume)."""
+    should_stop: Callable[[dict[str, float], int], bool] = lambda metrics, step: False
+    """After each step's metrics: stop training early (e.g. the Stage-2 KL budget)."""
+    snapshot_epochs: list[int] = field(default_factory=list)
+    """Epochs after which a model-only snapshot ``epoch_XXXX`` is written."""
+    choose_final: Callable[[Path], Path | None] | None = None
+    """When training stopped early: the checkpoint directory to publish as ``final``."""
+
+
+@dataclass
+class LoopState:
+    """Position of the loop; saved with every checkpoint."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    stopped_early: bool = False
+
+
+class _Signals:
+    """Records SIGTERM/SIGUSR1; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class TrainLoop:
+    """Runs a :class:`StageSpec` on an :class:`Engine`."""
+
+    def __init__(self, cfg: Config, engine: Engine, spec: StageSpec, out_dir: str | os.PathLike) -> None:
+        self.cfg, self.engine, self.spec = cfg, engine, spec
+        self.out_dir = Path(out_dir)
+        self.save_root = Path(cfg.checkpoint.save or self.out_dir / "checkpoints")
+        self.state = LoopState()
+        self.lengths = spec.table.lengths
+        self.metrics = MetricsLogger(
+            self.out_dir / f"{spec.name}_metrics.jsonl", enabled=_rank() == 0, wandb_cfg=cfg.logging,
+            run_name=cfg.logging.run_name or f"{cfg.name}-{spec.name}", config=to_dict(cfg),
+        )
+        self.timing_path = self.out_dir / f"{spec.name}_timing.jsonl"
+        self.signals = _Signals()
+        self.kl_by_step: dict[int, float] = {}
+
+    # ---- plan -----------------------------------------------------------------------------
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The global batches of ``epoch`` (identical on every rank)."""
+        order = epoch_order(len(self.spec.table), self.cfg.data.shuffle_seed, epoch)
+        return global_batches(order, self.cfg.data.global_batch_size)
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole stage."""
+        return sum(len(self.batches(e)) for e in range(self.spec.epochs))
+
+    def micro_batches(self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]) -> list[MicroBatch]:
+        """This rank's micro-batches of one global batch."""
+        e = self.engine
+        mine = dp_shard(rows, self.lengths, e.dp_rank, e.dp_size)
+        return [collate(self.spec.table, mb, arrays)
+                for mb in micro_batches(mine, self.lengths, self.cfg.data.max_tokens_per_microbatch)]
+
+    # ---- main -----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Train to the end (or a stop); returns the process exit code."""
+        self._resume()
+        total = self.total_steps()
+        bar = progress_bar(total, enabled=_rank() == 0 and self.cfg.logging.progress_bar,
+                           desc=self.spec.name, initial=self.state.global_step)
+        try:
+            while self.state.epoch < self.spec.epochs and not self.state.stopped_early:
+                code = self._run_epoch(bar)
+                if code is not None:
+                    return code
+        finally:
+            bar.close()
+        self._finish()
+        return 0
+
+    def _run_epoch(self, bar: Any) -> int | None:
+        st, spec = self.state, self.spec
+        spec.on_epoch_start(st.epoch)
+        arrays = spec.token_arrays(st.epoch)
+        batches = self.batches(st.epoch)
+        epoch_sums: dict[str, float] = {}
+        while st.step_in_epoch < len(batches):
+            rows = batches[st.step_in_epoch]
+            t0 = time.perf_counter()
+            sums, grad_norm, applied = self._step(rows, arrays)
+            dt = time.perf_counter() - t0
+            st.step_in_epoch += 1
+            st.global_step += 1
+            for k, v in sums.items():
+                epoch_sums[k] = epoch_sums.get(k, 0.0) + v
+            values = spec.finalize_metrics(sums)
+            record = {f"{spec.name}/{k}": v for k, v in values.items()}
+            record.update({f"{spec.name}/grad_norm": grad_norm, f"{spec.name}/lr": self.engine.current_lr(),
+                           f"{spec.name}/skipped_steps": st.skipped_steps, "epoch": st.epoch,
+                           f"{spec.name}/update_applied": int(applied)})
+            self.metrics.log(record, st.global_step)
+            tokens = sums.get("tokens", 0.0)
+            self._log_timing(dt, tokens)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", tok_s=f"{tokens / max(dt, 1e-9):.0f}")
+            if spec.should_stop(values, st.global_step):
+                st.stopped_early = True
+                log.info("%s: stop condition met at step %d", spec.name, st.global_step)
+                return None
+            if self.signals.agreed():
+                self._save_iter()
+                log.warning("signal received: checkpointed at step %d, exiting with code %d",
+                            st.global_step, self.cfg.checkpoint.exit_code_on_signal)
+                return self.cfg.checkpoint.exit_code_on_signal
+            interval = self.cfg.checkpoint.save_interval
+            if interval and st.global_step % interval == 0:
+                self._save_iter()
+        values = spec.finalize_metrics(epoch_sums)
+        self.metrics.log({f"{spec.name}/epoch/{k}": v for k, v in values.items()} | {"epoch": st.epoch},
+                         st.global_step)
+        st.epoch += 1
+        st.step_in_epoch = 0
+        if st.epoch in spec.snapshot_epochs:
+            self._save_model_only(self.save_root / f"epoch_{st.epoch:04d}")
+        return None
+
+    def _step(self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]) -> tuple[dict[str, float], float, bool]:
+        e, st = self.engine, self.state
+        mbs = self.micro_batches(rows, arrays)
+        outs = e.run(mbs, self.spec.make_loss(rows), forward_only=False)
+        owner = e.is_last_stage and e.ps.get_tensor_model_parallel_rank() == 0
+        sums = reduce_metrics(outs, self.spec.metric_keys, src_is_owner=owner)
+        finite = all(math.isfinite(v) for v in sums.values()) and e.grads_finite()
+        if not finite:
+            st.skipped_steps += 1
+            st.consecutive_nonfinite += 1
+            e.optimizer.zero_grad()
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                        st.global_step + 1, st.consecutive_nonfinite)
+            if st.consecutive_nonfinite >= self.cfg.optimizer.max_nonfinite_steps:
+                raise NonFiniteAbort(
+                    f"{self.spec.name}: {st.consecutive_nonfinite} consecutive steps with a non-finite loss or "
+                    f"gradient (last at step {st.global_step + 1}); no checkpoint of non-finite weights was "
+                    "written. Lower optimizer.lr, check the data (rollout log-probs, rewards) or the stage's "
+                    "clip settings, then resume from the last checkpoint."
+                )
+            return sums, float("nan"), False
+        st.consecutive_nonfinite = 0
+        ok, grad_norm = e.step()
+        if not ok:
+            st.skipped_steps += 1
+        return sums, grad_norm, ok
+
+    def _log_timing(self, dt: float, tokens: float) -> None:
+        if _rank() != 0:
+            return
+        import json
+
+        with open(self.timing_path, "a") as f:
+            f.write(json.dumps({"step": self.state.global_step, "seconds": dt, "tokens": tokens,
+                                "tokens_per_s": tokens / max(dt, 1e-9)}) + "\n")
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _state_dict(self) -> dict:
+        return dict(vars(self.state))
+
+    def _save_iter(self) -> None:
+        from erpd_megatron.models.checkpoint import iter_dir, save_checkpoint, write_latest
+
+        step = self.state.global_step
+        path = iter_dir(self.save_root, step)
+        extra = {"loop": self._state_dict(), "stage": self.spec.name}
+        save_checkpoint(path, self.engine.model, optimizer=self.engine.optimizer,
+                        opt_param_scheduler=self.engine.scheduler, extra=extra, model_cfg=self.cfg.model)
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+        torch.save(rng, path / f"rng_rank{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            write_latest(self.save_root, step)
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        keep = self.cfg.checkpoint.keep_last
+        iters = sorted(p for p in self.save_root.glob("iter_*") if p.is_dir())
+        for p in iters[: max(0, len(iters) - keep)]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _save_model_only(self, path: Path) -> None:
+        from erpd_megatron.models.checkpoint import save_checkpoint
+
+        if path.exists():
+            _barrier()
+            if _rank() == 0:
+                shutil.rmtree(path)
+            _barrier()
+        save_checkpoint(path, self.engine.model, extra={"stage": self.spec.name, "loop": self._state_dict()},
+                        model_cfg=self.cfg.model, tokenizer_dir=self._tokenizer_dir())
+
+    def _tokenizer_dir(self) -> str | None:
+        load = self.cfg.checkpoint.load
+        return load if load and Path(load).exists() else None
+
+    def _resume(self) -> None:
+        from erpd_megatron.models.checkpoint import iter_dir, load_checkpoint, read_latest
+
+        mode = self.cfg.checkpoint.resume
+        latest = read_latest(self.save_root) if mode != "never" else None
+        if latest is None:
+            if mode == "must":
+                raise FileNotFoundError(f"checkpoint.resume=must but {self.save_root} has no checkpoint")
+            self.metrics.truncate_after(0)
+            truncate_jsonl(self.timing_path, 0) if _rank() == 0 else None
+            return
+        path = iter_dir(self.save_root, latest)
+        extra = load_checkpoint(path, self.engine.model, optimizer=self.engine.optimizer,
+                                opt_param_scheduler=self.engine.scheduler)
+        self.state = LoopState(**extra["loop"])
+        rng_file = path / f"rng_rank{_rank():05d}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+        self.metrics.truncate_after(self.state.global_step)
+        truncate_jsonl(self.timing_path, self.state.global_step) if _rank() == 0 else None
+        log.info("%s: resumed from %s (epoch %d, step %d)", self.spec.name, path, self.state.epoch,
+                 self.state.global_step)
+
+    def _finish(self) -> None:
+        final = self.save_root / "final"
+        chosen = self.spec.choose_final(self.save_root) if (self.state.stopped_early and self.spec.choose_final) else None
+        if chosen is not None:
+            _barrier()
+            if _rank() == 0:
+                if final.exists():
+                    shutil.rmtree(final)
+                shutil.copytree(chosen, final)
+            _barrier()
+        else:
+            self._save_model_only(final)
+        if _rank() == 0:
+            atomic_write_json(self.save_root / "manifest.json", {
+                "status": "complete", "stage": self.spec.name, "steps": self.state.global_step,
+                "epochs_done": self.state.epoch, "stopped_early": self.state.stopped_early,
+                "skipped_steps": self.state.skipped_steps, "final": str(final),
+                "snapshots": sorted(str(p) for p in self.save_root.glob("epoch_*")),
+                "published_from": str(chosen) if chosen else None,
+            })
+        self.metrics.close()
+        _barrier()
+
+
+def stage_complete(save_root: str | os.PathLike) -> bool:
+    """Whether a stage's output directory has a complete manifest (for skipping in a round)."""
+    p = Path(save_root) / "manifest.json"
+    return p.exists() and read_json(p).get("status") == "complete"

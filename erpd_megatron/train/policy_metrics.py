@@ -1,0 +1,63 @@
+"""Metrics both stages log about the policy on the fixed data (ERPD_SPEC.md, Stage 1 "Log"):
+token entropy, KL (k1, k3) to pi_r, and the sequence log-prob drift ``sum_t(lp - lp_r)``
+split by reward. Returned as sums and counts (summed over micro-batches and ranks, then
+divided in :func:`finalize_policy_metrics`), computed from the pre-update forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from erpd_megatron.data.batching import MicroBatch
+from erpd_megatron.ops.kl import kl_k1, kl_k3
+
+POLICY_KEYS = [
+    "pm_tokens", "pm_sequences", "pm_entropy_sum", "pm_k1_sum", "pm_k3_sum",
+    "pm_drift_pos_sum", "pm_pos_sequences", "pm_drift_neg_sum", "pm_neg_sequences",
+]
+
+
+def policy_metric_sums(logp: torch.Tensor, ref_logp: torch.Tensor, entropy: torch.Tensor | None,
+                       mb: MicroBatch) -> dict[str, torch.Tensor]:
+    """Sums over one micro-batch ([b, s] tensors, ``mb.loss_mask`` selects response tokens)."""
+    with torch.no_grad():
+        mask = mb.loss_mask > 0
+        lp = torch.where(mask, logp.detach().double(), 0.0)
+        ref = torch.where(mask, ref_logp.double(), 0.0)
+        drift = (lp - ref).sum(dim=1)  # per sequence
+        has = mask.any(dim=1)
+        pos = has & (mb.rewards.to(drift.device) > 0)
+        neg = has & ~pos
+        out = {
+            "pm_tokens": mask.sum().double(),
+            "pm_sequences": has.sum().double(),
+            "pm_entropy_sum": torch.where(mask, entropy.detach().double(), 0.0).sum()
+            if entropy is not None else torch.zeros((), dtype=torch.float64),
+            "pm_k1_sum": torch.where(mask, kl_k1(lp, ref), 0.0).sum(),
+            "pm_k3_sum": torch.where(mask, kl_k3(lp, ref), 0.0).sum(),
+            "pm_drift_pos_sum": drift[pos].sum(), "pm_pos_sequences": pos.sum().double(),
+            "pm_drift_neg_sum": drift[neg].sum(), "pm_neg_sequences": neg.sum().double(),
+        }
+    return out
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def finalize_policy_metrics(s: dict[str, float]) -> dict[str, float]:
+    """Means from the reduced sums: ``entropy``, ``kl_k1``/``kl_k3`` per token,
+    ``seq_kl_k3`` (mean sequence KL to pi_r), ``drift_pos``/``drift_neg`` (mean sequence
+    log-prob drift of reward-1 / reward-0 responses)."""
+    t, n = s.get("pm_tokens", 0.0), s.get("pm_sequences", 0.0)
+    return {
+        "entropy": _div(s.get("pm_entropy_sum", 0.0), t),
+        "kl_k1": _div(s.get("pm_k1_sum", 0.0), t),
+        "kl_k3": _div(s.get("pm_k3_sum", 0.0), t),
+        "seq_kl_k3": _div(s.get("pm_k3_sum", 0.0), n),
+        "seq_kl_k1": _div(s.get("pm_k1_sum", 0.0), n),
+        "drift_pos": _div(s.get("pm_drift_pos_sum", 0.0), s.get("pm_pos_sequences", 0.0)),
+        "drift_neg": _div(s.get("pm_drift_neg_sum", 0.0), s.get("pm_neg_sequences", 0.0)),
+        "tokens": t,
+        "sequences": n,
+    }

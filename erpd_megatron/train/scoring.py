@@ -1,0 +1,97 @@
+"""Forward-only scoring of a fixed rollout set: per-token log-probs (and entropy) of the
+sampled tokens under the current weights, with the same parallel layout as training.
+
+Each data-parallel rank scores its share of the samples through the pipeline schedule in
+forward-only mode. The ranks that own results (last pipeline stage, TP rank 0) write them
+to ``out_dir/dp{rank}.npz``; after a barrier every rank reads all files, so that any rank
+can later look up any sample (the per-epoch shuffle moves samples between DP ranks). A
+``COMPLETE`` marker makes a finished scoring reusable on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from erpd_megatron.data.batching import MicroBatch, SampleTable, collate, dp_shard, micro_batches
+from erpd_megatron.train.engine import Engine
+from erpd_megatron.utils.files import atomic_write_bytes
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLike, *,
+                   max_tokens: int, desc: str = "scoring") -> list[np.ndarray]:
+    """Log-probs of every response token of ``table`` under ``engine``'s current weights.
+
+    Returns a list aligned with the table's rows (float32 arrays, one value per response
+    token). Results are cached in ``out_dir``; an existing complete directory is reused.
+    """
+    from erpd_megatron.ops.vocab_parallel import vp_logprob
+
+    out_dir = Path(out_dir)
+    done = out_dir / "COMPLETE"
+    if not done.exists():
+        shard = engine.vocab_shard()
+        rows = dp_shard(np.arange(len(table)), table.lengths, engine.dp_rank, engine.dp_size)
+        mbs = [collate(table, r) for r in micro_batches(rows, table.lengths, max_tokens)]
+
+        def fn(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
+            b, s, v = logits.shape
+            lp = vp_logprob(logits.reshape(b * s, v), mb.targets.reshape(-1), group=shard.group,
+                            vocab_start=shard.start, vocab_size=shard.vocab_size).reshape(b, s)
+            return logits.sum() * 0.0, {"logprobs": lp.detach() * mb.loss_mask}
+
+        with torch.no_grad():
+            outs = engine.run(mbs, fn, forward_only=True)
+        owner = engine.is_last_stage and engine.ps.get_tensor_model_parallel_rank() == 0
+        if owner:
+            ids, vals, offs = [], [], [0]
+            for mb, o in zip(mbs, outs):
+                mask = mb.loss_mask.bool()
+                for j, row in enumerate(mb.rows):
+                    v = o["logprobs"][j].cpu()[mask[j]].float().numpy()
+                    ids.append(int(row))
+                    vals.append(v)
+                    offs.append(offs[-1] + len(v))
+            buf = _npz_bytes(rows=np.array(ids, np.int64), offsets=np.array(offs, np.int64),
+                             values=np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32))
+            atomic_write_bytes(out_dir / f"dp{engine.dp_rank:05d}.npz", buf)
+        _barrier()
+        if dist.get_rank() == 0:
+            atomic_write_bytes(done, b"ok\n")
+        _barrier()
+    return load_scores(out_dir, len(table))
+
+
+def load_scores(out_dir: str | os.PathLike, num_rows: int) -> list[np.ndarray]:
+    """Read what :func:`score_logprobs` wrote, as a list aligned with the table's rows."""
+    out: list[np.ndarray | None] = [None] * num_rows
+    for f in sorted(Path(out_dir).glob("dp*.npz")):
+        with np.load(f) as z:
+            rows, offs, vals = z["rows"], z["offsets"], z["values"]
+        for k, r in enumerate(rows):
+            out[int(r)] = vals[offs[k] : offs[k + 1]]
+    missing = [i for i, v in enumerate(out) if v is None]
+    if missing:
+        raise RuntimeError(f"{out_dir}: scores missing for {len(missing)} rows (e.g. row {missing[0]}); "
+                           "delete the directory and rerun")
+    return out  # type: ignore[return-value]
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    bio = io.BytesIO()
+    np.savez(bio, **arrays)
+    return bio.getvalue()

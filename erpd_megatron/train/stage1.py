@@ -1,0 +1,133 @@
+"""Stage 1 of ERPD: weakly constrained multi-epoch optimisation on the fixed rollouts.
+
+``python -m erpd_megatron.stage1 --config RECIPE [a.b=c ...]`` (also ``erpd stage1``), under
+torchrun or srun. It loads pi_r (``checkpoint.load``), scores the fixed data once for the
+anchors ``lp_r`` (and again at each epoch start with ``stage1.anchor: epoch``), reports the
+rollout-engine vs trainer log-prob mismatch, then trains ``stage1.epochs`` epochs with the
+configured loss. The teacher is ``<save>/final`` (plus ``epoch_XXXX`` snapshots).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from erpd_megatron.config.schema import Config
+from erpd_megatron.data.batching import MicroBatch, SampleTable
+from erpd_megatron.ops.losses import stage1_loss
+from erpd_megatron.train.common import StageRun, logits_logprob_entropy
+from erpd_megatron.train.loop import StageSpec
+from erpd_megatron.train.policy_metrics import (
+    POLICY_KEYS,
+    finalize_policy_metrics,
+    policy_metric_sums,
+)
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+
+def _loss_kwargs(cfg: Config) -> dict:
+    s = cfg.stage1
+    return dict(base=s.unlearned_base, eps_low=s.eps_low, eps_high=s.eps_high, tau_pos=s.sapo_tau_pos,
+                tau_neg=s.sapo_tau_neg, beta=s.mse_beta, kl_coef=s.kl_coef)
+
+
+def stage1_metric_keys(cfg: Config) -> list[str]:
+    """The metric sums the configured loss returns (found by calling it on a dummy batch,
+    so that ranks without logits know the keys too), plus the policy metrics."""
+    z = torch.zeros(1, 2)
+    _, m = stage1_loss(cfg.stage1.loss, logp=z, adv=z, mask=torch.ones(1, 2), normalizer=1.0, anchor_logp=z,
+                       ref_logp=z, reward=z, seq_normalizer=1.0, segment_ids=torch.zeros(1, 2, dtype=torch.long),
+                       num_segments=1, **_loss_kwargs(cfg))
+    return sorted(m) + POLICY_KEYS
+
+
+def make_stage1_loss(cfg: Config, run: StageRun, table: SampleTable, rows: np.ndarray):
+    """The loss of one global batch: token-mean over all its response tokens (sequence-mean
+    for ``mse``), whatever the micro-batching and data-parallel split."""
+    shard = run.engine.vocab_shard()
+    tokens = float(table.response_lengths[rows].sum())
+    seqs = float(len(rows))
+    kwargs = _loss_kwargs(cfg)
+
+    def loss_fn(logits: torch.Tensor, mb: MicroBatch):
+        lp, ent = logits_logprob_entropy(logits, mb, shard)
+        ref = mb.token_arrays["ref_logp"].to(lp.device)
+        anchor = mb.token_arrays.get("anchor_logp", mb.token_arrays["ref_logp"]).to(lp.device)
+        reward = mb.rewards.to(lp.device)[:, None].expand_as(lp)
+        loss, m = stage1_loss(
+            cfg.stage1.loss, logp=lp, adv=mb.advantages.to(lp.device), mask=mb.loss_mask.to(lp.device),
+            normalizer=tokens, anchor_logp=anchor, ref_logp=ref, reward=reward, seq_normalizer=seqs,
+            segment_ids=None, num_segments=None, **kwargs,
+        )
+        m.update(policy_metric_sums(lp, ref, ent, mb))
+        return loss, m
+
+    return loss_fn
+
+
+def finalize_stage1_metrics(cfg: Config):
+    """Turn reduced sums into logged values."""
+    seq_loss = cfg.stage1.loss == "mse" or (cfg.stage1.loss == "unlearned" and cfg.stage1.unlearned_base == "mse")
+
+    def fin(s: dict[str, float]) -> dict[str, float]:
+        out = finalize_policy_metrics(s)
+        t = s.get("tokens", 0.0)
+        denom = s.get("sequences", 0.0) if seq_loss else t
+        out["loss"] = s.get("loss_sum", 0.0) / denom if denom else 0.0
+        if "clipped_tokens" in s:
+            out["clip_frac"] = s["clipped_tokens"] / t if t else 0.0
+            out["clip_frac_low"] = s.get("clipped_low_tokens", 0.0) / t if t else 0.0
+            out["clip_frac_high"] = s.get("clipped_high_tokens", 0.0) / t if t else 0.0
+        if "ratio_sum" in s:
+            out["ratio_mean"] = s["ratio_sum"] / t if t else 0.0
+        if "kl_sum" in s:
+            out["kl_penalty"] = s["kl_sum"] / t if t else 0.0
+        out["nonfinite_tokens"] = s.get("nonfinite_tokens", 0.0)
+        return out
+
+    return fin
+
+
+def build_spec(cfg: Config, run: StageRun) -> StageSpec:
+    """Stage 1's plug-in for the shared loop."""
+    table = run.table
+    ref = run.score("anchors/data")  # lp_r under the initial weights (pi_r)
+    run.report_mismatch(ref)
+    anchors: dict[int, list[np.ndarray]] = {}
+
+    def on_epoch_start(epoch: int) -> None:
+        if cfg.stage1.anchor == "epoch":
+            anchors[epoch] = ref if epoch == 0 else run.score(f"anchors/epoch_{epoch:04d}")
+
+    def token_arrays(epoch: int) -> dict[str, list[np.ndarray]]:
+        arrays = {"ref_logp": ref}
+        if cfg.stage1.anchor == "epoch":
+            arrays["anchor_logp"] = anchors[epoch]
+        return arrays
+
+    return StageSpec(
+        name="stage1", table=table, epochs=cfg.stage1.epochs,
+        make_loss=lambda rows: make_stage1_loss(cfg, run, table, rows),
+        metric_keys=stage1_metric_keys(cfg), finalize_metrics=finalize_stage1_metrics(cfg),
+        token_arrays=token_arrays, on_epoch_start=on_epoch_start,
+        snapshot_epochs=[e for e in cfg.stage1.save_epochs if e < cfg.stage1.epochs],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (see :mod:`erpd_megatron.train.loop`)."""
+    p = argparse.ArgumentParser(prog="erpd stage1", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="a.b=c overrides")
+    args = p.parse_args(argv)
+    return StageRun.launch("stage1", args.config, args.overrides, build_spec)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

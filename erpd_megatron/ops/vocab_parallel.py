@@ -1,0 +1,480 @@
+"""Token math over vocab-parallel logits: log-prob, entropy, top-k and top-k + tail KL.
+
+Logits are ``[..., V_local]``, the vocabulary split over the ranks of a tensor-parallel
+process group (rank r holds global ids ``[vocab_start, vocab_start + V_local)``; the last
+shard may end in padded rows beyond the true ``vocab_size``, which are excluded: they get no
+probability and a zero gradient). ``group=None`` means no tensor parallelism: no
+``torch.distributed`` call is made, so it works without a process group. The full
+vocabulary is never gathered. Work is chunked over tokens (``chunk_size`` tokens at a time,
+by default about ``DEFAULT_CHUNK_ELEMENTS`` logits per chunk) with one reused fp32
+workspace, so the extra memory does not grow with the number of tokens. Math is in fp32
+per chunk (fp64 for fp64 inputs); per-token outputs are in that dtype, gradients are in the
+logits' dtype.
+
+With ``z`` the logits of one token, ``m = max z`` (one MAX all-reduce), ``S = sum exp(z-m)``
+(one SUM all-reduce, packed with whatever else is needed), ``log Z = m + log S``,
+``q = softmax(z)``:
+
+* log-prob of the target ``y``: ``z_y - log Z``; ``d/dz_v = [v == y] - q_v``.
+* entropy ``H = log S - sum_v q_v (z_v - m)``; ``dH/dz_v = -q_v (log q_v + H)``.
+* top-k + tail forward KL to a teacher's cached top-k ids ``I`` and log-probs ``l_i``:
+  the teacher's buckets are ``p_i = exp(l_i)`` and the tail ``P_t = max(0, 1 - sum p_i)``
+  (kept, never renormalised away); the student's buckets are ``q_i`` and
+  ``Q_t = sum_{v not in I} q_v`` (computed directly as a sum over the complement, not as
+  ``1 - sum q_i``, so a tail near 0 or 1 keeps its precision). Optionally the target is the
+  geometric mixture ``p~ ∝ p_r^(1-alpha) p^alpha`` on the k+1 buckets, ``p_r`` being pi_r's
+  mass on the same buckets (see :func:`topk_target_logprobs`). Per token
+  ``L = sum_I p~_i (log p~_i - log q_i) + p~_t (log p~_t - log Q_t)`` (0 log 0 = 0) and
+  ``dL/dz_v = q_v - p~_v`` with ``p~_v = p~_i`` on I and ``p~_t q_v / Q_t`` off I. The
+  in-shard bucket mask is built with ``scatter_add_`` (out-of-shard ids are clamped to slot
+  0 and add 0, so they cannot collide with an in-shard id 0). Forward: one MAX and one SUM
+  all-reduce per call; backward: no communication (log Z and log Q_t are saved).
+* distributed top-k: local top-k, all-gather values and global ids, top-k of the
+  ``k * world`` candidates (ties among equal logits are broken arbitrarily; values exact).
+
+Non-finite logits (NaN/+Inf, or a row of -Inf) make that token's outputs NaN and its
+gradient 0 (callers mask and count them, see :mod:`erpd_megatron.ops.common`); with
+``ERPD_DEBUG_NONFINITE=1`` they raise ``ValueError``. Targets or teacher ids outside
+``[0, vocab_size)`` (e.g. an ignore index at masked positions) give NaN for that token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from erpd_megatron.ops.common import Tensor, debug_nonfinite
+
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
+"""Logits per chunk (chunk rows = this // V_local) when ``chunk_size`` is None, by device type."""
+
+
+@dataclass(frozen=True)
+class _Shard:
+    group: Any
+    world: int
+    vocab_start: int
+    n_valid: int  # real (non-padded) columns of this shard
+    vocab_size: int
+    chunk: int
+    cdtype: torch.dtype
+
+
+def _shard(logits: Tensor, group: Any, vocab_start: int | None, vocab_size: int | None,
+           chunk_size: int | None) -> _Shard:
+    world = 1 if group is None else dist.get_world_size(group)
+    rank = 0 if group is None else dist.get_rank(group)
+    v_local = logits.shape[-1]
+    if vocab_start is None:
+        vocab_start = rank * v_local
+    if vocab_size is None:
+        vocab_size = v_local * world
+    n_valid = max(0, min(v_local, vocab_size - vocab_start))
+    if chunk_size is None:
+        budget = DEFAULT_CHUNK_ELEMENTS.get(logits.device.type, 1 << 23)
+        chunk_size = max(1, budget // max(1, n_valid))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return _Shard(group if world > 1 else None, world, vocab_start, n_valid, vocab_size,
+                  chunk_size, cdtype)
+
+
+def _all_reduce(t: Tensor, op: str, sh: _Shard) -> Tensor:
+    """In-place all-reduce (``op`` "max" or "sum") over the TP group; nothing without one."""
+    if sh.group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=sh.group)
+    return t
+
+
+def _flat(logits: Tensor) -> Tensor:
+    if logits.dim() < 1:
+        raise ValueError("logits need a vocabulary dimension")
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def _global_max(x: Tensor, sh: _Shard) -> Tensor:
+    """Row max over the real vocabulary of all shards (one MAX all-reduce)."""
+    if sh.n_valid > 0:
+        m = x[:, : sh.n_valid].amax(dim=-1).to(sh.cdtype)
+    else:
+        m = torch.full((x.shape[0],), float("-inf"), dtype=sh.cdtype, device=x.device)
+    return _all_reduce(m, "max", sh)
+
+
+def _local_index(ids: Tensor, sh: _Shard) -> tuple[Tensor, Tensor, Tensor]:
+    """(clamped local column, in-shard mask, in-vocab mask) of global ids."""
+    local = ids - sh.vocab_start
+    in_shard = (local >= 0) & (local < sh.n_valid)
+    in_vocab = (ids >= 0) & (ids < sh.vocab_size)
+    return torch.where(in_shard, local, torch.zeros_like(local)), in_shard, in_vocab
+
+
+def _check_rows(name: str, values: Tensor) -> Tensor:
+    """Bool mask of tokens whose statistics are not finite; raises in debug mode."""
+    bad = ~torch.isfinite(values)
+    if debug_nonfinite() and bool(bad.any()):
+        raise ValueError(f"{name}: logits contain NaN/Inf in {int(bad.sum())} token row(s) "
+                         "(ERPD_DEBUG_NONFINITE is on)")
+    return bad
+
+
+def _chunks(n: int, sh: _Shard):
+    for s in range(0, n, sh.chunk):
+        yield s, min(n, s + sh.chunk)
+
+
+def _zero_rows(grad: Tensor, bad: Tensor) -> None:
+    rows = bad.nonzero().flatten()
+    if rows.numel():
+        grad.index_fill_(0, rows, 0)
+
+
+def _new_grad(x: Tensor, sh: _Shard) -> tuple[Tensor, Tensor | None]:
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if sh.n_valid < x.shape[1]:
+        grad[:, sh.n_valid:] = 0
+    work = None
+    if x.dtype != sh.cdtype and sh.n_valid > 0:
+        work = torch.empty(min(sh.chunk, x.shape[0]), sh.n_valid, dtype=sh.cdtype, device=x.device)
+    return grad, work
+
+
+class _LogProbEntropy(torch.autograd.Function):
+    """Target log-prob and (optionally) entropy; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, target: Tensor, sh: _Shard, want_entropy: bool) -> tuple[Tensor, Tensor]:
+        n, v = x.shape[0], sh.n_valid
+        m = _global_max(x, sh)
+        tgt_local, tgt_in, tgt_ok = _local_index(target, sh)
+        stats = torch.zeros(n, 3, dtype=sh.cdtype, device=x.device)  # S, sum q~(z-m), z_y
+        if v > 0 and n > 0:
+            stats[:, 2] = torch.where(tgt_in, x.gather(1, tgt_local[:, None])[:, 0].to(sh.cdtype), 0.0)
+            rows = min(sh.chunk, n)
+            buf = torch.empty(rows, v, dtype=sh.cdtype, device=x.device)
+            buf2 = torch.empty_like(buf) if want_entropy else None
+            fmin = torch.finfo(sh.cdtype).min
+            for s, e in _chunks(n, sh):
+                t = buf[: e - s]
+                torch.sub(x[s:e, :v], m[s:e, None], out=t)
+                if want_entropy:
+                    t.clamp_(min=fmin)  # -inf logits: exp -> 0 and 0 * fmin = 0, not NaN
+                    ex = buf2[: e - s]
+                    torch.exp(t, out=ex)
+                    stats[s:e, 0] = ex.sum(dim=-1)
+                    stats[s:e, 1] = torch.bmm(ex[:, None, :], t[:, :, None])[:, 0, 0]
+                else:
+                    stats[s:e, 0] = t.exp_().sum(dim=-1)
+        _all_reduce(stats, "sum", sh)
+        log_s = torch.log(stats[:, 0])
+        log_z = m + log_s
+        bad = _check_rows("vocab-parallel log-prob/entropy", log_z)
+        lp = torch.where(tgt_ok, stats[:, 2] - log_z, float("nan"))
+        ent = log_s - stats[:, 1] / stats[:, 0] if want_entropy else torch.zeros_like(log_z)
+        ctx.save_for_backward(x, tgt_local, tgt_in, log_z, ent, bad)
+        ctx.sh, ctx.want_entropy = sh, want_entropy
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx: Any, g_lp: Tensor | None, g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, tgt_local, tgt_in, log_z, ent, bad = ctx.saved_tensors
+        sh: _Shard = ctx.sh
+        n, v = x.shape[0], sh.n_valid
+        use_ent = ctx.want_entropy and g_ent is not None
+        grad, work = _new_grad(x, sh)
+        if v == 0 or n == 0:
+            return grad, None, None, None
+        g_lp = torch.zeros_like(log_z) if g_lp is None else g_lp.to(sh.cdtype)
+        fmin = torch.finfo(sh.cdtype).min
+        buf2 = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device) if use_ent else None
+        add_at_target = (g_lp * tgt_in)[:, None]
+        for s, e in _chunks(n, sh):
+            t = work[: e - s] if work is not None else grad[s:e, :v]
+            torch.sub(x[s:e, :v], log_z[s:e, None], out=t)  # log q
+            if use_ent:
+                t.clamp_(min=fmin)
+                q = torch.exp(t, out=buf2[: e - s])
+                t.add_(ent[s:e, None]).mul_(g_ent[s:e, None].to(sh.cdtype))
+                t.add_(g_lp[s:e, None]).mul_(q).neg_()
+            else:
+                t.exp_().mul_(-g_lp[s:e, None])
+            t.scatter_add_(1, tgt_local[s:e, None], add_at_target[s:e])
+            if work is not None:
+                grad[s:e, :v].copy_(t)
+        _zero_rows(grad, bad)
+        return grad, None, None, None
+
+
+def vp_logprob_and_entropy(
+    logits: Tensor, target: Tensor, group: Any = None, vocab_start: int | None = None,
+    vocab_size: int | None = None, *, chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Log-prob of ``target`` and token entropy in one pass, both differentiable.
+
+    ``logits [..., V_local]`` (this rank's vocab shard), ``target [...]`` global token ids.
+    ``vocab_start`` defaults to ``rank * V_local``, ``vocab_size`` (the real vocabulary,
+    padding excluded) to ``V_local * world``. Returns two ``[...]`` tensors in fp32 (fp64
+    for fp64 logits).
+    """
+    x = _flat(logits)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    lp, ent = _LogProbEntropy.apply(x, target.reshape(-1).long(), sh, True)
+    return lp.view(logits.shape[:-1]), ent.view(logits.shape[:-1])
+
+
+def vp_logprob(
+    logits: Tensor, target: Tensor, group: Any = None, vocab_start: int | None = None,
+    vocab_size: int | None = None, *, chunk_size: int | None = None,
+) -> Tensor:
+    """Differentiable log-prob of ``target`` under vocab-parallel ``logits`` (see above)."""
+    x = _flat(logits)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    lp, _ = _LogProbEntropy.apply(x, target.reshape(-1).long(), sh, False)
+    return lp.view(logits.shape[:-1])
+
+
+def vp_entropy(
+    logits: Tensor, group: Any = None, vocab_start: int | None = None,
+    vocab_size: int | None = None, *, chunk_size: int | None = None,
+) -> Tensor:
+    """Differentiable token entropy ``-sum_v q_v log q_v`` of vocab-parallel ``logits``."""
+    x = _flat(logits)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    _, ent = _LogProbEntropy.apply(x, target, sh, True)
+    return ent.view(logits.shape[:-1])
+
+
+def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the top-k buckets: (log q_I, log Q_t, log Z, local ids, in-shard, bad rows)."""
+    n, v = x.shape[0], sh.n_valid
+    k = ids.shape[1]
+    m = _global_max(x, sh)
+    local, in_shard, in_vocab = _local_index(ids, sh)
+    pack = torch.zeros(n, k + 1, dtype=sh.cdtype, device=x.device)  # tail sum, z_I
+    if v > 0 and n > 0:
+        pack[:, 1:] = torch.where(in_shard, x.gather(1, local).to(sh.cdtype), 0.0)
+        buf = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device)
+        neg_in = torch.empty(min(sh.chunk, n), k, dtype=sh.cdtype, device=x.device)
+        for s, e in _chunks(n, sh):
+            t = buf[: e - s]
+            torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_()
+            ni = neg_in[: e - s]
+            torch.mul(t.gather(1, local[s:e]), in_shard[s:e], out=ni).neg_()
+            t.scatter_add_(1, local[s:e], ni)  # the teacher's ids of this shard -> exactly 0
+            pack[s:e, 0] = t.sum(dim=-1)
+    _all_reduce(pack, "sum", sh)
+    tail, z_i = pack[:, 0], pack[:, 1:]
+    log_z = m + torch.log(tail + torch.exp(z_i - m[:, None]).sum(dim=-1))
+    bad = _check_rows("vocab-parallel top-k buckets", log_z)
+    bad_ids = ~in_vocab.all(dim=-1)
+    if debug_nonfinite() and bool(bad_ids.any()):
+        raise ValueError(f"top-k ids outside [0, {sh.vocab_size}) in {int(bad_ids.sum())} token row(s)")
+    nan = torch.tensor(float("nan"), dtype=sh.cdtype, device=x.device)
+    log_q = torch.where(bad_ids[:, None], nan, z_i - log_z[:, None])
+    log_qt = torch.where(bad_ids, nan, m + torch.log(tail) - log_z)
+    return log_q, log_qt, log_z, local, in_shard, bad | bad_ids
+
+
+def topk_target_logprobs(
+    teacher_logprobs: Tensor,
+    *,
+    alpha: float = 1.0,
+    ref_logprobs: Tensor | None = None,
+    ref_tail_logprob: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Log-probs of the KL target on the k+1 buckets (top-k ids, then the tail): ``[..., k+1]``.
+
+    ``teacher_logprobs [..., k]``: the teacher's log-probs of its top-k ids over the full
+    vocabulary. Tail ``P_t = max(0, 1 - sum exp(l_i))`` in fp64 (0 when ``k >= vocab_size``;
+    if rounding makes ``sum exp(l_i) > 1`` the k masses are divided by that sum). For
+    ``alpha != 1`` the target is the geometric mixture ``p ∝ p_r^(1-alpha) p_T^alpha`` on the
+    buckets, which needs pi_r's bucket log-probs: ``ref_logprobs [..., k]`` (pi_r's log-probs
+    of the TEACHER's top-k ids) and ``ref_tail_logprob [...]`` (log of pi_r's mass outside
+    those ids; derived as ``log(1 - sum exp(ref_logprobs))`` when None). Both come from
+    :func:`vp_bucket_logprobs` on pi_r's logits. A bucket empty under either distribution
+    gets no mass (for ``0 < alpha``, ``alpha != 1``); ``alpha = 0`` returns pi_r's buckets.
+    Returned in fp64 (a constant: no gradient).
+    """
+    def buckets(lp: Tensor, tail_lp: Tensor | None) -> Tensor:
+        lp = lp.detach().to(torch.float64)
+        if tail_lp is None:
+            mass = torch.exp(lp).sum(dim=-1)
+            over = mass > 1
+            lp = torch.where(over[..., None], lp - torch.log(mass)[..., None], lp)
+            tail_lp = torch.log1p(-mass.clamp(max=1.0))
+            if vocab_size is not None and lp.shape[-1] >= vocab_size:
+                tail_lp = torch.full_like(tail_lp, float("-inf"))
+        else:
+            tail_lp = tail_lp.detach().to(torch.float64)
+        return torch.cat([lp, tail_lp[..., None]], dim=-1)
+
+    target = buckets(teacher_logprobs, None)
+    if alpha == 1.0:
+        return target
+    if ref_logprobs is None:
+        raise ValueError("alpha != 1 needs ref_logprobs (pi_r's log-probs of the teacher's top-k ids)")
+    ref = buckets(ref_logprobs, ref_tail_logprob)
+    if alpha == 0.0:
+        return ref
+    both = torch.isfinite(target) & torch.isfinite(ref)
+    mix = torch.where(both, (1.0 - alpha) * torch.where(both, ref, 0.0) + alpha * torch.where(both, target, 0.0),
+                      float("-inf"))
+    return mix - torch.logsumexp(mix, dim=-1, keepdim=True)
+
+
+class _TopKKL(torch.autograd.Function):
+    """Per-token forward KL from target buckets to the student; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, ids: Tensor, target_lp: Tensor, sh: _Shard) -> Tensor:
+        log_q, log_qt, log_z, local, in_shard, bad = _bucket_stats(x, ids, sh)
+        p = torch.exp(target_lp)
+        lq = torch.cat([log_q, log_qt[:, None]], dim=1)
+        terms = torch.where(p > 0, p * (target_lp - lq), torch.zeros_like(p))
+        kl = terms.sum(dim=-1)
+        kl = torch.where(bad, float("nan"), kl)
+        # off-I gradient factor r = p~_t / Q_t (0 where p~_t = 0 or Q_t = 0)
+        r = torch.where((p[:, -1] > 0) & torch.isfinite(log_qt), torch.exp(target_lp[:, -1] - log_qt), 0.0)
+        ctx.save_for_backward(x, local, in_shard, log_z, r, p[:, :-1], bad)
+        ctx.sh = sh
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        x, local, in_shard, log_z, r, p_i, bad = ctx.saved_tensors
+        sh: _Shard = ctx.sh
+        n, v = x.shape[0], sh.n_valid
+        grad, work = _new_grad(x, sh)
+        if v == 0 or n == 0:
+            return grad, None, None, None
+        g = g.to(sh.cdtype)
+        coef = (g * (1.0 - r))[:, None]
+        gin = (g[:, None] * in_shard)
+        k = local.shape[1]
+        small = torch.empty(min(sh.chunk, n), k, dtype=sh.cdtype, device=x.device)
+        for s, e in _chunks(n, sh):
+            t = work[: e - s] if work is not None else grad[s:e, :v]
+            torch.sub(x[s:e, :v], log_z[s:e, None], out=t).exp_()  # q
+            q_i = t.gather(1, local[s:e])
+            sm = small[: e - s]
+            torch.mul(q_i, in_shard[s:e], out=sm).neg_()
+            t.scatter_add_(1, local[s:e], sm)  # in-shard I slots -> exactly 0
+            t.mul_(coef[s:e])  # off I: g q_v (1 - p~_t / Q_t)
+            torch.sub(q_i, p_i[s:e], out=sm).mul_(gin[s:e])
+            t.scatter_add_(1, local[s:e], sm)  # on I: g (q_i - p~_i)
+            if work is not None:
+                grad[s:e, :v].copy_(t)
+        _zero_rows(grad, bad)
+        return grad, None, None, None
+
+
+def vp_topk_kl(
+    logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    group: Any = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    alpha: float = 1.0,
+    ref_logprobs: Tensor | None = None,
+    ref_tail_logprob: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-token forward KL(target || student) on the teacher's top-k + tail buckets.
+
+    ``logits [..., V_local]``: the student's vocab shard. ``teacher_ids [..., k]``: global
+    ids of the teacher's top-k (distinct within a token, any shard, < ``vocab_size``).
+    ``teacher_logprobs [..., k]``: the teacher's log-probs of those ids over its full
+    vocabulary (the tail mass ``1 - sum exp`` is used). ``alpha``, ``ref_logprobs``,
+    ``ref_tail_logprob``: the geometric-mixture target, see :func:`topk_target_logprobs`
+    (alpha = 1 is the plain KL to the teacher). Returns ``[...]`` (fp32; fp64 for fp64
+    logits), differentiable w.r.t. ``logits`` only; mask and normalise with
+    :func:`erpd_megatron.ops.losses.token_mean_loss`.
+    """
+    x = _flat(logits)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    k = teacher_ids.shape[-1]
+    ids = teacher_ids.reshape(-1, k).long()
+    target = topk_target_logprobs(teacher_logprobs.reshape(-1, k), alpha=alpha,
+                                  ref_logprobs=None if ref_logprobs is None else ref_logprobs.reshape(-1, k),
+                                  ref_tail_logprob=None if ref_tail_logprob is None else ref_tail_logprob.reshape(-1),
+                                  vocab_size=sh.vocab_size).to(sh.cdtype)
+    if debug_nonfinite():
+        srt = ids.sort(dim=-1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError("vp_topk_kl: teacher_ids repeat an id within a token")
+    return _TopKKL.apply(x, ids, target, sh).view(logits.shape[:-1])
+
+
+@torch.no_grad()
+def vp_bucket_logprobs(
+    logits: Tensor, ids: Tensor, group: Any = None, vocab_start: int | None = None,
+    vocab_size: int | None = None, *, chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Log-probs of given ids and of the mass outside them (forward only).
+
+    For the cache writer: run on pi_r's logits with the teacher's top-k ``ids [..., k]`` to
+    get ``ref_logprobs [..., k]`` and ``ref_tail_logprob [...]`` for the geometric-mixture
+    target of :func:`vp_topk_kl`. The tail is a direct sum over the complement (exact even
+    near 0 or 1), and the same machinery gives the student's buckets in :func:`vp_topk_kl`.
+    """
+    x = _flat(logits)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    k = ids.shape[-1]
+    log_q, log_qt, _, _, _, bad = _bucket_stats(x, ids.reshape(-1, k).long(), sh)
+    log_q = torch.where(bad[:, None], float("nan"), log_q)
+    return log_q.view(*logits.shape[:-1], k), log_qt.view(logits.shape[:-1])
+
+
+@torch.no_grad()
+def vp_topk(
+    logits: Tensor, k: int, group: Any = None, vocab_start: int | None = None,
+    vocab_size: int | None = None, *, chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Top-k over the full real vocabulary: ``(ids [..., k] int64 global, logprobs [..., k])``.
+
+    Sorted by log-prob, descending; log-probs normalised over the full real vocabulary
+    (fp32; fp64 for fp64 logits). Forward only. Needs ``k <= vocab_size``.
+    """
+    x = _flat(logits)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    if not 0 < k <= sh.vocab_size:
+        raise ValueError(f"k must be in [1, vocab_size={sh.vocab_size}], got {k}")
+    n, v = x.shape[0], sh.n_valid
+    vals = torch.full((n, k), float("-inf"), dtype=sh.cdtype, device=x.device)
+    gids = torch.full((n, k), -1, dtype=torch.long, device=x.device)
+    kk = min(k, v)
+    if kk > 0:
+        for s, e in _chunks(n, sh):
+            tv, ti = x[s:e, :v].topk(kk, dim=-1)
+            vals[s:e, :kk] = tv.to(sh.cdtype)
+            gids[s:e, :kk] = ti + sh.vocab_start
+    m = vals[:, 0].clone()
+    _all_reduce(m, "max", sh)
+    sum_exp = torch.zeros(n, dtype=sh.cdtype, device=x.device)
+    if v > 0 and n > 0:
+        buf = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device)
+        for s, e in _chunks(n, sh):
+            t = buf[: e - s]
+            sum_exp[s:e] = torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_().sum(dim=-1)
+    _all_reduce(sum_exp, "sum", sh)
+    log_z = m + torch.log(sum_exp)
+    bad = _check_rows("vp_topk", log_z)
+    if sh.group is not None:
+        all_vals = [torch.empty_like(vals) for _ in range(sh.world)]
+        all_ids = [torch.empty_like(gids) for _ in range(sh.world)]
+        dist.all_gather(all_vals, vals, group=sh.group)
+        dist.all_gather(all_ids, gids, group=sh.group)
+        cand_v, cand_i = torch.cat(all_vals, dim=1), torch.cat(all_ids, dim=1)
+        order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
+        vals, gids = cand_v.gather(1, order), cand_i.gather(1, order)
+    lp = torch.where(bad[:, None], float("nan"), vals - log_z[:, None])
+    shape = (*logits.shape[:-1], k)
+    return gids.view(shape), lp.view(shape)

@@ -1,0 +1,206 @@
+"""`erpd cache` / ``tools/cache_teacher_logprobs.py``: score pi_r, the teachers (and U) on the
+fixed rollout data and write the teacher cache.
+
+Every model is built once with the run's parallel layout (forward-only engines, any
+TP/PP/DP) and loaded from its Megatron checkpoint; each data-parallel rank streams its
+samples in a fixed order through all models micro-batch by micro-batch and hands the
+results to its :class:`~erpd_megatron.cache.writer.CacheWriter`. Top-k is computed
+vocab-parallel (no full-vocabulary gather). pi_r's log-probs at each teacher's top-k ids are
+stored too, for the geometric-mixture target of Stage 2. A rerun skips the shards already
+complete; rank 0 writes ``manifest.json`` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from erpd_megatron.config.loader import load_config
+from erpd_megatron.config.schema import Config
+from erpd_megatron.config.validate import validate_config
+from erpd_megatron.data.batching import MicroBatch, SampleTable, collate, dp_shard
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+
+def rank_order(table: SampleTable, dp_rank: int, dp_size: int) -> np.ndarray:
+    """The rows a DP rank writes, in writing order (by length, so micro-batches pad little)."""
+    rows = dp_shard(np.arange(len(table)), table.lengths, dp_rank, dp_size)
+    lengths = table.lengths
+    return np.array(sorted(rows.tolist(), key=lambda i: (int(lengths[i]), i)), np.int64)
+
+
+def sequential_chunks(rows: list[int], lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
+    """Consecutive chunks of ``rows`` whose padded size stays within ``max_tokens``."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for r in rows:
+        n = int(lengths[r])
+        if cur and (len(cur) + 1) * max(longest, n) > max_tokens:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(r)
+        longest = max(longest, n)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _score_microbatch(engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, torch.Tensor]) -> dict:
+    """Forward one micro-batch; return per-row results on the owner rank, {} elsewhere."""
+    from erpd_megatron.ops.vocab_parallel import vp_bucket_logprobs, vp_logprob, vp_topk
+
+    shard = engine.vocab_shard()
+    kw = dict(group=shard.group, vocab_start=shard.start, vocab_size=shard.vocab_size)
+
+    def fn(logits: torch.Tensor, m: MicroBatch):
+        b, s, v = logits.shape
+        flat = logits.reshape(b * s, v).float()
+        out = {"lp": vp_logprob(flat, m.targets.reshape(-1), **kw).reshape(b, s)}
+        if k:
+            ids, lps = vp_topk(flat, k, **kw)
+            out["ids"], out["topk"] = ids.reshape(b, s, k), lps.reshape(b, s, k)
+        for name, tid in ref_ids.items():
+            rl, _ = vp_bucket_logprobs(flat, tid.reshape(b * s, -1), **kw)
+            out[f"ref:{name}"] = rl.reshape(b, s, -1)
+        return logits.sum() * 0.0, out
+
+    with torch.no_grad():
+        outs = engine.run([mb], fn, forward_only=True)
+    return outs[0] if outs else {}
+
+
+def weights_fingerprint(ckpt_dir: str | os.PathLike) -> str:
+    """A cheap fingerprint of a checkpoint directory: SHA-256 over every file's relative path
+    and size, and the bytes of files under 1 MiB (metadata, configs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(ckpt_dir)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root)}:{size}\n".encode())
+        if size < (1 << 20):
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def write_cache(cfg: Config) -> Path:
+    """Score every cached model and write the cache (call on every rank)."""
+    from erpd_megatron.cache.manifest import finalize_manifest
+    from erpd_megatron.cache.writer import CacheWriter
+    from erpd_megatron.data.table import load_sample_table
+    from erpd_megatron.models.checkpoint import load_checkpoint
+    from erpd_megatron.train.engine import Engine
+
+    if not cfg.cache.dir:
+        raise ValueError("cache.dir is not set: where the teacher cache is written")
+    if not cfg.cache.models:
+        raise ValueError("cache.models is empty: list the teacher checkpoints to cache")
+    table, fingerprint = load_sample_table(cfg)
+    out = Path(cfg.cache.dir)
+    models = [("base", cfg.checkpoint.load, False)] + [(m.name, m.checkpoint, m.topk) for m in cfg.cache.models]
+    for name, path, _ in models:
+        if not path or not Path(path).exists():
+            raise FileNotFoundError(f"cache model '{name}': checkpoint '{path}' does not exist")
+    engines = {}
+    for name, path, _ in models:
+        e = Engine(cfg, train=False)
+        load_checkpoint(path, e.model)
+        engines[name] = e
+    base = engines["base"]
+    teachers = [n for n, _, t in models if t]
+    k = cfg.cache.topk
+    owner = base.is_last_stage and base.ps.get_tensor_model_parallel_rank() == 0
+    order = rank_order(table, base.dp_rank, base.dp_size)
+    sid = table.sample_ids
+    # Only owner ranks write; the other ranks of the same DP replica compute alongside them.
+    writer = CacheWriter(
+        out, rank=base.dp_rank, sample_ids=[int(sid[r]) for r in order],
+        vocab_size=cfg.model.vocab_size, k=k, sampled_models=[n for n, _, _ in models], teachers=teachers,
+        ref_teachers=teachers, value_dtype=cfg.cache.dtype, max_shard_bytes=cfg.cache.max_shard_bytes,
+    ) if owner else None
+    row_of = {int(sid[r]): int(r) for r in order}
+    pending = [row_of[s] for s in writer.pending()] if writer else None
+    pending = _agree_pending(pending, order, base)
+    chunks = sequential_chunks(pending, table.lengths, cfg.data.max_tokens_per_microbatch)
+    from erpd_megatron.train.metrics import progress_bar
+
+    bar = progress_bar(len(chunks), enabled=(dist.get_rank() == 0), desc="cache")
+    for rows in chunks:
+        mb = collate(table, np.array(rows, np.int64))
+        res: dict[str, dict] = {}
+        for name in teachers:
+            res[name] = _score_microbatch(engines[name], mb, k, {})
+        for name, _, is_t in models:
+            if name == "base" or is_t:
+                continue
+            res[name] = _score_microbatch(engines[name], mb, None, {})
+        # Teachers' top-k ids are known on every last-stage rank (the TP ranks all-gather
+        # them), which is where the base model's last stage runs too.
+        ref_ids = {t: res[t]["ids"] for t in teachers} if base.is_last_stage else {}
+        res["base"] = _score_microbatch(base, mb, None, ref_ids)
+        if writer is not None:
+            mask = mb.loss_mask.bool()
+            for j, r in enumerate(rows):
+                m = mask[j]
+                sampled = {n: res[n]["lp"][j][m].float().numpy() for n, _, _ in models}
+                topk = {t: (res[t]["ids"][j][m].numpy(), res[t]["topk"][j][m].float().numpy(),
+                            res["base"][f"ref:{t}"][j][m].float().numpy()) for t in teachers}
+                writer.write_sample(int(sid[r]), sampled=sampled, topk=topk)
+        bar.update(1)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        meta = {
+            "rollout_fingerprint": fingerprint,
+            "models": {n: {"path": str(p), "fingerprint": weights_fingerprint(p)} for n, p, _ in models},
+            "dp_size": base.dp_size,
+        }
+        finalize_manifest(out, base.dp_size, meta)
+        log.info("teacher cache written to %s", out)
+    dist.barrier()
+    return out
+
+
+def _agree_pending(pending: list[int] | None, order: np.ndarray, engine) -> list[int]:
+    """The owner rank of each DP replica knows which samples are still pending; the other
+    ranks of that replica (TP peers, earlier pipeline stages) adopt its count, because the
+    pending samples are always a suffix of the fixed order."""
+    n_done = torch.tensor([len(order) - len(pending) if pending is not None else -1], dtype=torch.long)
+    world = dist.get_world_size()
+    gathered = [torch.zeros_like(n_done) for _ in range(world)]
+    dist.all_gather(gathered, n_done)
+    ps = engine.ps
+    # ranks of my model-parallel group (same DP replica): take the owner's value (>= 0)
+    mp_ranks = dist.get_process_group_ranks(ps.get_model_parallel_group()) if world > 1 else [0]
+    done = max(int(gathered[r].item()) for r in mp_ranks)
+    return [int(x) for x in order[max(done, 0):]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``erpd cache --config RECIPE [a.b=c ...]``."""
+    from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
+
+    p = argparse.ArgumentParser(prog="erpd cache", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides, validate=False)
+    validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
+                    check_runtime=True)
+    init_distributed(cfg)
+    try:
+        write_cache(cfg)
+    finally:
+        destroy_distributed()
+    return 0

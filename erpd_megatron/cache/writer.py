@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +171,7 @@ class CacheWriter:
             try:
                 shard = ShardFile.open(existing[seq], verify=True)
             except CacheError as e:
-                log.warning("rank %d: discarding %s: %s", self.rank, existing[seq].name, e)
+                log.warning("rank %d: recomputing from %s on: %s", self.rank, existing[seq].name, e)
                 break
             try:
                 if shard.layout != self.layout or shard.max_shard_bytes != self.max_shard_bytes:
@@ -189,7 +189,7 @@ class CacheWriter:
                     )
                 end = pos + len(ids)
                 if shard.final != (end == len(self._order)):
-                    log.warning("rank %d: discarding %s: it ended the rank's samples at %d of %d",
+                    log.warning("rank %d: recomputing from %s on: it ended the rank's samples at %d of %d",
                                 self.rank, shard.name, end, len(self._order))
                     break
                 self._shards.append(shard.summary())
@@ -198,7 +198,7 @@ class CacheWriter:
                 shard.close()
         for s, p in files:
             if s >= seq:
-                log.warning("rank %d: removing incomplete or stale shard %s", self.rank, p.name)
+                log.info("rank %d: removing %s", self.rank, p.name)
                 p.unlink(missing_ok=True)
         self._next, self._seq = pos, seq
         if pos:
@@ -402,7 +402,9 @@ class CacheWriter:
     def _write_atomic(self, path: Path, head: bytes, bodies: list[list[np.ndarray]], file_size: int) -> str:
         """Write the shard to a temporary file beside ``path``, then rename it into place."""
         h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.cache_dir)
+        # os.open rather than mkstemp: the file gets the umask's permissions, not 0600
+        tmp = str(self.cache_dir / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 def put(data) -> None:

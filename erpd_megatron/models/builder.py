@@ -1,0 +1,318 @@
+"""ModelConfig -> megatron-core TransformerConfig + GPTModel chunks, and forward helpers.
+
+* :func:`transformer_config` maps the recipe onto a ``TransformerConfig`` (RMSNorm, SwiGLU,
+  GQA, QKV bias for Qwen2, qk-norm for Qwen3, FP8 fields). On a CPU: fp32 (``params_dtype:
+  auto``), ``use_cpu_initialization`` and every fusion off.
+* :func:`build_model` returns the model chunks of this rank (one chunk: no virtual
+  pipeline), with ``pre_process`` / ``post_process`` from the pipeline stage, the local spec
+  on CPU and the Transformer Engine spec on GPU when it is installed
+  (``precision.transformer_impl``), wrapped in ``Float16Module`` for bf16/fp16 and in
+  megatron's DDP when asked.
+* Padded vocabulary: the output layer has ``padded_vocab_size(model, tp)`` rows; rows at
+  global ids ``>= model.vocab_size`` produce logit 0 (not -inf). **Convention**: every
+  consumer masks them before a softmax / top-k; the token-math ops take ``vocab_size`` and
+  mask themselves, :func:`mask_padded_vocab` does it for plain logits, and the HF exporter
+  drops the rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from erpd_megatron.config.loader import ConfigError
+from erpd_megatron.config.schema import Config, ModelConfig
+from erpd_megatron.config.validate import head_dim, padded_vocab_size
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_engine_available() -> bool:
+    """Whether ``transformer_engine`` is importable (checked without importing it)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def use_transformer_engine(cfg: Config) -> bool:
+    """Resolve ``precision.transformer_impl``: auto = TE when a GPU is present and TE installed."""
+    impl = cfg.precision.transformer_impl
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise ConfigError(
+                "precision.transformer_impl=transformer_engine but transformer_engine is not installed; "
+                "install the [gpu] extra or set precision.transformer_impl=local"
+            )
+        return True
+    return torch.cuda.is_available() and transformer_engine_available()
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    """Resolve ``precision.params_dtype``: auto = bf16 on GPU, fp32 on CPU."""
+    name = cfg.precision.params_dtype
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return _DTYPES[name]
+
+
+def transformer_config(cfg: Config, **overrides: Any) -> Any:
+    """The megatron-core ``TransformerConfig`` of ``cfg`` (model + parallel + precision).
+
+    ``overrides`` are set on the config last (e.g. ``variable_seq_lengths=True``,
+    ``recompute_granularity="full"``), so the trainer can tune schedule fields without
+    re-deriving the architecture.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, par, prec = cfg.model, cfg.parallel, cfg.precision
+    on_gpu = torch.cuda.is_available()
+    te = use_transformer_engine(cfg)
+    if prec.fp8 is not None and not te:
+        raise ConfigError(
+            f"precision.fp8={prec.fp8!r} needs the Transformer Engine spec (the local spec silently "
+            "runs FP8 layers in full precision); install transformer_engine and run on a GPU, "
+            "or set precision.fp8=null"
+        )
+    dtype = params_dtype(cfg)
+    fusions = on_gpu  # the jit-fused kernels are GPU-only; TE needed for the RoPE fusion
+    kwargs: dict[str, Any] = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=head_dim(m),
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=fusions,
+        bias_dropout_fusion=fusions,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=fusions and te,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        transformer_impl="transformer_engine" if te else "local",
+    )
+    if prec.fp8 is not None:
+        kwargs.update(
+            fp8=prec.fp8,
+            fp8_recipe=prec.fp8_recipe,
+            fp8_margin=prec.fp8_margin,
+            fp8_amax_history_len=prec.fp8_amax_history_len,
+            fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(cfg: Config, config: Any) -> Any:
+    """The transformer layer spec: TE (lazy import) or local, with RMSNorm and qk-norm."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if config.transformer_impl == "transformer_engine":
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm")
+
+
+def build_gpt(
+    cfg: Config, config: Any, *, pre_process: bool = True, post_process: bool = True,
+    vocab_size: Optional[int] = None,
+) -> Any:
+    """One ``GPTModel`` for the given stage flags (no wrapping, no device move)."""
+    from megatron.core.models.gpt import GPTModel
+
+    m = cfg.model
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg, config),
+        vocab_size=vocab_size or padded_vocab_size(m, cfg.parallel.tensor_model_parallel_size),
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=m.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=m.rope_theta,
+        rope_scaling=m.rope_scaling == "llama3",
+        rope_scaling_factor=m.rope_scaling_factor,
+    )
+
+
+def build_model(
+    cfg: Config, *, wrap_ddp: bool = False, ddp_config: Any = None, config: Any = None,
+    **config_overrides: Any,
+) -> list[Any]:
+    """Build this rank's model chunks (a list with one GPTModel; no virtual pipeline yet).
+
+    Needs :func:`erpd_megatron.runtime.distributed.init_distributed` first. ``pre_process``
+    / ``post_process`` come from the pipeline stage. bf16/fp16 models are wrapped in
+    ``Float16Module`` (fp32 outputs on the last stage). With ``wrap_ddp`` each chunk is
+    wrapped in megatron's ``DistributedDataParallel`` (``ddp_config`` defaults from
+    ``cfg.parallel``: fp32 grad reduce, the distributed optimizer flag, overlap flag) and
+    ``config.no_sync_func`` / ``finalize_model_grads_func`` are set for the schedules; the
+    trainer still sets ``config.grad_scale_func`` from its optimizer.
+    ``config`` (a TransformerConfig) or ``config_overrides`` customise the config.
+    """
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("build_model() needs init_distributed() first (megatron parallel_state)")
+    if cfg.model.num_experts is not None:
+        raise ConfigError("MoE models are not supported by build_model yet")
+    config = config or transformer_config(cfg, **config_overrides)
+    model = build_gpt(
+        cfg, config,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    from megatron.core import tensor_parallel
+
+    for p in model.parameters():
+        # megatron's optimizer and DDP expect these attributes on every parameter.
+        tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+    if config.bf16 or config.fp16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    chunks = [model]
+    if wrap_ddp:
+        chunks = wrap_with_ddp(cfg, chunks, ddp_config)
+    return chunks
+
+
+def wrap_with_ddp(cfg: Config, chunks: list[Any], ddp_config: Any = None) -> list[Any]:
+    """Wrap model chunks in megatron's DDP and set the schedule hooks on their config."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    if ddp_config is None:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+    config = get_config(chunks[0])
+    wrapped = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+        for i, c in enumerate(chunks)
+    ]
+    config.no_sync_func = wrapped[0].no_sync if len(wrapped) == 1 else [w.no_sync for w in wrapped]
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def unwrap_model(model: Any) -> Any:
+    """Strip DDP / Float16Module wrappers down to the GPTModel."""
+    while hasattr(model, "module") and not hasattr(model, "decoder") and not hasattr(model, "embedding"):
+        model = model.module
+    return model
+
+
+def get_config(model: Any) -> Any:
+    """The TransformerConfig of a (possibly wrapped) model chunk."""
+    return unwrap_model(model).config
+
+
+def mask_padded_vocab(
+    logits: torch.Tensor, vocab_start: int, vocab_size: int, value: float = float("-inf")
+) -> torch.Tensor:
+    """Set logits of padded vocabulary rows (global id >= ``vocab_size``) to ``value``, in place.
+
+    ``logits[..., j]`` is global token ``vocab_start + j`` (``vocab_start = tp_rank * V_local``
+    for TP-sharded logits, 0 for gathered ones). Returns ``logits``.
+    """
+    local = logits.shape[-1]
+    first_pad = max(0, vocab_size - vocab_start)
+    if first_pad < local:
+        logits[..., first_pad:] = value
+    return logits
+
+
+def vocab_range(model_cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
+    """Global ``[start, end)`` token ids of this TP rank's logits slice (padded vocabulary)."""
+    local = padded_vocab_size(model_cfg, tp) // tp
+    return tp_rank * local, (tp_rank + 1) * local
+
+
+def _default_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    b, s = input_ids.shape
+    return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+
+
+@torch.no_grad()
+def forward_logits(
+    model_chunks: list[Any], input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """Forward pass (no grad) returning this TP rank's logits ``[batch, seq, V_padded / tp]``.
+
+    Works for any pipeline size: with PP=1 the model is called directly; with PP>1 it runs
+    megatron's schedule (``forward_only=True``, one micro-batch) and returns the logits on
+    the last stage and ``None`` on the others. ``attention_mask`` is megatron's boolean
+    ``[b, 1, s, s]`` mask (True = masked); ``None`` means causal. Padded vocabulary rows
+    are NOT masked (see :func:`mask_padded_vocab`).
+    """
+    from megatron.core import parallel_state as ps
+
+    if position_ids is None:
+        position_ids = _default_positions(input_ids)
+    for c in model_chunks:
+        c.eval()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return model_chunks[0](input_ids, position_ids, attention_mask)
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = get_config(model_chunks[0])
+    b, s = input_ids.shape
+    saved = config.variable_seq_lengths
+    batch = {"tokens": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
+
+    def step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, None]:
+        data = next(data_iterator)
+        return model(data["tokens"], data["position_ids"], data["attention_mask"]), None
+
+    try:
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([batch]), model=model_chunks,
+            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
+        )
+    finally:
+        config.variable_seq_lengths = saved
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return out[0]
+
+
+def num_parameters(model_chunks: list[Any]) -> int:
+    """Parameters held by this rank."""
+    return sum(p.numel() for c in model_chunks for p in c.parameters())
+
+
+def replace_config(config: Any, **changes: Any) -> Any:
+    """A copy of a TransformerConfig with fields changed (re-running its checks)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,295 @@
+"""HF <-> Megatron tensor maps for Llama, Qwen2/2.5 and Qwen3 (dense, RMSNorm, SwiGLU, GQA).
+
+Three layouts appear here:
+
+* **HF**: ``model.layers.{i}.self_attn.q_proj.weight`` ... (unfused, what transformers and
+  vLLM load).
+* **full Megatron**: the unsharded (TP=1, PP=1) ``GPTModel.state_dict()`` with global layer
+  numbers and the vocabulary padded to ``padded_vocab`` rows (zeros). Local-spec names by
+  default; :func:`to_te_names` gives the Transformer Engine spec names (norms fused into
+  ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``) and every function
+  that reads Megatron tensors accepts both.
+* **rank shard**: what ``GPTModel.state_dict()`` holds on TP rank ``t`` of PP stage ``p``
+  (local layer numbers, TP slices) -- :func:`shard_for_rank` / :func:`merge_ranks`.
+
+Layout facts (nh query heads, ng KV groups, d head_dim, h = nh/ng):
+``linear_qkv = cat([q.view(ng, h*d, H), k.view(ng, d, H), v.view(ng, d, H)], 1).reshape(-1, H)``
+(per group: its queries, then k, then v; biases alike), TP split = plain chunk on dim 0.
+``linear_fc1 = [gate; up]``; TP rank r holds ``cat(gate.chunk(tp)[r], up.chunk(tp)[r])``.
+Column parallel (dim 0): embedding, output_layer, linear_qkv. Row parallel (dim 1):
+linear_proj, linear_fc2. Norms replicated. Tied embeddings: no ``output_layer.weight``
+except on a last pipeline stage that is not also the first (a copy of the embedding).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Optional
+
+import torch
+
+from erpd_megatron.config.schema import ModelConfig
+from erpd_megatron.config.validate import head_dim
+
+Tensor = torch.Tensor
+
+# Megatron (local spec) per-layer name -> HF per-layer name, for 1:1 tensors.
+_LAYER_1TO1 = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+# Local-spec name <-> TE-spec name (norms fused into the following linear).
+_TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def to_te_names(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename local-spec layer-norm keys to the Transformer Engine spec's fused names."""
+    out = {}
+    for k, v in sd.items():
+        m = _LAYER_RE.match(k)
+        if m and m.group(2) in _TE_NAMES:
+            k = f"decoder.layers.{m.group(1)}.{_TE_NAMES[m.group(2)]}"
+        out[k] = v
+    return out
+
+
+def to_local_names(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`to_te_names`; drops TE ``_extra_state`` entries."""
+    inv = {v: k for k, v in _TE_NAMES.items()}
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("_extra_state"):
+            continue
+        m = _LAYER_RE.match(k)
+        if m and m.group(2) in inv:
+            k = f"decoder.layers.{m.group(1)}.{inv[m.group(2)]}"
+        out[k] = v
+    return out
+
+
+def _qkv_dims(mc: ModelConfig) -> tuple[int, int, int, int]:
+    ng, d = mc.num_query_groups, head_dim(mc)
+    return mc.num_attention_heads, ng, mc.num_attention_heads // ng, d
+
+
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, mc: ModelConfig) -> Tensor:
+    """HF q/k/v projections (weights ``[out, H]`` or biases ``[out]``) -> Megatron linear_qkv."""
+    _, ng, h, d = _qkv_dims(mc)
+    rest = q.shape[1:]
+    fused = torch.cat([q.reshape(ng, h * d, *rest), k.reshape(ng, d, *rest), v.reshape(ng, d, *rest)], dim=1)
+    return fused.reshape(-1, *rest)
+
+
+def split_qkv(qkv: Tensor, mc: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Megatron linear_qkv (weight or bias, unsharded) -> HF q, k, v."""
+    nh, ng, h, d = _qkv_dims(mc)
+    rest = qkv.shape[1:]
+    g = qkv.reshape(ng, (h + 2) * d, *rest)
+    q, k, v = torch.split(g, [h * d, d, d], dim=1)
+    return (q.reshape(nh * d, *rest).contiguous(), k.reshape(ng * d, *rest).contiguous(),
+            v.reshape(ng * d, *rest).contiguous())
+
+
+def pad_vocab(w: Tensor, padded_vocab: int) -> Tensor:
+    """Append zero rows up to ``padded_vocab`` (no copy when already that size)."""
+    if w.shape[0] > padded_vocab:
+        raise ValueError(f"vocabulary {w.shape[0]} is larger than the padded size {padded_vocab}")
+    if w.shape[0] == padded_vocab:
+        return w
+    return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])], dim=0)
+
+
+def iter_hf_to_megatron(
+    get: Callable[[str], Tensor], mc: ModelConfig, padded_vocab: int,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield full-Megatron (local spec) tensors from HF tensors fetched by name with ``get``.
+
+    Lazy: one layer's tensors at a time, so a converter can stream safetensors files.
+    """
+    emb = get("model.embed_tokens.weight")
+    if emb.shape[0] != mc.vocab_size:
+        raise ValueError(f"HF embedding has {emb.shape[0]} rows but model.vocab_size={mc.vocab_size}")
+    yield "embedding.word_embeddings.weight", pad_vocab(emb, padded_vocab)
+    for i in range(mc.num_layers):
+        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for mname, hname in _LAYER_1TO1.items():
+            if mname.startswith(("self_attention.q_layernorm", "self_attention.k_layernorm")) and not mc.qk_layernorm:
+                continue
+            yield mp + mname, get(hp + hname)
+        a = hp + "self_attn."
+        yield mp + "self_attention.linear_qkv.weight", fuse_qkv(
+            get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight"), mc)
+        if mc.add_qkv_bias:
+            yield mp + "self_attention.linear_qkv.bias", fuse_qkv(
+                get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), mc)
+        yield mp + "mlp.linear_fc1.weight", torch.cat(
+            [get(hp + "mlp.gate_proj.weight"), get(hp + "mlp.up_proj.weight")], dim=0)
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    if not mc.tie_word_embeddings:
+        yield "output_layer.weight", pad_vocab(get("lm_head.weight"), padded_vocab)
+
+
+def hf_to_megatron(hf: Mapping[str, Tensor], mc: ModelConfig, padded_vocab: int) -> dict[str, Tensor]:
+    """Full HF state dict -> full Megatron (TP=1, PP=1, local-spec names) state dict."""
+    missing = [k for k in expected_hf_keys(mc) if k not in hf]
+    if missing:
+        raise KeyError(f"HF state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return dict(iter_hf_to_megatron(hf.__getitem__, mc, padded_vocab))
+
+
+def expected_hf_keys(mc: ModelConfig) -> list[str]:
+    """Every HF tensor name the model needs (``lm_head.weight`` only when untied)."""
+    keys = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(mc.num_layers):
+        hp = f"model.layers.{i}."
+        keys += [hp + "input_layernorm.weight", hp + "post_attention_layernorm.weight",
+                 hp + "mlp.gate_proj.weight", hp + "mlp.up_proj.weight", hp + "mlp.down_proj.weight"]
+        keys += [hp + f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        if mc.add_qkv_bias:
+            keys += [hp + f"self_attn.{p}_proj.bias" for p in "qkv"]
+        if mc.qk_layernorm:
+            keys += [hp + "self_attn.q_norm.weight", hp + "self_attn.k_norm.weight"]
+    if not mc.tie_word_embeddings:
+        keys.append("lm_head.weight")
+    return keys
+
+
+def megatron_to_hf(msd: Mapping[str, Tensor], mc: ModelConfig) -> dict[str, Tensor]:
+    """Full Megatron state dict (local or TE names) -> HF state dict; padded vocab rows dropped.
+
+    Tied models get no ``lm_head.weight`` (transformers ties it on load).
+    """
+    sd = to_local_names(msd)
+    v = mc.vocab_size
+    out: dict[str, Tensor] = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:v].contiguous()}
+    for i in range(mc.num_layers):
+        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for mname, hname in _LAYER_1TO1.items():
+            if mp + mname in sd:
+                out[hp + hname] = sd[mp + mname]
+        q, k, vv = split_qkv(sd[mp + "self_attention.linear_qkv.weight"], mc)
+        out.update({hp + "self_attn.q_proj.weight": q, hp + "self_attn.k_proj.weight": k,
+                    hp + "self_attn.v_proj.weight": vv})
+        if mp + "self_attention.linear_qkv.bias" in sd:
+            q, k, vv = split_qkv(sd[mp + "self_attention.linear_qkv.bias"], mc)
+            out.update({hp + "self_attn.q_proj.bias": q, hp + "self_attn.k_proj.bias": k,
+                        hp + "self_attn.v_proj.bias": vv})
+        gate, up = torch.chunk(sd[mp + "mlp.linear_fc1.weight"], 2, dim=0)
+        out[hp + "mlp.gate_proj.weight"] = gate.contiguous()
+        out[hp + "mlp.up_proj.weight"] = up.contiguous()
+    out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
+    if not mc.tie_word_embeddings:
+        out["lm_head.weight"] = sd["output_layer.weight"][:v].contiguous()
+    missing = [k for k in expected_hf_keys(mc) if k not in out]
+    if missing:
+        raise KeyError(f"Megatron state dict lacks tensors for {missing[:3]} ({len(missing)} in all)")
+    return out
+
+
+def tp_split_kind(name: str) -> str:
+    """How a Megatron tensor is split over TP: "col" (dim 0), "row" (dim 1), "fc1" or "rep"."""
+    if name.endswith("_extra_state"):
+        return "rep"
+    if name.endswith("mlp.linear_fc1.weight"):
+        return "fc1"
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return "row"
+    if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")):
+        return "col"
+    return "rep"
+
+
+def _tp_slice(name: str, t: Tensor, tp: int, r: int) -> Tensor:
+    kind = tp_split_kind(name)
+    if tp == 1 or kind == "rep":
+        return t
+    if kind == "col":
+        return t.chunk(tp, dim=0)[r].contiguous()
+    if kind == "row":
+        return t.chunk(tp, dim=1)[r].contiguous()
+    gate, up = torch.chunk(t, 2, dim=0)
+    return torch.cat([gate.chunk(tp, dim=0)[r], up.chunk(tp, dim=0)[r]], dim=0)
+
+
+def _tp_merge(name: str, parts: list[Tensor]) -> Tensor:
+    kind = tp_split_kind(name)
+    if len(parts) == 1 or kind == "rep":
+        return parts[0]
+    if kind == "col":
+        return torch.cat(parts, dim=0)
+    if kind == "row":
+        return torch.cat(parts, dim=1)
+    halves = [torch.chunk(p, 2, dim=0) for p in parts]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+
+
+def stage_layers(mc: ModelConfig, pp: int, pp_rank: int) -> range:
+    """Global layer indices held by pipeline stage ``pp_rank`` (even split)."""
+    per = mc.num_layers // pp
+    return range(pp_rank * per, (pp_rank + 1) * per)
+
+
+def shard_for_rank(
+    full: Mapping[str, Tensor], mc: ModelConfig, *, tp: int = 1, tp_rank: int = 0, pp: int = 1,
+    pp_rank: int = 0, te: bool = False,
+) -> dict[str, Tensor]:
+    """The ``GPTModel.state_dict()`` of rank (tp_rank, pp_rank) from a full Megatron state dict.
+
+    Layers are renumbered from 0 within the stage; the first stage holds the embedding, the
+    last the final norm and output layer (for tied embeddings on a last stage that is not
+    first: a copy of the embedding). ``te=True`` gives Transformer Engine spec names.
+    """
+    full = to_local_names(full)
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    layers = stage_layers(mc, pp, pp_rank)
+    out: dict[str, Tensor] = {}
+    for name, t in full.items():
+        m = _LAYER_RE.match(name)
+        if m:
+            g = int(m.group(1))
+            if g not in layers:
+                continue
+            local = f"decoder.layers.{g - layers.start}.{m.group(2)}"
+            out[local] = _tp_slice(name, t, tp, tp_rank)
+        elif name.startswith("embedding.") and first:
+            out[name] = _tp_slice(name, t, tp, tp_rank)
+        elif name.startswith(("decoder.final_layernorm", "output_layer.")) and last:
+            out[name] = _tp_slice(name, t, tp, tp_rank)
+    if mc.tie_word_embeddings and last and not first:
+        out["output_layer.weight"] = _tp_slice("output_layer.weight", full["embedding.word_embeddings.weight"],
+                                               tp, tp_rank)
+    return to_te_names(out) if te else out
+
+
+def merge_ranks(
+    shards: Mapping[tuple[int, int], Mapping[str, Tensor]], mc: ModelConfig, *, tp: int, pp: int,
+) -> dict[str, Tensor]:
+    """Inverse of :func:`shard_for_rank`: ``{(tp_rank, pp_rank): state_dict}`` -> full Megatron
+    (local names). Tied models drop the last stage's output-layer copy."""
+    full: dict[str, Tensor] = {}
+    for p in range(pp):
+        layers = stage_layers(mc, pp, p)
+        ranks = [to_local_names(shards[(t, p)]) for t in range(tp)]
+        for name in ranks[0]:
+            if mc.tie_word_embeddings and name == "output_layer.weight":
+                continue
+            merged = _tp_merge(name, [r[name] for r in ranks])
+            m = _LAYER_RE.match(name)
+            if m:
+                name = f"decoder.layers.{int(m.group(1)) + layers.start}.{m.group(2)}"
+            full[name] = merged
+    return full
+
+
+def state_dict_tensors(sd: Mapping[str, Optional[Tensor]]) -> dict[str, Tensor]:
+    """Drop ``_extra_state`` / non-tensor entries of a module state dict."""
+    return {k: v for k, v in sd.items() if isinstance(v, Tensor) and not k.endswith("_extra_state")}

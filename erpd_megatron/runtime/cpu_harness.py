@@ -1,0 +1,223 @@
+"""Run megatron-core on a machine without a GPU (tests, the tiny demo, dry runs).
+
+megatron-core assumes CUDA in many places: ``torch.cuda.current_device()`` as a device,
+literal ``device="cuda"`` tensors (pipeline schedules, causal masks, the optimizer, grad
+clipping, dist_checkpointing's exchange utilities), the CUDA RNG tracker, CUDA streams
+in DDP and ``Tensor.type()`` checks in the optimizer wrappers. :func:`install_cpu_harness`
+patches exactly those assumptions so that the same code paths run on CPU + gloo:
+
+1. ``torch.cuda.current_device`` returns the CPU device; ``device_count`` returns 1.
+2. The CUDA RNG calls (``torch.cuda.get_rng_state/set_rng_state/manual_seed/seed``,
+   ``torch.cuda.random.*`` and megatron's ``_get_cuda_rng_state/_set_cuda_rng_state``) use
+   the CPU generator. ``manual_seed_all`` is left alone: ``torch.manual_seed`` calls it and
+   redirecting it would recurse.
+3. ``torch.cuda.synchronize`` / ``empty_cache`` / memory statistics are no-ops; streams and
+   events are dummies whose context managers do nothing.
+4. A :class:`torch.overrides.TorchFunctionMode`, entered once for the process, rewrites
+   every ``device=`` argument that names CUDA (or a bare GPU index) to ``cpu``, makes
+   ``Tensor.cuda()`` / ``Tensor.to("cuda")`` stay on CPU, and makes ``Tensor.type()`` (no
+   argument) answer ``torch.cuda.FloatTensor``-style names, which the fp16 / distributed
+   optimizer wrappers check.
+
+``torch.cuda.is_available()`` keeps answering False, so code can still tell a CPU run.
+The harness is process-wide and idempotent; it must never be installed on a GPU run
+(:func:`install_cpu_harness` refuses when CUDA is available).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+_INSTALLED = False
+_LOCK = threading.Lock()
+_MODE: TorchFunctionMode | None = None
+_CPU = torch.device("cpu")
+
+
+def is_installed() -> bool:
+    """Whether :func:`install_cpu_harness` has run in this process."""
+    return _INSTALLED
+
+
+def _to_cpu_device(dev: Any) -> Any:
+    """Map a CUDA device spec (``"cuda"``, ``"cuda:1"``, ``torch.device("cuda")``, ``0``) to cpu."""
+    if isinstance(dev, bool):
+        return dev
+    if isinstance(dev, int):
+        return _CPU
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        return _CPU
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        return _CPU
+    return dev
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    return _to_cpu_device(dev) is _CPU and not (isinstance(dev, torch.device) and dev.type == "cpu")
+
+
+def _cuda_type_name(name: str) -> str:
+    """``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``."""
+    if name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name[len("torch."):]
+    return name
+
+
+def _cpu_type_name(name: Any) -> Any:
+    if isinstance(name, str) and name.startswith("torch.cuda."):
+        return "torch." + name[len("torch.cuda."):]
+    return name
+
+
+class _CpuDeviceMode(TorchFunctionMode):
+    """Rewrite CUDA device arguments to CPU for every torch function and tensor method."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type:
+            if len(args) == 1 and not kwargs:
+                return _cuda_type_name(func(args[0]))
+            if len(args) > 1:
+                args = (args[0], _cpu_type_name(args[1]), *args[2:])
+            if "dtype" in kwargs:
+                kwargs["dtype"] = _cpu_type_name(kwargs["dtype"])
+            return func(*args, **kwargs)
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+class _DummyStream:
+    """A stand-in for ``torch.cuda.Stream`` / ``Event``: every method is a no-op."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.device = _CPU
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+def _noop(name: str) -> Any:
+    """A distinct no-op per patched name (torch.compile's trace rules reject one object
+    registered under several names)."""
+
+    def noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    noop.__name__ = noop.__qualname__ = name
+    return noop
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+
+    def cpu_get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def cpu_set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+        torch.set_rng_state(new_state)
+
+    def cpu_manual_seed(seed: int) -> None:
+        torch.default_generator.manual_seed(int(seed))
+
+    def cpu_seed() -> None:
+        torch.default_generator.seed()
+
+    rng = {
+        "get_rng_state": cpu_get_rng_state,
+        "set_rng_state": cpu_set_rng_state,
+        "manual_seed": cpu_manual_seed,
+        "seed": cpu_seed,
+        "initial_seed": lambda: torch.initial_seed(),
+        "get_rng_state_all": lambda: [torch.get_rng_state()],
+        "set_rng_state_all": lambda states: torch.set_rng_state(states[0]),
+    }
+    for name, fn in rng.items():
+        setattr(cuda, name, fn)
+        if hasattr(cuda, "random"):
+            setattr(cuda.random, name, fn)
+
+    cuda.current_device = lambda: _CPU
+    cuda.device_count = lambda: 1
+    cuda.set_device = _noop("set_device")
+    cuda.synchronize = _noop("synchronize")
+    cuda.empty_cache = _noop("empty_cache")
+    cuda.reset_peak_memory_stats = _noop("reset_peak_memory_stats")
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_reserved = lambda *a, **k: 0
+    cuda.Stream = _DummyStream
+    cuda.Event = _DummyStream
+    cuda.current_stream = lambda *a, **k: _DummyStream()
+    cuda.default_stream = lambda *a, **k: _DummyStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.device = lambda *a, **k: contextlib.nullcontext()
+    cuda.get_device_capability = lambda *a, **k: (0, 0)
+    cuda.get_device_name = lambda *a, **k: "cpu"
+
+
+def _patch_megatron() -> None:
+    """Megatron's own CUDA RNG helpers (imported by name in several modules)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+        state = torch.get_rng_state()
+        return state.clone() if clone else state
+
+    def set_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    import sys
+
+    for mod in list(sys.modules.values()):
+        name = getattr(mod, "__name__", "")
+        if not name.startswith("megatron.") or mod is mrandom:
+            continue
+        d = getattr(mod, "__dict__", {})
+        if d.get("_get_cuda_rng_state") is not None:
+            mod._get_cuda_rng_state = get_state  # type: ignore[attr-defined]
+        if d.get("_set_cuda_rng_state") is not None:
+            mod._set_cuda_rng_state = set_state  # type: ignore[attr-defined]
+
+
+def install_cpu_harness() -> None:
+    """Patch torch.cuda / megatron-core so that megatron runs on CPU; idempotent.
+
+    Raises RuntimeError when a GPU is available: the harness is for GPU-less machines only.
+    """
+    global _INSTALLED, _MODE
+    with _LOCK:
+        if _INSTALLED:
+            return
+        if torch.cuda.is_available():
+            raise RuntimeError("install_cpu_harness() called on a machine with a GPU; it is for CPU runs only")
+        _patch_torch_cuda()
+        _patch_megatron()
+        _MODE = _CpuDeviceMode()
+        _MODE.__enter__()
+        _INSTALLED = True
+        log.debug("CPU harness installed (torch.cuda redirected to CPU)")

@@ -292,10 +292,14 @@ class RolloutConfig:
     """Generation engine: vllm (GPU) or Hugging Face transformers (CPU default)."""
     model_path: Optional[str] = None
     """HF-format checkpoint that generates (pi_r)."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory or hub id; null = model_path."""
     dataset: Optional[str] = None
     """Prompt set: a local parquet/jsonl/arrow file or directory, or a hub dataset name."""
     dataset_split: str = "train"
     """Split of the prompt set."""
+    dataset_config: Optional[str] = None
+    """Configuration (subset) name of a hub prompt set, e.g. "main" for openai/gsm8k."""
     prompt_format: Literal["auto", "gsm8k", "math", "polaris", "custom"] = "auto"
     """Column convention (see README); custom uses question_key/answer_key."""
     question_key: Optional[str] = None
@@ -330,6 +334,14 @@ class RolloutConfig:
     """Dotted path `module:function(response_text, reference) -> float` of the reward."""
     verifier_timeout: float = 5.0
     """Seconds per answer before the verifier gives up (reward 0)."""
+    verifier_workers: int = 0
+    """Reward worker processes; 0 = min(8, CPU count)."""
+    verifier_memory_mb: int = 4096
+    """Address-space cap of a reward worker above its start-up size (MB; 0 = none)."""
+    hf_device: str = "auto"
+    """Device of the hf engine: auto (cuda when available, else cpu), cpu, cuda, cuda:1..."""
+    hf_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Weight dtype of the hf engine; auto = bf16 on a GPU, fp32 on CPU."""
     vllm_tensor_parallel_size: int = 1
     """vLLM tensor parallel size within a node."""
     vllm_gpu_memory_utilization: float = 0.85

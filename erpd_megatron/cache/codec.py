@@ -54,11 +54,13 @@ def packed_nbytes(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def pack_ids(ids: np.ndarray, bits: int, *, check: bool = True) -> np.ndarray:
+def pack_ids(ids: np.ndarray, bits: int, *, check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
     """Pack integer ids (any shape, C order) into an LSB-first bit stream of ``bits`` bits each.
 
-    Returns a ``uint8`` array of ``packed_nbytes(ids.size, bits)`` bytes. With ``check``,
-    ids outside ``[0, 2**bits)`` raise ``ValueError`` (they would corrupt their neighbours).
+    Returns a ``uint8`` array of ``packed_nbytes(ids.size, bits)`` bytes, written into the
+    start of ``out`` when given (a ``uint8`` array at least that long; bytes past the stream
+    are left as they are). With ``check``, ids outside ``[0, 2**bits)`` raise ``ValueError``
+    (they would corrupt their neighbours).
     """
     flat = np.asarray(ids).reshape(-1)
     if flat.dtype.kind not in "iu":
@@ -70,25 +72,47 @@ def pack_ids(ids: np.ndarray, bits: int, *, check: bool = True) -> np.ndarray:
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= (1 << bits):
             raise ValueError(f"ids must be in [0, {1 << bits}) for {bits}-bit packing, got range [{lo}, {hi}]")
-    groups = -(-n // 8)  # 8 ids fill exactly `bits` bytes
-    out = np.zeros(groups * bits, np.uint8)
+    total = packed_nbytes(n, bits)
+    if out is None:
+        out = np.empty(total, np.uint8)
+    elif out.dtype != np.uint8 or out.ndim != 1 or out.size < total:
+        raise ValueError(f"out must be a 1-D uint8 array of at least {total} bytes")
+    # 8 ids fill exactly `bits` bytes; each group of 8 is assembled in a few 64-bit words
     words = (8 * bits + 63) // 64 + 1
-    plan = [((j * bits) >> 6, np.uint64((j * bits) & 63), (j * bits) & 63) for j in range(8)]
+    plan = [((j * bits) >> 6, (j * bits) & 63) for j in range(8)]
+    u64 = np.uint64
     for start in range(0, n, _CHUNK):
         chunk = flat[start : start + _CHUNK]
         m = -(-chunk.size // 8)
-        vals = np.zeros(m * 8, np.uint64)
+        vals = _scratch("pack_vals", m * 8)
         vals[: chunk.size] = chunk
+        vals[chunk.size :] = 0
         vals = vals.reshape(m, 8)
-        acc = np.zeros((m, words), np.uint64)
-        for j, (w, shift, s) in enumerate(plan):
+        acc = _scratch("pack_acc", m * words).reshape(m, words)
+        acc[...] = 0
+        for j, (w, s) in enumerate(plan):
             col = vals[:, j]
-            acc[:, w] |= col << shift
+            acc[:, w] |= col << u64(s)
             if s + bits > 64:
-                acc[:, w + 1] |= col >> np.uint64(64 - s)
+                acc[:, w + 1] |= col >> u64(64 - s)
         b0 = start // 8 * bits
-        out[b0 : b0 + m * bits] = acc.view(np.uint8).reshape(m, words * 8)[:, :bits].reshape(-1)
-    return out[: packed_nbytes(n, bits)]
+        nb = min(m * bits, total - b0)
+        out[b0 : b0 + nb] = acc.view(np.uint8).reshape(m, words * 8)[:, :bits].reshape(-1)[:nb]
+    return out[:total]
+
+
+_local = threading.local()
+
+
+def _scratch(name: str, n: int) -> np.ndarray:
+    """A per-thread ``uint64`` work array of ``n`` elements, reused across calls: fresh large
+    allocations cost a page fault per 4 KiB on first touch, which dominated packing time.
+    At most one chunk's worth (a few MiB) per name and thread."""
+    buf = getattr(_local, name, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, np.uint64)
+        setattr(_local, name, buf)
+    return buf[:n]
 
 
 _tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -130,7 +154,12 @@ def unpack_ids_from_words(words: np.ndarray, byte_offset: int, n: int, bits: int
     for start in range(0, n, _CHUNK):
         m = min(_CHUNK, n - start)
         dst = out[start : start + m]
-        np.take(words[byte_offset + start // 8 * bits :], offsets[:m], out=dst)
+        base = byte_offset + start // 8 * bits
+        # take() would copy a non-contiguous source whole: copy only this chunk's words
+        count = (((m - 1) * bits) >> 3) + 1
+        src = _scratch("unpack_src", count)
+        np.copyto(src, words[base : base + count])
+        np.take(src, offsets[:m], out=dst)
         dst >>= shifts[:m]
         dst &= mask
     return out.view(np.int64)
@@ -155,25 +184,30 @@ def _bad_value_message(x: np.ndarray, bad: np.ndarray, what: str) -> str:
     return f"{int(bad.sum())} {what} value(s), first {x[pos]!r} at position {tuple(int(p) for p in pos)}"
 
 
+def _clamped(x, out_dtype: str) -> np.ndarray:
+    """``x`` rounded to float32, checked, clamped to ``[LOGPROB_FLOOR, 0]`` and cast to
+    ``out_dtype`` in one pass, into a new array (never a view of the caller's)."""
+    x32 = np.asarray(x, dtype=np.float32)
+    if x32.size:
+        top = float(x32.max())  # NaN propagates through max: one pass checks both
+        if np.isnan(top):
+            raise ValueError("log-probs contain NaN: " + _bad_value_message(x32, np.isnan(x32), "NaN"))
+        if top > POSITIVE_TOLERANCE:
+            raise ValueError(
+                "log-probs must be <= 0: "
+                + _bad_value_message(x32, x32 > POSITIVE_TOLERANCE, "positive")
+                + " (logits instead of log-probs?)"
+            )
+    return np.clip(x32, LOGPROB_FLOOR, 0.0, out=np.empty(x32.shape, out_dtype), casting="same_kind")
+
+
 def clamp_logprobs(x) -> np.ndarray:
     """Float32 copy of ``x`` clamped to ``[LOGPROB_FLOOR, 0]``; ``-inf`` becomes the floor.
 
     Raises ``ValueError`` on NaN, ``+inf`` or a value above ``POSITIVE_TOLERANCE``, naming
     the first offending position.
     """
-    x32 = np.array(x, dtype=np.float32, copy=True)
-    if x32.size:
-        nan = np.isnan(x32)
-        if nan.any():
-            raise ValueError("log-probs contain NaN: " + _bad_value_message(x32, nan, "NaN"))
-        if float(x32.max()) > POSITIVE_TOLERANCE:
-            raise ValueError(
-                "log-probs must be <= 0: "
-                + _bad_value_message(x32, x32 > POSITIVE_TOLERANCE, "positive")
-                + " (logits instead of log-probs?)"
-            )
-        np.clip(x32, LOGPROB_FLOOR, 0.0, out=x32)
-    return x32
+    return _clamped(x, "<f4")
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -193,12 +227,10 @@ def encode_logprobs(x, value_dtype: str) -> np.ndarray:
     (``float16``, ``uint16`` bf16 bits, or ``float32``), same shape, little-endian."""
     if value_dtype not in VALUE_DTYPES:
         raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
-    x32 = clamp_logprobs(x)
     if value_dtype == "fp16":
-        return x32.astype("<f2")
-    if value_dtype == "bf16":
-        return float32_to_bf16_bits(x32)
-    return x32
+        return _clamped(x, "<f2")
+    x32 = _clamped(x, "<f4")
+    return float32_to_bf16_bits(x32) if value_dtype == "bf16" else x32
 
 
 def decode_logprobs(stored: np.ndarray, value_dtype: str) -> np.ndarray:

@@ -347,9 +347,8 @@ class CacheWriter:
             if bad.any():
                 t, j = (int(x) for x in np.argwhere(bad)[0])
                 raise CacheError(f"{where}: topk[{name!r}] id {int(ids[t, j])} at token {t}, rank {j} is outside the vocabulary [0, {lay.vocab_size})")
-        packed = pack_ids(ids, lay.bits_per_id, check=False)
-        out = np.zeros(lay.ids_nbytes(ids.shape[0]), np.uint8)
-        out[: packed.size] = packed
+        out = np.zeros(lay.ids_nbytes(ids.shape[0]), np.uint8)  # zero padding to 8 bytes
+        pack_ids(ids, lay.bits_per_id, check=False, out=out)
         return out
 
     # ---- shards -------------------------------------------------------------------------

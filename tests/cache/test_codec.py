@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from erpd_megatron.cache import LOGPROB_FLOOR, bits_per_id, encode_logprobs, pack_ids, unpack_ids
 from erpd_megatron.cache.codec import decode_logprobs, quantize_reference
@@ -62,6 +61,7 @@ def test_fp16_fp32_values_exact_to_dtype(value_dtype: str, np_dtype: type) -> No
 
 
 def test_bf16_rounds_to_nearest_even_like_torch() -> None:
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
     x = np.concatenate([-rng.exponential(5.0, size=20000), -rng.uniform(0, 1e-3, size=1000)]).astype(np.float32)
     x[:4] = [-1.00390625, -1.01171875, -3.0078125, -0.0]  # exact ties at bf16 precision

@@ -133,6 +133,11 @@ class CacheLayout:
         """Bytes one sample's packed ids take in each teacher's id section (8-byte padded)."""
         return align(packed_nbytes(num_tokens * self.k, self.bits_per_id), 8)
 
+    def ids_nbytes_array(self, token_counts: np.ndarray) -> np.ndarray:
+        """:meth:`ids_nbytes` of many samples at once (int64)."""
+        bits = (np.asarray(token_counts, np.int64) * self.k) * self.bits_per_id
+        return ((bits + 7) // 8 + 7) // 8 * 8
+
     def section_nbytes(self, kind: int, num_tokens: int, ids_nbytes: int) -> int:
         """Bytes of a section of ``kind`` for a shard of ``num_tokens`` tokens."""
         if kind == KIND_SAMPLED:
@@ -313,7 +318,7 @@ class ShardFile:
         lay, idx = self.layout, self.index
         counts = idx["token_count"].astype(np.int64)
         tok_off = np.concatenate([[0], np.cumsum(counts)])
-        ids_len = np.array([lay.ids_nbytes(int(c)) for c in counts], np.int64)
+        ids_len = lay.ids_nbytes_array(counts)
         ids_off = np.concatenate([[0], np.cumsum(ids_len)])
         bad = np.flatnonzero((idx["token_offset"].astype(np.int64) != tok_off[:-1]) | (idx["ids_offset"].astype(np.int64) != ids_off[:-1]))
         if bad.size:

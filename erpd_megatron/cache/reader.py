@@ -82,7 +82,7 @@ class TeacherCache:
             where = [s.name for s in shards if (s.index["sample_id"] == dup).any()]
             raise CacheError(f"{cache_dir}: sample {dup} appears in several shards {where}; {REBUILD_HINT}")
         self._ids = ids
-        self._id_limit_checked = layout.vocab_size < (1 << layout.bits_per_id)
+        self._check_id_range = layout.vocab_size < (1 << layout.bits_per_id)
 
     @classmethod
     def open(
@@ -264,7 +264,7 @@ class TeacherCache:
                 decoded = unpack_ids_from_words(shard.words, sec_off + ids_off, t * k, lay.bits_per_id)
             except ValueError as e:
                 raise CacheError(f"{shard.path}: sample {sid}, teacher {name!r}: {e}") from e
-            if self._id_limit_checked and decoded.size and int(decoded.max()) >= lay.vocab_size:
+            if self._check_id_range and decoded.size and int(decoded.max()) >= lay.vocab_size:
                 raise CacheError(f"{shard.path}: sample {sid}, teacher {name!r}: id {int(decoded.max())} >= vocab_size {lay.vocab_size}; the shard is corrupt")
             ids[name] = decoded.reshape(t, k)
         return CacheRecord(sid, t, sampled, ids, lps, refs, shard.name)

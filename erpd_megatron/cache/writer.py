@@ -367,7 +367,7 @@ class CacheWriter:
         counts = np.array([e.num_tokens for e in buf], np.int64)
         index["token_count"] = counts
         index["token_offset"] = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        ids_len = np.array([lay.ids_nbytes(int(c)) for c in counts], np.int64)
+        ids_len = lay.ids_nbytes_array(counts)
         index["ids_offset"] = np.concatenate([[0], np.cumsum(ids_len)[:-1]])
         # section bodies: the index, then each non-index section as its samples' parts
         bodies: list[list[np.ndarray]] = [[index]] + [[e.parts[i] for e in buf] for i in range(len(self._sections) - 1)]

@@ -27,15 +27,13 @@ def logits_logprob_entropy(logits: torch.Tensor, mb: MicroBatch, shard: VocabSha
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target tokens ([b, s], differentiable) and token entropy ([b, s],
     detached) from vocab-parallel logits [b, s, V/tp]."""
-    from erpd_megatron.ops.vocab_parallel import vp_entropy, vp_logprob
+    from erpd_megatron.ops.vocab_parallel import vp_logprob_and_entropy
 
     b, s, v = logits.shape
-    flat = logits.reshape(b * s, v)
-    kw = dict(group=shard.group, vocab_start=shard.start, vocab_size=shard.vocab_size)
-    lp = vp_logprob(flat, mb.targets.to(flat.device).reshape(-1), **kw).reshape(b, s)
-    with torch.no_grad():
-        ent = vp_entropy(flat.detach(), **kw).reshape(b, s)
-    return lp, ent
+    lp, ent = vp_logprob_and_entropy(logits.reshape(b * s, v), mb.targets.to(logits.device).reshape(-1),
+                                     group=shard.group, vocab_start=shard.start, vocab_size=shard.vocab_size)
+    # one pass over the logits for both; the entropy is a metric, so its backward never runs
+    return lp.reshape(b, s), ent.detach().reshape(b, s)
 
 
 class StageRun:

@@ -48,13 +48,11 @@ class Engine:
         self.cfg = cfg
         self.ps = ps
         self.train = train
-        chunks = build_model(cfg)
-        if train:
-            chunks = self._wrap_ddp(chunks)
-        self.model: list[torch.nn.Module] = chunks
+        self.model: list[torch.nn.Module] = build_model(cfg, wrap_ddp=train)
         self.optimizer = self.scheduler = None
         if train:
             self.optimizer, self.scheduler = self._build_optimizer(total_steps)
+            _unwrapped(self.model[0]).config.grad_scale_func = self.optimizer.scale_loss
         tp = ps.get_tensor_model_parallel_world_size()
         self.tp_size = tp
         self.dp_size = ps.get_data_parallel_world_size()
@@ -63,23 +61,6 @@ class Engine:
         self.is_first_stage = ps.is_pipeline_first_stage()
 
     # ---- construction -------------------------------------------------------------------
-    def _wrap_ddp(self, chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-        par = self.cfg.parallel
-        ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=par.overlap_grad_reduce,
-            use_distributed_optimizer=par.use_distributed_optimizer,
-        )
-        out = []
-        for i, m in enumerate(chunks):
-            out.append(DistributedDataParallel(
-                config=_unwrapped(m).config, ddp_config=ddp_cfg, module=m,
-                disable_bucketing=(i > 0),
-            ))
-        return out
-
     def _build_optimizer(self, total_steps: int) -> tuple[Any, Any]:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -183,9 +164,9 @@ class Engine:
 
 
 def _unwrapped(m: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(m, "module"):
-        m = m.module
-    return m
+    from erpd_megatron.models.builder import unwrap_model
+
+    return unwrap_model(m)
 
 
 def _device() -> torch.device:

@@ -343,12 +343,15 @@ def select_prompts(
         qs = [question_text(v) for v in rows[q_col]]
         refs = [normalize_reference(_dig(v, a_path[1:]) if len(a_path) > 1 else v) for v in rows[a_path[0]]]
         keep = [k for k in range(len(idx)) if qs[k] and refs[k]]
-        empty += len(idx) - len(keep)
         texts = [render_prompt(qs[k], template, tokenizer, use_chat_template) for k in keep]
-        ids = tokenize_prompts(texts, tokenizer, use_chat_template) if texts else []
-        for k, text, tok in zip(keep, texts, ids):
+        encoded = dict(zip(keep, zip(texts, tokenize_prompts(texts, tokenizer, use_chat_template) if texts else [])))
+        for k in range(len(idx)):  # visit rows in the seeded order until the set is full
             if len(selected) >= num_prompts:
                 break
+            if k not in encoded:
+                empty += 1
+                continue
+            text, tok = encoded[k]
             examined += 1
             shortest = len(tok) if shortest is None else min(shortest, len(tok))
             if len(tok) > max_prompt_tokens:

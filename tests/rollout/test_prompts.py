@@ -135,3 +135,11 @@ def test_empty_and_missing_sources(tmp_path, tok):
         load_prompt_dataset(str(tmp_path / "x.txt"))
     with pytest.raises(PromptDataError, match="not set"):
         load_prompt_dataset("")
+
+
+def test_empty_rows_are_skipped_and_counted(tmp_path, tok):
+    rows = GSM_ROWS[:3] + [{"question": "", "answer": "#### 1"}, {"question": "Q?", "answer": ""}]
+    sel = load_prompt_set(str(write_jsonl(tmp_path / "p.jsonl", rows)), tok, num_prompts=10)
+    assert len(sel.prompts) == 3 and sel.filtered_empty == 2 and sel.examined == 3
+    one = load_prompt_set(str(write_jsonl(tmp_path / "q.jsonl", rows)), tok, num_prompts=1, seed=0)
+    assert one.examined + one.filtered_empty <= 5 and len(one.prompts) == 1

@@ -213,9 +213,8 @@ class RewardPool:
                     log.debug("reward task %d timed out after %.1fs; replacing worker %d", tid, now - start, w.proc.pid)
                     self._replace(w)
                     done += 1
-            if bar is not None:
-                bar.n = done
-                bar.refresh()
+            if bar is not None and done != bar.n:
+                bar.update(done - bar.n)
         if bar is not None:
             bar.close()
         self.stats["calls"] += n

@@ -93,9 +93,9 @@ def check_hf_checkpoint(path: str | None) -> None:
         raise CheckpointError("rollout.model_path is not set: give an HF-format checkpoint directory")
     p = Path(path).expanduser()
     if not p.exists():
-        if path.startswith((".", "/", "~")) or p.suffix:
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
             raise CheckpointError(f"rollout.model_path {path}: no such directory")
-        return  # a hub id
+        return  # an "org/name" hub id (e.g. Qwen/Qwen2.5-7B), left to transformers / vLLM
     if not p.is_dir():
         raise CheckpointError(f"rollout.model_path {path}: not a directory")
     if not (p / "config.json").exists():

@@ -171,37 +171,43 @@ class _LogProbEntropy(torch.autograd.Function):
                     stats[s:e, 0] = t.exp_().sum(dim=-1)
         _all_reduce(stats, "sum", sh)
         log_s = torch.log(stats[:, 0])
-        log_z = m + log_s
-        bad = _check_rows("vocab-parallel log-prob/entropy", log_z)
-        lp = torch.where(tgt_ok, stats[:, 2] - log_z, float("nan"))
-        ent = log_s - stats[:, 1] / stats[:, 0] if want_entropy else torch.zeros_like(log_z)
-        ctx.save_for_backward(x, tgt_local, tgt_in, log_z, ent, bad)
+        bad = _check_rows("vocab-parallel log-prob/entropy", m + log_s)
+        # everything relative to the max: (z_y - m) - log S keeps fp32 precision for large |m|
+        lp = torch.where(tgt_ok, (stats[:, 2] - m) - log_s, float("nan"))
+        ent = log_s - stats[:, 1] / stats[:, 0] if want_entropy else torch.zeros_like(log_s)
+        ctx.save_for_backward(x, tgt_local, tgt_in, m, log_s, ent, bad)
         ctx.sh, ctx.want_entropy = sh, want_entropy
         return lp, ent
 
     @staticmethod
     def backward(ctx: Any, g_lp: Tensor | None, g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, tgt_local, tgt_in, log_z, ent, bad = ctx.saved_tensors
+        x, tgt_local, tgt_in, m, log_s, ent, bad = ctx.saved_tensors
         sh: _Shard = ctx.sh
         n, v = x.shape[0], sh.n_valid
         use_ent = ctx.want_entropy and g_ent is not None
         grad, work = _new_grad(x, sh)
         if v == 0 or n == 0:
             return grad, None, None, None
-        g_lp = torch.zeros_like(log_z) if g_lp is None else g_lp.to(sh.cdtype)
+        g_lp = torch.zeros_like(m) if g_lp is None else g_lp.to(sh.cdtype)
+        neg_inv_s = -torch.exp(-log_s)  # -1/S: q_v = exp(z_v - m) / S
         fmin = torch.finfo(sh.cdtype).min
         buf2 = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device) if use_ent else None
         add_at_target = (g_lp * tgt_in)[:, None]
+        if use_ent:
+            # dH/dz_v = -q_v (z_v - m - log S + H): with t = z - m and e = exp(t),
+            # grad = e * (t + (H - log S)) * (-g_H / S) + e * (-g_lp / S)
+            shift = (ent - log_s)[:, None]
+            a = (g_ent.to(sh.cdtype) * neg_inv_s)[:, None]
+        b = (g_lp * neg_inv_s)[:, None]
         for s, e in _chunks(n, sh):
             t = work[: e - s] if work is not None else grad[s:e, :v]
-            torch.sub(x[s:e, :v], log_z[s:e, None], out=t)  # log q
+            torch.sub(x[s:e, :v], m[s:e, None], out=t)
             if use_ent:
                 t.clamp_(min=fmin)
-                q = torch.exp(t, out=buf2[: e - s])
-                t.add_(ent[s:e, None]).mul_(g_ent[s:e, None].to(sh.cdtype))
-                t.add_(g_lp[s:e, None]).mul_(q).neg_()
+                ex = torch.exp(t, out=buf2[: e - s])
+                t.add_(shift[s:e]).mul_(a[s:e]).add_(b[s:e]).mul_(ex)
             else:
-                t.exp_().mul_(-g_lp[s:e, None])
+                t.exp_().mul_(b[s:e])
             t.scatter_add_(1, tgt_local[s:e, None], add_at_target[s:e])
             if work is not None:
                 grad[s:e, :v].copy_(t)
@@ -249,8 +255,12 @@ def vp_entropy(
     return ent.view(logits.shape[:-1])
 
 
-def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward of the top-k buckets: (log q_I, log Q_t, log Z, local ids, in-shard, bad rows)."""
+def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, ...]:
+    """Forward of the top-k buckets.
+
+    Returns (log q_I, log Q_t, m, tail, local ids, in-shard mask, bad rows), where
+    ``tail = sum_{v not in I} exp(z_v - m)`` over all shards.
+    """
     n, v = x.shape[0], sh.n_valid
     k = ids.shape[1]
     m = _global_max(x, sh)
@@ -269,15 +279,19 @@ def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, Tensor, T
             pack[s:e, 0] = t.sum(dim=-1)
     _all_reduce(pack, "sum", sh)
     tail, z_i = pack[:, 0], pack[:, 1:]
-    log_z = m + torch.log(tail + torch.exp(z_i - m[:, None]).sum(dim=-1))
-    bad = _check_rows("vocab-parallel top-k buckets", log_z)
+    mass_i = torch.exp(z_i - m[:, None]).sum(dim=-1)
+    log_s = torch.log(tail + mass_i)
+    bad = _check_rows("vocab-parallel top-k buckets", m + log_s)
     bad_ids = ~in_vocab.all(dim=-1)
     if debug_nonfinite() and bool(bad_ids.any()):
         raise ValueError(f"top-k ids outside [0, {sh.vocab_size}) in {int(bad_ids.sum())} token row(s)")
     nan = torch.tensor(float("nan"), dtype=sh.cdtype, device=x.device)
-    log_q = torch.where(bad_ids[:, None], nan, z_i - log_z[:, None])
-    log_qt = torch.where(bad_ids, nan, m + torch.log(tail) - log_z)
-    return log_q, log_qt, log_z, local, in_shard, bad | bad_ids
+    log_q = torch.where(bad_ids[:, None], nan, (z_i - m[:, None]) - log_s[:, None])
+    # log Q_t: log1p(-q(I)) while q(I) < 1/2 (tail near 1), else log(tail / S) (tail near 0)
+    frac_i = mass_i / (tail + mass_i)
+    log_qt = torch.where(frac_i < 0.5, torch.log1p(-frac_i), torch.log(tail) - log_s)
+    log_qt = torch.where(bad_ids, nan, log_qt)
+    return log_q, log_qt, m, tail, local, in_shard, bad | bad_ids
 
 
 def topk_target_logprobs(
@@ -333,41 +347,38 @@ class _TopKKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, ids: Tensor, target_lp: Tensor, sh: _Shard) -> Tensor:
-        log_q, log_qt, log_z, local, in_shard, bad = _bucket_stats(x, ids, sh)
+        log_q, log_qt, m, tail, local, in_shard, bad = _bucket_stats(x, ids, sh)
         p = torch.exp(target_lp)
         lq = torch.cat([log_q, log_qt[:, None]], dim=1)
         terms = torch.where(p > 0, p * (target_lp - lq), torch.zeros_like(p))
-        kl = terms.sum(dim=-1)
-        kl = torch.where(bad, float("nan"), kl)
-        # off-I gradient factor r = p~_t / Q_t (0 where p~_t = 0 or Q_t = 0)
-        r = torch.where((p[:, -1] > 0) & torch.isfinite(log_qt), torch.exp(target_lp[:, -1] - log_qt), 0.0)
-        ctx.save_for_backward(x, local, in_shard, log_z, r, p[:, :-1], bad)
+        kl = torch.where(bad, float("nan"), terms.sum(dim=-1))
+        # off I: dL/dz_v = q_v - p~_t q_v / Q_t = exp(z_v - m) * (Q_t - p~_t) / tail
+        off = torch.where(tail > 0, (torch.exp(log_qt) - p[:, -1]) / tail, 0.0)
+        ctx.save_for_backward(x, local, in_shard, m, off, torch.exp(log_q) - p[:, :-1], bad)
         ctx.sh = sh
         return kl
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, local, in_shard, log_z, r, p_i, bad = ctx.saved_tensors
+        x, local, in_shard, m, off, on, bad = ctx.saved_tensors
         sh: _Shard = ctx.sh
         n, v = x.shape[0], sh.n_valid
         grad, work = _new_grad(x, sh)
         if v == 0 or n == 0:
             return grad, None, None, None
         g = g.to(sh.cdtype)
-        coef = (g * (1.0 - r))[:, None]
-        gin = (g[:, None] * in_shard)
+        coef = (g * off)[:, None]
+        on = on * (g[:, None] * in_shard)  # on I: g (q_i - p~_i), 0 for ids of other shards
         k = local.shape[1]
         small = torch.empty(min(sh.chunk, n), k, dtype=sh.cdtype, device=x.device)
         for s, e in _chunks(n, sh):
             t = work[: e - s] if work is not None else grad[s:e, :v]
-            torch.sub(x[s:e, :v], log_z[s:e, None], out=t).exp_()  # q
-            q_i = t.gather(1, local[s:e])
+            torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_()
             sm = small[: e - s]
-            torch.mul(q_i, in_shard[s:e], out=sm).neg_()
+            torch.mul(t.gather(1, local[s:e]), in_shard[s:e], out=sm).neg_()
             t.scatter_add_(1, local[s:e], sm)  # in-shard I slots -> exactly 0
-            t.mul_(coef[s:e])  # off I: g q_v (1 - p~_t / Q_t)
-            torch.sub(q_i, p_i[s:e], out=sm).mul_(gin[s:e])
-            t.scatter_add_(1, local[s:e], sm)  # on I: g (q_i - p~_i)
+            t.mul_(coef[s:e])
+            t.scatter_add_(1, local[s:e], on[s:e])
             if work is not None:
                 grad[s:e, :v].copy_(t)
         _zero_rows(grad, bad)
@@ -428,7 +439,7 @@ def vp_bucket_logprobs(
     x = _flat(logits)
     sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
     k = ids.shape[-1]
-    log_q, log_qt, _, _, _, bad = _bucket_stats(x, ids.reshape(-1, k).long(), sh)
+    log_q, log_qt, _, _, _, _, bad = _bucket_stats(x, ids.reshape(-1, k).long(), sh)
     log_q = torch.where(bad[:, None], float("nan"), log_q)
     return log_q.view(*logits.shape[:-1], k), log_qt.view(logits.shape[:-1])
 
@@ -465,8 +476,8 @@ def vp_topk(
             t = buf[: e - s]
             sum_exp[s:e] = torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_().sum(dim=-1)
     _all_reduce(sum_exp, "sum", sh)
-    log_z = m + torch.log(sum_exp)
-    bad = _check_rows("vp_topk", log_z)
+    log_s = torch.log(sum_exp)
+    bad = _check_rows("vp_topk", m + log_s)
     if sh.group is not None:
         all_vals = [torch.empty_like(vals) for _ in range(sh.world)]
         all_ids = [torch.empty_like(gids) for _ in range(sh.world)]
@@ -475,6 +486,6 @@ def vp_topk(
         cand_v, cand_i = torch.cat(all_vals, dim=1), torch.cat(all_ids, dim=1)
         order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
         vals, gids = cand_v.gather(1, order), cand_i.gather(1, order)
-    lp = torch.where(bad[:, None], float("nan"), vals - log_z[:, None])
+    lp = torch.where(bad[:, None], float("nan"), (vals - m[:, None]) - log_s[:, None])
     shape = (*logits.shape[:-1], k)
     return gids.view(shape), lp.view(shape)

@@ -98,6 +98,8 @@ class LoopState:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     stopped_early: bool = False
+    epoch_sums: dict = field(default_factory=dict)
+    """Metric sums of the current epoch so far (so epoch metrics survive a resume)."""
 
 
 class _Signals:
@@ -183,7 +185,7 @@ class TrainLoop:
         spec.on_epoch_start(st.epoch)
         arrays = spec.token_arrays(st.epoch)
         batches = self.batches(st.epoch)
-        epoch_sums: dict[str, float] = {}
+        epoch_sums = st.epoch_sums
         while st.step_in_epoch < len(batches):
             rows = batches[st.step_in_epoch]
             t0 = time.perf_counter()
@@ -220,6 +222,7 @@ class TrainLoop:
                          st.global_step)
         st.epoch += 1
         st.step_in_epoch = 0
+        st.epoch_sums = {}
         if st.epoch in spec.snapshot_epochs:
             self._save_model_only(self.save_root / f"epoch_{st.epoch:04d}")
         return None
@@ -262,7 +265,9 @@ class TrainLoop:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _state_dict(self) -> dict:
-        return dict(vars(self.state))
+        d = dict(vars(self.state))
+        d["epoch_sums"] = dict(self.state.epoch_sums)
+        return d
 
     def _save_iter(self) -> None:
         from erpd_megatron.models.checkpoint import iter_dir, save_checkpoint, write_latest

@@ -93,3 +93,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a metrics JSONL file."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _load_tensors(ckpt: str) -> dict:
+    import os as _os
+
+    import torch.distributed as dist
+
+    _os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        from megatron.core import dist_checkpointing
+
+        sd = dist_checkpointing.load_plain_tensors(ckpt)
+        return {k: v.clone() for k, v in sd.items() if hasattr(v, "shape")}
+    finally:
+        dist.destroy_process_group()
+
+
+def checkpoint_tensors(ckpt: Path) -> dict:
+    """The full (unsharded) tensors of a Megatron checkpoint, read in a child process."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_load_tensors, (str(ckpt),))

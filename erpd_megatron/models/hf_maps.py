@@ -109,17 +109,21 @@ def pad_vocab(w: Tensor, padded_vocab: int) -> Tensor:
 
 
 def iter_hf_to_megatron(
-    get: Callable[[str], Tensor], mc: ModelConfig, padded_vocab: int,
+    get: Callable[[str], Tensor], mc: ModelConfig, padded_vocab: int, *,
+    layers: Optional[range] = None, embedding: bool = True, head: bool = True,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield full-Megatron (local spec) tensors from HF tensors fetched by name with ``get``.
 
     Lazy: one layer's tensors at a time, so a converter can stream safetensors files.
+    ``layers`` / ``embedding`` / ``head`` restrict the output to what one pipeline stage
+    needs (``head``: final norm and, when untied, the output layer).
     """
-    emb = get("model.embed_tokens.weight")
-    if emb.shape[0] != mc.vocab_size:
-        raise ValueError(f"HF embedding has {emb.shape[0]} rows but model.vocab_size={mc.vocab_size}")
-    yield "embedding.word_embeddings.weight", pad_vocab(emb, padded_vocab)
-    for i in range(mc.num_layers):
+    if embedding:
+        emb = get("model.embed_tokens.weight")
+        if emb.shape[0] != mc.vocab_size:
+            raise ValueError(f"HF embedding has {emb.shape[0]} rows but model.vocab_size={mc.vocab_size}")
+        yield "embedding.word_embeddings.weight", pad_vocab(emb, padded_vocab)
+    for i in layers if layers is not None else range(mc.num_layers):
         hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
         for mname, hname in _LAYER_1TO1.items():
             if mname.startswith(("self_attention.q_layernorm", "self_attention.k_layernorm")) and not mc.qk_layernorm:
@@ -133,9 +137,10 @@ def iter_hf_to_megatron(
                 get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), mc)
         yield mp + "mlp.linear_fc1.weight", torch.cat(
             [get(hp + "mlp.gate_proj.weight"), get(hp + "mlp.up_proj.weight")], dim=0)
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
-    if not mc.tie_word_embeddings:
-        yield "output_layer.weight", pad_vocab(get("lm_head.weight"), padded_vocab)
+    if head:
+        yield "decoder.final_layernorm.weight", get("model.norm.weight")
+        if not mc.tie_word_embeddings:
+            yield "output_layer.weight", pad_vocab(get("lm_head.weight"), padded_vocab)
 
 
 def hf_to_megatron(hf: Mapping[str, Tensor], mc: ModelConfig, padded_vocab: int) -> dict[str, Tensor]:

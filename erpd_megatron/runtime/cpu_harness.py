@@ -18,6 +18,10 @@ patches exactly those assumptions so that the same code paths run on CPU + gloo:
    ``Tensor.cuda()`` / ``Tensor.to("cuda")`` stay on CPU, and makes ``Tensor.type()`` (no
    argument) answer ``torch.cuda.FloatTensor``-style names, which the fp16 / distributed
    optimizer wrappers check.
+5. The distributed optimizer's checkpoint load copes with torch's Adam (the fallback
+   without Apex / TE): the per-parameter ``step`` and fp32 main params that are views of
+   leaf parameters, and one ``step`` tensor shared by all parameters (see
+   :func:`_patch_distributed_optimizer`).
 
 ``torch.cuda.is_available()`` keeps answering False, so code can still tell a CPU run.
 The harness is process-wide and idempotent; it must never be installed on a GPU run
@@ -204,6 +208,50 @@ def _patch_megatron() -> None:
             mod._set_cuda_rng_state = set_state  # type: ignore[attr-defined]
 
 
+def _patch_distributed_optimizer() -> None:
+    """Make DistributedOptimizer checkpoint loads work with torch's Adam (no Apex / TE).
+
+    Without Apex/TE megatron falls back to ``torch.optim.Adam``, whose per-parameter state
+    holds a ``step`` that the checkpoint's parameter state does not contain: the copy in
+    ``_set_main_param_and_optimizer_states`` raises ``KeyError: 'step'`` (the step is
+    restored from the param groups already). It also copies into fp32 main params, which
+    are views of leaf parameters, outside ``no_grad`` (dp_reshardable), and after a load
+    every parameter shares one ``step`` tensor. All three fixed here.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    orig = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(orig, "_erpd_patched", False):
+        return
+
+    def set_states(self: Any, model_param: Any, tensors: dict) -> None:
+        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            # "step" comes from the param groups (dp_reshardable hands back the *current*
+            # step as a non-persistent object, which would reset it): keep the state's own.
+            tensors = {**{k: v for k, v in tensors.items() if k != "step"},
+                       **{k: v for k, v in state.items() if k == "step" or k not in tensors}}
+        with torch.no_grad():
+            orig(self, model_param, tensors)
+
+    set_states._erpd_patched = True  # type: ignore[attr-defined]
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+    orig_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self: Any, state_dict: dict) -> None:
+        orig_load(self, state_dict)
+        # megatron gives every parameter the SAME step tensor; torch's Adam increments it
+        # in place once per parameter, corrupting the bias correction after a resume.
+        for st in self.optimizer.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
 def install_cpu_harness() -> None:
     """Patch torch.cuda / megatron-core so that megatron runs on CPU; idempotent.
 
@@ -217,6 +265,7 @@ def install_cpu_harness() -> None:
             raise RuntimeError("install_cpu_harness() called on a machine with a GPU; it is for CPU runs only")
         _patch_torch_cuda()
         _patch_megatron()
+        _patch_distributed_optimizer()
         _MODE = _CpuDeviceMode()
         _MODE.__enter__()
         _INSTALLED = True

@@ -1,0 +1,290 @@
+"""HF safetensors <-> megatron distributed checkpoint conversion (behind tools/convert_checkpoint.py).
+
+* :func:`hf_to_mcore`: HF dir (``model.safetensors`` or sharded with
+  ``model.safetensors.index.json``) -> megatron dist checkpoint + ``model_config.yaml`` +
+  ``hf_config.json`` + tokenizer files. As ONE process (a login node) it builds the model
+  as a single TP=1/PP=1 rank whose embedding is padded for the *target* TP and saves it:
+  dist_checkpointing stores global tensors, so the result is the checkpoint a TP x PP run
+  would write and loads at that layout (or any other). Under torchrun with
+  ``world = tp * pp * dp`` every rank builds its own shard (HF tensors streamed per stage).
+* :func:`mcore_to_hf`: any checkpoint (any TP/PP it was saved at) -> HF safetensors shards,
+  ``config.json``, ``generation_config.json`` and tokenizer files that
+  ``AutoModelForCausalLM.from_pretrained`` (and vLLM) load: HF names, unfused, vocabulary
+  padding dropped. One process loads the model at TP=1/PP=1; under torchrun rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from erpd_megatron.config.loader import ConfigError
+from erpd_megatron.config.schema import Config, ModelConfig, ParallelConfig, PrecisionConfig
+from erpd_megatron.config.validate import padded_vocab_size, validate_layout, validate_model
+from erpd_megatron.models import checkpoint as ckpt_io
+from erpd_megatron.models import hf_maps
+from erpd_megatron.models.hf_config import hf_to_model_config, model_config_to_hf
+from erpd_megatron.utils.files import atomic_write_json
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class LazySafetensors(Mapping[str, torch.Tensor]):
+    """Read-only mapping over the tensors of an HF directory's safetensors files, loaded on access."""
+
+    def __init__(self, hf_dir: str | Path) -> None:
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._where = {k: self.dir / f for k, f in weight_map.items()}
+        elif (self.dir / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            path = self.dir / "model.safetensors"
+            with safe_open(str(path), framework="pt") as f:
+                self._where = {k: path for k in f.keys()}
+        else:
+            found = sorted(p.name for p in self.dir.glob("*"))[:10]
+            raise FileNotFoundError(
+                f"{self.dir}: no model.safetensors or model.safetensors.index.json (found {found}); "
+                "only safetensors HF checkpoints are supported (re-save with safe_serialization=True)"
+            )
+        self._handles: dict[Path, Any] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self._where:
+            raise KeyError(f"{self.dir}: tensor {key!r} not in the checkpoint")
+        path = self._where[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path].get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    """``config.json`` of an HF checkpoint directory (a clear error when missing)."""
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {hf_dir} is not an HF model directory")
+    return json.loads(path.read_text())
+
+
+def hf_dtype_name(hf_cfg: dict) -> str:
+    """The HF checkpoint's dtype name (``torch_dtype`` / ``dtype``), default bfloat16."""
+    name = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "bfloat16"
+    if name not in _TORCH_DTYPES:
+        raise ConfigError(f"HF dtype {name!r} is not supported; expected one of {sorted(_TORCH_DTYPES)}")
+    return name
+
+
+def _conversion_config(mc: ModelConfig, tp: int, pp: int, dtype_name: str) -> Config:
+    return Config(
+        model=mc,
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                num_nodes=1, gpus_per_node=tp * pp, use_distributed_optimizer=False),
+        precision=PrecisionConfig(params_dtype=_DTYPE_NAMES[dtype_name], transformer_impl="local"),  # type: ignore[arg-type]
+    )
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _bare_model(cfg: Config, *, vocab_size: Optional[int] = None) -> Any:
+    """A GPTModel for this rank's stage on CPU, parameters uninitialised (they are overwritten)."""
+    from megatron.core import parallel_state as ps
+
+    from erpd_megatron.models.builder import build_gpt, transformer_config
+
+    config = transformer_config(cfg, use_cpu_initialization=True, perform_initialization=False)
+    return build_gpt(cfg, config, vocab_size=vocab_size,
+                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+                     post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
+
+
+def _load_into(model: Any, state: Mapping[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if not k.endswith("_extra_state") and k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise RuntimeError(f"converted tensors do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise RuntimeError(f"{k}: converted shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def hf_to_mcore(
+    hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
+    make_vocab_size_divisible_by: int = 128,
+) -> Path:
+    """Convert an HF Llama/Qwen2/Qwen3 checkpoint into a megatron dist checkpoint for TP=tp, PP=pp.
+
+    One process, or all ranks of a torchrun job (``world = tp * pp * dp``). ``dtype``
+    ("float32", "bfloat16", "float16") defaults to the HF checkpoint's. Writes
+    ``model_config.yaml`` (architecture), ``hf_config.json`` and the tokenizer files.
+    """
+    from erpd_megatron.runtime.distributed import init_distributed
+
+    hf_dir = Path(hf_dir)
+    hf_cfg = read_hf_config(hf_dir)
+    mc = hf_to_model_config(hf_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    validate_model(mc)
+    dtype = dtype or hf_dtype_name(hf_cfg)
+    validate_layout(mc, _conversion_config(mc, tp, pp, dtype).parallel, tp * pp)
+    tensors = LazySafetensors(hf_dir)
+    target_padded = padded_vocab_size(mc, tp)
+    world = _world()
+    if world > 1:  # torchrun: every rank converts its own shard
+        cfg = _conversion_config(mc, tp, pp, dtype)
+        cfg.parallel.gpus_per_node = world
+        env = init_distributed(cfg)
+        model = _bare_model(cfg)
+        first, last = env.is_first_stage, env.is_last_stage
+        wanted = dict(hf_maps.iter_hf_to_megatron(
+            lambda k: tensors[k].to(_TORCH_DTYPES[dtype]), mc, target_padded,
+            layers=hf_maps.stage_layers(mc, pp, env.pp_rank),
+            embedding=first or (mc.tie_word_embeddings and last), head=last))
+        local = hf_maps.shard_for_rank(wanted, mc, tp=tp, tp_rank=env.tp_rank, pp=pp, pp_rank=env.pp_rank)
+    else:  # one process: the whole model as one TP=1/PP=1 rank, embedding padded for the target TP
+        cfg = _conversion_config(mc, 1, 1, dtype)
+        init_distributed(cfg)
+        model = _bare_model(cfg, vocab_size=target_padded)
+        local = dict(hf_maps.iter_hf_to_megatron(lambda k: tensors[k].to(_TORCH_DTYPES[dtype]), mc, target_padded))
+    _load_into(model, local)
+    del local
+    out = ckpt_io.save_checkpoint(out_dir, [model], model_cfg=mc, tokenizer_dir=hf_dir, hf_config=hf_cfg)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        meta_path = out / ckpt_io.META_FILE
+        meta = json.loads(meta_path.read_text())
+        meta.update(target_layout={"tp": tp, "pp": pp}, padded_vocab_size=target_padded, source=str(hf_dir))
+        atomic_write_json(meta_path, meta)
+    log.info("converted %s -> %s (TP=%d PP=%d, %s, padded vocab %d)", hf_dir, out, tp, pp, dtype, target_padded)
+    return out
+
+
+def save_hf_safetensors(state: Mapping[str, torch.Tensor], out_dir: str | Path,
+                        max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write ``state`` as ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    atomic_write_json(out_dir / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+def mcore_to_hf(
+    ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Export a megatron dist checkpoint (saved at any TP/PP) to an HF directory.
+
+    ``dtype`` defaults to the original HF dtype (``hf_config.json``), else the checkpoint's
+    parameter dtype. One process, or all ranks of a torchrun job (rank 0 writes).
+    """
+    from erpd_megatron.runtime.distributed import init_distributed
+
+    ckpt_dir = ckpt_io.check_checkpoint_dir(ckpt_dir)
+    mc = ckpt_io.read_model_config(ckpt_dir)
+    base = json.loads((ckpt_dir / "hf_config.json").read_text()) if (ckpt_dir / "hf_config.json").exists() else None
+    meta = json.loads((ckpt_dir / ckpt_io.META_FILE).read_text()) if (ckpt_dir / ckpt_io.META_FILE).exists() else {}
+    if dtype is None:
+        saved = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(meta.get("params_dtype", ""))
+        dtype = hf_dtype_name(base) if base else (saved or "bfloat16")
+    world = _world()
+    cfg = _conversion_config(mc, 1, 1, "float32")
+    cfg.parallel.gpus_per_node = world
+    init_distributed(cfg)
+    model = _bare_model(cfg)
+    ckpt_io.load_checkpoint(ckpt_dir, [model], model_cfg=mc)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    out_dir = Path(out_dir)
+    if rank0:
+        full = hf_maps.state_dict_tensors(model.state_dict())
+        hf = {k: v.to(_TORCH_DTYPES[dtype]) for k, v in hf_maps.megatron_to_hf(full, mc).items()}
+        tmp = out_dir.parent / f".{out_dir.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_hf_safetensors(hf, tmp, max_shard_bytes)
+        atomic_write_json(tmp / "config.json", model_config_to_hf(mc, dtype=dtype, base=base))
+        ckpt_io.copy_tokenizer_files(ckpt_dir, tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        log.info("exported %s -> %s (%s, %d tensors)", ckpt_dir, out_dir, dtype, len(hf))
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI: ``hf-to-mcore --hf-dir D --out D --tp N --pp M`` / ``mcore-to-hf --ckpt D --out D``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="convert_checkpoint", description="HF <-> megatron checkpoint conversion")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors -> megatron dist checkpoint")
+    a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="output checkpoint directory")
+    a.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (vocabulary padding)")
+    a.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
+    a.add_argument("--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="default: the HF dtype")
+    a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF safetensors")
+    b.add_argument("--ckpt", required=True, help="checkpoint directory (an iter_XXXXXXX dir or a converted one)")
+    b.add_argument("--out", required=True, help="output HF directory")
+    b.add_argument("--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="default: the original HF dtype")
+    b.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1024**3)
+    args = p.parse_args(argv)
+    from erpd_megatron.runtime.distributed import destroy_distributed
+
+    try:
+        if args.cmd == "hf-to-mcore":
+            hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        else:
+            mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    finally:
+        destroy_distributed()
+    return 0

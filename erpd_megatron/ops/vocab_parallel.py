@@ -30,7 +30,8 @@ With ``z`` the logits of one token, ``m = max z`` (one MAX all-reduce), ``S = su
   0 and add 0, so they cannot collide with an in-shard id 0). Forward: one MAX and one SUM
   all-reduce per call; backward: no communication (log Z and log Q_t are saved).
 * distributed top-k: local top-k, all-gather values and global ids, top-k of the
-  ``k * world`` candidates (ties among equal logits are broken arbitrarily; values exact).
+  ``k * world`` candidates. Ties go to the lowest global id, so the ids do not depend on
+  the TP layout.
 
 Non-finite logits (NaN/+Inf, or a row of -Inf) make that token's outputs NaN and its
 gradient 0 (callers mask and count them, see :mod:`erpd_megatron.ops.common`); with
@@ -444,6 +445,24 @@ def vp_bucket_logprobs(
     return log_q.view(*logits.shape[:-1], k), log_qt.view(logits.shape[:-1])
 
 
+def _topk_lowest_ids(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of each row, sorted by (value desc, column asc); ties at the k-th value go to
+    the lowest columns, so the result does not depend on the TP layout or the kernel."""
+    tv, ti = x.topk(k, dim=-1)
+    tau = tv[:, -1:]
+    fix = ((x == tau).sum(dim=-1) > (tv == tau).sum(dim=-1)).nonzero().flatten()
+    if fix.numel():  # the k-th value is tied beyond the selection: take the lowest columns
+        xf, tf = x[fix], tau[fix]
+        col = torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
+        key = torch.where(xf > tf, float(x.shape[1]), torch.where(xf == tf, -col, float("-inf")))
+        ti = ti.clone()
+        ti[fix] = key.topk(k, dim=-1).indices
+    ti = ti.sort(dim=-1).values
+    tv = x.gather(1, ti)
+    order = torch.sort(tv, dim=-1, descending=True, stable=True).indices
+    return tv.gather(1, order), ti.gather(1, order)
+
+
 @torch.no_grad()
 def vp_topk(
     logits: Tensor, k: int, group: Any = None, vocab_start: int | None = None,
@@ -464,7 +483,7 @@ def vp_topk(
     kk = min(k, v)
     if kk > 0:
         for s, e in _chunks(n, sh):
-            tv, ti = x[s:e, :v].topk(kk, dim=-1)
+            tv, ti = _topk_lowest_ids(x[s:e, :v], kk)
             vals[s:e, :kk] = tv.to(sh.cdtype)
             gids[s:e, :kk] = ti + sh.vocab_start
     m = vals[:, 0].clone()
@@ -484,6 +503,8 @@ def vp_topk(
         dist.all_gather(all_vals, vals, group=sh.group)
         dist.all_gather(all_ids, gids, group=sh.group)
         cand_v, cand_i = torch.cat(all_vals, dim=1), torch.cat(all_ids, dim=1)
+        # candidates come rank by rank, each sorted (value desc, id asc): a stable sort by
+        # value keeps ties in ascending global id, whatever the layout
         order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :k]
         vals, gids = cand_v.gather(1, order), cand_i.gather(1, order)
     lp = torch.where(bad[:, None], float("nan"), (vals - m[:, None]) - log_s[:, None])

@@ -69,13 +69,16 @@ def distinct_ids(gen: torch.Generator, n: int, k: int, vocab_size: int) -> torch
     return torch.rand(n, vocab_size, generator=gen).argsort(dim=-1)[:, :k]
 
 
-def make_kl_case(gen: torch.Generator, n: int, v_padded: int, vocab_size: int, k: int, dtype: torch.dtype):
+def make_kl_case(gen: torch.Generator, n: int, v_padded: int, vocab_size: int, k: int, dtype: torch.dtype,
+                 shard: int | None = None):
     """Student logits, teacher top-k ids/log-probs and pi_r logits with the awkward rows.
 
     Row 0: teacher tail exactly 0 (its top-k masses sum to just over 1). Row 1: teacher
     tail near 1. Row 2: student mass almost all on the teacher's ids (its tail ~ e^-25).
     Row 3: student tail near 1. Row 4: ties in the student logits. Rows 5-6: ids 0 and
-    vocab_size - 1 present. Other rows: random.
+    vocab_size - 1 present. With ``shard`` (a TP shard width): row 7 has all its ids on
+    shard 1 starting at its local slot 0, row 8 all on shard 0 (ids 0..k-1). Other rows:
+    random.
     """
     x = torch.randn(n, v_padded, generator=gen, dtype=D) * 2
     x[:, vocab_size:] = 0.0  # padded rows give logit 0, as in Megatron
@@ -84,6 +87,9 @@ def make_kl_case(gen: torch.Generator, n: int, v_padded: int, vocab_size: int, k
     t_lp, ids = t_lp_full.topk(k, dim=-1)
     ids[5, 0] = 0 if 0 not in ids[5] else ids[5, 0]
     ids[6, 1] = vocab_size - 1 if vocab_size - 1 not in ids[6] else ids[6, 1]
+    if shard is not None and shard + k <= vocab_size:
+        ids[7] = torch.arange(shard, shard + k)
+        ids[8] = torch.arange(k)
     t_lp = t_lp_full.gather(1, ids)
     t_lp[0] = torch.log(torch.full((k,), 1.0 / k, dtype=D)) + 1e-6
     t_lp[1] = -25.0 - torch.rand(k, generator=gen, dtype=D)

@@ -111,3 +111,130 @@ def multi_layout_worker(rank: int, world: int, root: str) -> dict:
         out[f"{fam}/torchrun_conv_tp2_err"] = rel_err(logits_at(model)[..., :VOCAB], ref)
         destroy_distributed()
     return out
+
+
+def _train_setup(mc, tp: int, world: int, dist_opt: bool = True):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from erpd_megatron.models.builder import build_model, get_config
+    from erpd_megatron.runtime.distributed import init_distributed
+
+    cfg = make_cfg(mc, tp, 1, world, dist_opt)
+    init_distributed(cfg)
+    model = build_model(cfg, wrap_ddp=True)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, bf16=False,
+                                                 params_dtype=torch.float32, use_distributed_optimizer=dist_opt,
+                                                 clip_grad=1.0), model)
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=2,
+                                    lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
+                                    wd_incr_steps=10, wd_incr_style="constant")
+    get_config(model[0]).grad_scale_func = opt.scale_loss
+    return model, opt, sched
+
+
+def _train_step(model, opt, sched) -> None:
+    """One optimizer step on a fixed batch; the loss is layout independent (padded vocab excluded)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from erpd_megatron.models.builder import vocab_range
+
+    ids = sample_ids(seed=3)
+    b, s = ids.shape
+    tp = ps.get_tensor_model_parallel_world_size()
+
+    def step(it, m):
+        x = next(it)
+        logits = m(x, torch.arange(s).expand(b, s), None)
+        start, end = vocab_range(model_cfg_of(m), tp, ps.get_tensor_model_parallel_rank())
+        real = (torch.arange(start, end) < VOCAB).float()
+
+        def loss_func(out):
+            loss = (out.float().pow(2) * real).sum() / (b * s * VOCAB)
+            return loss, {"loss": loss.detach()}
+
+        return logits, loss_func
+
+    for c in model:
+        c.zero_grad_buffer()
+    opt.zero_grad()
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([ids]), model=model,
+                                num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=False)
+    ok, _, _ = opt.step()
+    assert ok
+    sched.step(increment=1)
+
+
+_MC = None
+
+
+def model_cfg_of(_m):
+    """The ModelConfig of the optimizer tests (set by the worker)."""
+    return _MC
+
+
+def _full_hf(model, mc) -> dict:
+    """The model's weights as a full HF state dict (gathered over TP), on every rank."""
+    from megatron.core import parallel_state as ps
+
+    from erpd_megatron.models.checkpoint import state_dict_on_cpu
+    from erpd_megatron.models.hf_maps import megatron_to_hf, merge_ranks, state_dict_tensors
+
+    local = state_dict_tensors(state_dict_on_cpu(model))
+    tp = ps.get_tensor_model_parallel_world_size()
+    parts = [None] * tp
+    dist.all_gather_object(parts, local, group=ps.get_tensor_model_parallel_group())
+    return megatron_to_hf(merge_ranks({(t, 0): parts[t] for t in range(tp)}, mc, tp=tp, pp=1), mc)
+
+
+def optimizer_worker(rank: int, world: int, root: str) -> dict:
+    """DP=2 distributed optimizer: train, save with optimizer + scheduler, reload at the same
+    layout (next step bit-identical), and at TP=2 from a fully_reshardable save."""
+    global _MC
+    from erpd_megatron.config.schema import ModelConfig
+    from erpd_megatron.models.checkpoint import load_checkpoint, save_checkpoint
+    from erpd_megatron.runtime.distributed import destroy_distributed
+
+    _MC = mc = ModelConfig(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                           num_query_groups=2, vocab_size=VOCAB, add_qkv_bias=True, tie_word_embeddings=True)
+    out: dict = {}
+    model, opt, sched = _train_setup(mc, 1, world)
+    for _ in range(3):
+        _train_step(model, opt, sched)
+    save_checkpoint(Path(root) / "dp", model, optimizer=opt, opt_param_scheduler=sched,
+                    extra={"step": 3}, model_cfg=mc)
+    save_checkpoint(Path(root) / "full", model, optimizer=opt, opt_param_scheduler=sched,
+                    extra={"step": 3}, model_cfg=mc, optimizer_sharding="fully_reshardable")
+    saved = _full_hf(model, mc)
+    _train_step(model, opt, sched)
+    ref_next = _full_hf(model, mc)
+    ref_lr = opt.param_groups[0]["lr"]
+
+    for name in ("dp", "full"):
+        model2, opt2, sched2 = _train_setup(mc, 1, world)
+        extra = load_checkpoint(Path(root) / name, model2, optimizer=opt2, opt_param_scheduler=sched2, model_cfg=mc)
+        out[f"{name}/extra"] = extra
+        loaded = _full_hf(model2, mc)
+        out[f"{name}/params_equal"] = all(torch.equal(saved[k], loaded[k]) for k in saved)
+        _train_step(model2, opt2, sched2)
+        nxt = _full_hf(model2, mc)
+        out[f"{name}/next_step_equal"] = all(torch.equal(ref_next[k], nxt[k]) for k in ref_next)
+        out[f"{name}/lr_equal"] = opt2.param_groups[0]["lr"] == ref_lr
+    destroy_distributed()
+
+    model3, opt3, sched3 = _train_setup(mc, 2, world)  # TP=2, DP=1
+    try:
+        load_checkpoint(Path(root) / "dp", model3, optimizer=opt3, opt_param_scheduler=sched3)
+    except ValueError as e:
+        out["tp2/dp_reshardable_error"] = str(e)
+    load_checkpoint(Path(root) / "full", model3, optimizer=opt3, opt_param_scheduler=sched3)
+    loaded = _full_hf(model3, mc)
+    out["tp2/params_equal"] = all(torch.equal(saved[k], loaded[k]) for k in saved)
+    _train_step(model3, opt3, sched3)
+    nxt = _full_hf(model3, mc)
+    moved = max((ref_next[k] - saved[k]).abs().max().item() for k in saved)
+    out["tp2/next_step_max_diff"] = max((ref_next[k] - nxt[k]).abs().max().item() for k in ref_next)
+    out["tp2/step_size"] = moved
+    destroy_distributed()
+    return out

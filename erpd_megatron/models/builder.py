@@ -287,22 +287,18 @@ def forward_logits(
         return model_chunks[0](input_ids, position_ids, attention_mask)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    config = get_config(model_chunks[0])
     b, s = input_ids.shape
-    saved = config.variable_seq_lengths
     batch = {"tokens": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
 
     def step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, None]:
         data = next(data_iterator)
         return model(data["tokens"], data["position_ids"], data["attention_mask"]), None
 
-    try:
-        out = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter([batch]), model=model_chunks,
-            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
-        )
-    finally:
-        config.variable_seq_lengths = saved
+    # loss_func None: the schedule hands back the last stage's raw output.
+    out = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter([batch]), model=model_chunks,
+        num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
+    )
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return out[0]

@@ -220,15 +220,13 @@ def save_checkpoint(
 
 def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
     """Raise a clear FileNotFoundError unless ``ckpt_dir`` is a megatron dist checkpoint."""
-    from megatron.core import dist_checkpointing
-
     path = Path(ckpt_dir)
     if not path.is_dir():
         hint = ""
         if path.parent.is_dir() and (path.parent / LATEST_FILE).exists():
             hint = f" ({path.parent / LATEST_FILE} exists: did you mean an iter_XXXXXXX subdirectory?)"
         raise FileNotFoundError(f"checkpoint directory {path} does not exist{hint}")
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+    if not (path / "metadata.json").exists():  # what dist_checkpointing.check_is_distributed_checkpoint reads
         latest = read_latest(path) if (path / LATEST_FILE).exists() else None
         hint = f"; it has a `latest` pointer: load {iter_dir(path, latest)}" if latest is not None else ""
         if (path / "config.json").exists():
@@ -289,6 +287,7 @@ def load_checkpoint(
                 "model only (optimizer=None), or save with optimizer_sharding='fully_reshardable'"
             )
     sd = _sharded_state_dict(model_chunks, optimizer, None, None, loading=True, sharding=sharding)
+    _drop_absent_extra_state(sd, path)
     handling = StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED
     loaded = dist_checkpointing.load(sd, str(path), strict=handling)
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -304,6 +303,28 @@ def load_checkpoint(
         opt_param_scheduler.load_state_dict(common["opt_param_scheduler"])
     log.info("loaded checkpoint %s", path)
     return dict(common.get("extra") or {})
+
+
+def _drop_absent_extra_state(sd: dict, path: Path) -> None:
+    """Do not ask for module ``_extra_state`` objects the checkpoint lacks.
+
+    A checkpoint converted on a CPU (local spec) has no Transformer Engine extra state
+    (FP8 scaling metadata) for modules that only TE has; the model keeps its fresh state.
+    Tensor keys are identical between the two specs (megatron names the local spec's norms
+    after TE's fused ones).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    present = set(load_sharded_metadata(str(path)).keys())
+    for name in [k for k in sd if k.startswith("model")]:
+        chunk = sd[name]
+        absent = [k for k, v in chunk.items() if isinstance(v, ShardedObject) and v.key.endswith("_extra_state")
+                  and v.unique_key not in present]
+        for k in absent:
+            del chunk[k]
+        if absent:
+            log.info("%s: %d _extra_state objects not in the checkpoint; keeping the model's own", path, len(absent))
 
 
 def ensure_optimizer_state(optimizer: Any) -> None:

@@ -56,7 +56,7 @@ def hf_to_model_config(hf: dict, *, make_vocab_size_divisible_by: int = 128) -> 
         rope_scaling, factor = "llama3", float(scaling.get("factor", 8.0))
     heads = int(hf["num_attention_heads"])
     hd = hf.get("head_dim")
-    kv_channels = int(hd) if hd is not None and int(hd) != hf["hidden_size"] // heads else None
+    kv_channels = int(hd) if hd is not None else None
     return ModelConfig(
         family=family,  # type: ignore[arg-type]
         num_layers=int(hf["num_hidden_layers"]),
@@ -109,7 +109,6 @@ def model_config_to_hf(mc: ModelConfig, *, dtype: str = "bfloat16", base: Option
         num_hidden_layers=mc.num_layers,
         num_attention_heads=mc.num_attention_heads,
         num_key_value_heads=mc.num_query_groups,
-        head_dim=head_dim(mc),
         vocab_size=mc.vocab_size,
         max_position_embeddings=mc.max_position_embeddings,
         rms_norm_eps=mc.norm_epsilon,
@@ -124,6 +123,10 @@ def model_config_to_hf(mc: ModelConfig, *, dtype: str = "bfloat16", base: Option
         attention_dropout=0.0,
         use_cache=True,
     )
+    if mc.family != "qwen2" or mc.kv_channels is not None:
+        out["head_dim"] = head_dim(mc)  # Qwen2's HF config has no head_dim field by default
+    else:
+        out.pop("head_dim", None)
     if mc.family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     elif mc.family == "qwen3":

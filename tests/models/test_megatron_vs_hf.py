@@ -47,19 +47,22 @@ def test_tp2_checkpoint_reloads_at_pp2_and_tp1(converted, family):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hf_mcore_hf_round_trip_is_bit_exact(converted, family):
+@pytest.mark.parametrize("exported", ["hf_back", "hf_from_tp2"])
+def test_hf_mcore_hf_round_trip_is_bit_exact(converted, family, exported):
+    """hf_back: single-process conversion and export; hf_from_tp2: a checkpoint saved by a
+    TP=2 run, exported by 2 ranks."""
     from transformers import AutoModelForCausalLM
 
     from erpd_megatron.models.convert import LazySafetensors
 
     root, _ = converted
-    src, back = LazySafetensors(root / family / "hf"), LazySafetensors(root / family / "hf_back")
+    src, back = LazySafetensors(root / family / "hf"), LazySafetensors(root / family / exported)
     assert sorted(src) == sorted(back)
     for k in src:
         assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (root / family / "hf_back" / name).read_bytes() == (root / family / "hf" / name).read_bytes()
-    model = AutoModelForCausalLM.from_pretrained(root / family / "hf_back").eval()
+        assert (root / family / exported / name).read_bytes() == (root / family / "hf" / name).read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(root / family / exported).eval()
     assert model.config.model_type == family
     with torch.no_grad():
         assert torch.equal(model(sample_ids()).logits, hf_logits(root / family / "hf", sample_ids()))
@@ -79,3 +82,4 @@ def test_converted_checkpoint_layout(converted):
     assert (mc.family, mc.kv_channels, mc.qk_layernorm, mc.vocab_size) == ("qwen3", 32, True, VOCAB)
     assert (d / "tokenizer.json").exists() and (d / "hf_config.json").exists()
     assert "vocabulary mismatch" in res["qwen2/vocab_error"]
+    assert res["no_extra_state_err"] < TOL  # loads strictly without _extra_state objects

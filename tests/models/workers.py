@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -78,14 +79,37 @@ def single_process_worker(rank: int, world: int, root: str) -> dict:
         except ConfigError as e:
             out[f"{fam}/vocab_error"] = str(e)
         convert_main(["mcore-to-hf", "--ckpt", str(d / "mc"), "--out", str(d / "hf_back")])
+    out["no_extra_state_err"] = _load_without_extra_state(Path(root) / "qwen3")
     return out
+
+
+def _load_without_extra_state(d: Path) -> float:
+    """A checkpoint without any module ``_extra_state`` objects (as a CPU conversion looks to a
+    Transformer Engine model) still loads strictly; returns the logits error vs HF."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from erpd_megatron.models.builder import unwrap_model
+    from erpd_megatron.models.checkpoint import read_model_config
+
+    mc = read_model_config(d / "mc")
+    _, model = build_and_load(mc, d / "mc", 1, 1, 1)
+    sd = {k: v for k, v in unwrap_model(model[0]).sharded_state_dict().items() if not isinstance(v, ShardedObject)}
+    (d / "no_extra").mkdir()
+    dist_checkpointing.save({"model": sd}, str(d / "no_extra"))
+    for name in ("model_config.yaml", "checkpoint.json"):
+        shutil.copy(d / "mc" / name, d / "no_extra" / name)
+    _, model = build_and_load(mc, d / "no_extra", 1, 1, 1)
+    return rel_err(logits_at(model)[..., :VOCAB], hf_logits(d / "hf", sample_ids()))
 
 
 def multi_layout_worker(rank: int, world: int, root: str) -> dict:
     """World 2: the single-process conversion loads at TP=2; a TP=2 save reloads at PP=2 and at
     TP=1 (DP=2); the torchrun conversion path (TP=1, PP=2) loads at TP=2."""
     from erpd_megatron.models.checkpoint import read_model_config, save_checkpoint
-    from erpd_megatron.models.convert import hf_to_mcore
+    from erpd_megatron.models.convert import hf_to_mcore, mcore_to_hf
     from erpd_megatron.runtime.distributed import destroy_distributed
 
     out: dict = {}
@@ -96,7 +120,8 @@ def multi_layout_worker(rank: int, world: int, root: str) -> dict:
         _, model = build_and_load(mc, d / "mc", 2, 1, world)
         tp2 = logits_at(model)
         out[f"{fam}/tp2_err"] = rel_err(tp2[..., :VOCAB], ref)
-        save_checkpoint(d / "tp2", model, model_cfg=mc, tokenizer_dir=d / "hf")
+        save_checkpoint(d / "tp2", model, model_cfg=mc, tokenizer_dir=d / "hf",
+                        hf_config=json.loads((d / "hf" / "config.json").read_text()))
         env, model = build_and_load(mc, d / "tp2", 1, 2, world)
         pp2 = logits_at(model)
         if env.is_last_stage:
@@ -106,6 +131,7 @@ def multi_layout_worker(rank: int, world: int, root: str) -> dict:
         tp1 = logits_at(model)
         out[f"{fam}/tp1_from_tp2_vs_tp2"] = rel_err(tp1[..., :VOCAB], tp2[..., :VOCAB])
         destroy_distributed()
+        mcore_to_hf(d / "tp2", d / "hf_from_tp2")  # export with 2 ranks (DP=2, rank 0 writes)
         hf_to_mcore(d / "hf", d / "mc_pp2_dist", tp=1, pp=2)
         _, model = build_and_load(mc, d / "mc_pp2_dist", 2, 1, world)
         out[f"{fam}/torchrun_conv_tp2_err"] = rel_err(logits_at(model)[..., :VOCAB], ref)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Submit one ERPD round as a chain of Slurm jobs, each starting when the previous one
+# succeeded (--dependency=afterok; a failure cancels the rest):
+#   rollout (job array) -> stage1 -> cache -> stage2 -> evaluate
+# and print "<step> <job id>" per line. Every job gets the same CONFIG and overrides, so the
+# steps find each other's outputs through the recipe (output_dir, ...).
+#
+#   CONFIG=configs/recipes/qwen3-8b-2node.yaml scripts/slurm/erpd_round.sh [a.b=c ...]
+#
+# Knobs (environment):
+#   NODES            nodes of the training jobs (default: the recipe's parallel.num_nodes)
+#   GPUS_PER_NODE    GPUs per node (default 8); one task per GPU; 0: CPU-only nodes
+#   TASKS_PER_NODE   tasks per node of stage1/cache/stage2 (default GPUS_PER_NODE, or 1 without GPUs)
+#   ROLLOUT_ARRAY    array of the rollout fleet, one node each (default 0-3)
+#   STEPS            the steps to submit, in order (default "rollout stage1 cache stage2 evaluate")
+#   AFTER            job id the first step waits for (e.g. the conversion job)
+#   SBATCH_ARGS      extra sbatch arguments for every job (--account=..., --partition=..., --time=...)
+#   LOG_DIR          job logs, <LOG_DIR>/<job name>-<job id>.out (default logs)
+# plus those of common.sh (CONTAINER_IMAGE, MODULES, VENV, PYTHON, ...), passed on to the jobs.
+set -euo pipefail
+ERPD_ROOT=${ERPD_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+export ERPD_ROOT
+cd "$ERPD_ROOT"
+: "${CONFIG:?set CONFIG=configs/recipes/<recipe>.yaml}"
+export CONFIG
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+TASKS_PER_NODE=${TASKS_PER_NODE:-$((GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1))}
+LOG_DIR=${LOG_DIR:-logs}
+STEPS=${STEPS:-rollout stage1 cache stage2 evaluate}
+mkdir -p "$LOG_DIR"
+
+if [[ -z ${NODES:-} ]]; then
+  py=${PYTHON:-python3}
+  [[ -z ${PYTHON:-} && -x .venv/bin/python ]] && py=.venv/bin/python
+  NODES=$("$py" -m erpd_megatron.cli config --config "$CONFIG" "$@" |
+    awk '/^parallel:/ {p = 1; next} /^[^ ]/ {p = 0} p && $1 == "num_nodes:" {print $2}') ||
+    NODES=
+  [[ $NODES =~ ^[0-9]+$ ]] || { echo "erpd_round: cannot read parallel.num_nodes of $CONFIG; set NODES" >&2; exit 2; }
+fi
+
+# shellcheck disable=SC2206 # SBATCH_ARGS is a list of words
+common=(--parsable --kill-on-invalid-dep=yes ${SBATCH_ARGS:-})
+train=(--nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --gpus-per-node="$GPUS_PER_NODE")
+prev=${AFTER:-}
+for step in $STEPS; do
+  case $step in
+    rollout) args=(--array="${ROLLOUT_ARRAY:-0-3}" --gpus-per-node="$GPUS_PER_NODE"
+      --output="$LOG_DIR/%x-%A_%a.out" scripts/slurm/rollout.sh) ;;
+    stage1 | stage2) args=("${train[@]}" --output="$LOG_DIR/%x-%j.out" "scripts/slurm/$step.sh") ;;
+    cache) args=("${train[@]}" --output="$LOG_DIR/%x-%j.out" scripts/slurm/cache_teacher.sh) ;;
+    evaluate) args=(--gpus-per-node="$GPUS_PER_NODE" --output="$LOG_DIR/%x-%j.out" scripts/slurm/evaluate.sh) ;;
+    *) echo "erpd_round: unknown step '$step' (rollout stage1 cache stage2 evaluate)" >&2; exit 2 ;;
+  esac
+  id=$(sbatch "${common[@]}" ${prev:+--dependency=afterok:$prev} "${args[@]}" "$@")
+  id=${id%%;*}
+  echo "$step $id"
+  prev=$id
+done
+echo "erpd_round: submitted; watch with: squeue -u ${USER:-$(id -un)}; logs in $LOG_DIR/" >&2

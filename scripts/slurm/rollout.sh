@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=erpd-rollout
+#SBATCH --array=0-3
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=12:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%A_%a.out
+# Rollouts with a vLLM fleet: each array task is one node; srun starts one engine per node
+# (or per GPUS_PER_ENGINE GPUs); every engine writes its own Parquet shards. The Python side
+# deals the shards from SLURM_ARRAY_TASK_ID/COUNT x SLURM_PROCID/NTASKS; the last one to
+# finish writes the manifest. Rerunning (or a requeue) skips finished shards.
+#   CONFIG=configs/recipes/<recipe>.yaml sbatch [--array=0-15] scripts/slurm/rollout.sh [a.b=c ...]
+# GPUS_PER_ENGINE=2 (with GPUS_PER_NODE, default 8): 4 engines per node; set
+# rollout.vllm_tensor_parallel_size to the same. Knobs in common.sh; docs/cluster.md.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "${ERPD_ROOT:-${SLURM_SUBMIT_DIR:-.}}/scripts/slurm/common.sh"
+erpd_setup
+ERPD_TASKS_PER_NODE=1 # one engine per node, on all its GPUs
+if [[ -n ${GPUS_PER_ENGINE:-} ]]; then
+  ERPD_TASKS_PER_NODE=$((${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}} / GPUS_PER_ENGINE))
+  SRUN_ARGS="--gpus-per-task=$GPUS_PER_ENGINE ${SRUN_ARGS:-}"
+fi
+REQUEUE_AFTER_USR1=${REQUEUE_AFTER_USR1:-1} # resumable: finished shards are kept
+TASK_EXIT_WAIT=${TASK_EXIT_WAIT:-0} # independent engines finish at different times
+erpd_srun -m erpd_megatron.cli rollout --config "${CONFIG:?set CONFIG=configs/recipes/<recipe>.yaml}" "$@"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=erpd-stage1
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+# Stage 1: train the teacher(s) on the fixed rollouts (checkpoints, resumes, requeues).
+#   CONFIG=configs/recipes/<recipe>.yaml sbatch [--nodes=N] scripts/slurm/stage1.sh [a.b=c ...]
+# One task per GPU; knobs and preemption handling in common.sh; docs/cluster.md.
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "${ERPD_ROOT:-${SLURM_SUBMIT_DIR:-.}}/scripts/slurm/common.sh"
+erpd_setup
+erpd_srun -m erpd_megatron.cli stage1 --config "${CONFIG:?set CONFIG=configs/recipes/<recipe>.yaml}" "$@"

@@ -1,0 +1,134 @@
+"""The launchers on the local cluster with stand-in programs (no trainer needed): a 2-task
+srun, time limit -> USR1 -> forward -> exit 17 -> requeue -> resume, scancel without
+requeue, and a round's afterok chain."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.cluster import CPU_JOB, run, sbatch, slurm_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
+# Stands in for `python -m erpd_megatron.cli stage1 ...`: steps of 0.2 s until USR1/TERM, then
+# saves its step and exits 17 like the trainer; a resumed run (a saved step) does 10 more steps.
+FAKE_TRAINER = r"""#!/usr/bin/env bash
+state=$FAKE_DIR/step.$SLURM_PROCID
+step=$(cat "$state" 2>/dev/null || echo 0)
+echo "fake rank $SLURM_PROCID/$SLURM_NTASKS start at $step: $*"
+got=
+trap 'got=1' USR1 TERM
+end=$((step > 0 ? step + 10 : 3000))
+while ((step < end)); do
+  sleep 0.2
+  step=$((step + 1))
+  echo "$step" >"$state.progress"
+  if [[ -n $got ]]; then
+    echo "$step" >"$state"
+    echo "fake rank $SLURM_PROCID checkpointed at $step"
+    exit 17
+  fi
+done
+echo "fake rank $SLURM_PROCID done"
+"""
+
+# Records its arguments; fails for the command in FAKE_FAIL.
+FAKE_RECORDER = r"""#!/usr/bin/env bash
+echo "$(date +%s.%N) array=${SLURM_ARRAY_TASK_ID:-} rank=$SLURM_PROCID/$SLURM_NTASKS $*" >>"$FAKE_DIR/calls"
+[[ " $* " != *" ${FAKE_FAIL:-none} "* ]]
+"""
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _wait_for(cond, timeout: float, what: str, job=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{job.describe()}" if job else ""))
+
+
+def test_status_and_two_task_srun(tmp_path):
+    st = run(["bash", "scripts/slurm/local_cluster.sh", "status"])
+    assert "slurmctld: running" in st.stdout and "slurmd: running" in st.stdout, st.stdout
+    script = _executable(tmp_path / "hello.sh", "#!/usr/bin/env bash\n#SBATCH --ntasks=2\n"
+                         "srun python3 -c 'import os; print(\"rank\", os.environ[\"SLURM_PROCID\"], "
+                         "\"of\", os.environ[\"SLURM_NTASKS\"])'\n")
+    job = sbatch(script, [], log_dir=tmp_path)
+    job.wait(60)
+    assert sorted(re.findall(r"rank \d of 2", job.log_text())) == ["rank 0 of 2", "rank 1 of 2"], job.describe()
+
+
+def test_time_limit_usr1_checkpoints_requeues_and_resumes(tmp_path):
+    """#SBATCH --signal=B:USR1@45 with a 1-minute limit: Slurm signals the batch shell 15-45 s
+    in (it checks limits every ~30 s), the script forwards, the fake exits 17, the script
+    requeues, the second run resumes and finishes."""
+    fake = _executable(tmp_path / "fake_trainer", FAKE_TRAINER)
+    env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path), CONFIG="configs/recipes/tiny-cpu.yaml")
+    job = sbatch("stage1.sh", ["output_dir=/nowhere", "stage1.epochs=3"], log_dir=tmp_path / "logs",
+                 sbatch_args=[*CPU_JOB, "--time=1", "--signal=B:USR1@45"], env=env)
+    info = job.wait(150)
+    log = job.log_text()
+    assert info["Restarts"] == "1", job.describe()
+    assert "SIGUSR1 received: forwarding to srun" in log, job.describe()
+    assert "srun exited with 17 after SIGUSR1" in log and "requeueing job" in log, job.describe()
+    assert "requeue failed" not in log, job.describe()
+    resumed = [int(s) for s in re.findall(r"start at (\d+)", log)]
+    assert len(resumed) == 4 and resumed[:2] == [0, 0] and min(resumed[2:]) > 0, job.describe()
+    assert log.count(" done") == 2 and "(restart 1)" in log, job.describe()
+    assert "-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere stage1.epochs=3" \
+        in log, job.describe()
+
+
+def test_scancel_stops_without_requeue(tmp_path):
+    fake = _executable(tmp_path / "fake_trainer", FAKE_TRAINER)
+    env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path), CONFIG="configs/recipes/tiny-cpu.yaml")
+    job = sbatch("stage2.sh", [], log_dir=tmp_path / "logs", sbatch_args=CPU_JOB, env=env)
+    progress = tmp_path / "step.0.progress"
+    _wait_for(lambda: progress.exists() and int(progress.read_text() or 0) >= 2, 120, "the fake's 2nd step", job)
+    run(["scancel", job.id])
+    info = job.wait(120, states=("CANCELLED",))
+    assert info["Restarts"] == "0", job.describe()
+    assert "requeueing" not in job.log_text(), job.describe()
+
+
+def test_round_chain_runs_in_order_and_stops_at_a_failure(tmp_path):
+    fake = _executable(tmp_path / "fake_python", FAKE_RECORDER)
+    env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path), FAKE_FAIL="cache", CONFIG="configs/recipes/tiny-cpu.yaml",
+                    NODES="1", GPUS_PER_NODE="0", TASKS_PER_NODE="2", ROLLOUT_ARRAY="0-1",
+                    LOG_DIR=str(tmp_path / "logs"), SBATCH_ARGS="--time=00:10:00")
+    p = run(["bash", "scripts/slurm/erpd_round.sh", "output_dir=/nowhere"], env=env)
+    ids = dict(line.split() for line in p.stdout.splitlines())
+    assert list(ids) == ["rollout", "stage1", "cache", "stage2", "evaluate"], p.stdout
+    for step in ("stage2", "evaluate"):
+        deps = run(["scontrol", "show", "job", "-o", ids[step]]).stdout
+        assert "Dependency=afterok:" in deps or "JobState=CANCELLED" in deps, deps
+
+    def state(job_id: str) -> str:
+        out = run(["scontrol", "show", "job", "-o", job_id], check=False).stdout
+        return " ".join(sorted(set(re.findall(r"JobState=(\S+)", out))))
+
+    _wait_for(lambda: state(ids["evaluate"]) == "CANCELLED", 180, f"the chain to stop; states "
+              f"{ {k: state(v) for k, v in ids.items()} }")
+    assert state(ids["rollout"]) == "COMPLETED" and state(ids["stage1"]) == "COMPLETED"
+    assert state(ids["cache"]) == "FAILED" and state(ids["stage2"]) == "CANCELLED"
+    calls = sorted((tmp_path / "calls").read_text().splitlines(), key=lambda s: float(s.split()[0]))
+    steps = [re.search(r"erpd_megatron\.cli (\w+)", c).group(1) for c in calls]
+    assert steps == ["rollout"] * 2 + ["stage1"] * 2 + ["cache"] * 2, calls
+    assert sorted(re.search(r"array=(\d*)", c).group(1) for c in calls[:2]) == ["0", "1"], calls
+    assert all("--config configs/recipes/tiny-cpu.yaml output_dir=/nowhere" in c for c in calls), calls
+    assert {re.search(r"rank=(\S+)", c).group(1) for c in calls[2:4]} == {"0/2", "1/2"}, calls
+    assert os.path.exists(tmp_path / "logs" / f"erpd-stage1-{ids['stage1']}.out")
+

@@ -15,7 +15,7 @@ import torch
 from erpd_megatron.config.loader import load_config
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config
-from erpd_megatron.data.batching import MicroBatch
+from erpd_megatron.data.batching import MicroBatch, SampleTable
 from erpd_megatron.train.engine import Engine, VocabShard
 from erpd_megatron.train.loop import EXIT_NONFINITE, NonFiniteAbort, StageSpec, TrainLoop
 from erpd_megatron.utils.log import get_logger
@@ -36,22 +36,39 @@ def logits_logprob_entropy(logits: torch.Tensor, mb: MicroBatch, shard: VocabSha
     return lp.reshape(b, s), ent.detach().reshape(b, s)
 
 
+Precheck = Callable[[Config, SampleTable, str], object]
+
+
+def check_initial_checkpoint(cfg: Config) -> None:
+    """``checkpoint.load`` must name an existing Megatron checkpoint of pi_r."""
+    load = cfg.checkpoint.load
+    if not load:
+        raise ValueError("checkpoint.load is not set: the Megatron checkpoint of pi_r "
+                         "(convert an HF model with tools/convert_checkpoint.py hf-to-mcore)")
+    if not Path(load).exists():
+        raise FileNotFoundError(f"checkpoint.load={load}: no such checkpoint directory")
+
+
 class StageRun:
     """A started stage: config, distributed env, data, and an engine holding pi_r."""
 
-    def __init__(self, cfg: Config, stage: str) -> None:
+    def __init__(self, cfg: Config, stage: str, precheck: Precheck | None = None) -> None:
+        """Checks everything that can be checked cheaply first (initial checkpoint, data,
+        and the stage's ``precheck``, e.g. the teacher cache), then starts torch.distributed,
+        builds the engine and loads pi_r."""
         from erpd_megatron.data.table import load_sample_table
         from erpd_megatron.runtime.distributed import init_distributed
 
         self.cfg = cfg
         self.stage = stage
         self.out_dir = Path(cfg.output_dir) / stage
-        self.env = init_distributed(cfg)
+        check_initial_checkpoint(cfg)
         if cfg.data.rollout_dir is None:
             raise ValueError("data.rollout_dir is not set: point it at the rollout Parquet directory")
         self.table, self.data_fingerprint = load_sample_table(cfg)
-        steps = self._count_steps()
-        self.engine = Engine(cfg, train=True, total_steps=steps)
+        self.context = precheck(cfg, self.table, self.data_fingerprint) if precheck else None
+        self.env = init_distributed(cfg)
+        self.engine = Engine(cfg, train=True, total_steps=self._count_steps())
         self._load_initial_weights()
 
     def _count_steps(self) -> int:
@@ -62,13 +79,7 @@ class StageRun:
     def _load_initial_weights(self) -> None:
         from erpd_megatron.models.checkpoint import load_checkpoint
 
-        load = self.cfg.checkpoint.load
-        if not load:
-            raise ValueError("checkpoint.load is not set: the Megatron checkpoint of pi_r "
-                             "(convert an HF model with tools/convert_checkpoint.py hf-to-mcore)")
-        if not Path(load).exists():
-            raise FileNotFoundError(f"checkpoint.load={load}: no such checkpoint directory")
-        load_checkpoint(load, self.engine.model)
+        load_checkpoint(self.cfg.checkpoint.load, self.engine.model, model_cfg=self.cfg.model)
 
     def score(self, tag: str) -> list[np.ndarray]:
         """Per-response-token log-probs of the whole table under the current weights
@@ -97,7 +108,7 @@ class StageRun:
 
     @staticmethod
     def launch(stage: str, config: str, overrides: list[str],
-               build_spec: Callable[[Config, StageRun], StageSpec]) -> int:
+               build_spec: Callable[[Config, StageRun], StageSpec], precheck: Precheck | None = None) -> int:
         """Load the config, start the run, train, tear down; returns the exit code."""
         from erpd_megatron.runtime.distributed import destroy_distributed
 
@@ -105,7 +116,7 @@ class StageRun:
         validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
                         check_runtime=True)
         try:
-            run = StageRun(cfg, stage)
+            run = StageRun(cfg, stage, precheck)
             spec = build_spec(cfg, run)
             loop = TrainLoop(cfg, run.engine, spec, run.out_dir)
             return loop.run()

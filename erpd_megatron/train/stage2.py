@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from erpd_megatron.config.schema import Config
-from erpd_megatron.data.batching import MicroBatch
+from erpd_megatron.data.batching import MicroBatch, SampleTable
 from erpd_megatron.ops.kl import kl_penalty
 from erpd_megatron.ops.losses import token_mean_loss
 from erpd_megatron.ops.signals import build_signal, clipped_surrogate, teacher_signal
@@ -66,16 +66,16 @@ class CacheColumn:
         return arr.astype(np.float32) if arr.dtype == np.float16 else arr
 
 
-def open_cache(cfg: Config, run: StageRun):
-    """Open and check the cache against the student and the rollout data (before any step)."""
+def open_cache(cfg: Config, table: SampleTable, data_fingerprint: str):
+    """Open and check the cache against the student and the rollout data; runs before
+    torch.distributed starts, so a wrong cache costs seconds, not a job."""
     from erpd_megatron.cache.reader import TeacherCache
 
     if not cfg.stage2.cache_dir:
         raise ValueError("stage2.cache_dir is not set: the teacher cache from tools/cache_teacher_logprobs.py")
-    table = run.table
     counts = {int(s): int(n) for s, n in zip(table.sample_ids, table.response_lengths)}
     cache = TeacherCache.open(cfg.stage2.cache_dir, expect_vocab_size=cfg.model.vocab_size,
-                              expect_rollout_fingerprint=run.data_fingerprint, expect_token_counts=counts)
+                              expect_rollout_fingerprint=data_fingerprint, expect_token_counts=counts)
     sampled = set(cache.sampled_models)
     if "base" not in sampled:
         raise ValueError(f"{cfg.stage2.cache_dir}: the cache has no 'base' (pi_r) log-probs")
@@ -217,7 +217,7 @@ def finalize_stage2_metrics(cfg: Config):
 
 def build_spec(cfg: Config, run: StageRun) -> StageSpec:
     """Stage 2's plug-in for the shared loop."""
-    cache = open_cache(cfg, run)
+    cache = run.context  # opened and checked by open_cache before the engine was built
     sids = run.table.sample_ids
     lru: OrderedDict = OrderedDict()
     arrays: dict = {"ref_logp": CacheColumn(cache, sids, "sampled", "base", lru)}
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides")
     args = p.parse_args(argv)
-    return StageRun.launch("stage2", args.config, args.overrides, build_spec)
+    return StageRun.launch("stage2", args.config, args.overrides, build_spec, precheck=open_cache)
 
 
 if __name__ == "__main__":

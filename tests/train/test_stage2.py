@@ -1,0 +1,173 @@
+"""Stage 2 on megatron-core, for real on CPU: signals, layouts, KL budget, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.train.fixtures import (
+    ROOT,
+    checkpoint_tensors,
+    env,
+    make_tiny_round,
+    read_jsonl,
+    run_module,
+    write_random_rollouts,
+)
+
+SIGNALS = {
+    "topk_kl": "[{model: teacher0, signal: topk_kl}]",
+    "logratio": "[{model: teacher0, signal: logratio, lam: 2.0, clip: 1.0}]",
+    "contrast": "[{model: teacher0, signal: contrast, contrast_model: unlearned, lam: 1.0, clip: 1.0}]",
+    "gated": "[{model: teacher0, signal: gated, gate_mode: add, alpha: 1.0, clip: 2.0}]",
+}
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """pi_r, a teacher (ce), an unlearned U, and the teacher cache over the tiny data."""
+    root = tmp_path_factory.mktemp("s2")
+    cfg, ov = make_tiny_round(root)
+    for name, loss in (("teacher", "ce"), ("unlearned", "unlearned")):
+        run_module("erpd_megatron.stage1", cfg, ov + [f"output_dir={root / name}", f"stage1.loss={loss}",
+                                                       "stage1.epochs=3", "optimizer.lr=3e-3"])
+    models = (f"[{{name: teacher0, checkpoint: {root}/teacher/stage1/checkpoints/final}}, "
+              f"{{name: unlearned, checkpoint: {root}/unlearned/stage1/checkpoints/final, topk: false}}]")
+    cache = root / "cache"
+    _cache(cfg, ov, cache, models)
+    ov = ov + [f"stage2.cache_dir={cache}", f"cache.models={models}", "data.global_batch_size=16", "stage2.epochs=2"]
+    return cfg, ov, root
+
+
+def _cache(cfg, ov, cache, models):
+    cmd = [sys.executable, "-m", "erpd_megatron.cli", "cache", "--config", str(cfg), *ov,
+           f"cache.dir={cache}", f"cache.models={models}"]
+    p = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-6000:]
+
+
+def _epoch_losses(path):
+    return [r["stage2/epoch/loss"] for r in read_jsonl(path) if "stage2/epoch/loss" in r]
+
+
+@pytest.mark.parametrize("name", list(SIGNALS))
+def test_each_signal_lowers_its_loss(cached, tmp_path, name):
+    cfg, ov, _ = cached
+    # Adam's step is ~lr whatever the gradient's size: KL losses, small near pi_r, need a smaller lr
+    lr = "3e-4" if name.startswith("topk") else "3e-3"
+    run_module("erpd_megatron.stage2", cfg, ov + [f"output_dir={tmp_path}", f"stage2.teachers={SIGNALS[name]}",
+                                                   f"optimizer.lr={lr}", "stage2.epochs=3"])
+    losses = _epoch_losses(tmp_path / "stage2/stage2_metrics.jsonl")
+    first, last = losses[0], losses[-1]
+    assert last < first, (first, last)
+    rec = read_jsonl(tmp_path / "stage2/stage2_metrics.jsonl")[0]
+    assert rec["stage2/kl_to_base"] == 0.0  # step 1 is at pi_r
+    assert (tmp_path / "stage2/checkpoints/final/model_config.yaml").exists()
+
+
+@pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+                         ids=["tp2", "pp2"])
+def test_two_process_layouts_match_single_process_first_step(cached, tmp_path, layout):
+    cfg, ov, _ = cached
+    both = "[{model: teacher0, signal: topk_kl, alpha: 0.5}, {model: teacher0, signal: logratio, weight: 0.5}]"
+    common = ov + [f"stage2.teachers={both}", "stage2.epochs=1"]
+    run_module("erpd_megatron.stage2", cfg, common + [f"output_dir={tmp_path / 'one'}"])
+    run_module("erpd_megatron.stage2", cfg, common + [f"output_dir={tmp_path / 'two'}", layout], nproc=2)
+    ref = read_jsonl(tmp_path / "one/stage2/stage2_metrics.jsonl")[0]
+    got = read_jsonl(tmp_path / "two/stage2/stage2_metrics.jsonl")[0]
+    for k in ("stage2/loss", "stage2/teacher0/topk_kl", "stage2/teacher1/signal_mean", "stage2/grad_norm",
+              "stage2/entropy", "stage2/clip_frac"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+
+
+def test_kl_budget_stops_and_keeps_a_checkpoint_inside(cached, tmp_path):
+    cfg, ov, _ = cached
+    budget = 0.1
+    run_module("erpd_megatron.stage2", cfg, ov + [
+        f"output_dir={tmp_path}", f"stage2.teachers={SIGNALS['logratio']}", "optimizer.lr=1e-3",
+        f"stage2.kl_budget={budget}", "checkpoint.save_interval=1", "checkpoint.keep_last=3",
+        "stage2.epochs=8", "data.global_batch_size=8"])
+    root = tmp_path / "stage2/checkpoints"
+    man = json.loads((root / "manifest.json").read_text())
+    assert man["stopped_early"] is True and man["steps"] < 32
+    kl = json.loads((root / "kl_by_step.json").read_text())
+    assert max(kl.values()) > budget
+    chosen = man["published_from"]
+    step = int(chosen.rsplit("_", 1)[1])
+    assert kl[str(step)] <= budget
+    a, b = checkpoint_tensors(root / "final"), checkpoint_tensors(chosen)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_then_resume_reproduces_uninterrupted_run(cached, tmp_path):
+    cfg, ov, _ = cached
+    ov = ov + [f"stage2.teachers={SIGNALS['topk_kl']}", "data.global_batch_size=4", "stage2.epochs=2",
+               "checkpoint.save_interval=2"]
+    run_module("erpd_megatron.stage2", cfg, ov + [f"output_dir={tmp_path / 'full'}"])
+    part = tmp_path / "part"
+    cmd = [sys.executable, "-m", "erpd_megatron.stage2", "--config", str(cfg), *ov, f"output_dir={part}"]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = part / "stage2/stage2_metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 17, out[-3000:]
+    run_module("erpd_megatron.stage2", cfg, ov + [f"output_dir={part}"])
+    assert read_jsonl(metrics) == read_jsonl(tmp_path / "full/stage2/stage2_metrics.jsonl")
+    a = checkpoint_tensors(tmp_path / "full/stage2/checkpoints/final")
+    b = checkpoint_tensors(part / "stage2/checkpoints/final")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _table(cfg, ov, rollouts):
+    from erpd_megatron.config import load_config
+    from erpd_megatron.data.table import load_sample_table
+
+    c = load_config(cfg, ov + [f"data.rollout_dir={rollouts}"])
+    return c, *load_sample_table(c)
+
+
+def test_cache_of_another_rollout_set_is_refused(cached, tmp_path):
+    from erpd_megatron.cache.format import CacheError
+    from erpd_megatron.train.stage2 import open_cache
+
+    cfg, ov, _ = cached
+    other = write_random_rollouts(tmp_path / "other", seed=7)
+    c, table, fp = _table(cfg, ov, other)
+    with pytest.raises(CacheError, match="rollout"):
+        open_cache(c, table, fp)
+
+
+def test_cache_of_another_vocabulary_is_refused(cached, tmp_path):
+    from erpd_megatron.cache.format import CacheError
+    from erpd_megatron.cache.manifest import finalize_manifest
+    from erpd_megatron.cache.writer import CacheWriter
+    from erpd_megatron.train.stage2 import open_cache
+
+    cfg, ov, root = cached
+    c, table, fp = _table(cfg, ov, root / "rollouts")
+    cache = tmp_path / "cache300"
+    with CacheWriter(cache, rank=0, sample_ids=table.sample_ids.tolist(), vocab_size=300, k=4,
+                     sampled_models=["base", "teacher0"], teachers=["teacher0"]) as w:
+        for sid, r in zip(table.sample_ids, table.response_ids):
+            t = len(r)
+            w.write_sample(int(sid), sampled={"base": np.full(t, -1.0), "teacher0": np.full(t, -1.0)},
+                           topk={"teacher0": (np.tile(np.arange(4), (t, 1)), np.full((t, 4), -2.0))})
+    finalize_manifest(cache, 1, {"rollout_fingerprint": fp, "models": {
+        "base": {"path": "-", "fingerprint": "-"}, "teacher0": {"path": "-", "fingerprint": "-"}}})
+    c.stage2.cache_dir = str(cache)
+    with pytest.raises(CacheError, match="vocab"):
+        open_cache(c, table, fp)

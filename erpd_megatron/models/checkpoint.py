@@ -184,6 +184,8 @@ def save_checkpoint(
     _barrier()
     if optimizer_sharding not in OPTIMIZER_SHARDINGS:
         raise ValueError(f"optimizer_sharding={optimizer_sharding!r}; expected one of {OPTIMIZER_SHARDINGS}")
+    if optimizer is not None:
+        ensure_optimizer_state(optimizer)  # a never-stepped optimizer (torch Adam) has no state
     sd = _sharded_state_dict(model_chunks, optimizer, opt_param_scheduler, extra, loading=False,
                              sharding=optimizer_sharding)
     dist_checkpointing.save(sd, str(tmp))
@@ -332,8 +334,8 @@ def ensure_optimizer_state(optimizer: Any) -> None:
 
     megatron's DistributedOptimizer.state_dict() with torch's Adam (no Apex / TE, e.g. on a
     CPU) asserts that every parameter has a ``step``, which a never-stepped optimizer lacks,
-    so loading into it fails; megatron's own ``init_state_fn`` omits ``step``. The zeros are
-    overwritten by the load.
+    so saving it or loading into it fails; megatron's own ``init_state_fn`` omits ``step``.
+    Zero moments with step 0 are exactly a fresh Adam; on load they are overwritten.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)

@@ -4,7 +4,6 @@ helpers shared by the model tests and their gloo workers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -55,9 +54,9 @@ def save_tokenizer(out: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(out)
 
 
-def save_hf_model(family: str, out: Path, *, shard: bool = False) -> Path:
+def save_hf_model(family: str, out: Path, *, shard: bool = False, dtype: torch.dtype = torch.float32) -> Path:
     """Save a tiny model (sharded safetensors with an index when ``shard``), tokenizer, generation config."""
-    model = make_hf_model(family)
+    model = make_hf_model(family).to(dtype)
     model.save_pretrained(out, max_shard_size="100KB" if shard else "5GB")
     model.generation_config.save_pretrained(out)
     save_tokenizer(out)
@@ -85,7 +84,3 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
-
-def hf_config(hf_dir: Path) -> dict:
-    """config.json of a saved model."""
-    return json.loads((Path(hf_dir) / "config.json").read_text())

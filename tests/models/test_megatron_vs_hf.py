@@ -37,6 +37,8 @@ def test_logits_match_transformers(converted, family):
         assert res[f"{family}/{key}"] < TOL, (key, res[f"{family}/{key}"])
     # Padded vocabulary rows are zero in the embedding/output layer: their logits are 0.
     assert res[f"{family}/tp1_pad_max"] == 0.0
+    assert res[f"{family}/inv_freq_err"] < 1e-6
+    assert res[f"{family}/inv_freq_scaled"] == (family == "llama")  # llama3 rope scaling in the fixture
 
 
 @pytest.mark.slow

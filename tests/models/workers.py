@@ -73,6 +73,14 @@ def single_process_worker(rank: int, world: int, root: str) -> dict:
         logits = logits_at(model)
         out[f"{fam}/tp1_err"] = rel_err(logits[..., :VOCAB], hf_logits(d / "hf", sample_ids()))
         out[f"{fam}/tp1_pad_max"] = logits[..., VOCAB:].abs().max().item()
+        # RoPE frequencies (llama3 scaling barely moves tiny-model logits, so compare directly)
+        from transformers import AutoModelForCausalLM
+
+        from erpd_megatron.models.builder import unwrap_model
+
+        hf_freq = AutoModelForCausalLM.from_pretrained(d / "hf").model.rotary_emb.inv_freq
+        out[f"{fam}/inv_freq_err"] = rel_err(unwrap_model(model[0]).rotary_pos_emb.inv_freq, hf_freq)
+        out[f"{fam}/inv_freq_scaled"] = bool(hf_freq[-1] < 1 / mc.rope_theta ** ((len(hf_freq) - 1) / len(hf_freq)) / 2)
         bad = dataclasses.replace(mc, vocab_size=VOCAB + 1)
         try:
             load_checkpoint(d / "mc", model, model_cfg=bad)

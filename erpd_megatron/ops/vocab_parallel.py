@@ -49,8 +49,10 @@ import torch.distributed as dist
 
 from erpd_megatron.ops.common import Tensor, debug_nonfinite
 
-DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}
-"""Logits per chunk (chunk rows = this // V_local) when ``chunk_size`` is None, by device type."""
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
+"""Logits per chunk (chunk rows = this // V_local, at least 1) when ``chunk_size`` is None, by
+device type: 4 MiB of fp32 on a CPU (the chunk's passes stay in cache), 64 MiB on a GPU.
+The extra memory of an op is a few such buffers, whatever the number of tokens."""
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,20 @@ def _flat(logits: Tensor) -> Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
-def _global_max(x: Tensor, sh: _Shard) -> Tensor:
-    """Row max over the real vocabulary of all shards (one MAX all-reduce)."""
-    if sh.n_valid > 0:
-        m = x[:, : sh.n_valid].amax(dim=-1).to(sh.cdtype)
-    else:
-        m = torch.full((x.shape[0],), float("-inf"), dtype=sh.cdtype, device=x.device)
-    return _all_reduce(m, "max", sh)
+def _chunk_shift(xc: Tensor, sh: _Shard) -> tuple[Tensor, Tensor]:
+    """Row max of a chunk of this shard, and the shift used for its exps (0 where not finite)."""
+    m = xc.amax(dim=-1).to(sh.cdtype)
+    return m, torch.where(torch.isfinite(m), m, 0.0)
+
+
+def _to_global(m_loc: Tensor, sh: _Shard) -> tuple[Tensor, Tensor, Tensor]:
+    """One MAX all-reduce: (global row max, factor exp(m_loc - m) that moves this shard's
+    sums of exp(z - m_loc) onto the global max, flag of NaN/+Inf rows of this shard)."""
+    m = _all_reduce(m_loc.clone(), "max", sh)
+    finite = torch.isfinite(m_loc)
+    scale = torch.where(finite, torch.exp(torch.where(finite, m_loc, 0.0) - torch.where(finite, m, 0.0)), 0.0)
+    bad_loc = (torch.isnan(m_loc) | (m_loc == float("inf"))).to(m_loc.dtype)
+    return m, scale, bad_loc
 
 
 def _local_index(ids: Tensor, sh: _Shard) -> tuple[Tensor, Tensor, Tensor]:
@@ -150,27 +159,38 @@ class _LogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, target: Tensor, sh: _Shard, want_entropy: bool) -> tuple[Tensor, Tensor]:
         n, v = x.shape[0], sh.n_valid
-        m = _global_max(x, sh)
         tgt_local, tgt_in, tgt_ok = _local_index(target, sh)
-        stats = torch.zeros(n, 3, dtype=sh.cdtype, device=x.device)  # S, sum q~(z-m), z_y
+        m_loc = torch.full((n,), float("-inf"), dtype=sh.cdtype, device=x.device)
+        loc = torch.zeros(n, 2, dtype=sh.cdtype, device=x.device)  # sums of e and e*(z-m_loc)
         if v > 0 and n > 0:
-            stats[:, 2] = torch.where(tgt_in, x.gather(1, tgt_local[:, None])[:, 0].to(sh.cdtype), 0.0)
             rows = min(sh.chunk, n)
             buf = torch.empty(rows, v, dtype=sh.cdtype, device=x.device)
             buf2 = torch.empty_like(buf) if want_entropy else None
             fmin = torch.finfo(sh.cdtype).min
             for s, e in _chunks(n, sh):
-                t = buf[: e - s]
-                torch.sub(x[s:e, :v], m[s:e, None], out=t)
+                xc, t = x[s:e, :v], buf[: e - s]
+                m_loc[s:e], shift = _chunk_shift(xc, sh)
+                torch.sub(xc, shift[:, None], out=t)  # the chunk is still in cache from amax
                 if want_entropy:
                     t.clamp_(min=fmin)  # -inf logits: exp -> 0 and 0 * fmin = 0, not NaN
                     ex = buf2[: e - s]
                     torch.exp(t, out=ex)
-                    stats[s:e, 0] = ex.sum(dim=-1)
-                    stats[s:e, 1] = torch.bmm(ex[:, None, :], t[:, :, None])[:, 0, 0]
+                    loc[s:e, 0] = ex.sum(dim=-1)
+                    loc[s:e, 1] = torch.bmm(ex[:, None, :], t[:, :, None])[:, 0, 0]
                 else:
-                    stats[s:e, 0] = t.exp_().sum(dim=-1)
+                    loc[s:e, 0] = t.exp_().sum(dim=-1)
+        m, scale, bad_loc = _to_global(m_loc, sh)
+        stats = torch.zeros(n, 4, dtype=sh.cdtype, device=x.device)  # S, sum e*(z-m), z_y, bad
+        stats[:, 0] = loc[:, 0] * scale
+        # sum e^(z-m) (z-m) = scale * (sum e^(z-m_loc) (z-m_loc) + (m_loc - m) * S_loc)
+        if want_entropy:
+            dm = torch.where(scale > 0, m_loc - m, 0.0)
+            stats[:, 1] = scale * (loc[:, 1] + dm * loc[:, 0])
+        if v > 0 and n > 0:
+            stats[:, 2] = torch.where(tgt_in, x.gather(1, tgt_local[:, None])[:, 0].to(sh.cdtype), 0.0)
+        stats[:, 3] = bad_loc
         _all_reduce(stats, "sum", sh)
+        m = torch.where(stats[:, 3] > 0, float("nan"), m)
         log_s = torch.log(stats[:, 0])
         bad = _check_rows("vocab-parallel log-prob/entropy", m + log_s)
         # everything relative to the max: (z_y - m) - log S keeps fp32 precision for large |m|
@@ -264,22 +284,29 @@ def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, ...]:
     """
     n, v = x.shape[0], sh.n_valid
     k = ids.shape[1]
-    m = _global_max(x, sh)
     local, in_shard, in_vocab = _local_index(ids, sh)
-    pack = torch.zeros(n, k + 1, dtype=sh.cdtype, device=x.device)  # tail sum, z_I
+    m_loc = torch.full((n,), float("-inf"), dtype=sh.cdtype, device=x.device)
+    tail_loc = torch.zeros(n, dtype=sh.cdtype, device=x.device)
     if v > 0 and n > 0:
-        pack[:, 1:] = torch.where(in_shard, x.gather(1, local).to(sh.cdtype), 0.0)
         buf = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device)
         neg_in = torch.empty(min(sh.chunk, n), k, dtype=sh.cdtype, device=x.device)
         for s, e in _chunks(n, sh):
-            t = buf[: e - s]
-            torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_()
+            xc, t = x[s:e, :v], buf[: e - s]
+            m_loc[s:e], shift = _chunk_shift(xc, sh)
+            torch.sub(xc, shift[:, None], out=t).exp_()
             ni = neg_in[: e - s]
             torch.mul(t.gather(1, local[s:e]), in_shard[s:e], out=ni).neg_()
             t.scatter_add_(1, local[s:e], ni)  # the teacher's ids of this shard -> exactly 0
-            pack[s:e, 0] = t.sum(dim=-1)
+            tail_loc[s:e] = t.sum(dim=-1)
+    m, scale, bad_loc = _to_global(m_loc, sh)
+    pack = torch.zeros(n, k + 2, dtype=sh.cdtype, device=x.device)  # tail sum, bad, z_I
+    pack[:, 0] = tail_loc * scale
+    pack[:, 1] = bad_loc
+    if v > 0 and n > 0:
+        pack[:, 2:] = torch.where(in_shard, x.gather(1, local).to(sh.cdtype), 0.0)
     _all_reduce(pack, "sum", sh)
-    tail, z_i = pack[:, 0], pack[:, 1:]
+    m = torch.where(pack[:, 1] > 0, float("nan"), m)
+    tail, z_i = pack[:, 0], pack[:, 2:]
     mass_i = torch.exp(z_i - m[:, None]).sum(dim=-1)
     log_s = torch.log(tail + mass_i)
     bad = _check_rows("vocab-parallel top-k buckets", m + log_s)
@@ -481,21 +508,22 @@ def vp_topk(
     vals = torch.full((n, k), float("-inf"), dtype=sh.cdtype, device=x.device)
     gids = torch.full((n, k), -1, dtype=torch.long, device=x.device)
     kk = min(k, v)
-    if kk > 0:
-        for s, e in _chunks(n, sh):
-            tv, ti = _topk_lowest_ids(x[s:e, :v], kk)
-            vals[s:e, :kk] = tv.to(sh.cdtype)
-            gids[s:e, :kk] = ti + sh.vocab_start
-    m = vals[:, 0].clone()
-    _all_reduce(m, "max", sh)
-    sum_exp = torch.zeros(n, dtype=sh.cdtype, device=x.device)
-    if v > 0 and n > 0:
+    m_loc = torch.full((n,), float("-inf"), dtype=sh.cdtype, device=x.device)
+    sum_loc = torch.zeros(n, dtype=sh.cdtype, device=x.device)
+    if kk > 0 and n > 0:
         buf = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device)
         for s, e in _chunks(n, sh):
-            t = buf[: e - s]
-            sum_exp[s:e] = torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_().sum(dim=-1)
-    _all_reduce(sum_exp, "sum", sh)
-    log_s = torch.log(sum_exp)
+            xc, t = x[s:e, :v], buf[: e - s]
+            m_loc[s:e], shift = _chunk_shift(xc, sh)
+            sum_loc[s:e] = torch.sub(xc, shift[:, None], out=t).exp_().sum(dim=-1)
+            tv, ti = _topk_lowest_ids(xc, kk)
+            vals[s:e, :kk] = tv.to(sh.cdtype)
+            gids[s:e, :kk] = ti + sh.vocab_start
+    m, scale, bad_loc = _to_global(m_loc, sh)
+    stats = torch.stack([sum_loc * scale, bad_loc], dim=1)
+    _all_reduce(stats, "sum", sh)
+    log_s = torch.log(stats[:, 0])
+    m = torch.where(stats[:, 1] > 0, float("nan"), m)
     bad = _check_rows("vp_topk", m + log_s)
     if sh.group is not None:
         all_vals = [torch.empty_like(vals) for _ in range(sh.world)]

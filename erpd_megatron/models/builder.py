@@ -115,6 +115,9 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         transformer_impl="transformer_engine" if te else "local",
+        # Dense models never dispatch tokens, but megatron rejects variable_seq_lengths=True
+        # with the default "allgather" dispatcher at construction.
+        moe_token_dispatcher_type="alltoall",
     )
     if prec.fp8 is not None:
         kwargs.update(

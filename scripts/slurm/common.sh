@@ -18,6 +18,8 @@
 #   MODULES           environment modules to load first, e.g. "cuda/12.4 nccl"
 #   VENV              virtualenv to activate (default ERPD_ROOT/.venv when it exists, no container)
 #   PYTHON            interpreter (default: the venv's python, else python3; `python` in a container)
+#   CPUS_PER_TASK     CPUs of each task (default: the node's CPUs / its tasks); also the
+#                     default OMP_NUM_THREADS
 #   SRUN_ARGS         extra srun arguments, e.g. "--cpu-bind=none"
 #   TASK_EXIT_WAIT    seconds the other tasks may run on after the first one ended, then srun
 #                     kills them (default 300: a crashed rank does not leave the rest hanging in
@@ -64,7 +66,6 @@ erpd_setup() {
   # Defaults only; docs/cluster.md explains them. A value set by the user wins.
   export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   export PYTHONUNBUFFERED=1
 }
 
@@ -86,13 +87,24 @@ erpd_srun() {
   if [[ -n $per_node ]]; then
     tasks=(--ntasks-per-node="$per_node" --ntasks="$((per_node * ${SLURM_JOB_NUM_NODES:-1}))")
   fi
+  # The node's CPUs shared out over its tasks (a step's task gets 1 CPU unless told).
+  local tpn=${per_node:-${SLURM_NTASKS_PER_NODE:-}}
+  if [[ -z $tpn && -n ${SLURM_TASKS_PER_NODE:-} ]]; then
+    tpn=${SLURM_TASKS_PER_NODE%%[(,]*} # "8(x2)" or "8,4": the first node's
+  fi
+  local cpus=${CPUS_PER_TASK:-}
+  if [[ -z $cpus && ${SLURM_CPUS_ON_NODE:-0} -gt 0 && ${tpn:-0} -gt 0 ]]; then
+    cpus=$((SLURM_CPUS_ON_NODE / tpn > 0 ? SLURM_CPUS_ON_NODE / tpn : 1))
+  fi
+  [[ -n $cpus ]] && tasks+=(--cpus-per-task="$cpus")
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${cpus:-1}}
   if [[ -n ${CONTAINER_IMAGE:-} ]]; then
     container=(--container-image="$CONTAINER_IMAGE"
       --container-mounts="$ERPD_ROOT:$ERPD_ROOT${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
       --container-workdir="$ERPD_ROOT")
   fi
   erpd_log "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
-    "${per_node:-${SLURM_NTASKS_PER_NODE:-?}} tasks/node, GPUs ${SLURM_GPUS_ON_NODE:-0}/node," \
+    "${tpn:-?} tasks/node x ${cpus:-?} CPUs, GPUs ${SLURM_GPUS_ON_NODE:-0}/node," \
     "master ${MASTER_ADDR:-?}:${MASTER_PORT:-?}"
   erpd_log "$PYTHON $*"
   ERPD_SIGNAL=

@@ -6,29 +6,37 @@ shard may end in padded rows beyond the true ``vocab_size``, which are excluded:
 probability and a zero gradient). ``group=None`` means no tensor parallelism: no
 ``torch.distributed`` call is made, so it works without a process group. The full
 vocabulary is never gathered. Work is chunked over tokens (``chunk_size`` tokens at a time,
-by default about ``DEFAULT_CHUNK_ELEMENTS`` logits per chunk) with one reused fp32
-workspace, so the extra memory does not grow with the number of tokens. Math is in fp32
-per chunk (fp64 for fp64 inputs); per-token outputs are in that dtype, gradients are in the
-logits' dtype.
+by default about ``DEFAULT_CHUNK_ELEMENTS`` logits per chunk) with reused fp32 workspaces,
+so the extra memory does not grow with the number of tokens; the backward recomputes the
+softmax per chunk from the logits and a few saved per-token numbers instead of storing it.
+Math is in fp32 per chunk (fp64 for fp64 inputs); per-token outputs are in that dtype,
+gradients are in the logits' dtype.
 
-With ``z`` the logits of one token, ``m = max z`` (one MAX all-reduce), ``S = sum exp(z-m)``
-(one SUM all-reduce, packed with whatever else is needed), ``log Z = m + log S``,
-``q = softmax(z)``:
+With ``z`` the logits of one token, ``m = max z``, ``S = sum exp(z-m)``, ``q = softmax(z)``.
+One pass per chunk takes the shard's row max ``m_r`` (while the chunk is in cache) and the
+sums of ``exp(z - m_r)``; then ONE MAX all-reduce gives ``m``, the shard's sums are moved
+onto it by ``exp(m_r - m)``, and ONE SUM all-reduce (everything packed in one tensor) gives
+``S`` and the rest. Everything is kept relative to ``m`` (``log q_y = (z_y - m) - log S``)
+so that large logits do not cost fp32 precision. Backward: no communication.
 
-* log-prob of the target ``y``: ``z_y - log Z``; ``d/dz_v = [v == y] - q_v``.
+* log-prob of the target ``y``: ``(z_y - m) - log S``; ``d/dz_v = [v == y] - q_v``.
 * entropy ``H = log S - sum_v q_v (z_v - m)``; ``dH/dz_v = -q_v (log q_v + H)``.
 * top-k + tail forward KL to a teacher's cached top-k ids ``I`` and log-probs ``l_i``:
   the teacher's buckets are ``p_i = exp(l_i)`` and the tail ``P_t = max(0, 1 - sum p_i)``
   (kept, never renormalised away); the student's buckets are ``q_i`` and
   ``Q_t = sum_{v not in I} q_v`` (computed directly as a sum over the complement, not as
-  ``1 - sum q_i``, so a tail near 0 or 1 keeps its precision). Optionally the target is the
+  ``1 - sum q_i``, and its log as ``log1p(-q(I))`` while ``q(I) < 1/2``, so a tail near 0
+  or near 1 keeps its precision). Optionally the target is the
   geometric mixture ``p~ ∝ p_r^(1-alpha) p^alpha`` on the k+1 buckets, ``p_r`` being pi_r's
   mass on the same buckets (see :func:`topk_target_logprobs`). Per token
   ``L = sum_I p~_i (log p~_i - log q_i) + p~_t (log p~_t - log Q_t)`` (0 log 0 = 0) and
   ``dL/dz_v = q_v - p~_v`` with ``p~_v = p~_i`` on I and ``p~_t q_v / Q_t`` off I. The
   in-shard bucket mask is built with ``scatter_add_`` (out-of-shard ids are clamped to slot
-  0 and add 0, so they cannot collide with an in-shard id 0). Forward: one MAX and one SUM
-  all-reduce per call; backward: no communication (log Z and log Q_t are saved).
+  0 and add 0, so they cannot collide with an in-shard id 0). The teacher's ids must be
+  distinct within a token. Off I the gradient is computed as
+  ``exp(z_v - m) (Q_t - p~_t) / tail`` with ``tail = S Q_t``, which stays exact when Q_t is
+  tiny; if the student's tail underflows to exactly 0 while ``p~_t > 0`` the KL is +Inf (the
+  caller's non-finite handling drops the token).
 * distributed top-k: local top-k, all-gather values and global ids, top-k of the
   ``k * world`` candidates. Ties go to the lowest global id, so the ids do not depend on
   the TP layout.

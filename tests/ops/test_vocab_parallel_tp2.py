@@ -79,11 +79,32 @@ def run_case(seed: int, case_index: int, rank: int, world: int, group) -> dict[s
     return out
 
 
+def nonfinite_case(seed: int, rank: int, world: int, group) -> dict[str, np.ndarray]:
+    """A NaN in row 3 and an Inf in row 5, both inside shard 1 only."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 8
+    x_full = torch.randn(n, 2 * V_LOCAL, generator=gen)
+    x_full[3, V_LOCAL + 2] = float("nan")
+    x_full[5, V_LOCAL + 7] = float("inf")
+    target = torch.randint(0, 2 * V_LOCAL, (n,), generator=gen)
+    ids = torch.rand(n, 2 * V_LOCAL, generator=gen).argsort(-1)[:, :4]
+    t_lp = torch.log_softmax(torch.randn(n, 2 * V_LOCAL, generator=gen), -1).gather(1, ids)
+    cols = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL) if world > 1 else slice(None)
+    x = x_full[:, cols].contiguous().requires_grad_()
+    lp, ent = vp_logprob_and_entropy(x, target, group)
+    kl = vp_topk_kl(x, ids, t_lp, group)
+    _, top = vp_topk(x.detach(), 3, group)
+    finite = torch.isfinite(lp) & torch.isfinite(ent) & torch.isfinite(kl)
+    (torch.where(finite, lp + ent + kl, 0.0)).sum().backward()
+    return {"finite": _np(finite), "top_finite": _np(torch.isfinite(top).all(-1)), "grad": _np(x.grad)}
+
+
 def tp_worker(rank: int, world: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Entry point of each gloo process: all cases on this rank's shard."""
     import torch.distributed as dist
 
-    return [run_case(seed, i, rank, world, dist.group.WORLD) for i in range(len(CASES))]
+    out = [run_case(seed, i, rank, world, dist.group.WORLD) for i in range(len(CASES))]
+    return out + [nonfinite_case(seed, rank, world, dist.group.WORLD)]
 
 
 def test_tp2_equals_tp1():
@@ -106,3 +127,13 @@ def test_tp2_equals_tp1():
                     assert np.array_equal(g, want), (dtype_name, key)
                 else:
                     assert rel_err(torch.from_numpy(g), torch.from_numpy(want)) < tv, (dtype_name, key)
+    # non-finite logits on one shard only: every rank flags the same tokens, zero gradient there
+    one = nonfinite_case(seed, 0, 1, None)
+    expect = np.array([True, True, True, False, True, False, True, True])
+    assert np.array_equal(one["finite"], expect) and np.array_equal(one["top_finite"], expect)
+    for r, res in enumerate(ranks):
+        got = res[-1]
+        assert np.array_equal(got["finite"], expect) and np.array_equal(got["top_finite"], expect)
+        assert np.isfinite(got["grad"]).all() and (got["grad"][~expect] == 0).all()
+        want = one["grad"][:, r * V_LOCAL:(r + 1) * V_LOCAL]
+        assert np.allclose(got["grad"], want, rtol=1e-5, atol=1e-7)

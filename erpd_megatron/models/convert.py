@@ -232,7 +232,9 @@ def mcore_to_hf(
         saved = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(meta.get("params_dtype", ""))
         dtype = hf_dtype_name(base) if base else (saved or "bfloat16")
     world = _world()
-    cfg = _conversion_config(mc, 1, 1, "float32")
+    # Load in the dtype the checkpoint was saved in (no upcast: half the memory for bf16).
+    load_dtype = meta.get("params_dtype") if meta.get("params_dtype") in _TORCH_DTYPES else "float32"
+    cfg = _conversion_config(mc, 1, 1, load_dtype)
     cfg.parallel.gpus_per_node = world
     init_distributed(cfg)
     model = _bare_model(cfg)

@@ -232,6 +232,8 @@ def init_distributed(
         backend = dist.get_backend()
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = launch.local_rank if launch.world_size == world else rank
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:
         backend = _init_process_group(launch, timeout_minutes)
         rank, world, local_rank = launch.rank, launch.world_size, launch.local_rank

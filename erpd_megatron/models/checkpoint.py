@@ -277,6 +277,7 @@ def load_checkpoint(
         raise ValueError(f"{path} has no optimizer state (a converted or model-only checkpoint); "
                          "load it without optimizer= and start the optimizer fresh")
     if optimizer is not None:
+        _patch_torch_adam_if_needed()
         ensure_optimizer_state(optimizer)
     sharding = meta.get("optimizer_sharding") or OPTIMIZER_SHARDING
     if optimizer is not None and sharding == "dp_reshardable":
@@ -327,6 +328,17 @@ def _drop_absent_extra_state(sd: dict, path: Path) -> None:
             del chunk[k]
         if absent:
             log.info("%s: %d _extra_state objects not in the checkpoint; keeping the model's own", path, len(absent))
+
+
+def _patch_torch_adam_if_needed() -> None:
+    """megatron's DistributedOptimizer falls back to torch's Adam without Apex / TE, whose
+    checkpoint load is broken in megatron-core 0.16 (see the CPU harness); patch it then."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        from erpd_megatron.runtime.cpu_harness import patch_torch_adam_distributed_optimizer
+
+        patch_torch_adam_distributed_optimizer()
 
 
 def ensure_optimizer_state(optimizer: Any) -> None:

@@ -21,7 +21,7 @@ patches exactly those assumptions so that the same code paths run on CPU + gloo:
 5. The distributed optimizer's checkpoint load copes with torch's Adam (the fallback
    without Apex / TE): the per-parameter ``step`` and fp32 main params that are views of
    leaf parameters, and one ``step`` tensor shared by all parameters (see
-   :func:`_patch_distributed_optimizer`).
+   :func:`patch_torch_adam_distributed_optimizer`).
 
 ``torch.cuda.is_available()`` keeps answering False, so code can still tell a CPU run.
 The harness is process-wide and idempotent; it must never be installed on a GPU run
@@ -208,7 +208,7 @@ def _patch_megatron() -> None:
             mod._set_cuda_rng_state = set_state  # type: ignore[attr-defined]
 
 
-def _patch_distributed_optimizer() -> None:
+def patch_torch_adam_distributed_optimizer() -> None:
     """Make DistributedOptimizer checkpoint loads work with torch's Adam (no Apex / TE).
 
     Without Apex/TE megatron falls back to ``torch.optim.Adam``, whose per-parameter state
@@ -216,7 +216,9 @@ def _patch_distributed_optimizer() -> None:
     ``_set_main_param_and_optimizer_states`` raises ``KeyError: 'step'`` (the step is
     restored from the param groups already). It also copies into fp32 main params, which
     are views of leaf parameters, outside ``no_grad`` (dp_reshardable), and after a load
-    every parameter shares one ``step`` tensor. All three fixed here.
+    every parameter shares one ``step`` tensor. All three fixed here. Idempotent; also
+    applied by :func:`erpd_megatron.models.checkpoint.load_checkpoint` on a GPU machine
+    without Apex / Transformer Engine (the same torch-Adam fallback).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -265,7 +267,7 @@ def install_cpu_harness() -> None:
             raise RuntimeError("install_cpu_harness() called on a machine with a GPU; it is for CPU runs only")
         _patch_torch_cuda()
         _patch_megatron()
-        _patch_distributed_optimizer()
+        patch_torch_adam_distributed_optimizer()
         _MODE = _CpuDeviceMode()
         _MODE.__enter__()
         _INSTALLED = True

@@ -243,8 +243,13 @@ def check_model_matches(ckpt_cfg: ModelConfig, model_cfg: Optional[ModelConfig],
         fields = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                   "num_query_groups", "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm",
                   "tie_word_embeddings")
-        diffs = [f"{f}: checkpoint {getattr(ckpt_cfg, f)!r} vs model {getattr(model_cfg, f)!r}"
-                 for f in fields if getattr(ckpt_cfg, f) != getattr(model_cfg, f)]
+        from erpd_megatron.config.validate import head_dim
+
+        def value(mc: ModelConfig, f: str) -> Any:
+            return head_dim(mc) if f == "kv_channels" else getattr(mc, f)  # None means hidden / heads
+
+        diffs = [f"{f}: checkpoint {value(ckpt_cfg, f)!r} vs model {value(model_cfg, f)!r}"
+                 for f in fields if value(ckpt_cfg, f) != value(model_cfg, f)]
         if diffs:
             kind = "vocabulary mismatch" if any(d.startswith("vocab_size") for d in diffs) else "architecture mismatch"
             raise ConfigError(f"{ckpt_dir}: {kind}: " + "; ".join(diffs))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy_distributed()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

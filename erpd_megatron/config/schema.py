@@ -379,9 +379,100 @@ class EvalConfig:
     max_new_tokens: int = 1024
     """Response length limit."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature (KL and entropy are then of the tempered distributions; 0 = greedy,
+    which reports no KL or entropy)."""
     output_dir: Optional[str] = None
-    """Where tables, JSON and plots go."""
+    """Where tables, JSON and plots go; null = <output_dir>/eval."""
+    dataset_split: Optional[str] = None
+    """Split of hub / directory held-out sets (e.g. "test"); null = rollout.dataset_split.
+    A single local file is one split and ignores this."""
+    seed: int = 0
+    """Seed of prompt selection and sampling (the same for every model: common random numbers)."""
+    metrics_files: list[str] = field(default_factory=list)
+    """Training metrics JSONL files to plot; empty = discover stage1_metrics.jsonl and
+    stage2_metrics.jsonl one or two folders below the run's output_dir."""
+    kl_logprobs: Literal["engine", "teacher_forced"] = "engine"
+    """log pi(y_t) used in the sequence KL: the rollout engine's sampled-token log-probs, or a
+    teacher-forced pass of pi (same numerics as the pi_base pass; the engine mismatch is reported
+    either way)."""
+    score_max_tokens: int = 4096
+    """Padded tokens (rows x length) per teacher-forced forward pass (the float32 log-softmax
+    holds this many x vocabulary values)."""
+    cpu_threads: int = 0
+    """torch CPU threads for generation and scoring; 0 = torch's default (1 is fastest for tiny
+    models on a loaded machine)."""
+
+
+@dataclass(kw_only=True)
+class RoundRunConfig:
+    """One Stage-1 run of a round (e.g. the pg teacher, or the unlearned policy U)."""
+
+    name: str = "teacher"
+    """Name of the run (its output folder is ``s1_<name>``)."""
+    overrides: list[str] = field(default_factory=list)
+    """``a.b=c`` overrides applied on top of the recipe for this run (e.g. ``stage1.loss=unlearned``)."""
+
+
+@dataclass(kw_only=True)
+class RoundTeacherConfig:
+    """A model of the teacher cache, taken from a Stage-1 run."""
+
+    name: str = "teacher0"
+    """Key in the cache (what stage2.teachers[].model refers to)."""
+    run: str = "teacher"
+    """The Stage-1 run that produced it."""
+    epoch: Optional[int] = None
+    """Use the snapshot after this epoch (it must be in the run's stage1.save_epochs); null = final."""
+    topk: bool = True
+    """Cache its top-k (teachers) or only its sampled-token log-probs (U)."""
+    evaluate: bool = True
+    """Include it in the round's evaluation table."""
+
+
+@dataclass(kw_only=True)
+class RoundStudentConfig:
+    """One Stage-2 student of a round."""
+
+    name: str = "student"
+    """Name of the student (its output folder is ``s2_<name>``)."""
+    overrides: list[str] = field(default_factory=list)
+    """``a.b=c`` overrides for this Stage-2 run (e.g. ``stage2.teachers=[...]``)."""
+
+
+@dataclass(kw_only=True)
+class RoundConfig:
+    """`erpd round`: rollouts -> Stage 1 -> convert -> cache -> Stage 2 -> convert -> evaluate."""
+
+    rounds: int = 1
+    """Rounds to run; each round's ``next_policy`` student becomes the next round's pi_r."""
+    base_hf: Optional[str] = None
+    """HF checkpoint of the round-0 policy (converted to Megatron for training)."""
+    stage1_runs: list[RoundRunConfig] = field(default_factory=lambda: [RoundRunConfig()])
+    """Stage-1 runs of each round."""
+    teachers: list[RoundTeacherConfig] = field(default_factory=lambda: [RoundTeacherConfig()])
+    """Models cached for Stage 2 (snapshots or finals of the Stage-1 runs)."""
+    students: list[RoundStudentConfig] = field(default_factory=lambda: [RoundStudentConfig()])
+    """Stage-2 students of each round."""
+    next_policy: Optional[str] = None
+    """Student that becomes the next round's policy; null = the first."""
+    nproc_per_node: int = 1
+    """Processes per training launch (torchrun) on this node."""
+    evaluate: bool = True
+    """Evaluate base, teachers and students at the end of each round."""
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """The embedded CPU demo's task and base (erpd_megatron/pipeline/demo.py)."""
+
+    train_problems: int = 3000
+    """Arithmetic problems in the train split (supervised data of the base, and rollout prompts)."""
+    heldout_problems: int = 200
+    """Problems in the held-out split (evaluation)."""
+    pretrain_epochs: int = 8
+    """Supervised epochs of the base trained from scratch."""
+    pretrain_lr: float = 3e-3
+    """Peak learning rate of the supervised training (cosine decay)."""
 
 
 @dataclass(kw_only=True)
@@ -418,3 +509,7 @@ class Config:
     """Rollout generation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+    round: RoundConfig = field(default_factory=RoundConfig)
+    """A whole ERPD round."""
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    """The embedded demo (ignored by other commands)."""

@@ -299,12 +299,12 @@ class TrainLoop:
             if _rank() == 0:
                 shutil.rmtree(path)
             _barrier()
+        load = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None
+        hf_config = read_json(load / "hf_config.json") if load and (load / "hf_config.json").exists() else None
+        # the tokenizer files and the original HF config travel with every model the stage outputs
         save_checkpoint(path, self.engine.model, extra={"stage": self.spec.name, "loop": self._state_dict()},
-                        model_cfg=self.cfg.model, tokenizer_dir=self._tokenizer_dir())
-
-    def _tokenizer_dir(self) -> str | None:
-        load = self.cfg.checkpoint.load
-        return load if load and Path(load).exists() else None
+                        model_cfg=self.cfg.model, tokenizer_dir=load if load and load.exists() else None,
+                        hf_config=hf_config)
 
     def _resume(self) -> None:
         from erpd_megatron.models.checkpoint import iter_dir, load_checkpoint, read_latest

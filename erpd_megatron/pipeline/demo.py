@@ -1,0 +1,105 @@
+"""`erpd demo` (`make demo`): one real ERPD round on the embedded arithmetic task, on a CPU.
+
+1. the task: train / held-out splits and a character-level tokenizer (toy.py);
+2. the base: a tiny Llama trained from scratch on the reference solutions, through the same
+   Stage-1 trainer with the ``ce`` loss (supervised), then exported to HF;
+3. one ERPD round (round.py): rollouts of the base, Stage-1 teachers at several epoch counts
+   (the last one over-trained) and an unlearned U, the teacher cache, a student distilled from
+   the over-trained teacher (``topk_kl``) and one from a weak teacher (``contrast``), the
+   exports, and the evaluation table and plots.
+
+Every step is resumable (rerun the same command). ``--quick`` shrinks every size (used by the
+integration test). The recipe is ``configs/recipes/demo-cpu.yaml``; the round's teachers and
+students are in its ``round:`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from erpd_megatron.config.loader import load_config
+from erpd_megatron.pipeline.round import Runner, StepFailed, _step, run_rounds
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "recipes" / "demo-cpu.yaml"
+
+# Smaller everything, for the integration test (< 3 minutes on this machine).
+QUICK = [
+    "demo.train_problems=400", "demo.pretrain_epochs=3", "rollout.num_prompts=32", "rollout.samples_per_prompt=4",
+    "stage1.epochs=4", "stage1.save_epochs=[2]", "eval.num_prompts=24", "eval.n=2", "eval.pass_k=[1,2]",
+    "round.teachers=[{name: t_ep2, run: pg, epoch: 2}, {name: t_ep4, run: pg},"
+    " {name: unlearned, run: unlearned, topk: false, evaluate: false}]",
+    "round.students=[{name: student, overrides: ['stage2.teachers=[{model: t_ep4, signal: topk_kl}]']},"
+    " {name: student_weak, overrides: ['stage2.teachers=[{model: t_ep2, signal: contrast,"
+    " contrast_model: unlearned}]']}]",
+    "round.stage1_runs=[{name: pg}, {name: unlearned, overrides: [stage1.loss=unlearned, stage1.epochs=2,"
+    " 'stage1.save_epochs=[]']}]",
+]
+
+
+def prepare(config: str, overrides: list[str]) -> Path:
+    """Task files, tokenizer, supervised base trained from scratch, exported to HF; returns
+    the base's HF directory. Each piece is skipped when already complete."""
+    from erpd_megatron.pipeline import toy
+
+    cfg = load_config(config, overrides)
+    d = cfg.demo
+    out = Path(cfg.output_dir)
+    data, tok_dir = out / "data", out / "tokenizer"
+    runner = Runner(config, overrides, 1)
+
+    def make_task() -> None:
+        paths = toy.write_splits(data, train=d.train_problems, heldout=d.heldout_problems, seed=cfg.seed)
+        tok = toy.build_tokenizer(tok_dir)
+        from erpd_megatron.data.rollouts import write_rollout_set
+
+        write_rollout_set(out / "sft", toy.sft_records(paths["train"], tok), prompts_per_shard=1000)
+
+    _step("task: splits, tokenizer, supervised data", (out / "sft" / "manifest.json").exists(), make_task)
+    init = out / "base_init"
+    _step("base: random initialisation", (init / "model_config.yaml").exists(),
+          lambda: runner.run([sys.executable, "-m", "erpd_megatron.pipeline.init_checkpoint", "--config", config,
+                              *overrides, "--out", str(init), "--tokenizer-dir", str(tok_dir)]))
+    pre = out / "base_sft"
+    _step("base: supervised training from scratch", (pre / "stage1/checkpoints/manifest.json").exists(),
+          lambda: runner.module("erpd_megatron.stage1", [
+              f"data.rollout_dir={out / 'sft'}", f"checkpoint.load={init}", f"output_dir={pre}",
+              "checkpoint.save=null", "stage1.loss=ce", f"stage1.epochs={d.pretrain_epochs}",
+              f"optimizer.lr={d.pretrain_lr}", "optimizer.lr_warmup_steps=10", "optimizer.lr_decay_style=cosine",
+              "stage1.save_epochs=[]"]))
+    base_hf = out / "base_hf"
+    _step("base: export to HF", (base_hf / "config.json").exists(),
+          lambda: runner.run([sys.executable, "-m", "erpd_megatron.pipeline.export",
+                              f"{pre / 'stage1/checkpoints/final'}={base_hf}"]))
+    return base_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: ``erpd demo [--quick] [a.b=c ...]``."""
+    p = argparse.ArgumentParser(prog="erpd demo", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(RECIPE))
+    p.add_argument("--quick", action="store_true", help="a much smaller run (integration test)")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    overrides = (QUICK if args.quick else []) + list(args.overrides)
+    t0 = time.time()
+    try:
+        base_hf = prepare(args.config, overrides)
+        data = Path(load_config(args.config, overrides).output_dir) / "data"
+        round_ov = overrides + [f"round.base_hf={base_hf}", f"rollout.dataset={data / 'train.jsonl'}",
+                                f"eval.datasets=[{data / 'heldout.jsonl'}]"]
+        last = run_rounds(args.config, round_ov)
+    except StepFailed as e:
+        log.error("%s\nfix the cause and rerun `make demo`: finished steps are skipped", e)
+        return 1
+    print("\n" + (last / "eval" / "results.md").read_text())
+    plots = sorted((last / "eval").glob("*.png"))
+    print("plots:\n" + "\n".join(f"  {p}" for p in plots))
+    print(f"demo finished in {(time.time() - t0) / 60:.1f} min; outputs under {last.parent}")
+    return 0

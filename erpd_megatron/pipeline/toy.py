@@ -1,0 +1,135 @@
+"""The embedded default task: verifiable multi-step arithmetic with a boxed answer.
+
+A problem is a chain ``a+b-c`` of small integers; the reference solution works it out step
+by step and ends with the answer in ``\\boxed{}``, which the math verifier checks::
+
+    prompt:   17+5-9=
+    solution: 17+5=22;22-9=13;\\boxed{13}
+
+Everything is generated deterministically from a seed: the train and held-out splits
+(disjoint problems, written as JSON lines that ``datasets`` loads, Polaris-style
+``problem/answer`` columns), a character-level tokenizer built with ``tokenizers`` and saved
+in Hugging Face format (so the demo goes through the same HF <-> Megatron path as real
+models), and the supervised data the tiny base is trained on from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+DIGITS = "0123456789"
+CHARS = list(DIGITS + "+-=;}")
+BOXED = "\\boxed{"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One arithmetic chain and its worked solution."""
+
+    terms: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    @property
+    def prompt(self) -> str:
+        """The question: ``a+b-c=``."""
+        s = str(self.terms[0])
+        for op, t in zip(self.ops, self.terms[1:]):
+            s += f"{op}{t}"
+        return s + "="
+
+    @property
+    def answer(self) -> int:
+        """The value of the chain."""
+        v = self.terms[0]
+        for op, t in zip(self.ops, self.terms[1:]):
+            v = v + t if op == "+" else v - t
+        return v
+
+    @property
+    def solution(self) -> str:
+        """Step-by-step working ending in the boxed answer."""
+        v, steps = self.terms[0], []
+        for op, t in zip(self.ops, self.terms[1:]):
+            nv = v + t if op == "+" else v - t
+            steps.append(f"{v}{op}{t}={nv}")
+            v = nv
+        return ";".join(steps) + f";{BOXED}{v}}}"
+
+
+def make_problems(n: int, *, seed: int, max_term: int = 20, num_terms: tuple[int, int] = (2, 3),
+                  exclude: set[str] | None = None) -> list[Problem]:
+    """``n`` distinct problems with non-negative intermediate values (the tokenizer has no
+    minus sign for negative numbers), none whose prompt is in ``exclude``."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    out: list[Problem] = []
+    while len(out) < n:
+        k = rng.randint(*num_terms)
+        terms = [rng.randint(1, max_term) for _ in range(k)]
+        ops, v = [], terms[0]
+        for t in terms[1:]:
+            op = "-" if rng.random() < 0.5 and v - t >= 0 else "+"
+            v = v + t if op == "+" else v - t
+            ops.append(op)
+        p = Problem(tuple(terms), tuple(ops))
+        if p.prompt in seen:
+            continue
+        seen.add(p.prompt)
+        out.append(p)
+    return out
+
+
+def write_splits(out_dir: str | Path, *, train: int, heldout: int, seed: int) -> dict[str, Path]:
+    """Write ``train.jsonl`` and ``heldout.jsonl`` (disjoint) with ``problem``/``answer`` columns."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    held = make_problems(heldout, seed=seed + 1)
+    tr = make_problems(train, seed=seed, exclude={p.prompt for p in held})
+    paths = {}
+    for name, probs in (("train", tr), ("heldout", held)):
+        path = out / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"problem": p.prompt, "answer": str(p.answer),
+                                            "solution": p.solution}) + "\n" for p in probs))
+        paths[name] = path
+    return paths
+
+
+def build_tokenizer(out_dir: str | Path | None = None):
+    """A character-level ``PreTrainedTokenizerFast`` (BPE without merges) with ``\\boxed{`` as
+    one added token; BOS is prepended to plain text. Saved with ``save_pretrained`` when
+    ``out_dir`` is given."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.add_tokens([BOXED])
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
+    return fast
+
+
+def sft_records(problems_file: str | Path, tokenizer) -> list:
+    """The supervised data of the base as rollout records: reference solutions with reward 1
+    (Stage 1's ``ce`` loss trains on reward-1 responses: supervised fine-tuning)."""
+    from erpd_megatron.data.rollouts import RolloutRecord
+
+    recs = []
+    for i, line in enumerate(Path(problems_file).read_text().splitlines()):
+        row = json.loads(line)
+        prompt = tokenizer(row["problem"])["input_ids"]
+        resp = tokenizer(row["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        recs.append(RolloutRecord(
+            sample_id=i, prompt_id=i, group_index=i, sample_index=0, prompt_token_ids=prompt,
+            response_token_ids=resp, reward=1.0, finish_reason="stop", engine_logprobs=[0.0] * len(resp),
+            prompt_text=row["problem"], response_text=row["solution"], reference=row["answer"],
+        ))
+    return recs

@@ -1,0 +1,360 @@
+"""`erpd evaluate` / `tools/evaluate.py`: the accuracy / KL / entropy table of a round, and plots.
+
+    erpd evaluate --config RECIPE [a.b=c ...] [--curves-only] [--no-progress]
+
+For every held-out set in ``eval.datasets`` (selected with the rollout prompt loader and the
+``rollout`` template / format fields, ``eval.num_prompts`` prompts) and every checkpoint in
+``eval.models`` (base first):
+
+1. sample ``eval.n`` responses per prompt through the rollout engine (``rollout.engine``: hf
+   on CPU, vllm on GPU) at ``eval.temperature`` and ``eval.max_new_tokens``, seeded by
+   ``eval.seed`` (the same seed for every model);
+2. score them with ``rollout.reward_fn`` in the reward pool -> avg@n, pass@k;
+3. one teacher-forced pass of pi over its own samples -> exact full-distribution token
+   entropy (and the engine-vs-teacher-forced log-prob mismatch); one over the base's samples
+   -> log-prob drift ``sum_t (log pi - log pi_base)`` on base samples (split by reward);
+4. one teacher-forced pass of pi_base over pi's samples -> per-sequence
+   ``KL = sum_t (log pi(y_t) - log pi_base(y_t))`` (``eval.kl_logprobs`` chooses where
+   ``log pi`` comes from), mean and standard error over sequences. The base's own KL and drift
+   are 0 by construction and are not estimated.
+
+Results go to ``eval.output_dir`` (default ``<output_dir>/eval``): ``results.md``,
+``results.csv``, ``results.json``, ``accuracy_vs_kl.png`` and the training-curve figures of
+the metrics files (``eval.metrics_files``, else discovered under ``output_dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from erpd_megatron.config.loader import ConfigError, load_config, to_dict
+from erpd_megatron.config.schema import Config, EvalModelConfig
+from erpd_megatron.data.prompts import PromptDataError, SelectedPrompt, load_prompt_set
+from erpd_megatron.eval import stats
+from erpd_megatron.eval.report import write_report
+from erpd_megatron.rollout.engines import (
+    CheckpointError,
+    Completion,
+    EngineError,
+    check_hf_checkpoint,
+    derive_seed,
+    load_tokenizer,
+    make_engine,
+)
+from erpd_megatron.rollout.reward_pool import RewardPool, RewardPoolError
+from erpd_megatron.rollout.verifier import RewardFnError
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+USER_ERRORS = (ConfigError, PromptDataError, CheckpointError, EngineError, RewardFnError, RewardPoolError,
+               ImportError)
+ENTROPY_METHOD = "exact: mean over response tokens of the full next-token distribution's entropy (teacher-forced pi)"
+BASE_KL_NOTE = "0 by construction (the base is the reference)"
+
+
+@dataclass
+class ModelSamples:
+    """One model's samples on one held-out set and what was measured on them."""
+
+    model: EvalModelConfig
+    """Name and checkpoint."""
+    is_base: bool
+    """Whether this is pi_base."""
+    completions: list[Completion]
+    """Samples, prompt-major (``n`` per prompt)."""
+    rewards: np.ndarray
+    """Rewards, [prompts, n]."""
+    tf_logprobs: list[np.ndarray] | None = None
+    """Teacher-forced log pi of each sample (None at temperature 0)."""
+    entropy: list[np.ndarray] | None = None
+    """Token entropies of pi on its samples (None at temperature 0)."""
+    drift: np.ndarray | None = None
+    """``sum_t (log pi - log pi_base)`` on each of the base's samples (None for the base)."""
+    kl: np.ndarray | None = None
+    """Per-sequence KL(pi || pi_base) estimates on pi's samples."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each phase."""
+
+
+def eval_output_dir(cfg: Config) -> Path:
+    """``eval.output_dir``, else ``<output_dir>/eval``."""
+    return Path(cfg.eval.output_dir or Path(cfg.output_dir) / "eval")
+
+
+def check_eval_config(cfg: Config) -> tuple[list[EvalModelConfig], EvalModelConfig]:
+    """Check the ``eval`` section; returns the models (base first) and the base.
+
+    Raises :class:`ConfigError` naming every problem."""
+    ec = cfg.eval
+    problems = []
+    if not ec.models:
+        problems.append("eval.models is empty: give [{name, path}, ...] (base first, or set eval.base_name)")
+    if not ec.datasets:
+        problems.append("eval.datasets is empty: give held-out prompt sets (files or hub names)")
+    for name in ("num_prompts", "n", "max_new_tokens", "score_max_tokens"):
+        if getattr(ec, name) <= 0:
+            problems.append(f"eval.{name} must be positive (got {getattr(ec, name)})")
+    if ec.temperature < 0:
+        problems.append(f"eval.temperature must be >= 0 (got {ec.temperature})")
+    if any(k <= 0 for k in ec.pass_k):
+        problems.append(f"eval.pass_k values must be positive (got {ec.pass_k})")
+    names = [m.name for m in ec.models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        problems.append(f"eval.models: duplicate names {dup}")
+    for i, m in enumerate(ec.models):
+        if not m.path:
+            problems.append(f"eval.models.{i} ({m.name}): path is empty")
+    base_name = ec.base_name or (names[0] if names else None)
+    if names and base_name not in names:
+        problems.append(f"eval.base_name '{base_name}' is not one of the models {names}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for k in ec.pass_k:
+        if k > ec.n:
+            log.warning("eval.pass_k: k=%d > n=%d samples per prompt; pass@%d is not reported", k, ec.n, k)
+    base = next(m for m in ec.models if m.name == base_name)
+    return [base] + [m for m in ec.models if m is not base], base
+
+
+def dataset_names(datasets: list[str]) -> list[str]:
+    """Short names of the held-out sets (file stem, or the hub name); duplicates keep the full string."""
+    short = [Path(d).stem if Path(d).suffix else d for d in datasets]
+    return [s if short.count(s) == 1 else d for s, d in zip(short, datasets)]
+
+
+def select_heldout(cfg: Config, dataset: str, tokenizer: Any) -> list[SelectedPrompt]:
+    """The held-out prompts of one set: the rollout loader with the rollout template/format fields."""
+    rc, ec = cfg.rollout, cfg.eval
+    sel = load_prompt_set(
+        dataset, tokenizer, split=ec.dataset_split or rc.dataset_split, config_name=rc.dataset_config,
+        num_prompts=ec.num_prompts, seed=ec.seed, max_prompt_tokens=rc.max_prompt_tokens,
+        prompt_format=rc.prompt_format, question_key=rc.question_key, answer_key=rc.answer_key,
+        template=rc.prompt_template, use_chat_template=rc.use_chat_template)
+    return sel.prompts
+
+
+def _score(model: Any, prompts: list[list[int]], comps: list[Completion], cfg: Config, pad: int, *,
+           entropy: bool) -> Any:
+    from erpd_megatron.eval.scoring import score_responses
+
+    return score_responses(model, prompts, [c.token_ids for c in comps], temperature=cfg.eval.temperature,
+                           entropy=entropy, max_tokens=cfg.eval.score_max_tokens, pad_token_id=pad)
+
+
+def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: list[SelectedPrompt], tokenizer: Any,
+                 pool: RewardPool, seed: int, base: ModelSamples | None, keep_model: bool = False,
+                 progress: bool = True) -> tuple[ModelSamples, Any]:
+    """Sample, reward and self-score one model (steps 1-3 of the module doc).
+
+    Returns the samples and, when ``keep_model`` and the engine is hf, the loaded model (so the
+    base need not be loaded twice); else None."""
+    from erpd_megatron.eval.scoring import load_causal_lm
+
+    rc, ec = cfg.rollout, cfg.eval
+    rc = dataclasses.replace(rc, max_new_tokens=ec.max_new_tokens)
+    ids = [p.token_ids for p in prompts]
+    flat_prompts = [p.token_ids for p in prompts for _ in range(ec.n)]
+    base_prompts = flat_prompts
+    pad = int(tokenizer.pad_token_id)
+    secs: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with make_engine(rc, tokenizer, model_path=m.path) as engine:
+        groups = engine.generate(ids, ec.n, temperature=ec.temperature, top_p=1.0,
+                                 max_new_tokens=ec.max_new_tokens, seed=seed, progress=progress)
+        secs["generate"] = time.perf_counter() - t0
+        model = getattr(engine, "model", None) if engine.name == "hf" else None
+    comps = [c for g in groups for c in g]
+    if len(comps) != len(prompts) * ec.n:
+        raise RuntimeError(f"{m.name}: engine returned {len(comps)} samples for {len(prompts)} prompts x {ec.n}")
+    t0 = time.perf_counter()
+    texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
+    rewards = pool.map(texts, [p.reference for p in prompts for _ in range(ec.n)], progress=progress)
+    secs["reward"] = time.perf_counter() - t0
+    out = ModelSamples(model=m, is_base=is_base, completions=comps,
+                       rewards=np.asarray(rewards, dtype=np.float64).reshape(len(prompts), ec.n), seconds=secs)
+    if ec.temperature > 0:
+        t0 = time.perf_counter()
+        if model is None:
+            model = load_causal_lm(m.path, device=rc.hf_device, dtype=rc.hf_dtype)
+        own = _score(model, flat_prompts, comps, cfg, pad, entropy=True)
+        out.tf_logprobs, out.entropy = own.logprobs, own.entropy
+        if base is not None and base.tf_logprobs is not None:
+            on_base = _score(model, base_prompts, base.completions, cfg, pad, entropy=False)
+            out.drift = stats.sequence_kl(on_base.logprobs, base.tf_logprobs)
+        secs["score_self"] = time.perf_counter() - t0
+    kept = model if keep_model and engine.name == "hf" else None
+    del model
+    return out, kept
+
+
+def score_kl(cfg: Config, samples: list[ModelSamples], base_model: Any, prompts: list[SelectedPrompt],
+             pad: int) -> None:
+    """Step 4: the per-sequence KL(pi || pi_base) of every non-base model, in place."""
+    flat_prompts = [p.token_ids for p in prompts for _ in range(cfg.eval.n)]
+    for s in samples:
+        if s.is_base:
+            continue
+        t0 = time.perf_counter()
+        base_lp = _score(base_model, flat_prompts, s.completions, cfg, pad, entropy=False).logprobs
+        if cfg.eval.kl_logprobs == "teacher_forced":
+            pi_lp = s.tf_logprobs
+        else:
+            pi_lp = [np.asarray(c.logprobs, dtype=np.float64) for c in s.completions]
+        s.kl = stats.sequence_kl(pi_lp, base_lp)
+        s.seconds["score_base"] = time.perf_counter() - t0
+
+
+def build_row(cfg: Config, s: ModelSamples, base: ModelSamples, dataset: str) -> dict[str, Any]:
+    """The report row of one model on one held-out set (see :mod:`erpd_megatron.eval.stats`)."""
+    ec = cfg.eval
+    comps = s.completions
+    ntok = sum(len(c.token_ids) for c in comps)
+    finish = stats.finish_counts([c.finish_reason for c in comps])
+    row: dict[str, Any] = {
+        "model": s.model.name, "dataset": dataset, "is_base": s.is_base, "prompts": int(s.rewards.shape[0]),
+        "n": ec.n, **stats.accuracy_stats(s.rewards, ec.pass_k),
+    }
+    if s.is_base:
+        row.update({"kl_to_base": 0.0, "kl_to_base_se": 0.0, "kl_to_base_per_token": 0.0, "kl_note": BASE_KL_NOTE})
+    elif s.kl is not None:
+        row.update(stats.kl_stats(s.kl, ntok))
+        row["kl_note"] = f"estimated on {len(s.kl)} samples of pi ({ec.kl_logprobs} log pi)"
+    else:
+        row.update({"kl_to_base": None, "kl_to_base_se": None, "kl_to_base_per_token": None,
+                    "kl_note": "not estimated at temperature 0 (greedy samples are not draws from pi)"})
+    row["acc_gain_per_nat"] = stats.accuracy_per_nat(row["accuracy"], base.rewards.mean(), row["kl_to_base"],
+                                                     is_base=s.is_base)
+    row["entropy"] = stats.token_mean(s.entropy) if s.entropy is not None else None
+    if s.is_base:
+        row.update({"drift": 0.0, "drift_pos": 0.0, "drift_neg": 0.0})
+    elif s.drift is not None:
+        row.update(stats.drift_stats(s.drift, base.rewards.reshape(-1)))
+    else:
+        row.update({"drift": None, "drift_pos": None, "drift_neg": None})
+    row.update({
+        "response_tokens_mean": ntok / max(len(comps), 1),
+        "finish_stop": finish.get("stop", 0), "finish_length": finish.get("length", 0),
+        "truncated_frac": finish.get("length", 0) / max(len(comps), 1),
+        "logprob_mismatch": stats.mean_abs_diff([np.asarray(c.logprobs) for c in comps], s.tf_logprobs)
+        if s.tf_logprobs is not None else None,
+        "entropy_method": ENTROPY_METHOD if s.entropy is not None else None,
+        "temperature": ec.temperature, "max_new_tokens": ec.max_new_tokens, "path": s.model.path,
+        "seconds": {k: round(v, 3) for k, v in s.seconds.items()},
+    })
+    return row
+
+
+def evaluate_dataset(cfg: Config, dataset: str, name: str, seed: int, models: list[EvalModelConfig],
+                     tokenizer: Any, pool: RewardPool, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Rows of every model on one held-out set (``models[0]`` is the base)."""
+    from erpd_megatron.eval.scoring import load_causal_lm
+
+    prompts = select_heldout(cfg, dataset, tokenizer)
+    log.info("eval %s: %d prompts x %d samples, %d models", name, len(prompts), cfg.eval.n, len(models))
+    samples: list[ModelSamples] = []
+    base_model = None
+    for i, m in enumerate(models):
+        s, kept = sample_model(cfg, m, is_base=i == 0, prompts=prompts, tokenizer=tokenizer, pool=pool, seed=seed,
+                               base=samples[0] if samples else None, keep_model=i == 0 and len(models) > 1,
+                               progress=progress)
+        if i == 0:
+            base_model = kept
+        samples.append(s)
+        log.info("eval %s / %s: avg@%d %.4f, %s", name, m.name, cfg.eval.n, float(s.rewards.mean()),
+                 ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items()))
+    if len(models) > 1 and cfg.eval.temperature > 0:
+        if base_model is None:
+            rc = cfg.rollout
+            base_model = load_causal_lm(models[0].path, device=rc.hf_device, dtype=rc.hf_dtype)
+        score_kl(cfg, samples, base_model, prompts, int(tokenizer.pad_token_id))
+    del base_model
+    return [build_row(cfg, s, samples[0], name) for s in samples]
+
+
+def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[str, Any]]:
+    """Evaluate ``cfg.eval.models`` on ``cfg.eval.datasets``: one row per (model, set), base
+    first (see the module doc for what each row holds). Writes nothing."""
+    import torch
+
+    models, base = check_eval_config(cfg)
+    for m in models:
+        check_hf_checkpoint(m.path)
+    ec, rc = cfg.eval, cfg.rollout
+    progress = cfg.logging.progress_bar if progress is None else progress
+    tokenizer = load_tokenizer(rc.tokenizer_path or base.path)
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    if ec.cpu_threads > 0:
+        torch.set_num_threads(ec.cpu_threads)
+    try:
+        with RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
+                        memory_mb=rc.verifier_memory_mb) as pool:
+            for d, (dataset, name) in enumerate(zip(ec.datasets, dataset_names(ec.datasets))):
+                rows += evaluate_dataset(cfg, dataset, name, derive_seed(ec.seed, "eval", d), models, tokenizer,
+                                         pool, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    log.info("evaluated %d models on %d sets in %.1fs", len(models), len(ec.datasets), time.perf_counter() - t0)
+    return rows
+
+
+def run(cfg: Config, *, curves_only: bool = False, progress: bool | None = None) -> dict[str, Path]:
+    """Evaluate, write the report and plot the training curves; returns the written files."""
+    from erpd_megatron.eval.curves import discover_metrics_files, plot_training_curves
+
+    out = eval_output_dir(cfg)
+    files = [Path(f) for f in cfg.eval.metrics_files] or discover_metrics_files(cfg.output_dir)
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise ConfigError(f"eval.metrics_files: not found: {', '.join(missing)}")
+    rows = None if curves_only else evaluate_models(cfg, progress=progress)
+    paths = {p.stem: p for p in plot_training_curves(files, out)}
+    if rows is not None:  # results.json last: it marks a finished evaluation
+        meta = {"eval_config": to_dict(cfg.eval), "rollout_engine": cfg.rollout.engine,
+                "reward_fn": cfg.rollout.reward_fn, "prompt_template": cfg.rollout.prompt_template,
+                "metrics_files": [str(f) for f in files]}
+        paths.update(write_report(rows, out, meta=meta))
+    for key, p in paths.items():
+        log.info("wrote %s: %s", key, p)
+    return paths
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of `erpd evaluate`."""
+    p = argparse.ArgumentParser(prog="erpd evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="recipe YAML (defaults: the schema defaults)")
+    p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. eval.num_prompts=100")
+    p.add_argument("--curves-only", action="store_true", help="only plot the training curves (no sampling)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `erpd evaluate` and tools/evaluate.py; returns the exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        paths = run(cfg, curves_only=args.curves_only, progress=False if args.no_progress else None)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"erpd evaluate: error: {e}", file=sys.stderr)
+        return 1
+    if "results_md" in paths:
+        print(paths["results_md"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

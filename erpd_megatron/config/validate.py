@@ -93,6 +93,17 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def check_stage2_teachers(cfg: Config, cached: list[str], where: str = "stage2.teachers") -> None:
+    """Every model a Stage-2 signal names must be among ``cached`` (``base`` always is)."""
+    known = set(cached) | {"base"}
+    for i, t in enumerate(cfg.stage2.teachers):
+        if t.model not in known:
+            raise ConfigError(f"{where}.{i}.model='{t.model}' is not a cached model; the cache has {sorted(known)}")
+        if t.signal == "contrast" and t.contrast_model not in known:
+            raise ConfigError(
+                f"{where}.{i}.contrast_model='{t.contrast_model}' is not a cached model; the cache has {sorted(known)}")
+
+
 def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runtime: bool = False) -> None:
     """All cross-field checks. ``check_runtime`` also checks what this machine must have
     (Transformer Engine when FP8 is asked for); training entry points pass True."""
@@ -120,18 +131,6 @@ def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runt
     names = [m.name for m in cfg.cache.models]
     if len(set(names)) != len(names):
         raise ConfigError(f"cache.models: duplicate names in {names}")
-    if names:
-        known = set(names) | {"base"}
-        for i, t in enumerate(cfg.stage2.teachers):
-            if t.model not in known:
-                raise ConfigError(
-                    f"stage2.teachers.{i}.model='{t.model}' is not a cached model; cache.models has {sorted(known)}"
-                )
-            if t.signal == "contrast" and t.contrast_model not in known:
-                raise ConfigError(
-                    f"stage2.teachers.{i}.contrast_model='{t.contrast_model}' is not a cached model; "
-                    f"cache.models has {sorted(known)}"
-                )
     if cfg.stage1.epochs < 1 or cfg.stage2.epochs < 1:
         raise ConfigError("stage1.epochs and stage2.epochs must be >= 1")
     if not (0 < cfg.rollout.top_p <= 1.0) or cfg.rollout.temperature <= 0:

@@ -181,9 +181,34 @@ def run_round(cfg: Config, runner: Runner, r: int, policy_hf: Path, policy_mcore
     return paths.hf(nxt), paths.stage2(nxt) / "stage2/checkpoints/final"
 
 
+def check_round(config: str, overrides: list[str], cfg: Config) -> None:
+    """Catch a bad round before any step runs: every student's signals must name cached
+    teachers, every snapshot epoch must be saved by its Stage-1 run."""
+    from erpd_megatron.config.loader import ConfigError
+    from erpd_megatron.config.validate import check_stage2_teachers
+
+    rc = cfg.round
+    runs = {r.name: r for r in rc.stage1_runs}
+    for t in rc.teachers:
+        if t.run not in runs:
+            raise ConfigError(f"round.teachers '{t.name}': run '{t.run}' is not in round.stage1_runs {sorted(runs)}")
+        if t.epoch is not None:
+            run_cfg = load_config(config, overrides + runs[t.run].overrides)
+            if t.epoch not in run_cfg.stage1.save_epochs or t.epoch >= run_cfg.stage1.epochs:
+                raise ConfigError(f"round.teachers '{t.name}': epoch {t.epoch} is not a snapshot of run '{t.run}' "
+                                  f"(stage1.save_epochs={run_cfg.stage1.save_epochs}, epochs={run_cfg.stage1.epochs})")
+    cached = [t.name for t in rc.teachers]
+    for s in rc.students:
+        check_stage2_teachers(load_config(config, overrides + s.overrides), cached,
+                              where=f"round.students '{s.name}': stage2.teachers")
+    if rc.next_policy and rc.next_policy not in {s.name for s in rc.students}:
+        raise ConfigError(f"round.next_policy='{rc.next_policy}' is not a student")
+
+
 def run_rounds(config: str, overrides: list[str], rounds: int | None = None) -> Path:
     """Run ``rounds`` rounds (default ``round.rounds``); returns the last round's directory."""
     cfg = load_config(config, overrides)
+    check_round(config, overrides, cfg)
     if not cfg.round.base_hf:
         raise ValueError("round.base_hf is not set: the HF checkpoint of the round-0 policy")
     runner = Runner(config, overrides, cfg.round.nproc_per_node)

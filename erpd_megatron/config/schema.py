@@ -165,6 +165,9 @@ class CheckpointConfig:
     """auto: resume from `save` when it has a checkpoint; must: fail when it has none."""
     exit_code_on_signal: int = 17
     """Exit code after a SIGTERM/SIGUSR1 checkpoint, telling the launcher to requeue."""
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """Distributed-optimizer state layout on disk: dp_reshardable (fast; resume at the same TP/PP)
+    or fully_reshardable (slower; resume at any TP/PP/DP)."""
 
 
 @dataclass(kw_only=True)

@@ -276,7 +276,8 @@ class TrainLoop:
         path = iter_dir(self.save_root, step)
         extra = {"loop": self._state_dict(), "stage": self.spec.name}
         save_checkpoint(path, self.engine.model, optimizer=self.engine.optimizer,
-                        opt_param_scheduler=self.engine.scheduler, extra=extra, model_cfg=self.cfg.model)
+                        opt_param_scheduler=self.engine.scheduler, extra=extra, model_cfg=self.cfg.model,
+                        optimizer_sharding=self.cfg.checkpoint.optimizer_sharding)
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
         torch.save(rng, path / f"rng_rank{_rank():05d}.pt")
         _barrier()

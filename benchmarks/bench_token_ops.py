@@ -6,7 +6,9 @@ For each logits shape (tokens, vocab), fp32, on one process (TP=1), forward + ba
   (a) megatron.core.tensor_parallel.vocab_parallel_cross_entropy (the baseline),
   (b) our vp_logprob,
   (c) our vp_topk_kl with a k=64 teacher,
-plus, for information, our vp_entropy (fwd+bwd) and vp_topk (forward only, k=64).
+plus, for information, (b) and (c) with ``inplace_backward=True`` (the gradient written into
+the logits' memory, as Megatron's op does: no fresh logits-sized gradient, whose page faults
+dominate on a CPU), our vp_entropy (fwd+bwd) and vp_topk (forward only, k=64).
 
 How it measures. Every (shape, op) runs in a FRESH child process, so that memory of one
 op cannot hide in the allocator of another. The child allocates the logits (and targets,
@@ -41,7 +43,8 @@ import threading
 import time
 from pathlib import Path
 
-OPS = ["megatron_ce", "vp_logprob", "vp_topk_kl", "vp_entropy", "vp_topk_fwd"]
+OPS = ["megatron_ce", "vp_logprob", "vp_topk_kl", "vp_logprob_inpl", "vp_topk_kl_inpl", "vp_entropy",
+       "vp_topk_fwd"]
 DEFAULT_SHAPES = "4096x151936,16384x32000"
 QUICK_SHAPES = "1024x32000,2048x8192"
 K = 64
@@ -113,6 +116,8 @@ def _setup(n: int, v: int, ops: list[str], chunk_elements: int | None, threads: 
         "megatron_ce": lambda: vocab_parallel_cross_entropy(logits.view(n, 1, v), target.view(n, 1)).sum().backward(),
         "vp_logprob": lambda: vp.vp_logprob(logits, target).sum().backward(),
         "vp_topk_kl": lambda: vp.vp_topk_kl(logits, ids, t_lp).sum().backward(),
+        "vp_logprob_inpl": lambda: vp.vp_logprob(logits, target, inplace_backward=True).sum().backward(),
+        "vp_topk_kl_inpl": lambda: vp.vp_topk_kl(logits, ids, t_lp, inplace_backward=True).sum().backward(),
         "vp_entropy": lambda: vp.vp_entropy(logits).sum().backward(),
         "vp_topk_fwd": lambda: vp.vp_topk(logits.detach(), K),
     }
@@ -210,9 +215,9 @@ def main() -> None:
           f"torch threads={args.threads or 'default'}, cpus={os.cpu_count()}, "
           f"THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
           f"load avg={os.getloadavg()[0]:.1f}")
-    print(f"{'tokens x vocab':>16} {'op':>12} {'wall s':>8} {'x meg':>6} {'cpu s':>7} {'x meg':>6} "
+    print(f"{'tokens x vocab':>16} {'op':>15} {'wall s':>8} {'x meg':>6} {'cpu s':>7} {'x meg':>6} "
           f"{'extra MiB':>10} {'extra/logits':>12}")
-    ratio = {(op, kind): 0.0 for op in ("vp_logprob", "vp_topk_kl") for kind in ("wall", "cpu")}
+    ratio = {(op, kind): 0.0 for op in OPS[1:5] for kind in ("wall", "cpu")}
     mem_ratio = 0.0
     for n, v in shapes:
         timing = run_child("--child-time", n, v)
@@ -222,7 +227,7 @@ def main() -> None:
             mem = run_child("--child-mem", op, n, v)
             mr = mem["extra_bytes"] / mem["logits_bytes"]
             rw, rc = wall[op] / wall["megatron_ce"], cpu[op] / cpu["megatron_ce"]
-            print(f"{f'{n}x{v}':>16} {op:>12} {wall[op]:8.3f} {rw:6.2f} {cpu[op]:7.3f} {rc:6.2f} "
+            print(f"{f'{n}x{v}':>16} {op:>15} {wall[op]:8.3f} {rw:6.2f} {cpu[op]:7.3f} {rc:6.2f} "
                   f"{mem['extra_bytes'] / 2**20:10.1f} {mr:12.3f}"
                   + ("" if mem["hw_reliable"] else "  (memory from RSS sampling)"))
             if (op, "wall") in ratio:
@@ -238,7 +243,9 @@ def main() -> None:
     print(f"RESULT topk_kl_time_ratio={ratio['vp_topk_kl', 'wall']:.3f} "
           f"logprob_time_ratio={ratio['vp_logprob', 'wall']:.3f} peak_extra_mem_ratio={mem_ratio:.3f} "
           f"topk_kl_cpu_time_ratio={ratio['vp_topk_kl', 'cpu']:.3f} "
-          f"logprob_cpu_time_ratio={ratio['vp_logprob', 'cpu']:.3f}")
+          f"logprob_cpu_time_ratio={ratio['vp_logprob', 'cpu']:.3f} "
+          f"topk_kl_inplace_time_ratio={ratio['vp_topk_kl_inpl', 'wall']:.3f} "
+          f"logprob_inplace_time_ratio={ratio['vp_logprob_inpl', 'wall']:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -72,10 +72,11 @@ class _Shard:
     vocab_size: int
     chunk: int
     cdtype: torch.dtype
+    inplace: bool = False  # backward writes the gradient into the logits' memory
 
 
 def _shard(logits: Tensor, group: Any, vocab_start: int | None, vocab_size: int | None,
-           chunk_size: int | None) -> _Shard:
+           chunk_size: int | None, inplace: bool = False) -> _Shard:
     world = 1 if group is None else dist.get_world_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     v_local = logits.shape[-1]
@@ -91,7 +92,7 @@ def _shard(logits: Tensor, group: Any, vocab_start: int | None, vocab_size: int 
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return _Shard(group if world > 1 else None, world, vocab_start, n_valid, vocab_size,
-                  chunk_size, cdtype)
+                  chunk_size, cdtype, inplace)
 
 
 def _all_reduce(t: Tensor, op: str, sh: _Shard) -> Tensor:
@@ -152,7 +153,9 @@ def _zero_rows(grad: Tensor, bad: Tensor) -> None:
 
 
 def _new_grad(x: Tensor, sh: _Shard) -> tuple[Tensor, Tensor | None]:
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    """The gradient tensor (a new one, or the logits themselves when in place) and, for
+    low-precision logits, an fp32 chunk workspace."""
+    grad = x if sh.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
     if sh.n_valid < x.shape[1]:
         grad[:, sh.n_valid:] = 0
     work = None
@@ -246,39 +249,43 @@ class _LogProbEntropy(torch.autograd.Function):
 
 def vp_logprob_and_entropy(
     logits: Tensor, target: Tensor, group: Any = None, vocab_start: int | None = None,
-    vocab_size: int | None = None, *, chunk_size: int | None = None,
+    vocab_size: int | None = None, *, chunk_size: int | None = None, inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of ``target`` and token entropy in one pass, both differentiable.
 
     ``logits [..., V_local]`` (this rank's vocab shard), ``target [...]`` global token ids.
     ``vocab_start`` defaults to ``rank * V_local``, ``vocab_size`` (the real vocabulary,
     padding excluded) to ``V_local * world``. Returns two ``[...]`` tensors in fp32 (fp64
-    for fp64 logits).
+    for fp64 logits). ``inplace_backward=True`` (every op here that has a backward takes
+    it) writes the gradient into the logits' own memory, as Megatron's cross entropy does:
+    no logits-sized allocation (and, on a CPU, no page faults for one), but the logits are
+    overwritten by backward. Use it only when this op is the last user of the logits;
+    autograd raises (version counter) if another op saved them for its own backward.
     """
     x = _flat(logits)
-    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size, inplace_backward)
     lp, ent = _LogProbEntropy.apply(x, target.reshape(-1).long(), sh, True)
     return lp.view(logits.shape[:-1]), ent.view(logits.shape[:-1])
 
 
 def vp_logprob(
     logits: Tensor, target: Tensor, group: Any = None, vocab_start: int | None = None,
-    vocab_size: int | None = None, *, chunk_size: int | None = None,
+    vocab_size: int | None = None, *, chunk_size: int | None = None, inplace_backward: bool = False,
 ) -> Tensor:
     """Differentiable log-prob of ``target`` under vocab-parallel ``logits`` (see above)."""
     x = _flat(logits)
-    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size, inplace_backward)
     lp, _ = _LogProbEntropy.apply(x, target.reshape(-1).long(), sh, False)
     return lp.view(logits.shape[:-1])
 
 
 def vp_entropy(
     logits: Tensor, group: Any = None, vocab_start: int | None = None,
-    vocab_size: int | None = None, *, chunk_size: int | None = None,
+    vocab_size: int | None = None, *, chunk_size: int | None = None, inplace_backward: bool = False,
 ) -> Tensor:
     """Differentiable token entropy ``-sum_v q_v log q_v`` of vocab-parallel ``logits``."""
     x = _flat(logits)
-    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size, inplace_backward)
     target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     _, ent = _LogProbEntropy.apply(x, target, sh, True)
     return ent.view(logits.shape[:-1])
@@ -433,6 +440,7 @@ def vp_topk_kl(
     ref_logprobs: Tensor | None = None,
     ref_tail_logprob: Tensor | None = None,
     chunk_size: int | None = None,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Per-token forward KL(target || student) on the teacher's top-k + tail buckets.
 
@@ -446,7 +454,7 @@ def vp_topk_kl(
     :func:`erpd_megatron.ops.losses.token_mean_loss`.
     """
     x = _flat(logits)
-    sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
+    sh = _shard(x, group, vocab_start, vocab_size, chunk_size, inplace_backward)
     k = teacher_ids.shape[-1]
     ids = teacher_ids.reshape(-1, k).long()
     target = topk_target_logprobs(teacher_logprobs.reshape(-1, k), alpha=alpha,

@@ -148,6 +148,7 @@ def test_topk_matches_reference(gen, dtype, padded):
 
 
 def test_empty_batch_and_out_of_range_targets(gen):
+    assert not torch.distributed.is_initialized()  # group=None needs no process group
     x = torch.randn(0, 32, dtype=torch.float32, requires_grad=True)
     lp, ent = vp_logprob_and_entropy(x, torch.zeros(0, dtype=torch.long))
     kl = vp_topk_kl(x, torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4))
@@ -188,3 +189,40 @@ def test_nonfinite_logits_counted_or_raised(gen):
         vp_topk(x0, 3)
     with pytest.raises(ValueError, match="repeat"):
         vp_topk_kl(x0.nan_to_num(), torch.zeros(7, 4, dtype=torch.long), t_lp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_gives_the_same_gradient(gen, dtype):
+    n, v, vocab, chunk = _sizes(gen, padded=True)
+    x0 = (torch.randn(n, v, generator=gen) * 2).to(dtype)
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    ids = torch.rand(n, vocab, generator=gen).argsort(-1)[:, :5]
+    t_lp = torch.log(0.8 * torch.softmax(torch.randn(n, 5, generator=gen), -1))
+    ops = [
+        lambda x, **kw: vp_logprob(x, target, vocab_size=vocab, chunk_size=chunk, **kw),
+        lambda x, **kw: vp_entropy(x, vocab_size=vocab, chunk_size=chunk, **kw),
+        lambda x, **kw: sum(vp_logprob_and_entropy(x, target, vocab_size=vocab, chunk_size=chunk, **kw)),
+        lambda x, **kw: vp_topk_kl(x, ids, t_lp, vocab_size=vocab, chunk_size=chunk, **kw),
+    ]
+    for op in ops:
+        a = x0.clone().requires_grad_()
+        op(a).sum().backward()
+        h = x0.clone()  # a non-leaf, as logits from the output layer are
+        b = h.clone().requires_grad_()
+        logits = b * 1.0
+        op(logits, inplace_backward=True).sum().backward()
+        assert torch.equal(b.grad, a.grad)
+    # another op that saved the same logits never reads the gradient silently: either its
+    # backward ran first (exact result) or autograd raises
+    ref = x0.clone().requires_grad_()
+    (vp_logprob(ref, target, vocab_size=vocab) + vp_entropy(ref, vocab_size=vocab)).sum().backward()
+    b = x0.clone().requires_grad_()
+    logits = b * 1.0
+    out = vp_logprob(logits, target, vocab_size=vocab, inplace_backward=True) + vp_entropy(logits, vocab_size=vocab)
+    out.sum().backward()
+    assert torch.equal(b.grad, ref.grad)
+    b = x0.clone().requires_grad_()
+    logits = b * 1.0
+    out = vp_entropy(logits, vocab_size=vocab) + vp_logprob(logits, target, vocab_size=vocab, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

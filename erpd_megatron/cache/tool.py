@@ -24,7 +24,7 @@ import torch.distributed as dist
 from erpd_megatron.config.loader import load_config
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config
-from erpd_megatron.data.batching import MicroBatch, SampleTable, collate, dp_shard
+from erpd_megatron.data.batching import MicroBatch, SampleTable, collate, dp_shard, pack_in_order
 from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -35,23 +35,6 @@ def rank_order(table: SampleTable, dp_rank: int, dp_size: int) -> np.ndarray:
     rows = dp_shard(np.arange(len(table)), table.lengths, dp_rank, dp_size)
     lengths = table.lengths
     return np.array(sorted(rows.tolist(), key=lambda i: (int(lengths[i]), i)), np.int64)
-
-
-def sequential_chunks(rows: list[int], lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
-    """Consecutive chunks of ``rows`` whose padded size stays within ``max_tokens``."""
-    out: list[list[int]] = []
-    cur: list[int] = []
-    longest = 0
-    for r in rows:
-        n = int(lengths[r])
-        if cur and (len(cur) + 1) * max(longest, n) > max_tokens:
-            out.append(cur)
-            cur, longest = [], 0
-        cur.append(r)
-        longest = max(longest, n)
-    if cur:
-        out.append(cur)
-    return out
 
 
 def _score_microbatch(engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, torch.Tensor]) -> dict:
@@ -131,12 +114,12 @@ def write_cache(cfg: Config) -> Path:
     row_of = {int(sid[r]): int(r) for r in order}
     pending = [row_of[s] for s in writer.pending()] if writer else None
     pending = _agree_pending(pending, order, base)
-    chunks = sequential_chunks(pending, table.lengths, cfg.data.max_tokens_per_microbatch)
+    chunks = pack_in_order(pending, table.lengths, cfg.data.max_tokens_per_microbatch)
     from erpd_megatron.train.metrics import progress_bar
 
     bar = progress_bar(len(chunks), enabled=(dist.get_rank() == 0), desc="cache")
     for rows in chunks:
-        mb = collate(table, np.array(rows, np.int64))
+        mb = collate(table, rows)
         res: dict[str, dict] = {}
         for name in teachers:
             res[name] = _score_microbatch(engines[name], mb, k, {})
@@ -150,7 +133,7 @@ def write_cache(cfg: Config) -> Path:
         res["base"] = _score_microbatch(base, mb, None, ref_ids)
         if writer is not None:
             mask = mb.loss_mask.bool()
-            for j, r in enumerate(rows):
+            for j, r in enumerate(rows.tolist()):
                 m = mask[j]
                 sampled = {n: res[n]["lp"][j][m].float().numpy() for n, _, _ in models}
                 topk = {t: (res[t]["ids"][j][m].numpy(), res[t]["topk"][j][m].float().numpy(),

@@ -113,12 +113,17 @@ def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_tokens: int) -> lis
     """Split rows into micro-batches whose padded size (count x longest) stays within
     ``max_tokens``; rows are bucketed by length (sorted) so padding is small. A single
     sequence longer than the budget forms its own micro-batch."""
-    rows = np.asarray(rows)
-    order = sorted(rows.tolist(), key=lambda i: (int(lengths[i]), i))
+    order = sorted(np.asarray(rows).tolist(), key=lambda i: (int(lengths[i]), i))
+    return pack_in_order(order, lengths, max_tokens)
+
+
+def pack_in_order(rows: list[int], lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut ``rows``, in the given order, into consecutive micro-batches whose padded size
+    (count x longest) stays within ``max_tokens``."""
     out: list[list[int]] = []
     cur: list[int] = []
     longest = 0
-    for i in order:
+    for i in rows:
         n = int(lengths[i])
         if cur and (len(cur) + 1) * max(longest, n) > max_tokens:
             out.append(cur)

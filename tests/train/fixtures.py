@@ -124,3 +124,23 @@ def checkpoint_tensors(ckpt: Path) -> dict:
 
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(_load_tensors, (str(ckpt),))
+
+
+def run_and_sigterm(module: str, config: Path, overrides: list[str], metrics: Path, *, after_records: int = 3,
+                    timeout: int = 300) -> int:
+    """Start ``module``, send SIGTERM once ``metrics`` holds ``after_records`` records, wait;
+    returns the exit code (17 when the trainer checkpointed on the signal)."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", module, "--config", str(config), *overrides]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_records:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 17, f"expected the signal exit code 17, got {proc.returncode}\n{out[-3000:]}"
+    return proc.returncode

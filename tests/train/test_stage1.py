@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.train.fixtures import (
-    ROOT,
     checkpoint_tensors,
-    env,
     make_tiny_round,
     read_jsonl,
+    run_and_sigterm,
     run_module,
     write_random_rollouts,
 )
@@ -70,17 +65,8 @@ def test_sigterm_then_resume_reproduces_uninterrupted_run(tiny, tmp_path):
     full = tmp_path / "full"
     run_module("erpd_megatron.stage1", cfg, ov + [f"output_dir={full}"])
     part = tmp_path / "part"
-    cmd = [sys.executable, "-m", "erpd_megatron.stage1", "--config", str(cfg), *ov, f"output_dir={part}"]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = part / "stage1/stage1_metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 17, f"expected the signal exit code 17, got {proc.returncode}\n{out[-3000:]}"
+    run_and_sigterm("erpd_megatron.stage1", cfg, ov + [f"output_dir={part}"], metrics)
     assert (part / "stage1/checkpoints/latest").exists()
     stopped_at = len(read_jsonl(metrics))
     run_module("erpd_megatron.stage1", cfg, ov + [f"output_dir={part}"])

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from tests.train.fixtures import (
-    ROOT,
     checkpoint_tensors,
-    env,
     make_tiny_round,
     read_jsonl,
+    run_and_sigterm,
     run_module,
     write_random_rollouts,
 )
@@ -41,16 +36,9 @@ def cached(tmp_path_factory):
     models = (f"[{{name: teacher0, checkpoint: {root}/teacher/stage1/checkpoints/final}}, "
               f"{{name: unlearned, checkpoint: {root}/unlearned/stage1/checkpoints/final, topk: false}}]")
     cache = root / "cache"
-    _cache(cfg, ov, cache, models)
+    run_module("erpd_megatron.cache.tool", cfg, ov + [f"cache.dir={cache}", f"cache.models={models}"])
     ov = ov + [f"stage2.cache_dir={cache}", f"cache.models={models}", "data.global_batch_size=16", "stage2.epochs=2"]
     return cfg, ov, root
-
-
-def _cache(cfg, ov, cache, models):
-    cmd = [sys.executable, "-m", "erpd_megatron.cli", "cache", "--config", str(cfg), *ov,
-           f"cache.dir={cache}", f"cache.models={models}"]
-    p = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-6000:]
 
 
 def _epoch_losses(path):
@@ -113,17 +101,8 @@ def test_sigterm_then_resume_reproduces_uninterrupted_run(cached, tmp_path):
                "checkpoint.save_interval=2"]
     run_module("erpd_megatron.stage2", cfg, ov + [f"output_dir={tmp_path / 'full'}"])
     part = tmp_path / "part"
-    cmd = [sys.executable, "-m", "erpd_megatron.stage2", "--config", str(cfg), *ov, f"output_dir={part}"]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = part / "stage2/stage2_metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 17, out[-3000:]
+    run_and_sigterm("erpd_megatron.stage2", cfg, ov + [f"output_dir={part}"], metrics)
     run_module("erpd_megatron.stage2", cfg, ov + [f"output_dir={part}"])
     assert read_jsonl(metrics) == read_jsonl(tmp_path / "full/stage2/stage2_metrics.jsonl")
     a = checkpoint_tensors(tmp_path / "full/stage2/checkpoints/final")

@@ -402,8 +402,9 @@ class EvalConfig:
     """Padded tokens (rows x length) per teacher-forced forward pass (the float32 log-softmax
     holds this many x vocabulary values)."""
     cpu_threads: int = 0
-    """torch CPU threads for generation and scoring; 0 = torch's default (1 is fastest for tiny
-    models on a loaded machine)."""
+    """torch CPU threads for generation and scoring; 0 = auto: 1 when they run on the CPU (the
+    tiny demo/test models, where more threads on a shared machine are several times slower),
+    else torch's default. Set N for a larger model on an idle CPU machine."""
 
 
 @dataclass(kw_only=True)

@@ -83,6 +83,10 @@ class ModelSamples:
     """Per-sequence KL(pi || pi_base) estimates on pi's samples."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each phase."""
+    kl_source: str = ""
+    """Where log pi in the KL came from: "engine" or "teacher_forced"."""
+    logprobs_mode: str = "processed"
+    """The engine's log-prob mode ("raw" log-probs are not of the tempered sampling distribution)."""
 
 
 def eval_output_dir(cfg: Config) -> Path:
@@ -181,7 +185,8 @@ def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: lis
     rewards = pool.map(texts, [p.reference for p in prompts for _ in range(ec.n)], progress=progress)
     secs["reward"] = time.perf_counter() - t0
     out = ModelSamples(model=m, is_base=is_base, completions=comps,
-                       rewards=np.asarray(rewards, dtype=np.float64).reshape(len(prompts), ec.n), seconds=secs)
+                       rewards=np.asarray(rewards, dtype=np.float64).reshape(len(prompts), ec.n), seconds=secs,
+                       logprobs_mode=engine.logprobs_mode)
     if ec.temperature > 0:
         t0 = time.perf_counter()
         if model is None:
@@ -206,10 +211,14 @@ def score_kl(cfg: Config, samples: list[ModelSamples], base_model: Any, prompts:
             continue
         t0 = time.perf_counter()
         base_lp = _score(base_model, flat_prompts, s.completions, cfg, pad, entropy=False).logprobs
-        if cfg.eval.kl_logprobs == "teacher_forced":
-            pi_lp = s.tf_logprobs
+        raw = s.logprobs_mode == "raw" and cfg.eval.temperature != 1.0
+        if raw and cfg.eval.kl_logprobs == "engine":
+            log.warning("%s: the engine's log-probs are of the raw logits, not of the tempered sampling "
+                        "distribution; the KL uses teacher-forced log pi instead", s.model.name)
+        if cfg.eval.kl_logprobs == "teacher_forced" or raw:
+            pi_lp, s.kl_source = s.tf_logprobs, "teacher_forced"
         else:
-            pi_lp = [np.asarray(c.logprobs, dtype=np.float64) for c in s.completions]
+            pi_lp, s.kl_source = [np.asarray(c.logprobs, dtype=np.float64) for c in s.completions], "engine"
         s.kl = stats.sequence_kl(pi_lp, base_lp)
         s.seconds["score_base"] = time.perf_counter() - t0
 
@@ -228,7 +237,7 @@ def build_row(cfg: Config, s: ModelSamples, base: ModelSamples, dataset: str) ->
         row.update({"kl_to_base": 0.0, "kl_to_base_se": 0.0, "kl_to_base_per_token": 0.0, "kl_note": BASE_KL_NOTE})
     elif s.kl is not None:
         row.update(stats.kl_stats(s.kl, ntok))
-        row["kl_note"] = f"estimated on {len(s.kl)} samples of pi ({ec.kl_logprobs} log pi)"
+        row["kl_note"] = f"estimated on {len(s.kl)} samples of pi ({s.kl_source} log pi)"
     else:
         row.update({"kl_to_base": None, "kl_to_base_se": None, "kl_to_base_per_token": None,
                     "kl_note": "not estimated at temperature 0 (greedy samples are not draws from pi)"})
@@ -281,6 +290,14 @@ def evaluate_dataset(cfg: Config, dataset: str, name: str, seed: int, models: li
     return [build_row(cfg, s, samples[0], name) for s in samples]
 
 
+def _runs_on_cpu(cfg: Config) -> bool:
+    """Whether generation and scoring run on the CPU (hf engine on a CPU device)."""
+    from erpd_megatron.eval.scoring import resolve_device_dtype
+
+    rc = cfg.rollout
+    return rc.engine == "hf" and resolve_device_dtype(rc.hf_device, rc.hf_dtype)[0].type == "cpu"
+
+
 def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[str, Any]]:
     """Evaluate ``cfg.eval.models`` on ``cfg.eval.datasets``: one row per (model, set), base
     first (see the module doc for what each row holds). Writes nothing."""
@@ -295,8 +312,10 @@ def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[s
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
-    if ec.cpu_threads > 0:
-        torch.set_num_threads(ec.cpu_threads)
+    want = ec.cpu_threads or (1 if _runs_on_cpu(cfg) else 0)
+    if want > 0:
+        torch.set_num_threads(want)
+        log.info("torch CPU threads: %d (eval.cpu_threads=%d)", want, ec.cpu_threads)
     try:
         with RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
                         memory_mb=rc.verifier_memory_mb) as pool:

@@ -5,6 +5,7 @@ table, CSV, JSON and PNGs hold what they should."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -139,7 +140,12 @@ def test_kl_entropy_drift_match_direct_computation(tiny_pair, heldout_file):
     for i, (p, c) in enumerate(zip(flat, base.completions)):
         assert pi.drift[i] == pytest.approx(
             float((direct(m_pi, p, c.token_ids)[0] - direct(m_base, p, c.token_ids)[0]).sum()), abs=1e-4)
-    assert float(np.abs(pi.kl).sum()) > 1.0
+    assert float(np.abs(pi.kl).sum()) > 1.0 and pi.kl_source == "engine"
+    engine_kl = pi.kl.copy()
+    cfg.eval = dataclasses.replace(cfg.eval, kl_logprobs="teacher_forced")
+    score_kl(cfg, [base, pi], kept, prompts, tok.pad_token_id)
+    assert pi.kl_source == "teacher_forced" and np.allclose(pi.kl, engine_kl, atol=1e-4)
+    assert not np.array_equal(pi.kl, engine_kl)  # really the other source
 
 
 def test_score_responses_batched_equals_unbatched_at_a_temperature(tiny_pair):

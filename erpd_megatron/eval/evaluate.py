@@ -168,7 +168,6 @@ def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: lis
     rc = dataclasses.replace(rc, max_new_tokens=ec.max_new_tokens)
     ids = [p.token_ids for p in prompts]
     flat_prompts = [p.token_ids for p in prompts for _ in range(ec.n)]
-    base_prompts = flat_prompts
     pad = int(tokenizer.pad_token_id)
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -194,12 +193,23 @@ def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: lis
         own = _score(model, flat_prompts, comps, cfg, pad, entropy=True)
         out.tf_logprobs, out.entropy = own.logprobs, own.entropy
         if base is not None and base.tf_logprobs is not None:
-            on_base = _score(model, base_prompts, base.completions, cfg, pad, entropy=False)
+            on_base = _score(model, flat_prompts, base.completions, cfg, pad, entropy=False)
             out.drift = stats.sequence_kl(on_base.logprobs, base.tf_logprobs)
         secs["score_self"] = time.perf_counter() - t0
     kept = model if keep_model and engine.name == "hf" else None
     del model
+    _free_gpu_memory()  # before the next engine (vLLM) claims its share
     return out, kept
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def score_kl(cfg: Config, samples: list[ModelSamples], base_model: Any, prompts: list[SelectedPrompt],

@@ -127,7 +127,8 @@ def export_hf(runner: Runner, pairs: list[tuple[Path, Path]]) -> None:
                     *[f"{s}={d}" for s, d in todo]])
 
 
-def run_round(cfg: Config, runner: Runner, r: int, policy_hf: Path, policy_mcore: Path | None) -> tuple[Path, Path]:
+def run_round(cfg: Config, runner: Runner, r: int, policy_hf: Path, policy_mcore: Path | None,
+              base_hf: Path | None = None) -> tuple[Path, Path]:
     """One round; returns the next policy as (HF dir, Megatron checkpoint)."""
     rc = cfg.round
     paths = RoundPaths(Path(cfg.output_dir) / f"round_{r}")
@@ -169,7 +170,10 @@ def run_round(cfg: Config, runner: Runner, r: int, policy_hf: Path, policy_mcore
     _step(f"round {r}: export models to HF", all((d / "config.json").exists() for _, d in exports),
           lambda: export_hf(runner, exports))
     if rc.evaluate:
-        names = [("base", policy_hf)] + [(p.name, p) for _, p in exports]
+        # KL is always to the round-0 base; from round 1 on, this round's pi_r is a row too
+        base_hf = base_hf or policy_hf
+        names = [("base", base_hf)] + ([(f"pi_{r}", policy_hf)] if policy_hf != base_hf else [])
+        names += [(p.name, p) for _, p in exports]
         models_ov = "eval.models=[" + ", ".join(f"{{name: {n}, path: {p}}}" for n, p in names) + "]"
         metrics = [str(paths.stage1(x.name) / "stage1/stage1_metrics.jsonl") for x in rc.stage1_runs]
         metrics += [str(paths.stage2(s.name) / "stage2/stage2_metrics.jsonl") for s in rc.students]
@@ -215,7 +219,7 @@ def run_rounds(config: str, overrides: list[str], rounds: int | None = None) -> 
     policy_hf, policy_mcore = Path(cfg.round.base_hf), None
     n = rounds or cfg.round.rounds
     for r in range(n):
-        policy_hf, policy_mcore = run_round(cfg, runner, r, policy_hf, policy_mcore)
+        policy_hf, policy_mcore = run_round(cfg, runner, r, policy_hf, policy_mcore, base_hf=Path(cfg.round.base_hf))
     return Path(cfg.output_dir) / f"round_{n - 1}"
 
 

@@ -255,7 +255,7 @@ class Stage2Config:
     c_out: Optional[float] = None
     """Mask tokens whose |signal| exceeds this (null: no outlier mask)."""
     kl_budget: Optional[float] = None
-    """Stop when mean sequence KL(pi_theta || pi_r) on the data exceeds this (nats); keep the last
+    """Stop when the mean sequence KL(pi_r || pi_theta) on the data exceeds this (nats); keep the last
     checkpoint inside the budget. null: no budget."""
 
 

@@ -14,7 +14,7 @@ passes). The loss is the weighted sum over ``stage2.teachers``:
   surrogate ``-min(rho*s, clip(rho, 1-eps, 1+eps)*s)`` against pi_r; tokens with
   ``|s| > c_out`` are masked.
 
-Optional k3 KL-to-pi_r penalty; KL budget ``stage2.kl_budget``: when the mean sequence KL to
+Optional k3 KL-to-pi_r penalty; KL budget ``stage2.kl_budget``: when the mean sequence KL(pi_r || pi_theta) to
 pi_r measured on a step's batch exceeds it, training stops and the newest checkpoint whose
 measured KL is inside the budget becomes ``final``.
 """

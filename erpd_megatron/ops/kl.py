@@ -72,14 +72,13 @@ def kl_penalty(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KL-to-reference penalty ``coef * sum_valid(k(logp, ref_logp)) / normalizer``.
 
-    ``ref_logp`` is treated as a constant (no gradient flows into it unless the caller wants
-    it to). Returns ``(loss, metrics)`` with metric sums ``kl_k1_sum``, ``kl_k3_sum``,
+    ``ref_logp`` is a constant (detached). Returns ``(loss, metrics)`` with metric sums ``kl_k1_sum``, ``kl_k3_sum``,
     ``kl_penalty_sum`` (the coefficient-weighted estimator), ``tokens`` and
     ``nonfinite_tokens``.
     """
     mask = as_mask(mask, logp)
     c, mask, nonfinite = clean_inputs(mask, logp=logp, ref_logp=ref_logp)
-    lp, ref = c["logp"], c["ref_logp"]
+    lp, ref = c["logp"], c["ref_logp"].detach()
     per_token = coef * kl_estimate(estimator, lp, ref, max_log_ratio)
     loss = reduce_tokens(per_token, mask, normalizer)
     metrics = {

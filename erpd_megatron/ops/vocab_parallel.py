@@ -31,9 +31,11 @@ so that large logits do not cost fp32 precision. Backward: no communication.
   mass on the same buckets (see :func:`topk_target_logprobs`). Per token
   ``L = sum_I p~_i (log p~_i - log q_i) + p~_t (log p~_t - log Q_t)`` (0 log 0 = 0) and
   ``dL/dz_v = q_v - p~_v`` with ``p~_v = p~_i`` on I and ``p~_t q_v / Q_t`` off I. The
-  in-shard bucket mask is built with ``scatter_add_`` (out-of-shard ids are clamped to slot
-  0 and add 0, so they cannot collide with an in-shard id 0). The teacher's ids must be
-  distinct within a token. Off I the gradient is computed as
+  bucket slots of a chunk are zeroed with ``scatter_reduce_(amin)`` of 0 for this shard's
+  ids and +inf for the others (clamped to slot 0, which they leave unchanged: no collision
+  with an in-shard id 0, unlike ``scatter_``). A repeated id within a token (e.g. filler at
+  masked positions) gives the gradient of one bucket holding the sum of its entries' target
+  mass (the value differs from it by a constant). Off I the gradient is computed as
   ``exp(z_v - m) (Q_t - p~_t) / tail`` with ``tail = S Q_t``, which stays exact when Q_t is
   tiny; if the student's tail underflows to exactly 0 while ``p~_t > 0`` the KL is +Inf (the
   caller's non-finite handling drops the token).
@@ -294,8 +296,8 @@ def vp_entropy(
 def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, ...]:
     """Forward of the top-k buckets.
 
-    Returns (log q_I, log Q_t, m, tail, local ids, in-shard mask, bad rows), where
-    ``tail = sum_{v not in I} exp(z_v - m)`` over all shards.
+    Returns (log q_I, log Q_t, m, tail, local ids, in-shard mask, first occurrences, bad
+    rows), where ``tail = sum_{v not in I} exp(z_v - m)`` over all shards.
     """
     n, v = x.shape[0], sh.n_valid
     k = ids.shape[1]
@@ -304,14 +306,12 @@ def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, ...]:
     tail_loc = torch.zeros(n, dtype=sh.cdtype, device=x.device)
     if v > 0 and n > 0:
         buf = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device)
-        neg_in = torch.empty(min(sh.chunk, n), k, dtype=sh.cdtype, device=x.device)
+        zero_at = _zero_values(in_shard, sh)
         for s, e in _chunks(n, sh):
             xc, t = x[s:e, :v], buf[: e - s]
             m_loc[s:e], shift = _chunk_shift(xc, sh)
             torch.sub(xc, shift[:, None], out=t).exp_()
-            ni = neg_in[: e - s]
-            torch.mul(t.gather(1, local[s:e]), in_shard[s:e], out=ni).neg_()
-            t.scatter_add_(1, local[s:e], ni)  # the teacher's ids of this shard -> exactly 0
+            t.scatter_reduce_(1, local[s:e], zero_at[s:e], "amin")  # this shard's ids of I -> 0
             tail_loc[s:e] = t.sum(dim=-1)
     m, scale, bad_loc = _to_global(m_loc, sh)
     pack = torch.zeros(n, k + 2, dtype=sh.cdtype, device=x.device)  # tail sum, bad, z_I
@@ -322,7 +322,8 @@ def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, ...]:
     _all_reduce(pack, "sum", sh)
     m = torch.where(pack[:, 1] > 0, float("nan"), m)
     tail, z_i = pack[:, 0], pack[:, 2:]
-    mass_i = torch.exp(z_i - m[:, None]).sum(dim=-1)
+    first = _first_occurrence(ids)
+    mass_i = torch.where(first, torch.exp(z_i - m[:, None]), 0.0).sum(dim=-1)
     log_s = torch.log(tail + mass_i)
     bad = _check_rows("vocab-parallel top-k buckets", m + log_s)
     bad_ids = ~in_vocab.all(dim=-1)
@@ -334,7 +335,22 @@ def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, ...]:
     frac_i = mass_i / (tail + mass_i)
     log_qt = torch.where(frac_i < 0.5, torch.log1p(-frac_i), torch.log(tail) - log_s)
     log_qt = torch.where(bad_ids, nan, log_qt)
-    return log_q, log_qt, m, tail, local, in_shard, bad | bad_ids
+    return log_q, log_qt, m, tail, local, in_shard, first, bad | bad_ids
+
+
+def _zero_values(in_shard: Tensor, sh: _Shard) -> Tensor:
+    """Values for ``scatter_reduce_(..., "amin")`` that set this shard's bucket slots of a
+    chunk of exps (>= 0) to exactly 0 and leave the slot that out-of-shard ids are clamped
+    to unchanged (+inf): no collision with an in-shard id 0, and repeated ids are harmless."""
+    return torch.where(in_shard, 0.0, float("inf")).to(sh.cdtype)
+
+
+def _first_occurrence(ids: Tensor) -> Tensor:
+    """Bool ``[N, k]``: True at the first entry of each distinct id of a row."""
+    srt, order = ids.sort(dim=-1, stable=True)
+    first_sorted = torch.ones_like(srt, dtype=torch.bool)
+    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    return torch.empty_like(first_sorted).scatter_(1, order, first_sorted)
 
 
 def topk_target_logprobs(
@@ -377,8 +393,8 @@ def topk_target_logprobs(
     if ref_logprobs is None:
         raise ValueError("alpha != 1 needs ref_logprobs (pi_r's log-probs of the teacher's top-k ids)")
     ref = buckets(ref_logprobs, ref_tail_logprob)
-    if alpha == 0.0:
-        return ref
+    if alpha == 0.0:  # pi_r's buckets (normalised: a repeated id would count twice)
+        return ref - torch.logsumexp(ref, dim=-1, keepdim=True)
     both = torch.isfinite(target) & torch.isfinite(ref)
     mix = torch.where(both, (1.0 - alpha) * torch.where(both, ref, 0.0) + alpha * torch.where(both, target, 0.0),
                       float("-inf"))
@@ -390,14 +406,16 @@ class _TopKKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, ids: Tensor, target_lp: Tensor, sh: _Shard) -> Tensor:
-        log_q, log_qt, m, tail, local, in_shard, bad = _bucket_stats(x, ids, sh)
+        log_q, log_qt, m, tail, local, in_shard, first, bad = _bucket_stats(x, ids, sh)
         p = torch.exp(target_lp)
         lq = torch.cat([log_q, log_qt[:, None]], dim=1)
         terms = torch.where(p > 0, p * (target_lp - lq), torch.zeros_like(p))
         kl = torch.where(bad, float("nan"), terms.sum(dim=-1))
         # off I: dL/dz_v = q_v - p~_t q_v / Q_t = exp(z_v - m) * (Q_t - p~_t) / tail
         off = torch.where(tail > 0, (torch.exp(log_qt) - p[:, -1]) / tail, 0.0)
-        ctx.save_for_backward(x, local, in_shard, m, off, torch.exp(log_q) - p[:, :-1], bad)
+        # on I: q_i - (sum of the target's entries on id i); a repeated id counts q_i once
+        on = torch.where(first, torch.exp(log_q), 0.0) - p[:, :-1]
+        ctx.save_for_backward(x, local, in_shard, m, off, on, bad)
         ctx.sh = sh
         return kl
 
@@ -412,14 +430,11 @@ class _TopKKL(torch.autograd.Function):
         g = g.to(sh.cdtype)
         coef = (g * off)[:, None]
         on = on * (g[:, None] * in_shard)  # on I: g (q_i - p~_i), 0 for ids of other shards
-        k = local.shape[1]
-        small = torch.empty(min(sh.chunk, n), k, dtype=sh.cdtype, device=x.device)
+        zero_at = _zero_values(in_shard, sh)
         for s, e in _chunks(n, sh):
             t = work[: e - s] if work is not None else grad[s:e, :v]
             torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_()
-            sm = small[: e - s]
-            torch.mul(t.gather(1, local[s:e]), in_shard[s:e], out=sm).neg_()
-            t.scatter_add_(1, local[s:e], sm)  # in-shard I slots -> exactly 0
+            t.scatter_reduce_(1, local[s:e], zero_at[s:e], "amin")  # this shard's I slots -> 0
             t.mul_(coef[s:e])
             t.scatter_add_(1, local[s:e], on[s:e])
             if work is not None:
@@ -445,7 +460,8 @@ def vp_topk_kl(
     """Per-token forward KL(target || student) on the teacher's top-k + tail buckets.
 
     ``logits [..., V_local]``: the student's vocab shard. ``teacher_ids [..., k]``: global
-    ids of the teacher's top-k (distinct within a token, any shard, < ``vocab_size``).
+    ids of the teacher's top-k (any shard, < ``vocab_size``; distinct within a token, except
+    filler at masked positions, which is harmless).
     ``teacher_logprobs [..., k]``: the teacher's log-probs of those ids over its full
     vocabulary (the tail mass ``1 - sum exp`` is used). ``alpha``, ``ref_logprobs``,
     ``ref_tail_logprob``: the geometric-mixture target, see :func:`topk_target_logprobs`
@@ -461,10 +477,6 @@ def vp_topk_kl(
                                   ref_logprobs=None if ref_logprobs is None else ref_logprobs.reshape(-1, k),
                                   ref_tail_logprob=None if ref_tail_logprob is None else ref_tail_logprob.reshape(-1),
                                   vocab_size=sh.vocab_size).to(sh.cdtype)
-    if debug_nonfinite():
-        srt = ids.sort(dim=-1).values
-        if bool((srt[:, 1:] == srt[:, :-1]).any()):
-            raise ValueError("vp_topk_kl: teacher_ids repeat an id within a token")
     return _TopKKL.apply(x, ids, target, sh).view(logits.shape[:-1])
 
 
@@ -483,7 +495,7 @@ def vp_bucket_logprobs(
     x = _flat(logits)
     sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
     k = ids.shape[-1]
-    log_q, log_qt, _, _, _, _, bad = _bucket_stats(x, ids.reshape(-1, k).long(), sh)
+    log_q, log_qt, _, _, _, _, _, bad = _bucket_stats(x, ids.reshape(-1, k).long(), sh)
     log_q = torch.where(bad[:, None], float("nan"), log_q)
     return log_q.view(*logits.shape[:-1], k), log_qt.view(logits.shape[:-1])
 

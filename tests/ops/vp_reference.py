@@ -43,7 +43,7 @@ def ref_target(teacher_lp, vocab_size, alpha=1.0, ref_lp=None, ref_tail_lp=None)
     r_tail = ref_tail_lp.to(D).exp() if ref_tail_lp is not None else (1 - r.sum(dim=-1)).clamp(min=0)
     rt = torch.cat([r, r_tail[:, None]], dim=1)
     if alpha == 0.0:
-        return rt
+        return rt / rt.sum(dim=-1, keepdim=True)
     both = (pt > 0) & (rt > 0)
     w = torch.where(both, rt.clamp(min=1e-300) ** (1 - alpha) * pt.clamp(min=1e-300) ** alpha, 0.0)
     return w / w.sum(dim=-1, keepdim=True)
@@ -77,7 +77,8 @@ def make_kl_case(gen: torch.Generator, n: int, v_padded: int, vocab_size: int, k
     tail near 1. Row 2: student mass almost all on the teacher's ids (its tail ~ e^-25).
     Row 3: student tail near 1. Row 4: ties in the student logits. Rows 5-6: ids 0 and
     vocab_size - 1 present. With ``shard`` (a TP shard width): row 7 has all its ids on
-    shard 1 starting at its local slot 0, row 8 all on shard 0 (ids 0..k-1). Other rows:
+    shard 1 starting at its local slot 0, row 8 all on shard 0 (ids 0..k-1). Row 9 repeats
+    an id; row 10 is the filler of masked positions (id 0, log-prob 0, k times). Other rows:
     random.
     """
     x = torch.randn(n, v_padded, generator=gen, dtype=D) * 2
@@ -90,7 +91,9 @@ def make_kl_case(gen: torch.Generator, n: int, v_padded: int, vocab_size: int, k
     if shard is not None and shard + k <= vocab_size:
         ids[7] = torch.arange(shard, shard + k)
         ids[8] = torch.arange(k)
+    ids[9, 1] = ids[9, 0]  # a repeated id
     t_lp = t_lp_full.gather(1, ids)
+    ids[10], t_lp[10] = 0, 0.0  # filler of masked positions: id 0 with log-prob 0, k times
     t_lp[0] = torch.log(torch.full((k,), 1.0 / k, dtype=D)) + 1e-6
     t_lp[1] = -25.0 - torch.rand(k, generator=gen, dtype=D)
     x[2] = -20.0 + torch.randn(v_padded, generator=gen, dtype=D)

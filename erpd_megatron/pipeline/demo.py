@@ -35,7 +35,7 @@ QUICK = [
     "stage1.epochs=8", "stage1.save_epochs=[2]", "eval.num_prompts=24", "eval.n=2", "eval.pass_k=[1,2]",
     "round.teachers=[{name: t_ep2, run: pg, epoch: 2}, {name: t_ep8, run: pg},"
     " {name: unlearned, run: unlearned, topk: false, evaluate: false}]",
-    "round.students=[{name: student, overrides: ['stage2.teachers=[{model: t_ep8, signal: topk_kl}]']},"
+    "round.students=[{name: student, overrides: ['stage2.teachers=[{model: t_ep8, signal: topk_kl, alpha: 0.5}]']},"
     " {name: student_weak, overrides: ['stage2.teachers=[{model: t_ep2, signal: contrast,"
     " contrast_model: unlearned}]']}]",
     "round.stage1_runs=[{name: pg}, {name: unlearned, overrides: [stage1.loss=unlearned, stage1.epochs=2,"

@@ -336,14 +336,11 @@ class TrainLoop:
         final = self.save_root / "final"
         chosen = self.spec.choose_final(self.save_root) if (self.state.stopped_early and self.spec.choose_final) else None
         if chosen is not None:
-            _barrier()
-            if _rank() == 0:
-                if final.exists():
-                    shutil.rmtree(final)
-                shutil.copytree(chosen, final)
-            _barrier()
-        else:
-            self._save_model_only(final)
+            # publish the chosen checkpoint's weights, model-only like every other final
+            from erpd_megatron.models.checkpoint import load_checkpoint
+
+            load_checkpoint(chosen, self.engine.model)
+        self._save_model_only(final)
         if _rank() == 0:
             atomic_write_json(self.save_root / "manifest.json", {
                 "status": "complete", "stage": self.spec.name, "steps": self.state.global_step,

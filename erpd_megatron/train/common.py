@@ -23,15 +23,18 @@ from erpd_megatron.utils.log import get_logger
 log = get_logger(__name__)
 
 
-def logits_logprob_entropy(logits: torch.Tensor, mb: MicroBatch, shard: VocabShard
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_logprob_entropy(logits: torch.Tensor, mb: MicroBatch, shard: VocabShard, *,
+                           sole_consumer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target tokens ([b, s], differentiable) and token entropy ([b, s],
-    detached) from vocab-parallel logits [b, s, V/tp]."""
+    detached) from vocab-parallel logits [b, s, V/tp]. ``sole_consumer``: nothing else
+    differentiates through ``logits``, so the backward may write the gradient into their
+    memory, as Megatron's cross entropy does (no logits-sized allocation)."""
     from erpd_megatron.ops.vocab_parallel import vp_logprob_and_entropy
 
     b, s, v = logits.shape
     lp, ent = vp_logprob_and_entropy(logits.reshape(b * s, v), mb.targets.to(logits.device).reshape(-1),
-                                     group=shard.group, vocab_start=shard.start, vocab_size=shard.vocab_size)
+                                     group=shard.group, vocab_start=shard.start, vocab_size=shard.vocab_size,
+                                     inplace_backward=sole_consumer)
     # one pass over the logits for both; the entropy is a metric, so its backward never runs
     return lp.reshape(b, s), ent.detach().reshape(b, s)
 

@@ -54,7 +54,7 @@ def make_stage1_loss(cfg: Config, run: StageRun, table: SampleTable, rows: np.nd
     kwargs = _loss_kwargs(cfg)
 
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
-        lp, ent = logits_logprob_entropy(logits, mb, shard)
+        lp, ent = logits_logprob_entropy(logits, mb, shard, sole_consumer=True)
         ref = mb.token_arrays["ref_logp"].to(lp.device)
         anchor = mb.token_arrays.get("anchor_logp", mb.token_arrays["ref_logp"]).to(lp.device)
         reward = mb.rewards.to(lp.device)[:, None].expand_as(lp)

@@ -98,9 +98,17 @@ def make_stage2_loss(cfg: Config, run: StageRun, rows: np.ndarray):
     shard = run.engine.vocab_shard()
     tokens = float(run.table.response_lengths[rows].sum())
     s2 = cfg.stage2
+    # With only top-k KL teachers and no KL penalty, the sampled-token log-prob is a metric and
+    # a mask (no gradient), so a single KL term can write its gradient into the logits.
+    kl_only = all(t.signal == "topk_kl" for t in s2.teachers) and s2.kl_coef == 0
+    inplace_kl = kl_only and len(s2.teachers) == 1
 
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
-        lp, ent = logits_logprob_entropy(logits, mb, shard)
+        if kl_only:
+            with torch.no_grad():
+                lp, ent = logits_logprob_entropy(logits.detach(), mb, shard)
+        else:
+            lp, ent = logits_logprob_entropy(logits, mb, shard)
         dev = lp.device
         arr = {k: v.to(dev) for k, v in mb.token_arrays.items()}
         mask = mb.loss_mask.to(dev)
@@ -109,14 +117,14 @@ def make_stage2_loss(cfg: Config, run: StageRun, rows: np.ndarray):
         with torch.no_grad():
             rho = torch.exp((lp.detach() - ref).clamp(-20, 20))
             in_region = (rho >= 1 - s2.eps) & (rho <= 1 + s2.eps)
-        total = lp.sum() * 0.0
+        total = logits.new_zeros((), dtype=torch.float32) if kl_only else lp.sum() * 0.0
         metrics: dict[str, torch.Tensor] = {}
         adv_parts = []
         keep_all = mask > 0
         for i, t in enumerate(s2.teachers):
             if t.signal == "topk_kl":
                 b, s, v = logits.shape
-                per_tok = _topk_kl(logits, arr, t, shard).reshape(b, s)
+                per_tok = _topk_kl(logits, arr, t, shard, inplace=inplace_kl).reshape(b, s)
                 loss_i, m = token_mean_loss(per_tok, keep_all & in_region, normalizer=tokens)
                 total = total + t.weight * loss_i
                 metrics[f"t{i}_kl_sum"] = m["loss_sum"]
@@ -152,7 +160,7 @@ def make_stage2_loss(cfg: Config, run: StageRun, rows: np.ndarray):
     return loss_fn
 
 
-def _topk_kl(logits: torch.Tensor, arr: dict[str, torch.Tensor], t, shard) -> torch.Tensor:
+def _topk_kl(logits: torch.Tensor, arr: dict[str, torch.Tensor], t, shard, *, inplace: bool = False) -> torch.Tensor:
     from erpd_megatron.ops.vocab_parallel import vp_topk_kl
 
     b, s, v = logits.shape
@@ -163,7 +171,7 @@ def _topk_kl(logits: torch.Tensor, arr: dict[str, torch.Tensor], t, shard) -> to
     # padded positions carry id 0 and log-prob 0 (a full-mass bucket): harmless, masked later
     return vp_topk_kl(logits.reshape(b * s, v), ids, lps, group=shard.group, vocab_start=shard.start,
                       vocab_size=shard.vocab_size, alpha=t.alpha,
-                      ref_logprobs=None if ref_lp is None else ref_lp.reshape(b * s, k))
+                      ref_logprobs=None if ref_lp is None else ref_lp.reshape(b * s, k), inplace_backward=inplace)
 
 
 def stage2_metric_keys(cfg: Config) -> list[str]:

@@ -18,9 +18,13 @@ RSS (``getrusage().ru_maxrss``), which sees every allocation, torch's internal t
 included; a 1 ms RSS-sampling thread runs alongside as a cross-check. Peak extra memory =
 high-water - baseline - the gradient's bytes when the op allocates a separate gradient
 (ours do; Megatron's writes the gradient into the logits in place, so for it nothing is
-subtracted). Time = median wall time (time.perf_counter) of ``--reps`` further
-forward+backward calls; the logits are refilled with fresh values outside the timer
-(Megatron's op overwrites them). Megatron needs a process group: the child initialises
+subtracted). Time: in one process per shape, each op runs once to warm up and then
+``--reps`` times back to back (the steady state of a training loop, where each step frees
+the previous gradient before allocating the next); reported: the minimum wall time
+(time.perf_counter) and the minimum CPU time (time.process_time, user + sys, which other
+jobs on a shared machine disturb less). The logits are refilled with fresh values outside
+the timer (Megatron's op overwrites them). Torch runs with one thread by default
+(``--threads``): on a loaded 2-core machine that gives the least noisy ratios. Megatron needs a process group: the child initialises
 gloo with world size 1 and ``parallel_state.initialize_model_parallel(1, 1)``; no CUDA
 patch was needed for this op on CPU.
 
@@ -147,13 +151,14 @@ def child_memory(op: str, n: int, v: int, chunk_elements: int | None, threads: i
 
 
 def child_time(n: int, v: int, reps: int, chunk_elements: int | None, threads: int | None) -> dict:
-    """In one process: ``reps`` interleaved rounds of every op; wall times per op."""
+    """In one process: each op once to warm up, then ``reps`` timed runs back to back (the
+    steady state of training: each run frees the previous gradient and allocates the next)."""
     env = _setup(n, v, OPS, chunk_elements, threads)
     torch, logits = env["torch"], env["logits"]
     times: dict[str, list[float]] = {op: [] for op in OPS}
     cpu: dict[str, list[float]] = {op: [] for op in OPS}
-    for _ in range(reps + 1):  # the first round warms up and is dropped
-        for op in OPS:
+    for op in OPS:
+        for _ in range(reps + 1):  # the first run warms up and is dropped
             logits.grad = None
             with torch.no_grad():
                 logits.normal_()  # Megatron's op overwrites the logits; refill for everyone
@@ -211,7 +216,7 @@ def main() -> None:
             raise SystemExit(f"benchmark child {flag} {params} failed")
         return json.loads(line[0][6:])
 
-    print(f"# bench_token_ops: fp32, TP=1, k={K}, reps={reps} (interleaved, after 1 warm-up), "
+    print(f"# bench_token_ops: fp32, TP=1, k={K}, reps={reps} (back to back, after 1 warm-up), "
           f"torch threads={args.threads or 'default'}, cpus={os.cpu_count()}, "
           f"THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
           f"load avg={os.getloadavg()[0]:.1f}")
@@ -235,7 +240,7 @@ def main() -> None:
                 ratio[op, "cpu"] = max(ratio[op, "cpu"], rc)
             if op != "megatron_ce":
                 mem_ratio = max(mem_ratio, mr)
-    print("# wall: min perf_counter time of forward+backward over the rounds (vp_topk_fwd: forward "
+    print("# wall: min perf_counter time of forward+backward over the reps (vp_topk_fwd: forward "
           "only); cpu: min process_time (user+sys, less sensitive to other load on the machine); "
           "extra: peak RSS beyond the logits and a separately allocated gradient")
     print("# RESULT: time ratios = ours / megatron_ce (wall; cpu_ variants: process time), worst "

@@ -46,7 +46,7 @@ def _score_microbatch(engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, 
 
     def fn(logits: torch.Tensor, m: MicroBatch):
         b, s, v = logits.shape
-        flat = logits.reshape(b * s, v).float()
+        flat = logits.reshape(b * s, v)  # the ops take bf16 directly (fp32 per chunk)
         out = {"lp": vp_logprob(flat, m.targets.reshape(-1), **kw).reshape(b, s)}
         if k:
             ids, lps = vp_topk(flat, k, **kw)

@@ -84,8 +84,8 @@ def finalize_stage1_metrics(cfg: Config):
             out["clip_frac_high"] = s.get("clipped_high_tokens", 0.0) / t if t else 0.0
         if "ratio_sum" in s:
             out["ratio_mean"] = s["ratio_sum"] / t if t else 0.0
-        if "kl_sum" in s:
-            out["kl_penalty"] = s["kl_sum"] / t if t else 0.0
+        if "kl_penalty_sum" in s:
+            out["kl_penalty"] = s["kl_penalty_sum"] / t if t else 0.0
         out["nonfinite_tokens"] = s.get("nonfinite_tokens", 0.0)
         return out
 

@@ -133,5 +133,10 @@ def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runt
         raise ConfigError(f"cache.models: duplicate names in {names}")
     if cfg.stage1.epochs < 1 or cfg.stage2.epochs < 1:
         raise ConfigError("stage1.epochs and stage2.epochs must be >= 1")
+    if cfg.stage1.eval_every_epochs < 0:
+        raise ConfigError(f"stage1.eval_every_epochs must be >= 0 (got {cfg.stage1.eval_every_epochs})")
+    if cfg.stage1.eval_every_epochs and not cfg.eval.datasets:
+        raise ConfigError("stage1.eval_every_epochs is set but eval.datasets is empty: give the held-out "
+                          "prompt sets (files or hub names), or set stage1.eval_every_epochs=0")
     if not (0 < cfg.rollout.top_p <= 1.0) or cfg.rollout.temperature <= 0:
         raise ConfigError("rollout.top_p must be in (0, 1] and rollout.temperature > 0")

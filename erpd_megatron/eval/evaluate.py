@@ -29,6 +29,8 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,20 +157,13 @@ def _score(model: Any, prompts: list[list[int]], comps: list[Completion], cfg: C
                            entropy=entropy, max_tokens=cfg.eval.score_max_tokens, pad_token_id=pad)
 
 
-def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: list[SelectedPrompt], tokenizer: Any,
-                 pool: RewardPool, seed: int, base: ModelSamples | None, keep_model: bool = False,
-                 progress: bool = True) -> tuple[ModelSamples, Any]:
-    """Sample, reward and self-score one model (steps 1-3 of the module doc).
-
-    Returns the samples and, when ``keep_model`` and the engine is hf, the loaded model (so the
-    base need not be loaded twice); else None."""
-    from erpd_megatron.eval.scoring import load_causal_lm
-
+def generate_and_reward(cfg: Config, m: EvalModelConfig, *, prompts: list[SelectedPrompt], tokenizer: Any,
+                        pool: RewardPool, seed: int, progress: bool = True) -> tuple[ModelSamples, Any]:
+    """Sample ``eval.n`` responses per prompt through the rollout engine and reward them
+    (steps 1-2 of the module doc). Returns the samples and the engine's model (hf engine) or None."""
     rc, ec = cfg.rollout, cfg.eval
     rc = dataclasses.replace(rc, max_new_tokens=ec.max_new_tokens)
     ids = [p.token_ids for p in prompts]
-    flat_prompts = [p.token_ids for p in prompts for _ in range(ec.n)]
-    pad = int(tokenizer.pad_token_id)
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
     with make_engine(rc, tokenizer, model_path=m.path) as engine:
@@ -183,20 +178,39 @@ def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: lis
     texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
     rewards = pool.map(texts, [p.reference for p in prompts for _ in range(ec.n)], progress=progress)
     secs["reward"] = time.perf_counter() - t0
-    out = ModelSamples(model=m, is_base=is_base, completions=comps,
+    out = ModelSamples(model=m, is_base=False, completions=comps,
                        rewards=np.asarray(rewards, dtype=np.float64).reshape(len(prompts), ec.n), seconds=secs,
                        logprobs_mode=engine.logprobs_mode)
+    return out, model
+
+
+def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: list[SelectedPrompt], tokenizer: Any,
+                 pool: RewardPool, seed: int, base: ModelSamples | None, keep_model: bool = False,
+                 progress: bool = True) -> tuple[ModelSamples, Any]:
+    """Sample, reward and self-score one model (steps 1-3 of the module doc).
+
+    Returns the samples and, when ``keep_model`` and the engine is hf, the loaded model (so the
+    base need not be loaded twice); else None."""
+    from erpd_megatron.eval.scoring import load_causal_lm
+
+    rc, ec = cfg.rollout, cfg.eval
+    flat_prompts = [p.token_ids for p in prompts for _ in range(ec.n)]
+    pad = int(tokenizer.pad_token_id)
+    out, model = generate_and_reward(cfg, m, prompts=prompts, tokenizer=tokenizer, pool=pool, seed=seed,
+                                     progress=progress)
+    out.is_base = is_base
+    secs = out.seconds
     if ec.temperature > 0:
         t0 = time.perf_counter()
         if model is None:
             model = load_causal_lm(m.path, device=rc.hf_device, dtype=rc.hf_dtype)
-        own = _score(model, flat_prompts, comps, cfg, pad, entropy=True)
+        own = _score(model, flat_prompts, out.completions, cfg, pad, entropy=True)
         out.tf_logprobs, out.entropy = own.logprobs, own.entropy
         if base is not None and base.tf_logprobs is not None:
             on_base = _score(model, flat_prompts, base.completions, cfg, pad, entropy=False)
             out.drift = stats.sequence_kl(on_base.logprobs, base.tf_logprobs)
         secs["score_self"] = time.perf_counter() - t0
-    kept = model if keep_model and engine.name == "hf" else None
+    kept = model if keep_model and rc.engine == "hf" else None
     del model
     _free_gpu_memory()  # before the next engine (vLLM) claims its share
     return out, kept
@@ -308,11 +322,26 @@ def _runs_on_cpu(cfg: Config) -> bool:
     return rc.engine == "hf" and resolve_device_dtype(rc.hf_device, rc.hf_dtype)[0].type == "cpu"
 
 
+@contextmanager
+def eval_threads(cfg: Config) -> Iterator[None]:
+    """torch CPU threads for generation and scoring (``eval.cpu_threads``; 0 = 1 thread when
+    they run on the CPU, which is faster for these small batches), restored on exit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    want = cfg.eval.cpu_threads or (1 if _runs_on_cpu(cfg) else 0)
+    if want > 0:
+        torch.set_num_threads(want)
+        log.info("torch CPU threads: %d (eval.cpu_threads=%d)", want, cfg.eval.cpu_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[str, Any]]:
     """Evaluate ``cfg.eval.models`` on ``cfg.eval.datasets``: one row per (model, set), base
     first (see the module doc for what each row holds). Writes nothing."""
-    import torch
-
     models, base = check_eval_config(cfg)
     for m in models:
         check_hf_checkpoint(m.path)
@@ -321,19 +350,11 @@ def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[s
     tokenizer = load_tokenizer(rc.tokenizer_path or base.path)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    want = ec.cpu_threads or (1 if _runs_on_cpu(cfg) else 0)
-    if want > 0:
-        torch.set_num_threads(want)
-        log.info("torch CPU threads: %d (eval.cpu_threads=%d)", want, ec.cpu_threads)
-    try:
-        with RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
-                        memory_mb=rc.verifier_memory_mb) as pool:
-            for d, (dataset, name) in enumerate(zip(ec.datasets, dataset_names(ec.datasets))):
-                rows += evaluate_dataset(cfg, dataset, name, derive_seed(ec.seed, "eval", d), models, tokenizer,
-                                         pool, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+    with eval_threads(cfg), RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
+                                       memory_mb=rc.verifier_memory_mb) as pool:
+        for d, (dataset, name) in enumerate(zip(ec.datasets, dataset_names(ec.datasets))):
+            rows += evaluate_dataset(cfg, dataset, name, derive_seed(ec.seed, "eval", d), models, tokenizer,
+                                     pool, progress=progress)
     log.info("evaluated %d models on %d sets in %.1fs", len(models), len(ec.datasets), time.perf_counter() - t0)
     return rows
 

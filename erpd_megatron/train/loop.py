@@ -86,6 +86,9 @@ class StageSpec:
     """Epochs after which a model-only snapshot ``epoch_XXXX`` is written."""
     choose_final: Callable[[Path], Path | None] | None = None
     """When training stopped early: the checkpoint directory to publish as ``final``."""
+    heldout_every: int = 0
+    """Held-out accuracy before training and every N epochs (and after the last); 0 = never
+    (see :mod:`erpd_megatron.train.heldout`)."""
 
 
 @dataclass
@@ -171,6 +174,8 @@ class TrainLoop:
         bar = progress_bar(total, enabled=_rank() == 0 and self.cfg.logging.progress_bar,
                            desc=self.spec.name, initial=self.state.global_step)
         try:
+            if self.spec.heldout_every and self.state.global_step == 0:
+                self._heldout()  # pi_r, the curve's starting point
             while self.state.epoch < self.spec.epochs and not self.state.stopped_early:
                 code = self._run_epoch(bar)
                 if code is not None:
@@ -225,7 +230,28 @@ class TrainLoop:
         st.epoch_sums = {}
         if st.epoch in spec.snapshot_epochs:
             self._save_model_only(self.save_root / f"epoch_{st.epoch:04d}")
+        every = spec.heldout_every
+        if every and (st.epoch % every == 0 or st.epoch == spec.epochs):
+            self._heldout()
         return None
+
+    def _heldout(self) -> None:
+        """Held-out accuracy of the current weights, logged at the current step."""
+        from erpd_megatron.train.heldout import run_heldout_child
+
+        st = self.state
+        snapshot = self.save_root / f"epoch_{st.epoch:04d}"
+        ckpt = snapshot if st.epoch in self.spec.snapshot_epochs else self.save_root / ".heldout_model"
+        if ckpt != snapshot:
+            self._save_model_only(ckpt)
+        metrics: dict[str, float] = {}
+        if _rank() == 0:
+            metrics = run_heldout_child(self.cfg, ckpt, self.out_dir / "heldout" / f"epoch_{st.epoch:04d}")
+            self.metrics.log({f"{self.spec.name}/eval/{k}": v for k, v in metrics.items()} | {"epoch": st.epoch},
+                             st.global_step)
+        _barrier()
+        if ckpt != snapshot and _rank() == 0:
+            shutil.rmtree(ckpt, ignore_errors=True)
 
     def _step(self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]) -> tuple[dict[str, float], float, bool]:
         e, st = self.engine, self.state

@@ -115,6 +115,7 @@ def build_spec(cfg: Config, run: StageRun) -> StageSpec:
         metric_keys=stage1_metric_keys(cfg), finalize_metrics=finalize_stage1_metrics(cfg),
         token_arrays=token_arrays, on_epoch_start=on_epoch_start,
         snapshot_epochs=[e for e in cfg.stage1.save_epochs if e < cfg.stage1.epochs],
+        heldout_every=cfg.stage1.eval_every_epochs,
     )
 
 

@@ -1,0 +1,137 @@
+"""Held-out accuracy during training (``stage1.eval_every_epochs``).
+
+Every N epochs (and once before the first step, for pi_r) the loop saves a model-only
+checkpoint (or reuses that epoch's snapshot); rank 0 then runs this module in a child
+process, which exports the checkpoint to HF, samples ``eval.n`` responses for
+``eval.num_prompts`` prompts of each ``eval.datasets`` set through the rollout engine
+(``rollout.engine``, at ``eval.temperature`` / ``eval.max_new_tokens``, with ``eval.seed``:
+every epoch sees the same prompts and random numbers), rewards them, and writes
+``accuracy`` (avg@n), ``pass@k`` and the response length as JSON. The loop logs them as
+``stage1/eval/...`` at the epoch's last step, where the Stage-1 curves plot them.
+
+A child process keeps the training job's parallel layout out of it: the export always
+gathers the whole model (any TP/PP) on one process. The other ranks wait at a barrier. On
+large models this costs a full export per evaluation; evaluate the epoch snapshots
+offline (``erpd evaluate``) instead.
+
+    python -m erpd_megatron.train.heldout --config RESOLVED.yaml --checkpoint DIR --out RESULT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from erpd_megatron.config.loader import load_config, to_dict
+from erpd_megatron.config.schema import Config, EvalModelConfig
+from erpd_megatron.utils.files import atomic_write_json
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
+
+# a launcher's variables: the child is a single process, not a member of the training job
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+def heldout_metrics(cfg: Config, hf_dir: str | Path, *, progress: bool = False) -> dict[str, float]:
+    """Accuracy, pass@k and mean response length of the HF model ``hf_dir`` on every
+    ``eval.datasets`` set (keys ``<name>/accuracy``...; without the prefix for a single set)."""
+    from erpd_megatron.eval import stats
+    from erpd_megatron.eval.evaluate import (
+        dataset_names,
+        eval_threads,
+        generate_and_reward,
+        select_heldout,
+    )
+    from erpd_megatron.rollout.engines import derive_seed, load_tokenizer
+    from erpd_megatron.rollout.reward_pool import RewardPool
+
+    rc, ec = cfg.rollout, cfg.eval
+    tokenizer = load_tokenizer(rc.tokenizer_path or str(hf_dir))
+    model = EvalModelConfig(name="heldout", path=str(hf_dir))
+    out: dict[str, float] = {}
+    names = dataset_names(ec.datasets)
+    with eval_threads(cfg), RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
+                                       memory_mb=rc.verifier_memory_mb) as pool:
+        for d, (dataset, name) in enumerate(zip(ec.datasets, names)):
+            prompts = select_heldout(cfg, dataset, tokenizer)
+            s, _ = generate_and_reward(cfg, model, prompts=prompts, tokenizer=tokenizer, pool=pool,
+                                       seed=derive_seed(ec.seed, "eval", d), progress=progress)
+            prefix = "" if len(names) == 1 else f"{name}/"
+            acc = stats.accuracy_stats(s.rewards, ec.pass_k)
+            out.update({f"{prefix}{k}": float(v) for k, v in acc.items() if v is not None})
+            out[f"{prefix}response_length"] = float(sum(len(c.token_ids) for c in s.completions)
+                                                    / max(len(s.completions), 1))
+    return out
+
+
+def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str, float]:
+    """Evaluate ``checkpoint`` in a child process (rank 0 only); returns its metrics.
+
+    Raises RuntimeError with the child's exit code when it fails (the log is in ``work_dir``)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    resolved = work_dir / "config.yaml"
+    resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    result = work_dir / "result.json"
+    result.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    logfile = work_dir / "heldout.log"
+    t0 = time.perf_counter()
+    with open(logfile, "a") as f:
+        code = subprocess.call([sys.executable, "-m", "erpd_megatron.train.heldout", "--config", str(resolved),
+                                "--checkpoint", str(checkpoint), "--out", str(result)],
+                               env=env, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0 or not result.exists():
+        raise RuntimeError(f"held-out evaluation of {checkpoint} failed (exit code {code}); see {logfile}. "
+                           "Fix the eval/rollout settings or set stage1.eval_every_epochs=0, then resume.")
+    metrics = json.loads(result.read_text())
+    log.info("held-out accuracy of %s: %s (%.0fs)", checkpoint.name,
+             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: export ``--checkpoint`` to HF next to ``--out``, evaluate, write JSON."""
+    from erpd_megatron.models.convert import mcore_to_hf
+    from erpd_megatron.runtime.distributed import destroy_distributed
+
+    p = argparse.ArgumentParser(prog="python -m erpd_megatron.train.heldout", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides, validate=False)
+    out = Path(args.out)
+    hf_dir = out.parent / "hf"
+    try:
+        mcore_to_hf(args.checkpoint, hf_dir, dtype="float32" if not _has_cuda() else None)
+    finally:
+        destroy_distributed()
+    try:
+        metrics: dict[str, Any] = heldout_metrics(cfg, hf_dir)
+    finally:
+        shutil.rmtree(hf_dir, ignore_errors=True)
+    atomic_write_json(out, metrics)
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -477,6 +477,10 @@ class DemoConfig:
     """Supervised epochs of the base trained from scratch."""
     pretrain_lr: float = 3e-3
     """Peak learning rate of the supervised training (cosine decay)."""
+    unboxed_fraction: float = 0.0
+    """Fraction of the base's supervised solutions that end with the plain answer instead of
+    ``\\boxed{}`` (scored 0 by the verifier): a base that follows the answer format only part
+    of the time, as many real base models do."""
 
 
 @dataclass(kw_only=True)

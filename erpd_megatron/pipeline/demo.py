@@ -59,7 +59,8 @@ def prepare(config: str, overrides: list[str]) -> Path:
         tok = toy.build_tokenizer(tok_dir)
         from erpd_megatron.data.rollouts import write_rollout_set
 
-        write_rollout_set(out / "sft", toy.sft_records(paths["train"], tok), prompts_per_shard=1000)
+        write_rollout_set(out / "sft", toy.sft_records(paths["train"], tok, unboxed_fraction=d.unboxed_fraction, seed=cfg.seed),
+                          prompts_per_shard=1000)
 
     _step("task: splits, tokenizer, supervised data", (out / "sft" / "manifest.json").exists(), make_task)
     init = out / "base_init"

@@ -117,19 +117,32 @@ def build_tokenizer(out_dir: str | Path | None = None):
     return fast
 
 
-def sft_records(problems_file: str | Path, tokenizer) -> list:
+def unboxed(solution: str) -> str:
+    """The same working with the final answer written plainly (``...;13``): no ``\\boxed{}``,
+    so the verifier scores it 0 whatever the arithmetic."""
+    head, _, tail = solution.rpartition(BOXED)
+    return head + tail.rstrip("}")
+
+
+def sft_records(problems_file: str | Path, tokenizer, *, unboxed_fraction: float = 0.0, seed: int = 0) -> list:
     """The supervised data of the base as rollout records: reference solutions with reward 1
-    (Stage 1's ``ce`` loss trains on reward-1 responses: supervised fine-tuning)."""
+    (Stage 1's ``ce`` loss trains on reward-1 responses: supervised fine-tuning).
+
+    A random ``unboxed_fraction`` of them end with the plain answer instead of the boxed one,
+    so the base, like many real base models, follows the answer format only part of the time:
+    a behaviour that RL can learn from any prompt and that carries over to every prompt."""
     from erpd_megatron.data.rollouts import RolloutRecord
 
+    rng = random.Random(seed)
     recs = []
     for i, line in enumerate(Path(problems_file).read_text().splitlines()):
         row = json.loads(line)
+        text = unboxed(row["solution"]) if rng.random() < unboxed_fraction else row["solution"]
         prompt = tokenizer(row["problem"])["input_ids"]
-        resp = tokenizer(row["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        resp = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         recs.append(RolloutRecord(
             sample_id=i, prompt_id=i, group_index=i, sample_index=0, prompt_token_ids=prompt,
             response_token_ids=resp, reward=1.0, finish_reason="stop", engine_logprobs=[0.0] * len(resp),
-            prompt_text=row["problem"], response_text=row["solution"], reference=row["answer"],
+            prompt_text=row["problem"], response_text=text, reference=row["answer"],
         ))
     return recs

@@ -73,7 +73,7 @@ def prepare(config: str, overrides: list[str]) -> Path:
               f"data.rollout_dir={out / 'sft'}", f"checkpoint.load={init}", f"output_dir={pre}",
               "checkpoint.save=null", "stage1.loss=ce", f"stage1.epochs={d.pretrain_epochs}",
               f"optimizer.lr={d.pretrain_lr}", "optimizer.lr_warmup_steps=10", "optimizer.lr_decay_style=cosine",
-              "stage1.save_epochs=[]"]))
+              "stage1.save_epochs=[]", "stage1.eval_every_epochs=0"]))
     base_hf = out / "base_hf"
     _step("base: export to HF", (base_hf / "config.json").exists(),
           lambda: runner.run([sys.executable, "-m", "erpd_megatron.pipeline.export",
@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     overrides = (QUICK if args.quick else []) + list(args.overrides)
     t0 = time.time()
+    # the task files are made by prepare(); every step (Stage-1 held-out evaluation included) reads them
+    data = Path(load_config(args.config, overrides, validate=False).output_dir) / "data"
+    overrides = [f"rollout.dataset={data / 'train.jsonl'}", f"eval.datasets=[{data / 'heldout.jsonl'}]"] + overrides
     try:
         base_hf = prepare(args.config, overrides)
-        data = Path(load_config(args.config, overrides).output_dir) / "data"
-        round_ov = overrides + [f"round.base_hf={base_hf}", f"rollout.dataset={data / 'train.jsonl'}",
-                                f"eval.datasets=[{data / 'heldout.jsonl'}]"]
-        last = run_rounds(args.config, round_ov)
+        last = run_rounds(args.config, overrides + [f"round.base_hf={base_hf}"])
     except StepFailed as e:
         log.error("%s\nfix the cause and rerun `make demo`: finished steps are skipped", e)
         return 1

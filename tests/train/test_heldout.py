@@ -63,8 +63,10 @@ def test_heldout_accuracy_is_logged_before_training_and_every_epoch(toy_round, t
     assert again["response_length"] == pytest.approx(recs[1]["stage1/eval/response_length"])
 
 
-def test_heldout_without_datasets_is_a_config_error(toy_round, tmp_path):
-    d, ov = toy_round
-    p = run_module("erpd_megatron.stage1", RECIPE, ov + [f"output_dir={tmp_path}", "eval.datasets=[]"], check=False)
-    assert p.returncode != 0
-    assert "stage1.eval_every_epochs is set but eval.datasets is empty" in p.stderr + p.stdout
+def test_heldout_without_datasets_is_a_config_error():
+    from erpd_megatron.config.loader import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="stage1.eval_every_epochs is set but eval.datasets is empty"):
+        load_config(str(RECIPE), ["stage1.eval_every_epochs=2", "eval.datasets=[]"])
+    with pytest.raises(ConfigError, match="eval_every_epochs must be >= 0"):
+        load_config(str(RECIPE), ["stage1.eval_every_epochs=-1"])

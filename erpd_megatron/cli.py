@@ -45,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"erpd: unknown command '{name}'{hint}\n\n{usage()}", file=sys.stderr)
         return 2
+    from erpd_megatron.config.loader import ConfigError
+
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except ConfigError as e:  # a recipe or override problem: the message says what to fix
+        print(f"erpd {name}: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
     ("log-prob drift vs π_r (by reward of the response)", [("drift_pos", "-"), ("drift_neg", "--")],
      "Σ_t log π − log π_r [nats/seq]"),
     ("KL(π ‖ π_r), k3 estimator", [("seq_kl_k3", "-")], "KL [nats/seq]"),
-    ("gradient norm", [("grad_norm", "-")], "‖g‖₂"),
+    ("gradient norm", [("grad_norm", "-")], "‖g‖₂ (log scale)"),
 ]
 
 
@@ -92,7 +92,8 @@ def _plot_stage(stage: str, runs: list[tuple[str, list[dict[str, Any]]]], path: 
     from matplotlib.ticker import MaxNLocator
 
     acc_keys = sorted({k for _, recs in runs for r in recs for k in r
-                       if k.startswith(f"{stage}/") and _ACC.search(k) and "/epoch/" not in k})
+                       if k.startswith(f"{stage}/") and _ACC.search(k) and "/epoch/" not in k
+                       and not k.endswith(("_se", "pass@1"))})  # s.e. as error bars; pass@1 = accuracy
     styles = ["-", "--", "-.", ":"]
     panels = list(PANELS) + ([("held-out accuracy", [(k.split("/", 1)[1], styles[i % 4]) for i, k in enumerate(acc_keys)],
                                "accuracy [fraction correct]")] if acc_keys else [])
@@ -119,6 +120,9 @@ def _plot_stage(stage: str, runs: list[tuple[str, list[dict[str, Any]]]], path: 
                 sparse = len(xs) < 0.5 * max(len(steps), 1)  # e.g. accuracy every few epochs
                 ax.plot(xs, ys, style, color=color, linewidth=1.0, alpha=0.9 if sparse else 0.5,
                         marker="o" if sparse else None, markersize=4)
+                sx, se = _series(steps, f"{stage}/{name}_se")
+                if sx == xs:
+                    ax.errorbar(xs, ys, yerr=se, fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
                 ex, ey = _series(epochs, f"{stage}/epoch/{name}")
                 if ex:
                     ax.plot(ex, ey, style, color=color, marker="o", markersize=4, linewidth=1.8)
@@ -130,6 +134,8 @@ def _plot_stage(stage: str, runs: list[tuple[str, list[dict[str, Any]]]], path: 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
+        if title == "gradient norm" and ok:
+            ax.set_yscale("log")  # one spike would otherwise flatten every other step
         for b in sorted(bounds):
             ax.axvline(b, color="0.5", linestyle=":", linewidth=0.9)
         if len(series) > 1:  # which line style is which quantity

@@ -29,17 +29,19 @@ log = get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "recipes" / "demo-cpu.yaml"
 
-# Smaller everything, for the integration test (< 3 minutes on this machine).
+# Smaller everything, for the integration test (< 3 minutes on this machine). The quick base
+# is barely trained (few correct samples), so it always boxes its answer and its teacher is
+# the re-anchored pg run (which also learns from the wrong samples).
 QUICK = [
-    "demo.train_problems=400", "demo.pretrain_epochs=3", "rollout.num_prompts=32", "rollout.samples_per_prompt=4",
-    "stage1.epochs=8", "stage1.save_epochs=[2]", "stage1.eval_every_epochs=0", "eval.num_prompts=24", "eval.n=2",
-    "eval.pass_k=[1,2]",
-    "round.teachers=[{name: t_ep2, run: ce, epoch: 2}, {name: t_ep8, run: ce},"
+    "demo.train_problems=400", "demo.pretrain_epochs=3", "demo.unboxed_fraction=0", "rollout.num_prompts=32", "rollout.samples_per_prompt=4",
+    "stage1.loss=pg", "stage1.anchor=epoch", "stage1.epochs=8", "stage1.save_epochs=[2]", "eval.num_prompts=24",
+    "eval.n=2", "eval.pass_k=[1,2]",
+    "round.teachers=[{name: t_ep2, run: pg, epoch: 2}, {name: t_ep8, run: pg},"
     " {name: unlearned, run: unlearned, topk: false, evaluate: false}]",
     "round.students=[{name: student, overrides: ['stage2.teachers=[{model: t_ep8, signal: topk_kl, alpha: 0.5}]']},"
     " {name: student_weak, overrides: ['stage2.teachers=[{model: t_ep2, signal: contrast,"
     " contrast_model: unlearned}]']}]",
-    "round.stage1_runs=[{name: ce}, {name: unlearned, overrides: [stage1.loss=unlearned, stage1.epochs=2,"
+    "round.stage1_runs=[{name: pg}, {name: unlearned, overrides: [stage1.loss=unlearned, stage1.epochs=2,"
     " 'stage1.save_epochs=[]']}]",
 ]
 

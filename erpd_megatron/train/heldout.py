@@ -10,9 +10,10 @@ every epoch sees the same prompts and random numbers), rewards them, and writes
 ``stage1/eval/...`` at the epoch's last step, where the Stage-1 curves plot them.
 
 A child process keeps the training job's parallel layout out of it: the export always
-gathers the whole model (any TP/PP) on one process. The other ranks wait at a barrier. On
-large models this costs a full export per evaluation; evaluate the epoch snapshots
-offline (``erpd evaluate``) instead.
+gathers the whole model (any TP/PP) on one process. The other ranks wait at a barrier, so an
+evaluation must finish within the process-group timeout (30 minutes). On large models this
+costs a full export per evaluation; evaluate the epoch snapshots offline (``erpd evaluate``)
+instead.
 
     python -m erpd_megatron.train.heldout --config RESOLVED.yaml --checkpoint DIR --out RESULT.json
 """
@@ -39,8 +40,15 @@ from erpd_megatron.utils.log import get_logger
 log = get_logger(__name__)
 
 # a launcher's variables: the child is a single process, not a member of the training job
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+# (with torchrun's TORCHELASTIC_USE_AGENT_STORE left set, its store would wait for a server forever)
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without the launcher's rank/rendezvous variables."""
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
 
 
 def heldout_metrics(cfg: Config, hf_dir: str | Path, *, progress: bool = False) -> dict[str, float]:
@@ -84,8 +92,9 @@ def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str
     resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     result = work_dir / "result.json"
     result.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    env = child_env()
     env.setdefault("PYTHONWARNINGS", "ignore")
+    env["PYTHONUNBUFFERED"] = "1"  # the log shows where a slow evaluation is
     logfile = work_dir / "heldout.log"
     t0 = time.perf_counter()
     with open(logfile, "a") as f:

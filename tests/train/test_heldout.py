@@ -70,3 +70,21 @@ def test_heldout_without_datasets_is_a_config_error():
         load_config(str(RECIPE), ["stage1.eval_every_epochs=2", "eval.datasets=[]"])
     with pytest.raises(ConfigError, match="eval_every_epochs must be >= 0"):
         load_config(str(RECIPE), ["stage1.eval_every_epochs=-1"])
+
+
+def test_child_is_not_a_member_of_the_launching_job(monkeypatch):
+    """Under torchrun or srun the evaluation child must start as a single process (torchrun's
+    agent-store flag left set made its rendezvous wait forever)."""
+    from erpd_megatron.runtime.distributed import parse_launch_env
+    from erpd_megatron.train.heldout import child_env
+
+    job = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "TORCHELASTIC_RUN_ID": "x", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "CUDA_VISIBLE_DEVICES": "0"}
+    for k, v in job.items():
+        monkeypatch.setenv(k, v)
+    env = child_env()
+    assert not any(k.startswith("TORCHELASTIC_") for k in env)
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"  # the child keeps rank 0's device
+    launch = parse_launch_env(env)
+    assert (launch.launcher, launch.world_size) == ("single", 1)

@@ -40,7 +40,9 @@ def test_heldout_accuracy_is_logged_before_training_and_every_epoch(toy_round, t
     from erpd_megatron.train.heldout import heldout_metrics
 
     d, ov = toy_round
-    run_module("erpd_megatron.stage1", RECIPE, ov + [f"output_dir={tmp_path}"])
+    # under torchrun at TP=2: rank 0 evaluates in a child process, rank 1 waits
+    run_module("erpd_megatron.stage1", RECIPE, ov + [f"output_dir={tmp_path}", "parallel.tensor_model_parallel_size=2"],
+               nproc=2)
     st = tmp_path / "stage1"
     recs = [r for r in read_jsonl(st / "stage1_metrics.jsonl") if "stage1/eval/accuracy" in r]
     # pi_r before the first step, then after epochs 1 and 2 (2 steps each)

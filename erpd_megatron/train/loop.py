@@ -87,7 +87,7 @@ class StageSpec:
     choose_final: Callable[[Path], Path | None] | None = None
     """When training stopped early: the checkpoint directory to publish as ``final``."""
     heldout_every: int = 0
-    """Held-out accuracy before training and every N epochs (and after the last); 0 = never
+    """Held-out accuracy before training, every N epochs, and of ``final``; 0 = never
     (see :mod:`erpd_megatron.train.heldout`)."""
 
 
@@ -231,18 +231,21 @@ class TrainLoop:
         if st.epoch in spec.snapshot_epochs:
             self._save_model_only(self.save_root / f"epoch_{st.epoch:04d}")
         every = spec.heldout_every
-        if every and (st.epoch % every == 0 or st.epoch == spec.epochs):
+        if every and st.epoch % every == 0 and st.epoch < spec.epochs:  # the last: on `final` (_finish)
             self._heldout()
         return None
 
-    def _heldout(self) -> None:
-        """Held-out accuracy of the current weights, logged at the current step."""
+    def _heldout(self, saved: Path | None = None) -> None:
+        """Held-out accuracy of the current weights, logged at the current step. ``saved``: a
+        model-only checkpoint of these weights already on disk (else the epoch's snapshot, or a
+        temporary save)."""
         from erpd_megatron.train.heldout import run_heldout_child
 
         st = self.state
         snapshot = self.save_root / f"epoch_{st.epoch:04d}"
-        ckpt = snapshot if st.epoch in self.spec.snapshot_epochs else self.save_root / ".heldout_model"
-        if ckpt != snapshot:
+        temporary = saved is None and st.epoch not in self.spec.snapshot_epochs
+        ckpt = saved or (self.save_root / ".heldout_model" if temporary else snapshot)
+        if temporary:
             self._save_model_only(ckpt)
         metrics: dict[str, float] = {}
         if _rank() == 0:
@@ -250,7 +253,7 @@ class TrainLoop:
             self.metrics.log({f"{self.spec.name}/eval/{k}": v for k, v in metrics.items()} | {"epoch": st.epoch},
                              st.global_step)
         _barrier()
-        if ckpt != snapshot and _rank() == 0:
+        if temporary and _rank() == 0:
             shutil.rmtree(ckpt, ignore_errors=True)
 
     def _step(self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]) -> tuple[dict[str, float], float, bool]:
@@ -367,6 +370,8 @@ class TrainLoop:
 
             load_checkpoint(chosen, self.engine.model)
         self._save_model_only(final)
+        if self.spec.heldout_every:
+            self._heldout(final)  # before the manifest: a rerun after a kill evaluates again
         if _rank() == 0:
             atomic_write_json(self.save_root / "manifest.json", {
                 "status": "complete", "stage": self.spec.name, "steps": self.state.global_step,

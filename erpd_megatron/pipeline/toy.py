@@ -98,19 +98,24 @@ def write_splits(out_dir: str | Path, *, train: int, heldout: int, seed: int) ->
     return paths
 
 
-def build_tokenizer(out_dir: str | Path | None = None):
-    """A character-level ``PreTrainedTokenizerFast`` (BPE without merges) with ``\\boxed{`` as
-    one added token; BOS is prepended to plain text. Saved with ``save_pretrained`` when
-    ``out_dir`` is given."""
+def char_tokenizer(chars: list[str], specials: list[str] = SPECIALS):
+    """A character-level ``PreTrainedTokenizerFast`` (BPE without merges) over ``specials +
+    chars`` (ids in that order); BOS is prepended to plain text."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
+
+
+def build_tokenizer(out_dir: str | Path | None = None):
+    """The task's character-level tokenizer with ``\\boxed{`` as one added token. Saved with
+    ``save_pretrained`` when ``out_dir`` is given."""
+    fast = char_tokenizer(CHARS)
     fast.add_tokens([BOXED])
     if out_dir is not None:
         fast.save_pretrained(out_dir)

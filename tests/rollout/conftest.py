@@ -15,15 +15,9 @@ CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n
 
 def make_tokenizer(directory: Path | None = None):
     """A character-level PreTrainedTokenizerFast (BPE without merges), BOS added to plain text."""
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
+    from erpd_megatron.pipeline.toy import char_tokenizer
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = char_tokenizer(CHARS, SPECIALS)
     fast.chat_template = CHAT_TEMPLATE
     if directory is not None:
         fast.save_pretrained(directory)

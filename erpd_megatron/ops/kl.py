@@ -8,13 +8,25 @@ With ``x = log_ratio = logp - ref_logp = log(pi_theta / pi_ref)`` at a sampled t
 * ``k3 = exp(-x) - 1 + x``      unbiased under samples from pi_theta, >= 0, low variance.
 
 In ERPD the tokens come from the fixed data of pi_r, so these are the usual approximations
-(exact only on-policy). ``k3`` is computed as ``expm1(-x) + x`` and the exponent is clamped
-to ``[-max_log_ratio, max_log_ratio]`` (default 20; ``None`` disables) so that one extreme
-token cannot give an Inf gradient. Reduction conventions (global token normaliser, metric
-sums) are those of :mod:`erpd_megatron.ops.common`.
+(exact only on-policy). ``k3`` is computed as ``expm1(-x) + x``. With ``M = max_log_ratio``
+(default 20; ``None`` gives the plain formula, which overflows for ``x < -88`` in float32),
+``exp(-x)`` is continued LINEARLY below ``x = -M`` (its tangent at ``-M``):
+``exp(-x) ~ exp(M) * (1 - M - x)``. So for every finite ``x``:
+
+* ``x >= -M``: value and gradient are exactly those of k3 (``1 - exp(-x)``);
+* ``x < -M``: the value is continuous and keeps growing, the gradient is the constant
+  ``1 - exp(M)`` (continuous at ``-M``, negative: the penalty pulls ``logp`` up, as the true
+  k3 does);
+* the gradient has the sign of ``x`` and ``|d k3 / dx| <= exp(M) - 1`` (4.85e8 for M = 20;
+  ``< 1`` for ``x > 0``).
+
+Reduction conventions (global token normaliser, metric sums) are those of
+:mod:`erpd_megatron.ops.common`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -43,10 +55,22 @@ def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, max_log_ratio: float | None = 20.0) -> Tensor:
-    """k3 estimator per token: ``exp(-x) - 1 + x`` with ``x = logp - ref_logp`` (clamped in the exp)."""
+    """k3 estimator per token: ``exp(-x) - 1 + x`` with ``x = logp - ref_logp``.
+
+    Below ``x = -max_log_ratio`` the exponential is continued by its tangent, so value and
+    gradient stay finite with the gradient's sign that of ``x`` and ``|grad| <=
+    exp(max_log_ratio) - 1`` (see the module docstring). Exact for ``x >= -max_log_ratio``.
+    """
     x = logp - ref_logp
-    xe = x if max_log_ratio is None else x.clamp(-max_log_ratio, max_log_ratio)
-    return torch.expm1(-xe) + x
+    if max_log_ratio is None:
+        return torch.expm1(-x) + x
+    m = float(max_log_ratio)
+    beyond = x < -m
+    # where beyond, the exp's argument is the constant M (no gradient) and the linear part
+    # exp(M) * (-M - x) carries the gradient -exp(M); elsewhere the linear part is exactly 0
+    xe = torch.where(beyond, x.new_full((), -m), x)
+    lin = torch.where(beyond, (-m - x) * math.exp(m), x.new_zeros(()))
+    return torch.expm1(-xe) + lin + x
 
 
 def kl_estimate(name: str, logp: Tensor, ref_logp: Tensor, max_log_ratio: float | None = 20.0) -> Tensor:

@@ -128,6 +128,39 @@ def test_kl_estimators_and_penalty(gen):
         kl_estimate("k4", logp, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_k3_value_and_gradient_finite_with_the_right_sign_everywhere(dtype):
+    """x in [-60, 60]: finite value and gradient, sign(grad) = sign(x) (the true k3's
+    gradient is 1 - exp(-x)), |grad| <= exp(M) - 1, exact k3 for x >= -M (M = 20)."""
+    m = 20.0
+    x64 = torch.arange(-6000, 6001, dtype=D) / 100  # exact 0 in the middle
+    x = x64.to(dtype).requires_grad_()
+    val = kl_k3(x, torch.zeros_like(x), max_log_ratio=m)
+    val.sum().backward()
+    g = x.grad.double()
+    assert torch.isfinite(val).all() and torch.isfinite(g).all()
+    assert torch.equal(torch.sign(g), torch.sign(x64)), x64[torch.sign(g) != torch.sign(x64)][:5]
+    assert g.abs().max().item() <= math.exp(m) - 1
+    inside = x64 >= -m
+    xr = x.detach().double()  # the rounded inputs
+    true_val = torch.expm1(-xr) + xr
+    true_grad = -torch.expm1(-xr)
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    assert torch.allclose(val.double()[inside], true_val[inside], rtol=tol, atol=tol)
+    assert torch.allclose(g[inside], true_grad[inside], rtol=tol, atol=tol)
+    # beyond -M: the tangent continuation (value continuous, grad = 1 - exp(M), still growing)
+    out = ~inside
+    lin = math.expm1(m) + math.exp(m) * (-m - xr[out]) + xr[out]
+    assert torch.allclose(val.double()[out], lin, rtol=tol)
+    assert torch.allclose(g[out], torch.full_like(g[out], 1 - math.exp(m)), rtol=tol)
+    assert (val.double()[out][:-1] > val.double()[out][1:]).all()
+    # kl_penalty (both stages) uses the same estimator: finite, right-signed gradient
+    lp = x64.to(dtype).requires_grad_()
+    loss, _ = kl_penalty(lp, torch.zeros_like(lp), None, coef=0.1, normalizer=len(lp))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.equal(torch.sign(lp.grad.double()), torch.sign(x64))
+
+
 @pytest.mark.parametrize("name,base", [("pg", None), ("sapo", None), ("ce", None), ("mse", None),
                                        ("unlearned", "pg"), ("unlearned", "sapo"),
                                        ("unlearned", "ce"), ("unlearned", "mse")])

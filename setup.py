@@ -31,7 +31,17 @@ setup(
     install_requires=CORE,
     extras_require={
         # apex is optional and is built from source on clusters (see README).
-        "gpu": ["transformer-engine[pytorch]", "vllm"],
+        # Transformer Engine in the range of the megatron-core pip picks for this Python
+        # (core_v0.16.1 pyproject `dev` extra: >=2.9.0a0,<2.12.0; core_v0.19.0 tested with TE
+        # v2.17.1). It builds against the installed torch, so install it first with
+        # `pip install --no-build-isolation` (the Makefile does); this extra then only checks it.
+        "gpu": [
+            'transformer-engine[pytorch]>=2.9.0a0,<2.12.0; python_version < "3.12"',
+            'transformer-engine[pytorch]>=2.9.0a0,<2.18; python_version >= "3.12"',
+        ],
+        # vLLM pins an exact torch: install it in its own venv (`make install-vllm`), never
+        # next to Transformer Engine.
+        "vllm": ["vllm", "pyyaml>=6.0"],
         "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["erpd=erpd_megatron.cli:main"]},

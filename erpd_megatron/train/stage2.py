@@ -31,9 +31,7 @@ import torch
 
 from erpd_megatron.config.schema import Config
 from erpd_megatron.data.batching import MicroBatch, SampleTable
-from erpd_megatron.ops.kl import kl_penalty
-from erpd_megatron.ops.losses import token_mean_loss
-from erpd_megatron.ops.signals import build_signal, clipped_surrogate, teacher_signal
+from erpd_megatron.ops.signals import SIGNAL_METRICS, TeacherTerm, stage2_loss, teacher_signal
 from erpd_megatron.train.common import StageRun, logits_logprob_entropy
 from erpd_megatron.train.loop import StageSpec
 from erpd_megatron.train.policy_metrics import (
@@ -111,49 +109,22 @@ def make_stage2_loss(cfg: Config, run: StageRun, rows: np.ndarray):
             lp, ent = logits_logprob_entropy(logits, mb, shard)
         dev = lp.device
         arr = {k: v.to(dev) for k, v in mb.token_arrays.items()}
-        mask = mb.loss_mask.to(dev)
+        mask = mb.loss_mask.to(dev) > 0
         ref = arr["ref_logp"]
         adv = mb.advantages.to(dev)
-        with torch.no_grad():
-            rho = torch.exp((lp.detach() - ref).clamp(-20, 20))
-            in_region = (rho >= 1 - s2.eps) & (rho <= 1 + s2.eps)
-        total = logits.new_zeros((), dtype=torch.float32) if kl_only else lp.sum() * 0.0
-        metrics: dict[str, torch.Tensor] = {}
-        adv_parts = []
-        keep_all = mask > 0
-        for i, t in enumerate(s2.teachers):
+        terms = []
+        for t in s2.teachers:
             if t.signal == "topk_kl":
-                b, s, v = logits.shape
-                per_tok = _topk_kl(logits, arr, t, shard, inplace=inplace_kl).reshape(b, s)
-                loss_i, m = token_mean_loss(per_tok, keep_all & in_region, normalizer=tokens)
-                total = total + t.weight * loss_i
-                metrics[f"t{i}_kl_sum"] = m["loss_sum"]
-                metrics[f"t{i}_kl_tokens"] = m["tokens"]
-                metrics[f"t{i}_nonfinite"] = m["nonfinite_tokens"]
+                b, s, _ = logits.shape
+                kl = _topk_kl(logits, arr, t, shard, inplace=inplace_kl).reshape(b, s)
+                terms.append(TeacherTerm("topk_kl", weight=t.weight, kl=kl))
             else:
-                s = teacher_signal(t.signal, arr[f"lp:{t.model}"], lp_r=ref,
-                                   lp_unlearned=arr.get(f"lp:{t.contrast_model}"), adv=adv,
-                                   gate_mode=t.gate_mode, gate_alpha=t.alpha)
-                a, keep, m = build_signal(s, mask, lam=t.lam, clip=t.clip, c_out=s2.c_out)
-                adv_parts.append(t.weight * a)
-                keep_all = keep_all & keep
-                for k in ("signal_raw_sum", "signal_raw_sq_sum", "signal_sum", "signal_sq_sum",
-                          "signal_clipped_tokens", "signal_outlier_tokens", "nonfinite_tokens"):
-                    metrics[f"t{i}_{k}"] = m[k]
-        if adv_parts:
-            a = torch.stack(adv_parts).sum(0)
-            loss_s, m = clipped_surrogate(lp, ref, a, keep_all, eps=s2.eps, normalizer=tokens)
-            total = total + loss_s
-            metrics["surrogate_sum"] = m["loss_sum"]
-            metrics["clipped_tokens"] = m["clipped_tokens"]
-            metrics["masked_tokens"] = (mask > 0).sum() - keep_all.sum()
-        if s2.kl_coef > 0:
-            kl_loss, km = kl_penalty(lp, ref, keep_all, coef=s2.kl_coef, normalizer=tokens)
-            total = total + kl_loss
-            metrics["kl_penalty_sum"] = km["kl_penalty_sum"]
-        with torch.no_grad():
-            metrics["loss_total_sum"] = total.detach().double() * tokens
-            metrics["out_of_region_tokens"] = ((mask > 0) & ~in_region).sum().double()
+                raw = teacher_signal(t.signal, arr[f"lp:{t.model}"], lp_r=ref,
+                                     lp_unlearned=arr.get(f"lp:{t.contrast_model}"), adv=adv,
+                                     gate_mode=t.gate_mode, gate_alpha=t.alpha)
+                terms.append(TeacherTerm(t.signal, weight=t.weight, raw=raw, lam=t.lam, clip=t.clip))
+        total, metrics = stage2_loss(lp, ref, mask, terms, normalizer=tokens, eps=s2.eps,
+                                     c_out=s2.c_out, kl_coef=s2.kl_coef)
         metrics.update(policy_metric_sums(lp, ref, ent, mb))
         return total, {k: v.detach().double() if torch.is_tensor(v) else v for k, v in metrics.items()}
 
@@ -183,8 +154,7 @@ def stage2_metric_keys(cfg: Config) -> list[str]:
             keys += [f"t{i}_kl_sum", f"t{i}_kl_tokens", f"t{i}_nonfinite"]
         else:
             adv_style = True
-            keys += [f"t{i}_{k}" for k in ("signal_raw_sum", "signal_raw_sq_sum", "signal_sum", "signal_sq_sum",
-                                           "signal_clipped_tokens", "signal_outlier_tokens", "nonfinite_tokens")]
+            keys += [f"t{i}_{k}" for k in SIGNAL_METRICS]
     if adv_style:
         keys += ["surrogate_sum", "clipped_tokens", "masked_tokens"]
     if cfg.stage2.kl_coef > 0:

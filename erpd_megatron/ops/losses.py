@@ -153,9 +153,12 @@ def ce_loss(
     """Rejection-sampling fine-tuning loss ``-weight * logp`` summed over valid tokens / normalizer.
 
     ``weight`` (per token, e.g. the 0/1 reward broadcast to its tokens) selects the
-    responses to imitate; tokens with weight 0 are excluded from ``tokens``. Pass as
-    ``normalizer`` the global number of tokens you want to average over (typically the
-    tokens of reward-1 responses). Metrics: ``tokens``, ``loss_sum``, ``nonfinite_tokens``.
+    responses to imitate; tokens with weight 0 are excluded from ``tokens`` (and from the
+    loss). ``normalizer`` is the global number of tokens averaged over; Stage 1 passes ALL
+    response tokens of the step, as for every token loss, so that the gradient scale does
+    not depend on the batch's accuracy and the logged objective (``loss_sum`` over the same
+    normaliser, :func:`erpd_megatron.train.stage1.finalize_stage1_metrics`) is the optimised
+    one. Metrics: ``tokens`` (imitated tokens), ``loss_sum``, ``nonfinite_tokens``.
     """
     mask = as_mask(mask, logp)
     if weight is not None:

@@ -47,10 +47,12 @@ def stage1_metric_keys(cfg: Config) -> list[str]:
 
 def make_stage1_loss(cfg: Config, run: StageRun, table: SampleTable, rows: np.ndarray):
     """The loss of one global batch: token-mean over all its response tokens (sequence-mean
-    for ``mse``), whatever the micro-batching and data-parallel split."""
+    over its non-empty responses for ``mse``), whatever the micro-batching and data-parallel
+    split. These are the normalisers the logged ``loss`` uses (:func:`finalize_stage1_metrics`)."""
     shard = run.engine.vocab_shard()
-    tokens = float(table.response_lengths[rows].sum())
-    seqs = float(len(rows))
+    lengths = table.response_lengths[rows]
+    tokens = float(lengths.sum())
+    seqs = float((lengths > 0).sum())
     kwargs = _loss_kwargs(cfg)
 
     def loss_fn(logits: torch.Tensor, mb: MicroBatch):
@@ -70,14 +72,26 @@ def make_stage1_loss(cfg: Config, run: StageRun, table: SampleTable, rows: np.nd
 
 
 def finalize_stage1_metrics(cfg: Config):
-    """Turn reduced sums into logged values."""
+    """Turn reduced sums into logged values.
+
+    ``loss`` is the optimised objective, with the optimiser's normalisers: the loss's sum
+    over ALL response tokens of the step (``pm_tokens``; for ``ce`` that is every response,
+    not only the imitated reward-1 ones) or, for ``mse``, over its non-empty responses
+    (``pm_sequences``), plus the k3 penalty per response token. Over an epoch the same sums
+    give the token-weighted (sequence-weighted for ``mse``) mean of the step objectives.
+    ``clip_frac``, ``ratio_mean`` are per token of the loss (``tokens``: for ``ce`` the
+    imitated tokens); ``kl_penalty`` per response token.
+    """
     seq_loss = cfg.stage1.loss == "mse" or (cfg.stage1.loss == "unlearned" and cfg.stage1.unlearned_base == "mse")
 
     def fin(s: dict[str, float]) -> dict[str, float]:
         out = finalize_policy_metrics(s)
         t = s.get("tokens", 0.0)
-        denom = s.get("sequences", 0.0) if seq_loss else t
+        all_tokens = s.get("pm_tokens", 0.0)
+        denom = s.get("pm_sequences", 0.0) if seq_loss else all_tokens
         out["loss"] = s.get("loss_sum", 0.0) / denom if denom else 0.0
+        if "kl_penalty_sum" in s and all_tokens:
+            out["loss"] += s["kl_penalty_sum"] / all_tokens
         if "clipped_tokens" in s:
             out["clip_frac"] = s["clipped_tokens"] / t if t else 0.0
             out["clip_frac_low"] = s.get("clipped_low_tokens", 0.0) / t if t else 0.0
@@ -85,7 +99,7 @@ def finalize_stage1_metrics(cfg: Config):
         if "ratio_sum" in s:
             out["ratio_mean"] = s["ratio_sum"] / t if t else 0.0
         if "kl_penalty_sum" in s:
-            out["kl_penalty"] = s["kl_penalty_sum"] / t if t else 0.0
+            out["kl_penalty"] = s["kl_penalty_sum"] / all_tokens if all_tokens else 0.0
         out["nonfinite_tokens"] = s.get("nonfinite_tokens", 0.0)
         return out
 

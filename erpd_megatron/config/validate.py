@@ -7,6 +7,8 @@ Transformer Engine, and references between components.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from typing import Optional
 
@@ -88,9 +90,86 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: Optiona
     return world_size // (tp * pp)
 
 
+# How to repair a missing or broken Transformer Engine (the Makefile's GPU install; README).
+TE_REPAIR_HINT = (
+    "repair it in this venv: `pip uninstall -y transformer_engine transformer_engine_torch "
+    "transformer_engine_cu12 transformer_engine_cu13`, then `make install` on the GPU node, which "
+    "builds it against this venv's torch (`pip install --no-build-isolation "
+    "'transformer_engine[pytorch]>=2.9.0a0,<2.12.0'` for megatron-core 0.16.x); or set "
+    "precision.fp8=null and precision.transformer_impl=local"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def transformer_engine_import_error() -> Optional[str]:
+    """None when ``import transformer_engine.pytorch`` works here, else the error as text.
+
+    Imported for real: ``find_spec`` passes for a broken install (a TE torch extension built
+    against another torch fails with ``ImportError: undefined symbol``; a missing CUDA library
+    with ``OSError``)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "transformer_engine is not installed"
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception as e:  # ImportError, OSError (shared libraries), RuntimeError (CUDA)
+        return f"import transformer_engine.pytorch failed: {type(e).__name__}: {e}"
+    return None
+
+
 def transformer_engine_available() -> bool:
-    """Whether transformer_engine can be imported (without importing it)."""
-    return importlib.util.find_spec("transformer_engine") is not None
+    """Whether ``transformer_engine.pytorch`` imports (megatron's own view: models/builder.py)."""
+    return transformer_engine_import_error() is None
+
+
+def check_transformer_engine_importable() -> None:
+    """Raise :class:`ConfigError` with the repair when TE is installed but does not import.
+
+    Call it before the first ``import megatron.core``: a broken TE makes that import itself
+    fail with TE's raw error, because ``megatron/core/tensor_parallel/random.py`` (core_v0.16.1)
+    guards ``from transformer_engine.pytorch.distributed import ...`` with ``except
+    ModuleNotFoundError`` only, not ``ImportError``. Free when TE is absent (``find_spec``)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return
+    err = transformer_engine_import_error()
+    if err is not None:
+        raise ConfigError(f"Transformer Engine is installed but unusable ({err}); {TE_REPAIR_HINT}")
+
+
+def fp8_recipe_problem(recipe: str, capability: Optional[tuple[int, int]]) -> Optional[str]:
+    """Why ``precision.fp8_recipe=recipe`` cannot run on a GPU of compute ``capability``
+    (None when it can, or when the GPU is unknown: ``capability=None``).
+
+    The limits are Transformer Engine's own checks (TE v2.11
+    ``transformer_engine/pytorch/quantization.py``): ``check_fp8_support`` needs 8.9+ for any
+    FP8; ``check_mxfp8_support`` needs 10.x/11.x (Blackwell; "not supported on 12.0+ yet");
+    ``check_fp8_block_scaling_support`` needs 9.0+ (and CUDA >= 12.9, checked by TE at run time).
+    """
+    if capability is None:
+        return None
+    major, minor = capability
+    cc = f"{major}.{minor}"
+    if (major, minor) < (8, 9):
+        return (f"precision.fp8 needs compute capability 8.9 or higher (Ada, Hopper, Blackwell); "
+                f"this GPU is {cc}: set precision.fp8=null (bf16)")
+    if recipe == "mxfp8" and not 10 <= major < 12:
+        kind = "Hopper-class " if major == 9 else ""
+        return (f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability 10.x); this "
+                f"{kind}GPU is {cc} (Transformer Engine: 'Device compute capability 10.0 or higher "
+                "required for MXFP8 execution'): use precision.fp8_recipe=delayed or tensorwise "
+                "(or blockwise on Hopper with CUDA >= 12.9)")
+    if recipe == "blockwise" and major < 9:
+        return (f"precision.fp8_recipe=blockwise needs compute capability 9.0 or higher; this GPU is {cc}: "
+                "use precision.fp8_recipe=delayed or tensorwise")
+    return None
+
+
+def cuda_capability() -> Optional[tuple[int, int]]:
+    """Compute capability of the current CUDA device, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
 
 
 def check_stage2_teachers(cfg: Config, cached: list[str], where: str = "stage2.teachers") -> None:
@@ -118,9 +197,13 @@ def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runt
             raise ConfigError("precision.fp8 needs precision.transformer_impl=transformer_engine (or auto)")
         if check_runtime and not transformer_engine_available():
             raise ConfigError(
-                f"precision.fp8={cfg.precision.fp8!r} needs Transformer Engine, which is not installed; "
-                "install the [gpu] extra (pip install 'erpd_megatron[gpu]') or set precision.fp8=null"
+                f"precision.fp8={cfg.precision.fp8!r} needs Transformer Engine, which is not usable here "
+                f"({transformer_engine_import_error()}); {TE_REPAIR_HINT}"
             )
+        if check_runtime:
+            problem = fp8_recipe_problem(cfg.precision.fp8_recipe, cuda_capability())
+            if problem:
+                raise ConfigError(problem)
     if cfg.data.global_batch_size < 1 or cfg.data.max_tokens_per_microbatch < 1:
         raise ConfigError("data.global_batch_size and data.max_tokens_per_microbatch must be >= 1")
     if cfg.data.max_seq_length is not None and cfg.data.max_seq_length > cfg.model.max_position_embeddings:

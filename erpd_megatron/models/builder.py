@@ -13,12 +13,23 @@
   consumer masks them before a softmax / top-k; the token-math ops take ``vocab_size`` and
   mask themselves, :func:`mask_padded_vocab` does it for plain logits, and the HF exporter
   drops the rows.
+* Transformer Engine: :func:`transformer_engine_status` imports ``transformer_engine.pytorch``
+  and reads megatron's own ``HAVE_TE``; a broken install is an error with the repair, never a
+  silent switch to megatron's MagicMock stand-in.
+* Precision of the wrapped model (:func:`float16_module_class`): the logits come out in the
+  model dtype (bf16), not as megatron's default fp32 copy, and forward passes without
+  gradient (scoring, anchors, the cache tool, held-out eval) run without FP8 (see
+  :func:`fp8_disabled_without_grad`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -26,7 +37,12 @@ import torch.nn.functional as F
 
 from erpd_megatron.config.loader import ConfigError
 from erpd_megatron.config.schema import Config, ModelConfig
-from erpd_megatron.config.validate import head_dim, padded_vocab_size
+from erpd_megatron.config.validate import (
+    TE_REPAIR_HINT,
+    head_dim,
+    padded_vocab_size,
+    transformer_engine_import_error,
+)
 from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -34,24 +50,98 @@ log = get_logger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass(frozen=True)
+class TEStatus:
+    """What this process can do with Transformer Engine."""
+
+    installed: bool
+    """A ``transformer_engine`` package is on the path (``find_spec``; says nothing about use)."""
+    imports: bool
+    """``import transformer_engine.pytorch`` succeeded here."""
+    megatron_have_te: bool
+    """megatron-core's own ``HAVE_TE`` (``megatron/core/extensions/transformer_engine.py``)."""
+    version: Optional[str] = None
+    """``transformer_engine.__version__`` when it imports."""
+    error: Optional[str] = None
+    """Why TE is unusable (the import error, or the disagreement with megatron)."""
+
+    @property
+    def usable(self) -> bool:
+        """TE imports and megatron agrees: the TE spec and FP8 can be used."""
+        return self.installed and self.imports and self.megatron_have_te
+
+
+@functools.lru_cache(maxsize=1)
+def transformer_engine_status() -> TEStatus:
+    """Probe Transformer Engine for real (cached per process).
+
+    ``find_spec`` alone passes for a broken install (e.g. TE's torch extension built against
+    another torch: ``ImportError: undefined symbol``), and then megatron-core silently swaps TE
+    for a ``MagicMock``: ``megatron/core/extensions/transformer_engine.py`` (core_v0.16.1 lines
+    61-77, core_v0.19.0 lines 69-85) does ``try: import transformer_engine as te; from
+    transformer_engine.pytorch.fp8 import FP8GlobalStateManager, fp8_autocast ... HAVE_TE = True``
+    ``except ImportError: te = MagicMock(); HAVE_TE = False``. So this imports
+    ``transformer_engine.pytorch`` itself and reads that module's ``HAVE_TE``; they must agree.
+    """
+    if importlib.util.find_spec("transformer_engine") is None:
+        return TEStatus(installed=False, imports=False, megatron_have_te=False, error="not installed")
+    import_err = err = transformer_engine_import_error()
+    version = None
+    if err is None:
+        import transformer_engine
+
+        version = str(getattr(transformer_engine, "__version__", "unknown"))
+    try:
+        from megatron.core.extensions import transformer_engine as mte
+
+        have_te = bool(mte.HAVE_TE)
+    except Exception as e:  # a non-ImportError from TE escapes megatron's try and kills its import
+        have_te = False
+        err = err or f"megatron.core.extensions.transformer_engine does not import: {type(e).__name__}: {e}"
+    if err is None and not have_te:
+        err = (f"transformer_engine.pytorch {version} imports but megatron-core's HAVE_TE is False (it failed "
+               "to import transformer_engine.pytorch.fp8: a TE version outside megatron-core's range)")
+    return TEStatus(installed=True, imports=import_err is None,
+                    megatron_have_te=have_te, version=version, error=err)
+
+
 def transformer_engine_available() -> bool:
-    """Whether ``transformer_engine`` is importable (checked without importing it)."""
-    return importlib.util.find_spec("transformer_engine") is not None
+    """Whether Transformer Engine is usable here (imports, and megatron's HAVE_TE agrees)."""
+    return transformer_engine_status().usable
+
+
+def require_transformer_engine(why: str) -> TEStatus:
+    """The TE status, or a :class:`ConfigError` naming ``why`` TE is needed and how to repair it."""
+    st = transformer_engine_status()
+    if not st.usable:
+        state = "is not installed" if not st.installed else f"is installed but unusable ({st.error})"
+        raise ConfigError(f"{why} needs Transformer Engine, which {state}; {TE_REPAIR_HINT}")
+    return st
 
 
 def use_transformer_engine(cfg: Config) -> bool:
-    """Resolve ``precision.transformer_impl``: auto = TE when a GPU is present and TE installed."""
-    impl = cfg.precision.transformer_impl
+    """Resolve ``precision.transformer_impl``: auto = TE on a GPU when TE is installed.
+
+    A TE that is installed but broken is an error (with the repair) for ``auto`` too, so a GPU
+    job never falls back to the local spec without saying so."""
+    impl, fp8 = cfg.precision.transformer_impl, cfg.precision.fp8
+    if fp8 is not None:
+        if impl == "local":
+            raise ConfigError(f"precision.fp8={fp8!r} needs precision.transformer_impl=transformer_engine (or "
+                              "auto): the local spec silently runs FP8 layers in full precision")
+        require_transformer_engine(f"precision.fp8={fp8!r}")
+        return True
     if impl == "local":
         return False
     if impl == "transformer_engine":
-        if not transformer_engine_available():
-            raise ConfigError(
-                "precision.transformer_impl=transformer_engine but transformer_engine is not installed; "
-                "install the [gpu] extra or set precision.transformer_impl=local"
-            )
+        require_transformer_engine("precision.transformer_impl=transformer_engine")
         return True
-    return torch.cuda.is_available() and transformer_engine_available()
+    if not torch.cuda.is_available():
+        return False
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    require_transformer_engine("precision.transformer_impl=auto on a GPU with transformer_engine installed")
+    return True
 
 
 def params_dtype(cfg: Config) -> torch.dtype:
@@ -69,17 +159,13 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
     ``recompute_granularity="full"``), so the trainer can tune schedule fields without
     re-deriving the architecture.
     """
+    # FP8 with the local spec would silently run in full precision: use_transformer_engine
+    # raises (with the repair) when FP8 is asked for and TE is unusable.
+    te = use_transformer_engine(cfg)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m, par, prec = cfg.model, cfg.parallel, cfg.precision
     on_gpu = torch.cuda.is_available()
-    te = use_transformer_engine(cfg)
-    if prec.fp8 is not None and not te:
-        raise ConfigError(
-            f"precision.fp8={prec.fp8!r} needs the Transformer Engine spec (the local spec silently "
-            "runs FP8 layers in full precision); install transformer_engine and run on a GPU, "
-            "or set precision.fp8=null"
-        )
     dtype = params_dtype(cfg)
     fusions = on_gpu  # the jit-fused kernels are GPU-only; TE needed for the RoPE fusion
     kwargs: dict[str, Any] = dict(
@@ -164,20 +250,78 @@ def build_gpt(
     )
 
 
+def fp8_disabled_without_grad(config: Any) -> contextlib.AbstractContextManager[None]:
+    """A context in which a forward pass without gradient runs in bf16 instead of FP8.
+
+    Why: megatron-core enters ``fp8_autocast`` per forward from ``config.fp8``
+    (``TransformerBlock.forward`` -> ``fp8_utils.get_fp8_context``: ``need_fp8_context =
+    config.fp8``; core_v0.16.1 ``transformer/transformer_block.py`` ~line 717, the same in
+    core_v0.19.0), and TE updates delayed-scaling factors only when grad is enabled: on
+    leaving the outermost ``fp8_autocast``, ``FP8GlobalStateManager.fp8_autocast_exit`` runs
+    ``reduce_and_update_fp8_tensors(forward=True)`` only ``if enabled and AUTOCAST_DEPTH == 0
+    and not _graph and torch.is_grad_enabled()`` (TE v2.11 ``pytorch/quantization.py`` line 607).
+    A no-grad pass (anchors, scoring, the cache tool, held-out eval) would therefore quantise
+    with stale scales (1.0 on a fresh model) and skew the log-probs it records. bf16 is exact
+    for these passes and needs no calibration; TE modules outside ``fp8_autocast`` compute in
+    the parameters' dtype. With grad enabled (training) nothing changes.
+    """
+    if getattr(config, "fp8", None) is None or torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    return _swap_attr(config, "fp8", None)
+
+
+@contextlib.contextmanager
+def _swap_attr(obj: Any, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+@functools.lru_cache(maxsize=1)
+def float16_module_class() -> type:
+    """megatron's ``Float16Module`` with the two changes this project needs (see the module doc).
+
+    * ``fp32_output=False`` by default: ``Float16Module.forward(*inputs, fp32_output=True)``
+      (core_v0.16.1 and core_v0.19.0 ``transformer/module.py``) upcasts the last stage's output
+      with ``float16_to_fp32``, a full-vocabulary fp32 copy of the logits per micro-batch (4
+      bytes per entry next to the 2 of the bf16 ones while both live). The vocab-parallel ops
+      take bf16 logits and compute in fp32 per chunk, and the output GEMM produced bf16 anyway,
+      so the copy adds memory and no precision. Callers may still pass ``fp32_output=True``.
+    * no-grad forwards run without FP8 (:func:`fp8_disabled_without_grad`).
+    """
+    from megatron.core.transformer.module import Float16Module
+
+    class ERPDFloat16Module(Float16Module):
+        """Float16Module returning model-dtype logits; no FP8 without grad."""
+
+        def forward(self, *inputs: Any, fp32_output: bool = False, **kwargs: Any) -> Any:
+            with fp8_disabled_without_grad(self.config):
+                return super().forward(*inputs, fp32_output=fp32_output, **kwargs)
+
+    return ERPDFloat16Module
+
+
 def build_model(
     cfg: Config, *, wrap_ddp: bool = False, ddp_config: Any = None, config: Any = None,
-    **config_overrides: Any,
+    forward_only: Optional[bool] = None, **config_overrides: Any,
 ) -> list[Any]:
     """Build this rank's model chunks (a list with one GPTModel; no virtual pipeline yet).
 
     Needs :func:`erpd_megatron.runtime.distributed.init_distributed` first. ``pre_process``
     / ``post_process`` come from the pipeline stage. bf16/fp16 models are wrapped in
-    ``Float16Module`` (fp32 outputs on the last stage). With ``wrap_ddp`` each chunk is
+    ``Float16Module`` (bf16 logits on the last stage: :func:`float16_module_class`). With
+    ``wrap_ddp`` each chunk is
     wrapped in megatron's ``DistributedDataParallel`` (``ddp_config`` defaults from
     ``cfg.parallel``: fp32 grad reduce, the distributed optimizer flag, overlap flag) and
     ``config.no_sync_func`` / ``finalize_model_grads_func`` are set for the schedules; the
     trainer still sets ``config.grad_scale_func`` from its optimizer.
     ``config`` (a TransformerConfig) or ``config_overrides`` customise the config.
+    ``forward_only`` (default: ``not wrap_ddp``, i.e. ``Engine(cfg, train=False)``) builds the
+    model without FP8: forward-only engines (the cache tool, scoring) run in bf16, see
+    :func:`fp8_disabled_without_grad`. Training models keep FP8 for their gradient passes.
     """
     from megatron.core import parallel_state as ps
 
@@ -185,6 +329,10 @@ def build_model(
         raise RuntimeError("build_model() needs init_distributed() first (megatron parallel_state)")
     if cfg.model.num_experts is not None:
         raise ConfigError("MoE models are not supported by build_model yet")
+    if forward_only is None:
+        forward_only = not wrap_ddp
+    if forward_only and cfg.precision.fp8 is not None and config is None:
+        config_overrides.setdefault("fp8", None)
     config = config or transformer_config(cfg, **config_overrides)
     model = build_gpt(
         cfg, config,
@@ -199,9 +347,7 @@ def build_model(
         # megatron's optimizer and DDP expect these attributes on every parameter.
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
     if config.bf16 or config.fp16:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(config, model)
+        model = float16_module_class()(config, model)
     chunks = [model]
     if wrap_ddp:
         chunks = wrap_with_ddp(cfg, chunks, ddp_config)

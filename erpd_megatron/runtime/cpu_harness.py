@@ -107,13 +107,18 @@ class _CpuDeviceMode(TorchFunctionMode):
 
 
 class _DummyStream:
-    """A stand-in for ``torch.cuda.Stream`` / ``Event``: every method is a no-op."""
+    """A stand-in for ``torch.cuda.Stream`` / ``Event``: every method is a no-op, except
+    ``record_event`` which returns another dummy (megatron's MoE token dispatcher calls
+    ``stream.record_event().synchronize()``, ``token_dispatcher.py`` in 0.16.1)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.device = _CPU
 
     def __getattr__(self, name: str) -> Any:
         return lambda *a, **k: None
+
+    def record_event(self, event: Any = None) -> _DummyStream:
+        return event if isinstance(event, _DummyStream) else _DummyStream()
 
     def query(self) -> bool:
         return True
@@ -208,6 +213,46 @@ def _patch_megatron() -> None:
             mod._set_cuda_rng_state = set_state  # type: ignore[attr-defined]
 
 
+def _split_list(splits: Any) -> Any:
+    """Split sizes as a list of ints (gloo's ``all_to_all_single`` rejects tensors)."""
+    if splits is None or isinstance(splits, list):
+        return splits
+    if torch.is_tensor(splits):
+        return [int(x) for x in splits.tolist()]
+    return [int(x) for x in splits]
+
+
+def _patch_moe() -> None:
+    """What megatron-core's MoE layers need on CPU + gloo (measured with 0.16.1):
+
+    * ``moe_utils.router_gating_linear`` tests ``te_general_gemm is not None``, a name that
+      is only bound when Transformer Engine imports (NameError otherwise): bind it to None,
+      so the router takes its plain ``torch.matmul`` path.
+    * The alltoall token dispatcher hands its split sizes to ``all_to_all_single`` as
+      tensors (on a GPU megatron first moves them to host numpy arrays, which NCCL's
+      binding takes); gloo wants lists of ints: convert them.
+    """
+    import torch.distributed as dist
+
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError:  # an install without MoE support
+        moe_utils = None
+    if moe_utils is not None and "te_general_gemm" not in vars(moe_utils):
+        moe_utils.te_general_gemm = None
+    orig = dist.all_to_all_single
+    if getattr(orig, "_erpd_patched", False):
+        return
+
+    def all_to_all_single(output: torch.Tensor, input: torch.Tensor, output_split_sizes: Any = None,
+                          input_split_sizes: Any = None, group: Any = None, async_op: bool = False) -> Any:
+        return orig(output, input, _split_list(output_split_sizes), _split_list(input_split_sizes),
+                    group=group, async_op=async_op)
+
+    all_to_all_single._erpd_patched = True  # type: ignore[attr-defined]
+    dist.all_to_all_single = all_to_all_single
+
+
 def patch_torch_adam_distributed_optimizer() -> None:
     """Make DistributedOptimizer checkpoint loads work with torch's Adam (no Apex / TE).
 
@@ -267,6 +312,7 @@ def install_cpu_harness() -> None:
             raise RuntimeError("install_cpu_harness() called on a machine with a GPU; it is for CPU runs only")
         _patch_torch_cuda()
         _patch_megatron()
+        _patch_moe()
         patch_torch_adam_distributed_optimizer()
         _MODE = _CpuDeviceMode()
         _MODE.__enter__()

@@ -1,52 +1,46 @@
 """Token math over vocab-parallel logits: log-prob, entropy, top-k and top-k + tail KL.
 
-Logits are ``[..., V_local]``, the vocabulary split over the ranks of a tensor-parallel
-process group (rank r holds global ids ``[vocab_start, vocab_start + V_local)``; the last
-shard may end in padded rows beyond the true ``vocab_size``, which are excluded: they get no
-probability and a zero gradient). ``group=None`` means no tensor parallelism: no
-``torch.distributed`` call is made, so it works without a process group. The full
-vocabulary is never gathered. Work is chunked over tokens (``chunk_size`` tokens at a time,
-by default about ``DEFAULT_CHUNK_ELEMENTS`` logits per chunk) with reused fp32 workspaces,
-so the extra memory does not grow with the number of tokens; the backward recomputes the
-softmax per chunk from the logits and a few saved per-token numbers instead of storing it.
-Math is in fp32 per chunk (fp64 for fp64 inputs); per-token outputs are in that dtype,
-gradients are in the logits' dtype.
+Logits are ``[..., V_local]``, the vocabulary split over a tensor-parallel group (rank r
+holds global ids ``[vocab_start, vocab_start + V_local)``; padded rows beyond the true
+``vocab_size`` get no probability and a zero gradient). ``group=None``: no tensor
+parallelism and no ``torch.distributed`` call. The full vocabulary is never gathered. Work
+is chunked over tokens (about ``DEFAULT_CHUNK_ELEMENTS`` logits per chunk) with reused fp32
+workspaces. With a gradient, fp32/fp64 logits and a separate gradient, the forward writes
+``exp(z - m_r)`` into the gradient tensor it allocates and the backward only scales it (as
+Megatron's cross entropy keeps its softmax); otherwise (in place, low precision) the
+backward recomputes it per chunk from the logits and a few saved per-token numbers. Math is
+in fp32 per chunk (fp64 for fp64 inputs); gradients are in the logits' dtype.
 
 With ``z`` the logits of one token, ``m = max z``, ``S = sum exp(z-m)``, ``q = softmax(z)``.
-One pass per chunk takes the shard's row max ``m_r`` (while the chunk is in cache) and the
-sums of ``exp(z - m_r)``; then ONE MAX all-reduce gives ``m``, the shard's sums are moved
-onto it by ``exp(m_r - m)``, and ONE SUM all-reduce (everything packed in one tensor) gives
-``S`` and the rest. Everything is kept relative to ``m`` (``log q_y = (z_y - m) - log S``)
-so that large logits do not cost fp32 precision. Backward: no communication.
+One pass per chunk takes the shard's row max ``m_r`` and the sums of ``exp(z - m_r)``; ONE
+MAX all-reduce gives ``m``, the shard's sums move onto it by ``exp(m_r - m)``, and ONE SUM
+all-reduce (packed) gives ``S`` and the rest. Everything is relative to ``m``
+(``log q_y = (z_y - m) - log S``), so large logits keep fp32 precision. Backward: no
+communication.
 
 * log-prob of the target ``y``: ``(z_y - m) - log S``; ``d/dz_v = [v == y] - q_v``.
 * entropy ``H = log S - sum_v q_v (z_v - m)``; ``dH/dz_v = -q_v (log q_v + H)``.
 * top-k + tail forward KL to a teacher's cached top-k ids ``I`` and log-probs ``l_i``:
-  the teacher's buckets are ``p_i = exp(l_i)`` and the tail ``P_t = max(0, 1 - sum p_i)``
-  (kept, never renormalised away); the student's buckets are ``q_i`` and
-  ``Q_t = sum_{v not in I} q_v`` (computed directly as a sum over the complement, not as
-  ``1 - sum q_i``, and its log as ``log1p(-q(I))`` while ``q(I) < 1/2``, so a tail near 0
-  or near 1 keeps its precision). Optionally the target is the
-  geometric mixture ``p~ ∝ p_r^(1-alpha) p^alpha`` on the k+1 buckets, ``p_r`` being pi_r's
-  mass on the same buckets (see :func:`topk_target_logprobs`). Per token
+  teacher buckets ``p_i = exp(l_i)`` and tail ``P_t = max(0, 1 - sum p_i)`` (kept, never
+  renormalised away); student buckets ``q_i`` and ``Q_t = sum_{v not in I} q_v`` (a direct
+  sum over the complement; its log as ``log1p(-q(I))`` while ``q(I) < 1/2``, so a tail near
+  0 or 1 keeps its precision). Optionally the target is the geometric mixture
+  ``p~ ∝ p_r^(1-alpha) p^alpha`` on the k+1 buckets (:func:`topk_target_logprobs`). Per token
   ``L = sum_I p~_i (log p~_i - log q_i) + p~_t (log p~_t - log Q_t)`` (0 log 0 = 0) and
-  ``dL/dz_v = q_v - p~_v`` with ``p~_v = p~_i`` on I and ``p~_t q_v / Q_t`` off I. The
-  bucket slots of a chunk are zeroed with ``scatter_reduce_(amin)`` of 0 for this shard's
-  ids and +inf for the others (clamped to slot 0, which they leave unchanged: no collision
-  with an in-shard id 0, unlike ``scatter_``). A repeated id within a token (e.g. filler at
-  masked positions) gives the gradient of one bucket holding the sum of its entries' target
-  mass (the value differs from it by a constant). Off I the gradient is computed as
-  ``exp(z_v - m) (Q_t - p~_t) / tail`` with ``tail = S Q_t``, which stays exact when Q_t is
-  tiny; if the student's tail underflows to exactly 0 while ``p~_t > 0`` the KL is +Inf (the
-  caller's non-finite handling drops the token).
+  ``dL/dz_v = q_v - p~_v`` with ``p~_v = p~_i`` on I and ``p~_t q_v / Q_t`` off I. Bucket
+  slots of a chunk are zeroed by ``scatter_reduce_(amin)`` of 0 for this shard's ids and
+  +inf for the others (clamped to slot 0, left unchanged: no collision with an in-shard id
+  0). A repeated id within a token (filler at masked positions) acts as one bucket holding
+  its entries' summed target mass. Off I the gradient is ``exp(z_v - m) (Q_t - p~_t) / tail``
+  with ``tail = S Q_t`` (exact for tiny Q_t); a student tail of exactly 0 with ``p~_t > 0``
+  gives KL = +Inf (the caller drops the token).
 * distributed top-k: local top-k, all-gather values and global ids, top-k of the
   ``k * world`` candidates. Ties go to the lowest global id, so the ids do not depend on
   the TP layout.
 
-Non-finite logits (NaN/+Inf, or a row of -Inf) make that token's outputs NaN and its
-gradient 0 (callers mask and count them, see :mod:`erpd_megatron.ops.common`); with
-``ERPD_DEBUG_NONFINITE=1`` they raise ``ValueError``. Targets or teacher ids outside
-``[0, vocab_size)`` (e.g. an ignore index at masked positions) give NaN for that token.
+Non-finite logits (NaN/+Inf, or a row of -Inf) make that token's outputs NaN and its gradient
+0 (callers mask and count them, :mod:`erpd_megatron.ops.common`; ``ERPD_DEBUG_NONFINITE=1``
+raises). Targets or teacher ids outside ``[0, vocab_size)`` give NaN for that token.
 """
 
 from __future__ import annotations
@@ -62,9 +56,8 @@ import torch.distributed as dist
 from erpd_megatron.ops.common import Tensor, debug_nonfinite
 
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
-"""Logits per chunk (chunk rows = this // V_local, at least 1) when ``chunk_size`` is None, by
-device type: 4 MiB of fp32 on a CPU (the chunk's passes stay in cache), 64 MiB on a GPU.
-The extra memory of an op is a few such buffers, whatever the number of tokens."""
+"""Logits per chunk (rows = this // V_local, at least 1) when ``chunk_size`` is None, by device
+type: 4 MiB of fp32 on a CPU (the chunk stays in cache), 64 MiB on a GPU."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +77,8 @@ def _shard(logits: Tensor, group: Any, vocab_start: int | None, vocab_size: int 
     world = 1 if group is None else dist.get_world_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     v_local = logits.shape[-1]
-    if vocab_start is None:
-        vocab_start = rank * v_local
-    if vocab_size is None:
-        vocab_size = v_local * world
+    vocab_start = rank * v_local if vocab_start is None else vocab_start
+    vocab_size = v_local * world if vocab_size is None else vocab_size
     n_valid = max(0, min(v_local, vocab_size - vocab_start))
     if chunk_size is None:
         budget = DEFAULT_CHUNK_ELEMENTS.get(logits.device.type, 1 << 23)
@@ -146,14 +137,11 @@ def _check_rows(name: str, values: Tensor) -> Tensor:
 
 
 def _chunks(n: int, sh: _Shard):
-    for s in range(0, n, sh.chunk):
-        yield s, min(n, s + sh.chunk)
+    yield from ((s, min(n, s + sh.chunk)) for s in range(0, n, sh.chunk))
 
 
 def _zero_rows(grad: Tensor, bad: Tensor) -> None:
-    rows = bad.nonzero().flatten()
-    if rows.numel():
-        grad.index_fill_(0, rows, 0)
+    grad.index_fill_(0, bad.nonzero().flatten(), 0)
 
 
 _MADV_HUGEPAGE = 14  # Linux
@@ -162,9 +150,7 @@ _libc: Any = None
 
 def _advise_huge_pages(t: Tensor) -> None:
     """Ask Linux for transparent huge pages for a fresh, large CPU tensor before its first
-    touch (what torch does for every allocation under ``THP_MEM_ALLOC_ENABLE=1``): a fresh
-    logits-sized gradient then costs hundreds of times fewer page faults. A hint only:
-    ignored where unsupported."""
+    touch (as torch under ``THP_MEM_ALLOC_ENABLE=1``): far fewer page faults. A hint only."""
     global _libc
     nbytes = t.numel() * t.element_size()
     if t.device.type != "cpu" or not sys.platform.startswith("linux") or nbytes < (8 << 20):
@@ -184,10 +170,8 @@ def _advise_huge_pages(t: Tensor) -> None:
 def _new_grad(x: Tensor, sh: _Shard) -> tuple[Tensor, Tensor | None]:
     """The gradient tensor (a new one, or the logits themselves when in place) and, for
     low-precision logits, an fp32 chunk workspace."""
-    if sh.inplace:
-        grad = x
-    else:
-        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad = x if sh.inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if not sh.inplace:
         _advise_huge_pages(grad)
     if sh.n_valid < x.shape[1]:
         grad[:, sh.n_valid:] = 0
@@ -196,6 +180,14 @@ def _new_grad(x: Tensor, sh: _Shard) -> tuple[Tensor, Tensor | None]:
         work = torch.empty(min(sh.chunk, x.shape[0]), sh.n_valid, dtype=sh.cdtype, device=x.device)
     return grad, work
 
+
+def _exp_store(x: Tensor, sh: _Shard, needs_grad: bool) -> Tensor | None:
+    """A fresh gradient tensor in which the forward keeps ``exp(z - m_loc)`` (the backward
+    scales it, no second exp); None (recompute) without a gradient, for low-precision
+    logits, or in place (the logits stay intact for other ops until backward)."""
+    if sh.inplace or not needs_grad or x.dtype != sh.cdtype or sh.n_valid == 0 or x.shape[0] == 0:
+        return None
+    return _new_grad(x, sh)[0]
 
 class _LogProbEntropy(torch.autograd.Function):
     """Target log-prob and (optionally) entropy; see the module docstring for the math."""
@@ -206,10 +198,14 @@ class _LogProbEntropy(torch.autograd.Function):
         tgt_local, tgt_in, tgt_ok = _local_index(target, sh)
         m_loc = torch.full((n,), float("-inf"), dtype=sh.cdtype, device=x.device)
         loc = torch.zeros(n, 2, dtype=sh.cdtype, device=x.device)  # sums of e and e*(z-m_loc)
+        stats = torch.zeros(n, 4, dtype=sh.cdtype, device=x.device)  # S, sum e*(z-m), z_y, bad
+        if v > 0 and n > 0:
+            stats[:, 2] = torch.where(tgt_in, x.gather(1, tgt_local[:, None])[:, 0].to(sh.cdtype), 0.0)
+        store = _exp_store(x, sh, ctx.needs_input_grad[0])
         if v > 0 and n > 0:
             rows = min(sh.chunk, n)
             buf = torch.empty(rows, v, dtype=sh.cdtype, device=x.device)
-            buf2 = torch.empty_like(buf) if want_entropy else None
+            buf2 = torch.empty_like(buf) if want_entropy and store is None else None
             fmin = torch.finfo(sh.cdtype).min
             for s, e in _chunks(n, sh):
                 xc, t = x[s:e, :v], buf[: e - s]
@@ -217,21 +213,19 @@ class _LogProbEntropy(torch.autograd.Function):
                 torch.sub(xc, shift[:, None], out=t)  # the chunk is still in cache from amax
                 if want_entropy:
                     t.clamp_(min=fmin)  # -inf logits: exp -> 0 and 0 * fmin = 0, not NaN
-                    ex = buf2[: e - s]
-                    torch.exp(t, out=ex)
+                    ex = torch.exp(t, out=buf2[: e - s] if store is None else store[s:e, :v])
                     loc[s:e, 0] = ex.sum(dim=-1)
                     loc[s:e, 1] = torch.bmm(ex[:, None, :], t[:, :, None])[:, 0, 0]
-                else:
+                elif store is None:
                     loc[s:e, 0] = t.exp_().sum(dim=-1)
+                else:
+                    loc[s:e, 0] = torch.exp(t, out=store[s:e, :v]).sum(dim=-1)
         m, scale, bad_loc = _to_global(m_loc, sh)
-        stats = torch.zeros(n, 4, dtype=sh.cdtype, device=x.device)  # S, sum e*(z-m), z_y, bad
         stats[:, 0] = loc[:, 0] * scale
         # sum e^(z-m) (z-m) = scale * (sum e^(z-m_loc) (z-m_loc) + (m_loc - m) * S_loc)
         if want_entropy:
             dm = torch.where(scale > 0, m_loc - m, 0.0)
             stats[:, 1] = scale * (loc[:, 1] + dm * loc[:, 0])
-        if v > 0 and n > 0:
-            stats[:, 2] = torch.where(tgt_in, x.gather(1, tgt_local[:, None])[:, 0].to(sh.cdtype), 0.0)
         stats[:, 3] = bad_loc
         _all_reduce(stats, "sum", sh)
         m = torch.where(stats[:, 3] > 0, float("nan"), m)
@@ -240,17 +234,18 @@ class _LogProbEntropy(torch.autograd.Function):
         # everything relative to the max: (z_y - m) - log S keeps fp32 precision for large |m|
         lp = torch.where(tgt_ok, (stats[:, 2] - m) - log_s, float("nan"))
         ent = log_s - stats[:, 1] / stats[:, 0] if want_entropy else torch.zeros_like(log_s)
-        ctx.save_for_backward(x, tgt_local, tgt_in, m, log_s, ent, bad)
-        ctx.sh, ctx.want_entropy = sh, want_entropy
+        ctx.save_for_backward(x, tgt_local, tgt_in, m, log_s, ent, bad, scale)
+        ctx.sh, ctx.want_entropy, ctx.store = sh, want_entropy, store
         return lp, ent
 
     @staticmethod
     def backward(ctx: Any, g_lp: Tensor | None, g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, tgt_local, tgt_in, m, log_s, ent, bad = ctx.saved_tensors
+        x, tgt_local, tgt_in, m, log_s, ent, bad, scale = ctx.saved_tensors
         sh: _Shard = ctx.sh
         n, v = x.shape[0], sh.n_valid
         use_ent = ctx.want_entropy and g_ent is not None
-        grad, work = _new_grad(x, sh)
+        store, ctx.store = ctx.store, None
+        grad, work = (store, None) if store is not None else _new_grad(x, sh)
         if v == 0 or n == 0:
             return grad, None, None, None
         g_lp = torch.zeros_like(m) if g_lp is None else g_lp.to(sh.cdtype)
@@ -264,15 +259,21 @@ class _LogProbEntropy(torch.autograd.Function):
             shift = (ent - log_s)[:, None]
             a = (g_ent.to(sh.cdtype) * neg_inv_s)[:, None]
         b = (g_lp * neg_inv_s)[:, None]
+        stored = store is not None and not use_ent  # with the entropy's gradient: recompute
+        if stored:  # e_loc = exp(z - m_loc) kept by the forward; exp(z - m) = scale * e_loc
+            b = b * torch.where(torch.isfinite(m), scale, 0.0)[:, None]
         for s, e in _chunks(n, sh):
             t = work[: e - s] if work is not None else grad[s:e, :v]
-            torch.sub(x[s:e, :v], m[s:e, None], out=t)
-            if use_ent:
-                t.clamp_(min=fmin)
-                ex = torch.exp(t, out=buf2[: e - s])
-                t.add_(shift[s:e]).mul_(a[s:e]).add_(b[s:e]).mul_(ex)
+            if stored:
+                t.mul_(b[s:e])
             else:
-                t.exp_().mul_(b[s:e])
+                torch.sub(x[s:e, :v], m[s:e, None], out=t)
+                if use_ent:
+                    t.clamp_(min=fmin)
+                    ex = torch.exp(t, out=buf2[: e - s])
+                    t.add_(shift[s:e]).mul_(a[s:e]).add_(b[s:e]).mul_(ex)
+                else:
+                    t.exp_().mul_(b[s:e])
             t.scatter_add_(1, tgt_local[s:e, None], add_at_target[s:e])
             if work is not None:
                 grad[s:e, :v].copy_(t)
@@ -286,15 +287,13 @@ def vp_logprob_and_entropy(
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of ``target`` and token entropy in one pass, both differentiable.
 
-    ``logits [..., V_local]`` (this rank's vocab shard), ``target [...]`` global token ids.
-    ``vocab_start`` defaults to ``rank * V_local``, ``vocab_size`` (the real vocabulary,
-    padding excluded) to ``V_local * world``. Returns two ``[...]`` tensors in fp32 (fp64
-    for fp64 logits). ``inplace_backward=True`` (every op here that has a backward takes
-    it) writes the gradient into the logits' own memory, as Megatron's cross entropy does:
-    no logits-sized allocation (and, on a CPU, no page faults for one), but the logits are
-    overwritten by backward. Use it only when this op is the last user of the logits;
-    autograd raises (version counter) if another op saved them for its own backward.
-    """
+    ``logits [..., V_local]`` (this rank's vocab shard), ``target [...]`` global ids;
+    ``vocab_start`` defaults to ``rank * V_local``, ``vocab_size`` (real vocabulary) to
+    ``V_local * world``. Returns two ``[...]`` fp32 tensors (fp64 for fp64 logits).
+    ``inplace_backward=True`` (every op here with a backward takes it) writes the gradient
+    into the logits' memory, as Megatron's cross entropy: no logits-sized allocation, but
+    backward overwrites the logits. Use it only when this op is their last user; autograd
+    raises (version counter) if another op saved them for its own backward."""
     x = _flat(logits)
     sh = _shard(x, group, vocab_start, vocab_size, chunk_size, inplace_backward)
     lp, ent = _LogProbEntropy.apply(x, target.reshape(-1).long(), sh, True)
@@ -324,32 +323,31 @@ def vp_entropy(
     return ent.view(logits.shape[:-1])
 
 
-def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, ...]:
-    """Forward of the top-k buckets.
+def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard, store: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Forward of the top-k buckets (``store``: see :func:`_exp_store`; its I slots are 0).
 
     Returns (log q_I, log Q_t, m, tail, local ids, in-shard mask, first occurrences, bad
-    rows), where ``tail = sum_{v not in I} exp(z_v - m)`` over all shards.
+    rows, exp(m_loc - m)), where ``tail = sum_{v not in I} exp(z_v - m)`` over all shards.
     """
     n, v = x.shape[0], sh.n_valid
     k = ids.shape[1]
     local, in_shard, in_vocab = _local_index(ids, sh)
     m_loc = torch.full((n,), float("-inf"), dtype=sh.cdtype, device=x.device)
     tail_loc = torch.zeros(n, dtype=sh.cdtype, device=x.device)
+    pack = torch.zeros(n, k + 2, dtype=sh.cdtype, device=x.device)  # tail sum, bad, z_I
     if v > 0 and n > 0:
-        buf = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device)
+        pack[:, 2:] = torch.where(in_shard, x.gather(1, local).to(sh.cdtype), 0.0)
+        buf = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device) if store is None else None
         zero_at = _zero_values(in_shard, sh)
         for s, e in _chunks(n, sh):
-            xc, t = x[s:e, :v], buf[: e - s]
+            xc, t = x[s:e, :v], buf[: e - s] if store is None else store[s:e, :v]
             m_loc[s:e], shift = _chunk_shift(xc, sh)
             torch.sub(xc, shift[:, None], out=t).exp_()
             t.scatter_reduce_(1, local[s:e], zero_at[s:e], "amin")  # this shard's ids of I -> 0
             tail_loc[s:e] = t.sum(dim=-1)
     m, scale, bad_loc = _to_global(m_loc, sh)
-    pack = torch.zeros(n, k + 2, dtype=sh.cdtype, device=x.device)  # tail sum, bad, z_I
     pack[:, 0] = tail_loc * scale
     pack[:, 1] = bad_loc
-    if v > 0 and n > 0:
-        pack[:, 2:] = torch.where(in_shard, x.gather(1, local).to(sh.cdtype), 0.0)
     _all_reduce(pack, "sum", sh)
     m = torch.where(pack[:, 1] > 0, float("nan"), m)
     tail, z_i = pack[:, 0], pack[:, 2:]
@@ -366,7 +364,7 @@ def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard) -> tuple[Tensor, ...]:
     frac_i = mass_i / (tail + mass_i)
     log_qt = torch.where(frac_i < 0.5, torch.log1p(-frac_i), torch.log(tail) - log_s)
     log_qt = torch.where(bad_ids, nan, log_qt)
-    return log_q, log_qt, m, tail, local, in_shard, first, bad | bad_ids
+    return log_q, log_qt, m, tail, local, in_shard, first, bad | bad_ids, scale
 
 
 def _zero_values(in_shard: Tensor, sh: _Shard) -> Tensor:
@@ -437,7 +435,8 @@ class _TopKKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, ids: Tensor, target_lp: Tensor, sh: _Shard) -> Tensor:
-        log_q, log_qt, m, tail, local, in_shard, first, bad = _bucket_stats(x, ids, sh)
+        store = _exp_store(x, sh, ctx.needs_input_grad[0])
+        log_q, log_qt, m, tail, local, in_shard, first, bad, scale = _bucket_stats(x, ids, sh, store)
         p = torch.exp(target_lp)
         lq = torch.cat([log_q, log_qt[:, None]], dim=1)
         terms = torch.where(p > 0, p * (target_lp - lq), torch.zeros_like(p))
@@ -446,8 +445,10 @@ class _TopKKL(torch.autograd.Function):
         off = torch.where(tail > 0, (torch.exp(log_qt) - p[:, -1]) / tail, 0.0)
         # on I: q_i - (sum of the target's entries on id i); a repeated id counts q_i once
         on = torch.where(first, torch.exp(log_q), 0.0) - p[:, :-1]
+        if store is not None:  # exp(z - m) = scale * exp(z - m_loc)
+            off = off * torch.where(torch.isfinite(m), scale, 0.0)
         ctx.save_for_backward(x, local, in_shard, m, off, on, bad)
-        ctx.sh = sh
+        ctx.sh, ctx.store = sh, store
         return kl
 
     @staticmethod
@@ -455,7 +456,8 @@ class _TopKKL(torch.autograd.Function):
         x, local, in_shard, m, off, on, bad = ctx.saved_tensors
         sh: _Shard = ctx.sh
         n, v = x.shape[0], sh.n_valid
-        grad, work = _new_grad(x, sh)
+        store, ctx.store = ctx.store, None
+        grad, work = (store, None) if store is not None else _new_grad(x, sh)
         if v == 0 or n == 0:
             return grad, None, None, None
         g = g.to(sh.cdtype)
@@ -464,8 +466,9 @@ class _TopKKL(torch.autograd.Function):
         zero_at = _zero_values(in_shard, sh)
         for s, e in _chunks(n, sh):
             t = work[: e - s] if work is not None else grad[s:e, :v]
-            torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_()
-            t.scatter_reduce_(1, local[s:e], zero_at[s:e], "amin")  # this shard's I slots -> 0
+            if store is None:  # else t holds exp(z - m_loc), I slots 0, from forward
+                torch.sub(x[s:e, :v], m[s:e, None], out=t).exp_()
+                t.scatter_reduce_(1, local[s:e], zero_at[s:e], "amin")  # this shard's I slots -> 0
             t.mul_(coef[s:e])
             t.scatter_add_(1, local[s:e], on[s:e])
             if work is not None:
@@ -491,15 +494,12 @@ def vp_topk_kl(
     """Per-token forward KL(target || student) on the teacher's top-k + tail buckets.
 
     ``logits [..., V_local]``: the student's vocab shard. ``teacher_ids [..., k]``: global
-    ids of the teacher's top-k (any shard, < ``vocab_size``; distinct within a token, except
-    filler at masked positions, which is harmless).
-    ``teacher_logprobs [..., k]``: the teacher's log-probs of those ids over its full
-    vocabulary (the tail mass ``1 - sum exp`` is used). ``alpha``, ``ref_logprobs``,
-    ``ref_tail_logprob``: the geometric-mixture target, see :func:`topk_target_logprobs`
-    (alpha = 1 is the plain KL to the teacher). Returns ``[...]`` (fp32; fp64 for fp64
-    logits), differentiable w.r.t. ``logits`` only; mask and normalise with
-    :func:`erpd_megatron.ops.losses.token_mean_loss`.
-    """
+    ids of the teacher's top-k (< ``vocab_size``; distinct within a token except harmless
+    filler at masked positions); ``teacher_logprobs [..., k]``: their log-probs over the
+    teacher's full vocabulary (tail ``1 - sum exp``). ``alpha``, ``ref_logprobs``,
+    ``ref_tail_logprob``: the geometric-mixture target (:func:`topk_target_logprobs`).
+    Returns ``[...]`` (fp32; fp64 for fp64 logits), differentiable w.r.t. ``logits``; mask
+    and normalise with :func:`erpd_megatron.ops.losses.token_mean_loss`."""
     x = _flat(logits)
     sh = _shard(x, group, vocab_start, vocab_size, chunk_size, inplace_backward)
     k = teacher_ids.shape[-1]
@@ -526,7 +526,7 @@ def vp_bucket_logprobs(
     x = _flat(logits)
     sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
     k = ids.shape[-1]
-    log_q, log_qt, _, _, _, _, _, bad = _bucket_stats(x, ids.reshape(-1, k).long(), sh)
+    log_q, log_qt, _, _, _, _, _, bad, _ = _bucket_stats(x, ids.reshape(-1, k).long(), sh)
     log_q = torch.where(bad[:, None], float("nan"), log_q)
     return log_q.view(*logits.shape[:-1], k), log_qt.view(logits.shape[:-1])
 

@@ -231,3 +231,27 @@ def test_inplace_backward_gives_the_same_gradient(gen, dtype):
     out = vp_entropy(logits, vocab_size=vocab) + vp_logprob(logits, target, vocab_size=vocab, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_kept_exps_give_the_recomputed_gradient(gen):
+    """fp32 with a separate gradient: the forward keeps exp(z - m) in the gradient tensor and
+    the backward only scales it; a second backward (retain_graph) recomputes from the logits.
+    Both equal the float64 reference's gradient (and each other up to rounding)."""
+    n, v, vocab, chunk = _sizes(gen, padded=True)
+    x0 = torch.randn(n, v, generator=gen) * 3
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    ids = torch.rand(n, vocab, generator=gen).argsort(-1)[:, :5]
+    t_lp = torch.log(0.8 * torch.softmax(torch.randn(n, 5, generator=gen), -1))
+    w = torch.randn(n, generator=gen)
+    for op in (lambda x: vp_logprob_and_entropy(x, target, vocab_size=vocab, chunk_size=chunk)[0],
+               lambda x: vp_topk_kl(x, ids, t_lp, vocab_size=vocab, chunk_size=chunk)):
+        ref = x0.double().requires_grad_()
+        (op(ref) * w.double()).sum().backward()
+        x = x0.clone().requires_grad_()
+        out = (op(x) * w).sum()
+        out.backward(retain_graph=True)
+        kept = x.grad.clone()
+        x.grad = None
+        out.backward()
+        torch.testing.assert_close(kept, ref.grad.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad, kept, rtol=1e-6, atol=1e-7)

@@ -18,6 +18,12 @@ For every held-out set in ``eval.datasets`` (selected with the rollout prompt lo
    ``log pi`` comes from), mean and standard error over sequences. The base's own KL and drift
    are 0 by construction and are not estimated.
 
+GPU memory between models: with ``rollout.engine=vllm`` each model's engine is a vLLM worker
+process (:mod:`erpd_megatron.rollout.vllm_engine`) that is shut down explicitly and exits when
+its samples are drawn (the ``with make_engine(...)`` block), before the next model's engine
+starts; ``del llm`` alone does not free vLLM's memory (vLLM issues 21073, 6544). The hf
+models used for scoring are dropped and the CUDA cache emptied after each model.
+
 Results go to ``eval.output_dir`` (default ``<output_dir>/eval``): ``results.md``,
 ``results.csv``, ``results.json``, ``accuracy_vs_kl.png`` and the training-curve figures of
 the metrics files (``eval.metrics_files``, else discovered under ``output_dir``).
@@ -37,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from erpd_megatron.config.checks import eval_length_problems
 from erpd_megatron.config.loader import ConfigError, load_config, to_dict
 from erpd_megatron.config.schema import Config, EvalModelConfig
 from erpd_megatron.data.prompts import PromptDataError, SelectedPrompt, load_prompt_set
@@ -123,6 +130,7 @@ def check_eval_config(cfg: Config) -> tuple[list[EvalModelConfig], EvalModelConf
     base_name = ec.base_name or (names[0] if names else None)
     if names and base_name not in names:
         problems.append(f"eval.base_name '{base_name}' is not one of the models {names}")
+    problems += eval_length_problems(cfg)  # eval.max_new_tokens within the models' positions
     if problems:
         raise ConfigError("; ".join(problems))
     for k in ec.pass_k:
@@ -388,7 +396,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. eval.num_prompts=100")
     p.add_argument("--curves-only", action="store_true", help="only plot the training curves (no sampling)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="where results.md/.csv/.json and plots go (eval.output_dir; "
+                   "default <output_dir>/eval)")
+    args = p.parse_args(argv)
+    if args.out:
+        args.overrides.append(f"eval.output_dir={args.out}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

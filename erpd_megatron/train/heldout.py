@@ -15,6 +15,11 @@ evaluation must finish within the process-group timeout (30 minutes). On large m
 costs a full export per evaluation; evaluate the epoch snapshots offline (``erpd evaluate``)
 instead.
 
+The child never uses vLLM on a GPU: the trainer's processes keep their GPU memory while it runs,
+and vLLM sizes its KV cache as a fraction of the whole GPU (see :func:`heldout_engine_problem`).
+With ``rollout.engine=vllm`` (the GPU recipes' default) evaluate the snapshots offline with
+``erpd evaluate`` as its own job, where each model's vLLM worker exits before the next starts.
+
     python -m erpd_megatron.train.heldout --config RESOLVED.yaml --checkpoint DIR --out RESULT.json
 """
 
@@ -28,11 +33,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
-from erpd_megatron.config.loader import load_config, to_dict
+from erpd_megatron.config.loader import ConfigError, load_config, to_dict
 from erpd_megatron.config.schema import Config, EvalModelConfig
 from erpd_megatron.utils.files import atomic_write_json
 from erpd_megatron.utils.log import get_logger
@@ -83,10 +88,30 @@ def heldout_metrics(cfg: Config, hf_dir: str | Path, *, progress: bool = False) 
     return out
 
 
+def heldout_engine_problem(engine: str, eval_every_epochs: int, on_gpu: bool) -> Optional[str]:
+    """Why Stage 1's in-training held-out eval cannot use ``rollout.engine=engine`` (or None).
+
+    The eval child runs while the trainer's processes keep their GPU memory (weights, optimizer
+    state, the allocator's cache). vLLM sizes its KV cache as ``gpu_memory_utilization`` of the
+    *whole* GPU and refuses to start when that much is not free, so a vLLM engine there either
+    fails or competes with the trainer. The hf engine allocates only what it uses."""
+    if eval_every_epochs and engine == "vllm" and on_gpu:
+        return ("stage1.eval_every_epochs with rollout.engine=vllm would start a vLLM engine on GPUs whose "
+                "memory the trainer holds: set stage1.eval_every_epochs=0 and evaluate the epoch snapshots "
+                "(stage1.save_epochs, converted with tools/convert_checkpoint.py mcore-to-hf) offline with "
+                "`erpd evaluate` as its own job, or set rollout.engine=hf for the in-training eval")
+    return None
+
+
 def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str, float]:
     """Evaluate ``checkpoint`` in a child process (rank 0 only); returns its metrics.
 
-    Raises RuntimeError with the child's exit code when it fails (the log is in ``work_dir``)."""
+    Raises RuntimeError with the child's exit code when it fails (the log is in ``work_dir``), and
+    :class:`ConfigError` before starting one that would run vLLM next to the trainer
+    (:func:`heldout_engine_problem`; the first evaluation runs before the first step)."""
+    problem = heldout_engine_problem(cfg.rollout.engine, max(cfg.stage1.eval_every_epochs, 1), _has_cuda())
+    if problem:
+        raise ConfigError(problem)
     work_dir.mkdir(parents=True, exist_ok=True)
     resolved = work_dir / "config.yaml"
     resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -253,6 +253,41 @@ def _patch_moe() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
+def _patch_sequence_parallel() -> None:
+    """Sequence parallelism with megatron's torch norms (no Apex / TE), measured with 0.16.1.
+
+    ``WrappedTorchNorm.__new__`` (``transformer/torch_norm.py``) asserts
+    ``not config.sequence_parallel``. Under SP a norm sees only its rank's slice of the
+    sequence, so its weight gradient is partial; Transformer Engine's norms mark their
+    parameters ``sequence_parallel = True`` (``extensions/transformer_engine.py``,
+    ``TENorm``/``TELayerNormColumnParallelLinear``) and ``finalize_model_grads`` then sums
+    those gradients over TP (``_allreduce_non_tensor_model_parallel_grads``). The harness
+    builds the same torch norm and marks its parameters the same way: exact, not an
+    approximation. ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` run on gloo with
+    torch 2.13, so megatron's SP mappings need nothing more.
+    """
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    orig = cls.__new__
+    if getattr(orig, "_erpd_patched", False):
+        return
+
+    def new(klass: Any, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> Any:
+        if not config.sequence_parallel:
+            return orig(klass, config, hidden_size, eps, **kwargs)
+        import dataclasses
+
+        norm = orig(klass, dataclasses.replace(config, sequence_parallel=False), hidden_size, eps,
+                    **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    new._erpd_patched = True  # type: ignore[attr-defined]
+    cls.__new__ = new  # type: ignore[method-assign]
+
+
 def patch_torch_adam_distributed_optimizer() -> None:
     """Make DistributedOptimizer checkpoint loads work with torch's Adam (no Apex / TE).
 
@@ -313,6 +348,7 @@ def install_cpu_harness() -> None:
         _patch_torch_cuda()
         _patch_megatron()
         _patch_moe()
+        _patch_sequence_parallel()
         patch_torch_adam_distributed_optimizer()
         _MODE = _CpuDeviceMode()
         _MODE.__enter__()

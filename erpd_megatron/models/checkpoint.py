@@ -62,8 +62,9 @@ def _rank() -> int:
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    from erpd_megatron.runtime import comm
+
+    comm.barrier()  # on the group's device (NCCL: the current GPU)
 
 
 def iter_dir(root: str | Path, step: int) -> Path:

@@ -255,8 +255,9 @@ def mcore_to_hf(
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
         log.info("exported %s -> %s (%s, %d tensors)", ckpt_dir, out_dir, dtype, len(hf))
-    if dist.is_initialized():
-        dist.barrier()
+    from erpd_megatron.runtime import comm
+
+    comm.barrier()  # on the group's device (NCCL: the current GPU)
     return out_dir
 
 

@@ -142,9 +142,17 @@ def parse_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     """Read rank / world size / master address from a launcher's environment variables.
 
     torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``) wins
-    over Slurm (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, master = first host of
-    ``SLURM_JOB_NODELIST``, port ``MASTER_PORT`` or ``10000 + job_id % 20000``); without
-    either it is a single process on a free localhost port.
+    over Slurm (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``); without either it is a
+    single process on a free localhost port.
+
+    Slurm's master: ``MASTER_ADDR``/``MASTER_PORT`` only when they were set for this job
+    (scripts/slurm/common.sh exports them with ``ERPD_MASTER_JOB=$SLURM_JOB_ID``); otherwise
+    they were inherited from the submit shell (sbatch exports its whole environment by
+    default) and may name another host: they are ignored. ``ERPD_MASTER_ADDR`` /
+    ``ERPD_MASTER_PORT`` are explicit overrides. Else the first host of
+    ``SLURM_JOB_NODELIST`` and port ``20000 + (job_id + 7919 * restart) % 10000``: the same
+    on every node, and below Linux's default ephemeral range (32768-60999) whose ports any
+    outgoing connection may hold (the scripts also read the node's actual range).
     """
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -156,17 +164,24 @@ def parse_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        if "MASTER_ADDR" in env:
-            addr = env["MASTER_ADDR"]
-        elif nodelist:
+        job = env.get("SLURM_JOB_ID", "")
+        ours = bool(job) and env.get("ERPD_MASTER_JOB") == job
+        addr = env.get("ERPD_MASTER_ADDR") or (env.get("MASTER_ADDR") if ours else None)
+        port_s = env.get("ERPD_MASTER_PORT") or (env.get("MASTER_PORT") if ours else None)
+        if not ours and ("MASTER_ADDR" in env or "MASTER_PORT" in env) and env["SLURM_PROCID"] == "0":
+            log.warning("ignoring MASTER_ADDR=%s MASTER_PORT=%s: not set for Slurm job %s (inherited from "
+                        "the submit shell?); set ERPD_MASTER_ADDR / ERPD_MASTER_PORT to choose the master",
+                        env.get("MASTER_ADDR"), env.get("MASTER_PORT"), job or "?")
+        if not addr:
+            if not nodelist:
+                raise RuntimeError("Slurm launch without SLURM_JOB_NODELIST or ERPD_MASTER_ADDR: cannot find "
+                                   "the master")
             addr = first_slurm_host(nodelist)
+        if port_s:
+            port = int(port_s)
         else:
-            raise RuntimeError("Slurm launch without SLURM_JOB_NODELIST or MASTER_ADDR: cannot find the master")
-        if "MASTER_PORT" in env:
-            port = int(env["MASTER_PORT"])
-        else:
-            job = env.get("SLURM_JOB_ID", "0")
-            port = 10000 + int(job) % 20000 if job.isdigit() else 29500
+            restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+            port = 20000 + (int(job) + 7919 * restart) % 10000 if job.isdigit() else 29500
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", "0")), master_addr=addr, master_port=port,
@@ -176,13 +191,60 @@ def parse_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
                      master_port=free_port(), launcher="single")
 
 
+ALLOW_CPU_ENV = "ERPD_ALLOW_CPU"
+"""Set to 1 to run on CPU (gloo) although the environment reports GPUs."""
+
+
+_NO_GPU_VALUES = ("", "-1", "nodevfiles", "none", "n/a")
+"""Values by which CUDA_VISIBLE_DEVICES / Slurm say "no GPU" (an empty variable, CUDA's -1,
+Slurm's NoDevFiles)."""
+
+
+def _reported_gpus(env: Mapping[str, str]) -> Optional[str]:
+    """The first launcher/driver variable that says this process was given GPUs, as
+    ``NAME=value``; None when none does."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES"):
+        value = env.get(name, "").strip()
+        if value.lower() in _NO_GPU_VALUES or (name == "SLURM_GPUS_ON_NODE" and value == "0"):
+            continue
+        return f"{name}={value}"
+    return None
+
+
+def check_cuda_available(env: Mapping[str, str], cuda_available: bool) -> None:
+    """Fail fast when the environment reports GPUs but torch cannot use CUDA (a CPU build
+    of torch in the venv, or a driver problem): otherwise the job would silently train on
+    CPU through the gloo harness. ``ERPD_ALLOW_CPU=1`` in ``env`` accepts the CPU run."""
+    if cuda_available or env.get(ALLOW_CPU_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return
+    reported = _reported_gpus(env)
+    if reported is None:
+        return
+    raise RuntimeError(
+        f"the environment reports GPUs ({reported}) but torch {torch.__version__} has no CUDA "
+        f"(torch.cuda.is_available() is False, torch.version.cuda={torch.version.cuda}): this "
+        "would train on CPU. Install the CUDA build of torch in this environment (`make install` "
+        "on the GPU node), or check the driver with nvidia-smi; to run on CPU on purpose, set "
+        f"{ALLOW_CPU_ENV}=1."
+    )
+
+
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of a process with ``local_rank`` among ``device_count`` visible GPUs:
+    ``local_rank % device_count``, so that one GPU per task (Slurm ``--gpus-per-task``, where
+    each task sees only device 0) and all GPUs per node (device = local rank) both work."""
+    if device_count < 1:
+        raise RuntimeError("no CUDA device visible to this process")
+    return local_rank % device_count
+
+
 def _init_process_group(launch: LaunchEnv, timeout_minutes: int) -> str:
     global _OWNS_PROCESS_GROUP
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     os.environ["MASTER_ADDR"] = launch.master_addr
     os.environ["MASTER_PORT"] = str(launch.master_port)
     if torch.cuda.is_available():
-        torch.cuda.set_device(launch.local_rank)
+        torch.cuda.set_device(local_device_index(launch.local_rank, torch.cuda.device_count()))
     dist.init_process_group(
         backend=backend, rank=launch.rank, world_size=launch.world_size,
         timeout=timedelta(minutes=timeout_minutes),
@@ -210,7 +272,7 @@ def seed_everything(seed: int) -> None:
 
 
 def init_distributed(
-    cfg: Config, *, world_size_hint: Optional[int] = None, timeout_minutes: int = 30,
+    cfg: Config, *, world_size_hint: Optional[int] = None, timeout_minutes: Optional[int] = None,
     env: Optional[Mapping[str, str]] = None,
 ) -> DistEnv:
     """Initialise torch.distributed and megatron's model-parallel groups for ``cfg.parallel``.
@@ -220,20 +282,25 @@ def init_distributed(
     and an existing megatron initialisation with the same TP/PP is kept (one with
     different sizes is rebuilt). The CPU harness is installed when no GPU is present.
     """
+    from erpd_megatron.config.validate import check_transformer_engine_importable
+
+    check_transformer_engine_importable()  # a broken TE kills `import megatron.core` with a raw error
     from megatron.core import parallel_state as ps
 
+    check_cuda_available(os.environ if env is None else env, torch.cuda.is_available())
     harness = not torch.cuda.is_available()
     if harness:
         from erpd_megatron.runtime.cpu_harness import install_cpu_harness
 
         install_cpu_harness()
     launch = parse_launch_env(env)
+    timeout_minutes = timeout_minutes or cfg.parallel.distributed_timeout_minutes  # None: the config's
     if dist.is_initialized():
         backend = dist.get_backend()
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = launch.local_rank if launch.world_size == world else rank
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(local_device_index(local_rank, torch.cuda.device_count()))
     else:
         backend = _init_process_group(launch, timeout_minutes)
         rank, world, local_rank = launch.rank, launch.world_size, launch.local_rank
@@ -243,13 +310,16 @@ def init_distributed(
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     ep = cfg.parallel.expert_model_parallel_size
     if ps.model_parallel_is_initialized():
-        same = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp)
+        same = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size(),
+                ps.get_expert_tensor_parallel_world_size()) == (tp, pp, ep, cfg.parallel.expert_tensor_parallel_size)
         if not same:
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             expert_model_parallel_size=ep, distributed_timeout_minutes=timeout_minutes,
+            expert_tensor_parallel_size=cfg.parallel.expert_tensor_parallel_size,
         )
     seed_everything(cfg.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if not harness else torch.device("cpu")
@@ -280,6 +350,7 @@ def destroy_distributed(*, destroy_process_group: Optional[bool] = None) -> None
 
 
 def barrier() -> None:
-    """``dist.barrier()`` when distributed is up, else nothing."""
-    if dist.is_initialized():
-        dist.barrier()
+    """A world barrier on the group's device when distributed is up, else nothing."""
+    from erpd_megatron.runtime import comm
+
+    comm.barrier()

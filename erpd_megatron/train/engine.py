@@ -7,6 +7,20 @@ micro-batch and return ``(loss, metrics)`` where ``loss`` is already normalised 
 loss by the number of micro-batches and DDP averages gradients over data-parallel ranks;
 :meth:`Engine.run` multiplies both factors back, so that the gradient is exactly the
 gradient of the global-batch loss, whatever the micro-batching and DP size.
+
+Equal micro-batch counts. Every data-parallel rank must pass :meth:`Engine.run` the same
+number of micro-batches: callers pad their list with zero-loss dummies
+(:func:`~erpd_megatron.data.batching.dp_micro_batch_count`,
+:func:`~erpd_megatron.data.batching.pad_micro_batches`), also for forward-only passes. A rank
+with fewer (or none, on a short last global batch) would leave the others blocked in the DP
+gradient reduction, and under FP8 delayed scaling in the amax all-reduce that Transformer
+Engine runs at every FP8 forward over megatron's amax group, TP x DP (megatron-core 0.16.1
+``core/fp8_utils.py`` passes ``parallel_state.get_amax_reduction_group(with_context_parallel=
+True, tp_only_amax_red=config.tp_only_amax_red)`` as ``fp8_group``; ``parallel_state.py``
+returns ``_TENSOR_AND_DATA_PARALLEL_GROUP_WITH_CP`` unless ``tp_only_amax_red``). Equal counts
+are the chosen answer (rather than a TP-only amax reduction, which would let DP replicas'
+scales drift apart): the dummies cost one short forward/backward each and keep every
+collective of the schedule matched.
 """
 
 from __future__ import annotations
@@ -17,10 +31,10 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from erpd_megatron.config.schema import Config
 from erpd_megatron.data.batching import MicroBatch
+from erpd_megatron.runtime import comm
 
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -100,6 +114,8 @@ class Engine:
         Returns the per-micro-batch metric dicts of ``loss_fn`` on the last pipeline stage
         (an empty list on other stages). With ``forward_only=False`` gradients accumulate
         into the DDP buffers (zeroed here first) and are reduced over DP when it returns.
+        Every DP rank must pass the same number of micro-batches (see the module docstring);
+        an empty list is only allowed when it is empty on every rank.
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -137,19 +153,16 @@ class Engine:
 
     def grads_finite(self) -> bool:
         """Whether every local gradient is finite, agreed over all ranks (MAX all-reduce)."""
-        bad = torch.zeros(1, dtype=torch.float32)
+        bad = False
         for m in self.model:
             for p in m.parameters():
                 g = getattr(p, "main_grad", None)
                 if g is None:
                     g = p.grad
                 if g is not None and not torch.isfinite(g).all():
-                    bad.fill_(1.0)
+                    bad = True
                     break
-        bad_dev = bad.to(_device())
-        if dist.is_initialized():
-            dist.all_reduce(bad_dev, op=dist.ReduceOp.MAX)
-        return bool(bad_dev.item() == 0)
+        return not comm.any_rank(bad)
 
     def step(self) -> tuple[bool, float]:
         """Apply the optimizer and advance the LR schedule; returns (ok, grad_norm)."""
@@ -183,7 +196,4 @@ def reduce_metrics(metric_dicts: list[dict], keys: list[str], *, src_is_owner: b
             for i, k in enumerate(keys):
                 if k in d:
                     vec[i] += float(d[k].detach().double().sum()) if torch.is_tensor(d[k]) else float(d[k])
-    dev = vec.to(_device())
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(dev)
-    return dict(zip(keys, dev.cpu().tolist()))
+    return dict(zip(keys, comm.all_reduce(vec).tolist()))

@@ -83,14 +83,43 @@ def format_report(cfg: Config, d: dict) -> str:
     return "\n".join(lines)
 
 
+TABLE_HEADER = (
+    "| recipe | GPUs | TP / PP / DP | micro-batch tokens | weights + grads + optimizer | "
+    "activations | logits | total per GPU (GiB) | pipeline stage | largest micro-batch that fits |"
+    "\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(cfg: Config, d: dict) -> str:
+    """One markdown row of the recipes table (README "Sizing a run")."""
+    states = d["weights_gib"] + d["grads_gib"] + d["optimizer_gib"]
+    verdict = "fits" if d["fits"] else "DOES NOT FIT"
+    return (f"| `{cfg.name}` | {d['world_size']} x {cfg.parallel.gpu_memory_gb:g} GB | "
+            f"{d['tp']} / {d['pp']} / {d['dp']} | {d['tokens_per_microbatch']} | {states:.1f} | "
+            f"{d['activations_gib']:.1f} | {d['logits_gib']:.1f} | "
+            f"{d['total_gib']:.1f} of {d['budget_gib']:.1f} ({verdict}) | {d['stage']} | "
+            f"{d['max_tokens_per_microbatch_that_fits']} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``erpd dryrun --config RECIPE [--json] [a.b=c ...]``; exit 0 if it fits, else 3."""
     p = argparse.ArgumentParser(prog="erpd dryrun", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", help="the recipe (required unless --table)")
+    p.add_argument("--table", nargs="+", metavar="RECIPE",
+                   help="print the markdown table of these recipes (README 'Sizing a run')")
     p.add_argument("--world-size", type=int, default=None, help="override num_nodes*gpus_per_node")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if args.table:
+        rows = []
+        for path in args.table:
+            cfg = load_config(path, args.overrides)
+            rows.append(table_row(cfg, report_dict(cfg)))
+        print(TABLE_HEADER + "\n" + "\n".join(rows))
+        return 0
+    if not args.config:
+        p.error("--config is required")
     cfg = load_config(args.config, args.overrides, validate=False)
     world = args.world_size or cfg.parallel.num_nodes * cfg.parallel.gpus_per_node
     validate_config(cfg, world_size=world)

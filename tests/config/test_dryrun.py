@@ -275,3 +275,12 @@ def test_estimate_matches_a_measured_cpu_forward():
     assert 0.9 < lo_s <= hi_s < 1.1
     assert 0.85 < lo_r <= hi_r < 1.15  # RSS is page-granular and sees allocator slack
     assert math.isfinite(hi_r)
+
+
+def test_readme_table_is_what_the_dry_run_prints(capsys):
+    assert dryrun_main(["--table", *map(str, GPU_RECIPES)]) == 0
+    printed = capsys.readouterr().out.strip()
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(printed.splitlines()[0])
+    assert readme[start:start + len(printed)] == printed, "regenerate the README table"
+

@@ -36,8 +36,10 @@ both are computed and the larger is reported):
   tensor per norm, the unfused SwiGLU ``2F`` more, qk-norm ``2(q + kv)`` more; they are
   counted for a layout that is not fused, and ``benchmarks/bench_dryrun_memory.py`` finds
   this figure within 1% of what a real megatron-core forward saves and holds.
-  Selective recompute drops the ``a*s`` term; full recompute keeps only each layer's input
-  (``h``, over TP with SP) plus one layer's working set while it is recomputed.
+  Selective recompute drops the ``a*s`` term; full recompute keeps only the input (``h``,
+  over TP with SP) of each group of ``recompute_num_layers`` layers (``uniform``) plus one
+  group's working set while it is recomputed, or (``block``) recomputes only the first
+  ``recompute_num_layers`` layers of each stage and keeps the others' activations.
   The 1F1B schedule keeps ``min(PP, micro-batches)`` micro-batches in flight on the first
   stage (PP is assumed: the count per step is not known before the data), so the first stage
   holds all L layers' worth; the interleaved schedule multiplies by
@@ -105,6 +107,8 @@ class Layout:
     vpp: Optional[int] = None
     sp: bool = False
     recompute: Optional[str] = None  # None, "selective" or "full"
+    recompute_method: Optional[str] = None  # full: "uniform" (default) or "block"
+    recompute_num_layers: Optional[int] = None  # full: layers per group / per stage (default 1)
     flash: bool = True
     act_bytes: int = 2
     param_bytes: int = 2
@@ -135,7 +139,10 @@ def layout_of(cfg: Config, world_size: Optional[int] = None, *, on_gpu: bool = T
         world=world, tp=tp, pp=pp, dp=world // (tp * pp * cp), ep=par.expert_model_parallel_size,
         etp=int(getattr(par, "expert_tensor_parallel_size", tp) or tp), cp=cp,
         vpp=getattr(par, "virtual_pipeline_model_parallel_size", None),
-        sp=bool(par.sequence_parallel), recompute=recompute, flash=impl == "transformer_engine",
+        sp=bool(par.sequence_parallel), recompute=recompute,
+        recompute_method=getattr(par, "recompute_method", None),
+        recompute_num_layers=getattr(par, "recompute_num_layers", None),
+        flash=impl == "transformer_engine",
         act_bytes=nbytes, param_bytes=nbytes, distributed_optimizer=par.use_distributed_optimizer,
         fused=impl == "transformer_engine" and on_gpu,
     )
@@ -304,8 +311,17 @@ def activation_bytes(cfg: Config, lay: Layout, tokens: int, seq: int,
         layers.append((n_moe, _one_layer_bytes(cfg, lay, tokens_cp, seq, True)))
     sp_div = lay.tp if lay.sp else 1
     if lay.recompute == "full":
-        per_mb = (n_dense + n_moe) * cfg.model.hidden_size * tokens_cp * lay.act_bytes / sp_div
-        extra = max(b for n, b in layers if n)  # the layer being recomputed in the backward
+        n_all = n_dense + n_moe
+        mean_layer = sum(n * b for n, b in layers) / n_all
+        layer_input = cfg.model.hidden_size * tokens_cp * lay.act_bytes / sp_div
+        group = max(1, lay.recompute_num_layers or 1)
+        if lay.recompute_method == "block":  # the first `group` layers of the stage only
+            done = min(group, n_all)
+            per_mb = done * layer_input + (n_all - done) * mean_layer
+            extra = mean_layer
+        else:  # uniform: the input of each group of `group` layers; one group recomputed
+            per_mb = math.ceil(n_all / group) * layer_input
+            extra = min(group, n_all) * mean_layer
     else:
         per_mb, extra = sum(n * b for n, b in layers), 0.0
     if first:

@@ -233,6 +233,19 @@ def test_layout_knobs_scale_activations_as_korthikanti():
         a * t * t * 2 * L / lay.tp, rel=1e-9)
 
 
+def test_full_recompute_methods():
+    cfg = load_config(ROOT / "configs/recipes/qwen3-8b-2node.yaml")  # 36 layers
+    lay = dataclasses.replace(layout_of(cfg), recompute="full")
+    t, h = 4096, cfg.model.hidden_size
+    rest = 2 * h * t * 2 + 8 * t
+    layer = (activation_bytes(cfg, dataclasses.replace(lay, recompute=None), t, t) - rest) / 36
+    uniform4 = activation_bytes(cfg, dataclasses.replace(lay, recompute_num_layers=4), t, t)
+    assert uniform4 == pytest.approx(9 * h * t * 2 + 4 * layer + rest, rel=1e-9)
+    block10 = activation_bytes(cfg, dataclasses.replace(lay, recompute_method="block",
+                                                         recompute_num_layers=10), t, t)
+    assert block10 == pytest.approx(10 * h * t * 2 + 26 * layer + layer + rest, rel=1e-9)
+
+
 def test_moe_experts_spread_over_ep_and_expert_dp():
     cfg = load_config(ROOT / "configs/recipes/qwen3-8b-2node.yaml")  # 16 ranks, TP=4
     moe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_experts=8))

@@ -1,8 +1,8 @@
 """Memory per GPU of a recipe, as pure arithmetic over the config (no torch, no megatron).
 
-What is counted, per rank of the most loaded pipeline stage (the first stage holds the
-embedding and the most micro-batches in flight, the last the output layer and the logits;
-both are computed and the larger is reported):
+What is counted, per rank of the most loaded pipeline stage (every stage is computed and
+the largest reported: the first holds the embedding and the most micro-batches in flight,
+the last the output layer and the logits):
 
 * **Parameters on the rank.** Each layer's TP-sharded matrices (QKV, output projection,
   gated MLP) over TP, its norms replicated; ``L/PP`` layers per stage; the embedding on the
@@ -40,9 +40,9 @@ both are computed and the larger is reported):
   over TP with SP) of each group of ``recompute_num_layers`` layers (``uniform``) plus one
   group's working set while it is recomputed, or (``block``) recomputes only the first
   ``recompute_num_layers`` layers of each stage and keeps the others' activations.
-  The 1F1B schedule keeps ``min(PP, micro-batches)`` micro-batches in flight on the first
-  stage (PP is assumed: the count per step is not known before the data), so the first stage
-  holds all L layers' worth; the interleaved schedule multiplies by
+  The 1F1B schedule keeps ``min(PP - k, micro-batches)`` micro-batches in flight on stage k
+  (``PP - k`` is assumed: the count per step is not known before the data), so the first
+  stage holds all L layers' worth; the interleaved schedule multiplies by
   ``1 + (PP-1)/(PP*VPP)``. Context parallelism divides the sequence by CP.
 * **Logits** (last stage): the output layer's bf16 logits are cast to fp32 by
   ``Float16Module`` and saved by the vocab-parallel ops, and their fp32 gradient exists
@@ -58,7 +58,7 @@ both are computed and the larger is reported):
   sequences of ``max_seq_length`` tokens. The anchor scoring pass is forward-only (one
   layer's working set and the logits, nothing kept across layers) and the cache tool's
   distributed top-k gathers ``k * TP`` candidates (fp32 values + int64 ids) per token; both
-  are reported and neither exceeds the training step.
+  are reported, and the fit check takes the largest of the three passes.
 * **Runtime**: a fixed 2 GiB for the CUDA context, NCCL buffers and cuBLAS/TE workspaces.
 
 A layout fits when the total is within 90% of ``parallel.gpu_memory_gb`` (headroom for the
@@ -88,7 +88,7 @@ CHUNK_ELEMENTS_GPU = 1 << 24
 this module stays free of torch)."""
 CHUNK_WORKSPACES = 2
 """fp32 chunk buffers the vocab-parallel ops hold at once (the exps and the entropy term)."""
-BATCH_BYTES_PER_TOKEN = 5 * 8 + 2 * 4
+BATCH_BYTES_PER_TOKEN = 4 * 8 + 2 * 4
 """MicroBatch tensors per token: int64 ids, positions, targets, seq_index; fp32 mask, advantages."""
 _VALUE_BYTES = {"fp16": 2, "bf16": 4, "fp32": 4}  # bf16 cache values are decoded to fp32
 

@@ -13,7 +13,10 @@ from position ``i``, so response token ``j`` (0-based) is scored at position
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,15 +44,17 @@ class SampleTable:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:
-        """Prompt + response length of each sample."""
-        return np.array([len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids)], np.int64)
+        """Prompt + response length of each sample (computed once; read-only, since a table's
+        token lists never change: :meth:`select` builds a new table)."""
+        return _frozen(self.response_lengths + np.fromiter(map(len, self.prompt_ids), np.int64,
+                                                           len(self.prompt_ids)))
 
-    @property
+    @cached_property
     def response_lengths(self) -> np.ndarray:
-        """Response length of each sample."""
-        return np.array([len(r) for r in self.response_ids], np.int64)
+        """Response length of each sample (computed once, read-only)."""
+        return _frozen(np.fromiter(map(len, self.response_ids), np.int64, len(self.response_ids)))
 
     def select(self, rows: np.ndarray) -> SampleTable:
         """A new table with the given rows, in that order."""
@@ -61,6 +66,11 @@ class SampleTable:
             engine_logprobs=None if self.engine_logprobs is None else [self.engine_logprobs[i] for i in rows],
             advantages=self.advantages[rows] if len(self.advantages) else self.advantages,
         )
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
 
 
 def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, *, std_normalize: bool = False,
@@ -92,21 +102,37 @@ def global_batches(order: np.ndarray, global_batch_size: int) -> list[np.ndarray
     return [order[i : i + global_batch_size] for i in range(0, len(order), global_batch_size)]
 
 
-def dp_shard(rows: np.ndarray, lengths: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
-    """This DP rank's rows of a global batch, balancing tokens: longest first, each to the
-    least loaded rank (ties to the lower rank). Deterministic, no communication."""
-    rows = np.asarray(rows)
+def dp_partition(rows: np.ndarray, lengths: np.ndarray, dp_size: int) -> list[np.ndarray]:
+    """Every DP rank's rows of a global batch, balancing tokens: longest first, each to the
+    least loaded rank (ties to the lower rank). Deterministic, no communication: each rank
+    can compute every other rank's share (see :func:`dp_micro_batch_count`)."""
+    rows = np.asarray(rows, np.int64)
     if dp_size == 1:
-        return rows
-    order = sorted(range(len(rows)), key=lambda i: (-int(lengths[rows[i]]), i))
-    load = [0] * dp_size
-    mine = []
-    for i in order:
-        r = min(range(dp_size), key=lambda k: (load[k], k))
-        load[r] += int(lengths[rows[i]])
-        if r == dp_rank:
-            mine.append(rows[i])
-    return np.array(mine, dtype=np.int64)
+        return [rows]
+    lens = np.asarray(lengths)[rows].astype(np.int64)
+    order = np.lexsort((np.arange(len(rows)), -lens))  # longest first, stable
+    heap = [(0, k) for k in range(dp_size)]  # (load, rank): the least loaded, then the lowest rank
+    shards: list[list[int]] = [[] for _ in range(dp_size)]
+    for i in order.tolist():
+        load, k = heapq.heappop(heap)
+        shards[k].append(int(rows[i]))
+        heapq.heappush(heap, (load + int(lens[i]), k))
+    return [np.array(s, dtype=np.int64) for s in shards]
+
+
+def dp_shard(rows: np.ndarray, lengths: np.ndarray, dp_rank: int, dp_size: int) -> np.ndarray:
+    """This DP rank's rows of a global batch (its part of :func:`dp_partition`)."""
+    return dp_partition(rows, lengths, dp_size)[dp_rank]
+
+
+def dp_micro_batch_count(rows: np.ndarray, lengths: np.ndarray, dp_size: int, max_tokens: int) -> int:
+    """The largest number of micro-batches any DP rank cuts its share of ``rows`` into.
+
+    Every DP rank must run this many micro-batches (padding with :func:`dummy_micro_batch`):
+    a rank that ran fewer, or returned early with none, would leave the others waiting in the
+    data-parallel gradient reduction (and, under FP8 delayed scaling, in the per-forward amax
+    reduction over TP x DP). Computed from the global picture, without communication."""
+    return max(len(micro_batches(s, lengths, max_tokens)) for s in dp_partition(rows, lengths, dp_size))
 
 
 def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -175,13 +201,14 @@ class MicroBatch:
 
 
 def collate(table: SampleTable, rows: np.ndarray,
-            token_arrays: dict[str, list[np.ndarray]] | None = None) -> MicroBatch:
+            token_arrays: dict[str, list[np.ndarray]] | None = None, *, pad_to: int = 1) -> MicroBatch:
     """Build the padded tensors of ``rows``. ``token_arrays[name][row]`` holds one entry per
     response token of that row (shape [T] or [T, k], e.g. cached log-probs or top-k ids) and
-    is placed at the scoring positions, keeping its dtype; other positions are 0."""
+    is placed at the scoring positions, keeping its dtype; other positions are 0. The sequence
+    length is rounded up to a multiple of ``pad_to`` (see :func:`pad_multiple`)."""
     rows = np.asarray(rows, np.int64)
     lens = [len(table.prompt_ids[i]) + len(table.response_ids[i]) for i in rows]
-    b, s = len(rows), max(lens)
+    b, s = len(rows), round_up(max(lens), pad_to)
     ids = np.zeros((b, s), np.int64)
     tgt = np.zeros((b, s), np.int64)
     mask = np.zeros((b, s), np.float32)
@@ -218,6 +245,65 @@ def collate(table: SampleTable, rows: np.ndarray,
         rewards=torch.from_numpy(table.rewards[rows].astype(np.float32)), seq_index=torch.from_numpy(seq),
         token_arrays={k: torch.from_numpy(v) for k, v in extra.items()},
     )
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``n`` (and >= ``multiple``)."""
+    multiple = max(1, int(multiple))
+    return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def pad_multiple(cfg: Any) -> int:
+    """The multiple that every micro-batch's sequence length is padded to for ``cfg``.
+
+    * ``precision.fp8``: Transformer Engine's FP8 GEMMs assert that the product of an input's
+      leading dims is divisible by 8 and its last dim by 16 (TE 2.x
+      ``transformer_engine/pytorch/utils.py`` ``assert_dim_for_fp8_exec``); MXFP8 needs both
+      divisible by 32 (``pytorch/tensor/mxfp8_tensor.py`` ``MXFP8Quantizer.is_quantizable``,
+      ``MXFP8_BLOCK_SCALING_SIZE = 32``; ``blockwise`` is padded the same way). Megatron's GEMM
+      inputs are ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism), so a sequence
+      length that is a multiple of 8 (32) makes ``s*b`` one for every micro-batch size. The
+      hidden sizes (last dims) are the model's and are checked by ``validate``.
+    * ``parallel.sequence_parallel``: Megatron scatters the sequence over the TP ranks, so
+      ``s`` must be divisible by TP (then each rank's ``s/tp`` must still meet the FP8 rule:
+      the two factors multiply).
+    """
+    m = 1
+    prec = getattr(cfg, "precision", None)
+    if prec is not None and getattr(prec, "fp8", None):
+        m = 32 if getattr(prec, "fp8_recipe", "delayed") in ("mxfp8", "blockwise") else 8
+    par = cfg.parallel
+    if par.sequence_parallel and par.tensor_model_parallel_size > 1:
+        m *= int(par.tensor_model_parallel_size)
+    return m
+
+
+def dummy_micro_batch(length: int, token_arrays: dict[str, list[np.ndarray]] | None = None) -> MicroBatch:
+    """A micro-batch of one all-padding sequence of ``length`` tokens whose loss is exactly
+    zero (``loss_mask`` all 0, no scoring positions, reward and advantage 0): it runs forward
+    and backward through the pipeline schedule like any other, so that every DP rank runs the
+    same number of micro-batches, and adds nothing to gradients or metric sums. Its
+    ``token_arrays`` have the per-token shape and dtype of ``token_arrays``' first entry."""
+    s = max(1, int(length))
+    z = torch.zeros((1, s), dtype=torch.int64)
+    extra = {}
+    for k, arrs in (token_arrays or {}).items():
+        first = np.asarray(arrs[0]) if len(arrs) else np.zeros(0, np.float32)
+        extra[k] = torch.zeros((1, s) + first.shape[1:], dtype=torch.from_numpy(first[:0]).dtype)
+    return MicroBatch(
+        rows=np.zeros(0, np.int64), input_ids=z, position_ids=torch.arange(s, dtype=torch.int64)[None],
+        targets=z.clone(), loss_mask=torch.zeros((1, s), dtype=torch.float32),
+        advantages=torch.zeros((1, s), dtype=torch.float32), rewards=torch.zeros(1, dtype=torch.float32),
+        seq_index=torch.full((1, s), -1, dtype=torch.int64), token_arrays=extra,
+    )
+
+
+def pad_micro_batches(mbs: list[MicroBatch], count: int, *, length: int = 1,
+                      token_arrays: dict[str, list[np.ndarray]] | None = None) -> list[MicroBatch]:
+    """``mbs`` followed by zero-loss :func:`dummy_micro_batch` es up to ``count`` in all."""
+    if len(mbs) > count:
+        raise ValueError(f"{len(mbs)} micro-batches but the DP-wide count is {count}")
+    return list(mbs) + [dummy_micro_batch(length, token_arrays) for _ in range(count - len(mbs))]
 
 
 def scatter_response_values(mb: MicroBatch, values: torch.Tensor) -> list[np.ndarray]:

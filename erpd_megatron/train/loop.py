@@ -40,11 +40,15 @@ from erpd_megatron.data.batching import (
     MicroBatch,
     SampleTable,
     collate,
+    dp_micro_batch_count,
     dp_shard,
     epoch_order,
     global_batches,
     micro_batches,
+    pad_micro_batches,
+    pad_multiple,
 )
+from erpd_megatron.runtime import comm
 from erpd_megatron.train.engine import Engine, LossFn, reduce_metrics
 from erpd_megatron.train.metrics import MetricsLogger, progress_bar, truncate_jsonl
 from erpd_megatron.utils.files import atomic_write_json, read_json
@@ -117,19 +121,26 @@ class _Signals:
         self.received = signum
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Whether any rank received a signal (a MAX all-reduce on the group's device)."""
+        return comm.any_rank(self.received is not None)
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if comm.is_distributed() else 0
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
+
+
+def add_epoch_sums(epoch_sums: dict[str, float], sums: dict[str, float], applied: bool) -> None:
+    """Add one step's metric sums to the epoch's, in place, only if its update was applied:
+    a skipped step (non-finite loss or gradient, or an optimizer that refused the step) is
+    counted in ``skipped_steps`` but its (possibly non-finite) sums are not averaged in."""
+    if not applied:
+        return
+    for k, v in sums.items():
+        epoch_sums[k] = epoch_sums.get(k, 0.0) + v
 
 
 class TrainLoop:
@@ -160,11 +171,15 @@ class TrainLoop:
         return sum(len(self.batches(e)) for e in range(self.spec.epochs))
 
     def micro_batches(self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]) -> list[MicroBatch]:
-        """This rank's micro-batches of one global batch."""
-        e = self.engine
+        """This rank's micro-batches of one global batch, padded with zero-loss dummies to the
+        count of the DP rank with the most (computed from the global picture, no collective),
+        so that every DP rank runs the same schedule (see :mod:`erpd_megatron.train.engine`)."""
+        e, budget, pad = self.engine, self.cfg.data.max_tokens_per_microbatch, pad_multiple(self.cfg)
         mine = dp_shard(rows, self.lengths, e.dp_rank, e.dp_size)
-        return [collate(self.spec.table, mb, arrays)
-                for mb in micro_batches(mine, self.lengths, self.cfg.data.max_tokens_per_microbatch)]
+        mbs = [collate(self.spec.table, mb, arrays, pad_to=pad)
+               for mb in micro_batches(mine, self.lengths, budget)]
+        count = dp_micro_batch_count(rows, self.lengths, e.dp_size, budget)
+        return pad_micro_batches(mbs, count, length=pad, token_arrays=arrays)
 
     # ---- main -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -198,15 +213,14 @@ class TrainLoop:
             dt = time.perf_counter() - t0
             st.step_in_epoch += 1
             st.global_step += 1
-            for k, v in sums.items():
-                epoch_sums[k] = epoch_sums.get(k, 0.0) + v
+            add_epoch_sums(epoch_sums, sums, applied)
             values = spec.finalize_metrics(sums)
             record = {f"{spec.name}/{k}": v for k, v in values.items()}
             record.update({f"{spec.name}/grad_norm": grad_norm, f"{spec.name}/lr": self.engine.current_lr(),
                            f"{spec.name}/skipped_steps": st.skipped_steps, "epoch": st.epoch,
                            f"{spec.name}/update_applied": int(applied)})
             self.metrics.log(record, st.global_step)
-            tokens = sums.get("tokens", 0.0)
+            tokens = sums.get("pm_tokens", sums.get("tokens", 0.0))  # pm_: counted by every stage
             self._log_timing(dt, tokens)
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", tok_s=f"{tokens / max(dt, 1e-9):.0f}")

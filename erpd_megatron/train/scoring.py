@@ -17,7 +17,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from erpd_megatron.data.batching import MicroBatch, SampleTable, collate, dp_shard, micro_batches
+from erpd_megatron.data.batching import (
+    MicroBatch,
+    SampleTable,
+    collate,
+    dp_micro_batch_count,
+    dp_shard,
+    micro_batches,
+    pad_micro_batches,
+    pad_multiple,
+)
+from erpd_megatron.runtime import comm
 from erpd_megatron.train.engine import Engine
 from erpd_megatron.utils.files import atomic_write_bytes
 from erpd_megatron.utils.log import get_logger
@@ -26,8 +36,7 @@ log = get_logger(__name__)
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
 
 
 def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLike, *,
@@ -43,8 +52,12 @@ def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLik
     done = out_dir / "COMPLETE"
     if not done.exists():
         shard = engine.vocab_shard()
-        rows = dp_shard(np.arange(len(table)), table.lengths, engine.dp_rank, engine.dp_size)
-        mbs = [collate(table, r) for r in micro_batches(rows, table.lengths, max_tokens)]
+        everything, pad = np.arange(len(table)), pad_multiple(engine.cfg)
+        rows = dp_shard(everything, table.lengths, engine.dp_rank, engine.dp_size)
+        mbs = [collate(table, r, pad_to=pad) for r in micro_batches(rows, table.lengths, max_tokens)]
+        # every DP rank runs the same number of forwards (FP8's amax reduction spans TP x DP)
+        count = dp_micro_batch_count(everything, table.lengths, engine.dp_size, max_tokens)
+        mbs = pad_micro_batches(mbs, count, length=pad)
 
         def fn(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
             b, s, v = logits.shape
@@ -68,7 +81,7 @@ def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLik
                              values=np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32))
             atomic_write_bytes(out_dir / f"dp{engine.dp_rank:05d}.npz", buf)
         _barrier()
-        if dist.get_rank() == 0:
+        if not comm.is_distributed() or dist.get_rank() == 0:
             atomic_write_bytes(done, b"ok\n")
         _barrier()
     return load_scores(out_dir, len(table))

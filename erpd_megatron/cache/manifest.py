@@ -27,12 +27,17 @@ FORMAT_NAME = "erpd-teacher-cache"
 REBUILD_HINT = "rebuild it with tools/cache_teacher_logprobs.py"
 
 
-def open_shards(paths: Sequence[Path], *, verify: bool, threads: int | None = None) -> list[ShardFile]:
-    """Open (and with ``verify`` checksum) shards in parallel threads; hashing releases the
-    GIL. Returns them in the order given; on any error closes them all and raises it."""
+def open_shards(paths: Sequence[Path], *, verify: bool | Sequence[bool],
+                threads: int | None = None) -> list[ShardFile]:
+    """Open (and with ``verify`` checksum: one flag for all, or one per path) shards in
+    parallel threads; hashing releases the GIL. Returns them in the order given; on any error
+    closes them all and raises it."""
     threads = threads or min(8, os.cpu_count() or 1, max(1, len(paths)))
+    flags = [bool(verify)] * len(paths) if isinstance(verify, bool) else [bool(v) for v in verify]
+    if len(flags) != len(paths):
+        raise ValueError(f"{len(paths)} shards but {len(flags)} verify flags")
     with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(ShardFile.open, p, verify=verify) for p in paths]
+        futures = [pool.submit(ShardFile.open, p, verify=v) for p, v in zip(paths, flags)]
         opened, error = [], None
         for fut in futures:
             try:

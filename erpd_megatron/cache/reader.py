@@ -93,6 +93,7 @@ class TeacherCache:
         expect_rollout_fingerprint: str | None = None,
         expect_token_counts: Mapping[int, int] | None = None,
         verify_checksums: bool = True,
+        verify_part: tuple[int, int] | None = None,
     ) -> TeacherCache:
         """Open a cache and check it before anything is computed from it.
 
@@ -103,8 +104,13 @@ class TeacherCache:
                 must equal the one the cache was written for.
             expect_token_counts: ``{sample_id: response tokens}`` of the rollout data; every
                 sample must be cached with exactly that many tokens.
-            verify_checksums: recompute each shard's SHA-256 (parallel threads). Sizes,
-                headers, footers and the manifest's digests are checked regardless.
+            verify_checksums: recompute the shards' SHA-256 (parallel threads). Sizes,
+                headers, footers, indexes and the manifest's digests are checked regardless.
+            verify_part: ``(rank, world_size)``: hash only the shards ``i`` (manifest order)
+                with ``i % world_size == rank``. A job whose every rank opens the cache with
+                its own part hashes each shard exactly once in all (32 ranks do not read a
+                terabyte cache 32 times); a rank that finds a corrupt shard fails before
+                training starts. None: hash every shard.
 
         Raises :class:`CacheError` naming the shard and sample at fault.
         """
@@ -132,7 +138,14 @@ class TeacherCache:
         for entry in entries:
             if not (cache_dir / entry["file"]).exists():
                 raise CacheError(f"{cache_dir / entry['file']}: shard listed in the manifest is missing; {REBUILD_HINT}")
-        shards = open_shards([cache_dir / e["file"] for e in entries], verify=verify_checksums)
+        if verify_part is not None:
+            rank, world = int(verify_part[0]), int(verify_part[1])
+            if world < 1 or not 0 <= rank < world:
+                raise ValueError(f"verify_part must be (rank, world_size) with 0 <= rank < world_size, got {verify_part}")
+            verify = [verify_checksums and i % world == rank for i in range(len(entries))]
+        else:
+            verify = [verify_checksums] * len(entries)
+        shards = open_shards([cache_dir / e["file"] for e in entries], verify=verify)
         try:
             for shard, entry in zip(shards, entries):
                 if shard.summary() != entry:

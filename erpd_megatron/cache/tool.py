@@ -25,6 +25,7 @@ from erpd_megatron.config.loader import load_config
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config
 from erpd_megatron.data.batching import MicroBatch, SampleTable, collate, dp_shard, pack_in_order
+from erpd_megatron.utils.files import dir_fingerprint
 from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -59,21 +60,6 @@ def _score_microbatch(engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, 
     with torch.no_grad():
         outs = engine.run([mb], fn, forward_only=True)
     return outs[0] if outs else {}
-
-
-def weights_fingerprint(ckpt_dir: str | os.PathLike) -> str:
-    """A cheap fingerprint of a checkpoint directory: SHA-256 over every file's relative path
-    and size, and the bytes of files under 1 MiB (metadata, configs)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    root = Path(ckpt_dir)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(root)}:{size}\n".encode())
-        if size < (1 << 20):
-            h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def write_cache(cfg: Config) -> Path:
@@ -147,7 +133,8 @@ def write_cache(cfg: Config) -> Path:
     if dist.get_rank() == 0:
         meta = {
             "rollout_fingerprint": fingerprint,
-            "models": {n: {"path": str(p), "fingerprint": weights_fingerprint(p)} for n, p, _ in models},
+            # checked by Stage 2 against the checkpoints it trains from (train/stage2.py)
+            "models": {n: {"path": str(p), "fingerprint": dir_fingerprint(p)} for n, p, _ in models},
             "dp_size": base.dp_size,
         }
         finalize_manifest(out, base.dp_size, meta)

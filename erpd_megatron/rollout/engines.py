@@ -148,28 +148,14 @@ def eos_token_ids(model_path: str, tokenizer: Any) -> list[int]:
 
 
 def model_fingerprint(path: str, *, full_hash_below: int = 64 << 20, edge_bytes: int = 4 << 20) -> str:
-    """A quick content fingerprint of a checkpoint directory.
+    """A quick content fingerprint of a checkpoint directory
+    (:func:`erpd_megatron.utils.files.dir_fingerprint`); a hub id gives ``"hub:<id>"``."""
+    from erpd_megatron.utils.files import dir_fingerprint
 
-    SHA-256 over every file's name and size, the full bytes of files under
-    ``full_hash_below`` (configs, tokenizer, small weights) and the first and last
-    ``edge_bytes`` of larger ones (so a 70B checkpoint is fingerprinted in seconds).
-    A hub id gives ``"hub:<id>"``.
-    """
     p = Path(path).expanduser()
     if not p.is_dir():
         return f"hub:{path}"
-    h = hashlib.sha256()
-    for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(p)}:{size}\n".encode())
-        with open(f, "rb") as fh:
-            if size <= full_hash_below:
-                h.update(fh.read())
-            else:
-                h.update(fh.read(edge_bytes))
-                fh.seek(size - edge_bytes)
-                h.update(fh.read(edge_bytes))
-    return h.hexdigest()
+    return dir_fingerprint(p, full_hash_below=full_hash_below, edge_bytes=edge_bytes)
 
 
 # ---------------------------------------------------------------------------- factory

@@ -64,6 +64,7 @@ class StageRun:
 
         self.cfg = cfg
         self.stage = stage
+        self._keys: dict[bool, str] = {}
         self.out_dir = Path(cfg.output_dir) / stage
         check_initial_checkpoint(cfg)
         if cfg.data.rollout_dir is None:
@@ -84,13 +85,61 @@ class StageRun:
 
         load_checkpoint(self.cfg.checkpoint.load, self.engine.model, model_cfg=self.cfg.model)
 
-    def score(self, tag: str) -> list[np.ndarray]:
-        """Per-response-token log-probs of the whole table under the current weights
-        (cached under the stage's output dir by ``tag``)."""
+    def score(self, tag: str, *, trained: bool = False) -> list[np.ndarray]:
+        """Per-response-token log-probs of the whole table under the current weights, cached
+        under the stage's output dir in ``tag/<key>``.
+
+        The key (:meth:`scores_key`) is a digest of ``checkpoint.load``'s weights, the data's
+        fingerprint and the model config, plus, with ``trained`` (weights reached by training
+        from pi_r, e.g. epoch anchors), the training config. Scores cached under another key
+        (other weights or data, or an older unkeyed layout) are never reused: they are
+        recomputed, with a log line, and the stale ones removed."""
+        import shutil
+
+        import torch.distributed as dist
+
         from erpd_megatron.train.scoring import score_logprobs
 
-        return score_logprobs(self.engine, self.table, self.out_dir / tag,
-                              max_tokens=self.cfg.data.max_tokens_per_microbatch, desc=tag)
+        key = self.scores_key(trained)
+        base = self.out_dir / tag
+        out = base / key[:24]
+        stale = sorted(p for p in base.iterdir() if p != out) if base.is_dir() else []
+        if stale:
+            log.info("%s: scores cached for other weights, data or config (%s) are not reused; "
+                     "scoring again (key %s)", base, ", ".join(p.name for p in stale), key[:24])
+        scores = score_logprobs(self.engine, self.table, out,
+                                max_tokens=self.cfg.data.max_tokens_per_microbatch, desc=tag)
+        if stale and (not dist.is_initialized() or dist.get_rank() == 0):
+            for p in stale:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return scores
+
+    def scores_key(self, trained: bool = False) -> str:
+        """Digest of what cached scores depend on (see :meth:`score`); the checkpoint is read
+        by global rank 0 only and the digest broadcast."""
+        if trained not in self._keys:
+            import dataclasses
+            import hashlib
+            import json
+
+            import torch.distributed as dist
+
+            from erpd_megatron.utils.files import dir_fingerprint
+
+            key = [None]
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                parts = {"weights": dir_fingerprint(self.cfg.checkpoint.load), "data": self.data_fingerprint,
+                         "model": dataclasses.asdict(self.cfg.model)}
+                if trained:
+                    parts["train"] = {k: v for k, v in dataclasses.asdict(self.cfg).items()
+                                      if k not in ("output_dir", "logging")}
+                blob = json.dumps(parts, sort_keys=True, default=str).encode()
+                key = [hashlib.sha256(blob).hexdigest()]
+            from erpd_megatron.runtime import comm
+
+            key = [comm.broadcast_object(key[0], src=0)]  # on the group's device
+            self._keys[trained] = str(key[0])
+        return self._keys[trained]
 
     def report_mismatch(self, trainer_logprobs: list[np.ndarray]) -> dict[str, float]:
         """Rollout-engine vs trainer log-prob mismatch on the fixed data (logged, returned)."""

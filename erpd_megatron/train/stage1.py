@@ -115,7 +115,7 @@ def build_spec(cfg: Config, run: StageRun) -> StageSpec:
 
     def on_epoch_start(epoch: int) -> None:
         if cfg.stage1.anchor == "epoch":
-            anchors[epoch] = ref if epoch == 0 else run.score(f"anchors/epoch_{epoch:04d}")
+            anchors[epoch] = ref if epoch == 0 else run.score(f"anchors/epoch_{epoch:04d}", trained=True)
 
     def token_arrays(epoch: int) -> dict[str, list[np.ndarray]]:
         arrays = {"ref_logp": ref}

@@ -72,8 +72,12 @@ def open_cache(cfg: Config, table: SampleTable, data_fingerprint: str):
     if not cfg.stage2.cache_dir:
         raise ValueError("stage2.cache_dir is not set: the teacher cache from tools/cache_teacher_logprobs.py")
     counts = {int(s): int(n) for s, n in zip(table.sample_ids, table.response_lengths)}
+    # each rank hashes its part of the shards (every shard once per job); all ranks run this
+    # before torch.distributed starts, so a corrupt shard stops the job before any step
+    part = _launch_rank()
     cache = TeacherCache.open(cfg.stage2.cache_dir, expect_vocab_size=cfg.model.vocab_size,
-                              expect_rollout_fingerprint=data_fingerprint, expect_token_counts=counts)
+                              expect_rollout_fingerprint=data_fingerprint, expect_token_counts=counts,
+                              verify_part=part)
     sampled = set(cache.sampled_models)
     if "base" not in sampled:
         raise ValueError(f"{cfg.stage2.cache_dir}: the cache has no 'base' (pi_r) log-probs")
@@ -88,7 +92,48 @@ def open_cache(cfg: Config, table: SampleTable, data_fingerprint: str):
             raise ValueError(f"stage2.teachers.{i}: alpha != 1 needs pi_r's log-probs at the teacher's top-k")
         if t.signal == "contrast" and t.contrast_model not in sampled:
             raise ValueError(f"stage2.teachers.{i}.contrast_model='{t.contrast_model}' is not in the cache")
+    try:
+        check_base_fingerprint(cfg, cache)
+    except BaseException:
+        cache.close()
+        raise
     return cache
+
+
+def _launch_rank() -> tuple[int, int]:
+    """(rank, world size) as the launcher (torchrun or Slurm) set them, before any init."""
+    from erpd_megatron.runtime.distributed import parse_launch_env
+
+    launch = parse_launch_env()
+    return launch.rank, launch.world_size
+
+
+def check_base_fingerprint(cfg: Config, cache) -> None:
+    """The cache's pi_r (``base``) must have been scored from the weights Stage 2 starts from
+    (``checkpoint.load``): lp_r, the ratio anchor and the mixture's pi_r buckets come from it.
+
+    Compares :func:`erpd_megatron.utils.files.dir_fingerprint` of ``checkpoint.load`` with
+    the one the cache tool recorded. Only global rank 0 reads the checkpoint (this runs
+    before torch.distributed starts; when it fails, the launcher stops the other ranks).
+    """
+    from erpd_megatron.cache.format import CacheError
+    from erpd_megatron.utils.files import dir_fingerprint
+
+    if _launch_rank()[0] != 0:
+        return
+    info = cache.models.get("base") or {}
+    recorded = str(info.get("fingerprint", ""))
+    load = cfg.checkpoint.load
+    actual = dir_fingerprint(load)
+    if recorded != actual:
+        raise CacheError(
+            f"{cache.cache_dir}: the cache's pi_r ('base') was scored from {info.get('path')!r} "
+            f"(fingerprint {recorded[:16] or 'none'}), but checkpoint.load={load} has fingerprint "
+            f"{actual[:16]}: its lp_r and pi_r top-k log-probs are not those of the weights "
+            "Stage 2 trains from. Re-run the cache tool (erpd cache / "
+            f"tools/cache_teacher_logprobs.py) with checkpoint.load={load}, or set "
+            "checkpoint.load to the checkpoint the cache was written from."
+        )
 
 
 def make_stage2_loss(cfg: Config, run: StageRun, rows: np.ndarray):

@@ -58,3 +58,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def dir_fingerprint(path: str | os.PathLike, *, full_hash_below: int = 64 << 20,
+                    edge_bytes: int = 4 << 20) -> str:
+    """A quick content fingerprint of a directory (a checkpoint): hex SHA-256.
+
+    Over every file's relative path and size (hidden files excluded), the full bytes of files
+    up to ``full_hash_below`` (configs, tokenizer, small weights) and the first and last
+    ``edge_bytes`` of larger ones, so a 70B checkpoint is fingerprinted in seconds. The one
+    fingerprint of model weights in the project (rollout manifests, the teacher cache and
+    the checks against them).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory, cannot fingerprint it")
+    h = hashlib.sha256()
+    for f in sorted(x for x in root.rglob("*") if x.is_file() and not x.name.startswith(".")):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root)}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            if size <= full_hash_below:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(edge_bytes))
+                fh.seek(size - edge_bytes)
+                h.update(fh.read(edge_bytes))
+    return h.hexdigest()

@@ -157,3 +157,18 @@ def test_cache_of_another_vocabulary_is_refused(cached, tmp_path):
     c.stage2.cache_dir = str(cache)
     with pytest.raises(CacheError, match="vocab"):
         open_cache(c, table, fp)
+
+
+def test_cache_of_another_base_is_refused(cached, tmp_path):
+    """The cache's pi_r must be the checkpoint Stage 2 starts from (weights fingerprint)."""
+    from erpd_megatron.cache.format import CacheError
+    from erpd_megatron.train.stage2 import open_cache
+
+    cfg, ov, root = cached
+    c, table, fp = _table(cfg, ov, root / "rollouts")
+    open_cache(c, table, fp).close()  # the base the cache was written from passes
+    other = root / "teacher/stage1/checkpoints/final"
+    c.checkpoint.load = str(other)
+    with pytest.raises(CacheError, match=rf"pi_r \('base'\) was scored from .*base.*checkpoint.load={other} .*"
+                                         "Re-run the cache tool"):
+        open_cache(c, table, fp)

@@ -79,6 +79,9 @@ class ParallelConfig:
     """GPUs per node the recipe targets (used by `erpd dryrun`)."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU, for the dry-run fit check."""
+    distributed_timeout_minutes: int = 30
+    """Collective timeout (torch.distributed and megatron's groups): a rank stuck this long in a
+    collective aborts instead of hanging (raise it for very slow checkpoint loads or saves)."""
 
 
 @dataclass(kw_only=True)

@@ -125,14 +125,16 @@ def dp_shard(rows: np.ndarray, lengths: np.ndarray, dp_rank: int, dp_size: int) 
     return dp_partition(rows, lengths, dp_size)[dp_rank]
 
 
-def dp_micro_batch_count(rows: np.ndarray, lengths: np.ndarray, dp_size: int, max_tokens: int) -> int:
+def dp_micro_batch_count(rows: np.ndarray, lengths: np.ndarray, dp_size: int,
+                         max_tokens: int) -> int:
     """The largest number of micro-batches any DP rank cuts its share of ``rows`` into.
 
     Every DP rank must run this many micro-batches (padding with :func:`dummy_micro_batch`):
     a rank that ran fewer, or returned early with none, would leave the others waiting in the
     data-parallel gradient reduction (and, under FP8 delayed scaling, in the per-forward amax
     reduction over TP x DP). Computed from the global picture, without communication."""
-    return max(len(micro_batches(s, lengths, max_tokens)) for s in dp_partition(rows, lengths, dp_size))
+    shards = dp_partition(rows, lengths, dp_size)
+    return max(len(micro_batches(s, lengths, max_tokens)) for s in shards)
 
 
 def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -278,7 +280,8 @@ def pad_multiple(cfg: Any) -> int:
     return m
 
 
-def dummy_micro_batch(length: int, token_arrays: dict[str, list[np.ndarray]] | None = None) -> MicroBatch:
+def dummy_micro_batch(length: int,
+                      token_arrays: dict[str, list[np.ndarray]] | None = None) -> MicroBatch:
     """A micro-batch of one all-padding sequence of ``length`` tokens whose loss is exactly
     zero (``loss_mask`` all 0, no scoring positions, reward and advantage 0): it runs forward
     and backward through the pipeline schedule like any other, so that every DP rank runs the
@@ -288,12 +291,17 @@ def dummy_micro_batch(length: int, token_arrays: dict[str, list[np.ndarray]] | N
     z = torch.zeros((1, s), dtype=torch.int64)
     extra = {}
     for k, arrs in (token_arrays or {}).items():
-        first = np.asarray(arrs[0]) if len(arrs) else np.zeros(0, np.float32)
+        try:  # row-indexable (a list, or a cache column without len())
+            first = np.asarray(arrs[0])
+        except IndexError:
+            first = np.zeros(0, np.float32)
         extra[k] = torch.zeros((1, s) + first.shape[1:], dtype=torch.from_numpy(first[:0]).dtype)
     return MicroBatch(
-        rows=np.zeros(0, np.int64), input_ids=z, position_ids=torch.arange(s, dtype=torch.int64)[None],
-        targets=z.clone(), loss_mask=torch.zeros((1, s), dtype=torch.float32),
-        advantages=torch.zeros((1, s), dtype=torch.float32), rewards=torch.zeros(1, dtype=torch.float32),
+        rows=np.zeros(0, np.int64), input_ids=z,
+        position_ids=torch.arange(s, dtype=torch.int64)[None], targets=z.clone(),
+        loss_mask=torch.zeros((1, s), dtype=torch.float32),
+        advantages=torch.zeros((1, s), dtype=torch.float32),
+        rewards=torch.zeros(1, dtype=torch.float32),
         seq_index=torch.full((1, s), -1, dtype=torch.int64), token_arrays=extra,
     )
 

@@ -43,8 +43,8 @@ def collective_device(backend: str, cuda_device: int | None) -> torch.device:
     if "nccl" in b:
         if cuda_device is None:
             raise RuntimeError(
-                f"process group backend '{backend}' needs CUDA tensors but this process has no CUDA "
-                "device (torch.cuda.is_available() is False); install the CUDA build of torch "
+                f"process group backend '{backend}' needs CUDA tensors but this process has no "
+                "CUDA device (torch.cuda.is_available() is False); install the CUDA build of torch "
                 "(`make install` on the GPU node) or run on gloo"
             )
         return torch.device("cuda", cuda_device)

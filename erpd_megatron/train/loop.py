@@ -174,7 +174,8 @@ class TrainLoop:
         """This rank's micro-batches of one global batch, padded with zero-loss dummies to the
         count of the DP rank with the most (computed from the global picture, no collective),
         so that every DP rank runs the same schedule (see :mod:`erpd_megatron.train.engine`)."""
-        e, budget, pad = self.engine, self.cfg.data.max_tokens_per_microbatch, pad_multiple(self.cfg)
+        e, budget = self.engine, self.cfg.data.max_tokens_per_microbatch
+        pad = pad_multiple(self.cfg)
         mine = dp_shard(rows, self.lengths, e.dp_rank, e.dp_size)
         mbs = [collate(self.spec.table, mb, arrays, pad_to=pad)
                for mb in micro_batches(mine, self.lengths, budget)]

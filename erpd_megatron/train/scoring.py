@@ -54,7 +54,8 @@ def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLik
         shard = engine.vocab_shard()
         everything, pad = np.arange(len(table)), pad_multiple(engine.cfg)
         rows = dp_shard(everything, table.lengths, engine.dp_rank, engine.dp_size)
-        mbs = [collate(table, r, pad_to=pad) for r in micro_batches(rows, table.lengths, max_tokens)]
+        mbs = [collate(table, r, pad_to=pad)
+               for r in micro_batches(rows, table.lengths, max_tokens)]
         # every DP rank runs the same number of forwards (FP8's amax reduction spans TP x DP)
         count = dp_micro_batch_count(everything, table.lengths, engine.dp_size, max_tokens)
         mbs = pad_micro_batches(mbs, count, length=pad)

@@ -159,13 +159,22 @@ def test_dummy_micro_batch_has_zero_loss_tensors_of_the_right_shape():
     mb = dummy_micro_batch(16, arrays)
     assert mb.input_ids.shape == (1, 16) and mb.loss_mask.sum() == 0 and (mb.seq_index == -1).all()
     assert mb.position_ids.tolist() == [list(range(16))] and mb.rewards.tolist() == [0.0]
-    assert mb.token_arrays["ids"].shape == (1, 16, 4) and mb.token_arrays["ids"].dtype == torch.int32
+    ids = mb.token_arrays["ids"]
+    assert ids.shape == (1, 16, 4) and ids.dtype == torch.int32
     assert mb.token_arrays["lp"].dtype == torch.float16 and mb.num_tokens == 0
+
+
+    class Column:  # row-indexable without len(), like Stage 2's cache columns
+        def __getitem__(self, row):
+            return np.zeros((5, 2), np.int64)
+
+    assert dummy_micro_batch(4, {"c": Column()}).token_arrays["c"].shape == (1, 4, 2)
 
 
 def _cfg(fp8=None, recipe="delayed", sp=False, tp=1):
     return SimpleNamespace(precision=SimpleNamespace(fp8=fp8, fp8_recipe=recipe),
-                           parallel=SimpleNamespace(sequence_parallel=sp, tensor_model_parallel_size=tp))
+                           parallel=SimpleNamespace(sequence_parallel=sp,
+                                                    tensor_model_parallel_size=tp))
 
 
 @pytest.mark.parametrize("cfg, want", [

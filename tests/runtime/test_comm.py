@@ -16,7 +16,8 @@ from tests.dist import run_gloo
 ROOT = Path(__file__).resolve().parents[2]
 
 COLLECTIVES = {
-    "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_gather_coalesced",
+    "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor",
+    "all_gather_coalesced",
     "reduce", "reduce_scatter", "reduce_scatter_tensor", "broadcast", "broadcast_object_list",
     "barrier", "monitored_barrier", "gather", "gather_object", "scatter", "scatter_object_list",
     "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "batch_isend_irecv",
@@ -24,8 +25,8 @@ COLLECTIVES = {
 
 WHITELIST = {
     "erpd_megatron/runtime/comm.py": "the helper itself",
-    "erpd_megatron/ops/vocab_parallel.py": "TP collectives on tensors derived from the logits, which "
-    "are already on the NCCL group's GPU; pure tensor math that must not import the runtime",
+    "erpd_megatron/ops/vocab_parallel.py": "TP collectives on tensors derived from the logits, "
+    "which are already on the NCCL group's GPU; pure tensor math that must not import the runtime",
 }
 
 
@@ -42,9 +43,11 @@ def direct_collectives(root: Path) -> list[str]:
         aliases = {"torch.distributed"}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                aliases |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
+                aliases |= {a.asname for a in node.names
+                            if a.name == "torch.distributed" and a.asname}
             elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
-                found += [f"{rel}:{node.lineno} {a.name}" for a in node.names if a.name in COLLECTIVES]
+                found += [f"{rel}:{node.lineno} {a.name}" for a in node.names
+                          if a.name in COLLECTIVES]
             elif isinstance(node, ast.ImportFrom) and node.module == "torch":
                 aliases |= {a.asname or a.name for a in node.names if a.name == "distributed"}
         for node in ast.walk(tree):
@@ -67,8 +70,8 @@ def test_scan_finds_a_direct_collective(tmp_path):
     (pkg / "a.py").write_text("import torch.distributed as d\nd.all_reduce(t)\n")
     (tmp_path / "tools" / "b.py").write_text("from torch.distributed import barrier\n"
                                              "import torch\ntorch.distributed.broadcast(t, 0)\n")
-    assert direct_collectives(tmp_path) == ["erpd_megatron/x/a.py:2 all_reduce", "tools/b.py:1 barrier",
-                                            "tools/b.py:3 broadcast"]
+    assert direct_collectives(tmp_path) == [
+        "erpd_megatron/x/a.py:2 all_reduce", "tools/b.py:1 barrier", "tools/b.py:3 broadcast"]
 
 
 @pytest.mark.parametrize("backend, cuda, want", [
@@ -93,7 +96,8 @@ def test_nccl_group_moves_cpu_tensor_to_the_current_gpu(monkeypatch):
     monkeypatch.setattr(comm.dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(comm, "collective_device",
                         lambda b, c: torch.device("meta") if b == "nccl" else torch.device("cpu"))
-    monkeypatch.setattr(comm.dist, "all_reduce", lambda t, op=None, group=None: seen.append(t.device))
+    monkeypatch.setattr(comm.dist, "all_reduce",
+                        lambda t, op=None, group=None: seen.append(t.device))
     with pytest.raises(NotImplementedError):  # a meta tensor has no data to copy back
         comm.all_reduce(torch.ones(2), "max")
     assert seen == [torch.device("meta")]
@@ -102,7 +106,8 @@ def test_nccl_group_moves_cpu_tensor_to_the_current_gpu(monkeypatch):
 def test_identity_without_process_group():
     t = torch.tensor([1.0, 2.0])
     assert torch.equal(comm.all_reduce(t), t) and comm.all_reduce(t) is not t
-    assert comm.all_reduce_floats([1.5]) == [1.5] and comm.any_rank(True) and not comm.any_rank(False)
+    assert comm.all_reduce_floats([1.5]) == [1.5]
+    assert comm.any_rank(True) and not comm.any_rank(False)
     assert [x.tolist() for x in comm.all_gather(t)] == [[1.0, 2.0]]
     assert comm.all_gather_object({"a": 1}) == [{"a": 1}] and comm.broadcast_object("k") == "k"
     comm.barrier()

@@ -13,12 +13,14 @@ from erpd_megatron.runtime.distributed import check_cuda_available, local_device
     {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "GPU-1a2b"},
 ])
 def test_gpus_reported_but_cpu_torch_fails_fast(env):
-    with pytest.raises(RuntimeError, match=r"reports GPUs .*CUDA build of torch.*make install.*ERPD_ALLOW_CPU=1"):
+    want = r"reports GPUs .*CUDA build of torch.*make install.*ERPD_ALLOW_CPU=1"
+    with pytest.raises(RuntimeError, match=want):
         check_cuda_available(env, cuda_available=False)
 
 
 @pytest.mark.parametrize("env", [
-    {}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"}, {"SLURM_JOB_GPUS": "NoDevFiles"},
+    {}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"},
+    {"SLURM_JOB_GPUS": "NoDevFiles"},
     {"SLURM_GPUS_ON_NODE": "0"}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"},
     {"CUDA_VISIBLE_DEVICES": "0", "ERPD_ALLOW_CPU": "1"},
 ])

@@ -66,7 +66,8 @@ def _epoch(cfg, out: Path) -> dict:
         return poisoned
 
     spec = StageSpec(name="stage1", table=table, epochs=1, make_loss=make_loss,
-                     metric_keys=stage1_metric_keys(cfg), finalize_metrics=finalize_stage1_metrics(cfg),
+                     metric_keys=stage1_metric_keys(cfg),
+                     finalize_metrics=finalize_stage1_metrics(cfg),
                      token_arrays=lambda epoch: {"ref_logp": ref})
     loop = TrainLoop(cfg, engine, spec, out)
     initial = {k: v.detach().clone() for k, v in engine.model[0].named_parameters()}
@@ -79,8 +80,10 @@ def _epoch(cfg, out: Path) -> dict:
     # numpy, pickled by value: a torch tensor would travel as a shared-memory handle that dies
     # with the worker process
     weights = {k: v.detach().float().numpy().copy() for k, v in engine.model[0].named_parameters()}
-    moved = max(float((v.detach() - initial[k]).abs().max()) for k, v in engine.model[0].named_parameters())
-    return {"weights": weights, "counts": counts, "rows": real, "batch_sizes": [len(b) for b in batches],
+    moved = max(float((v.detach() - initial[k]).abs().max())
+                for k, v in engine.model[0].named_parameters())
+    return {"weights": weights, "counts": counts, "rows": real,
+            "batch_sizes": [len(b) for b in batches],
             "skipped": loop.state.skipped_steps, "moved": moved, "steps": loop.state.global_step}
 
 
@@ -98,7 +101,8 @@ def dp2_then_dp1(rank: int, world: int, tmp: str) -> dict:
     from erpd_megatron.config.loader import load_config
     from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
 
-    overrides = [f"data.global_batch_size={GLOBAL_BATCH}", f"data.max_tokens_per_microbatch={BUDGET}",
+    overrides = [f"data.global_batch_size={GLOBAL_BATCH}",
+                 f"data.max_tokens_per_microbatch={BUDGET}",
                  "logging.progress_bar=false", "optimizer.max_nonfinite_steps=3"]
     cfg = load_config(RECIPE, overrides, validate=False)
     init_distributed(cfg, world_size_hint=world)
@@ -108,7 +112,8 @@ def dp2_then_dp1(rank: int, world: int, tmp: str) -> dict:
     if rank != 0:
         return out
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    dist.init_process_group("gloo", init_method=f"file://{Path(tmp) / 'store1'}", rank=0, world_size=1)
+    store = f"file://{Path(tmp) / 'store1'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     init_distributed(cfg, world_size_hint=1)
     out["dp1"] = _epoch(cfg, Path(tmp) / "dp1")
     destroy_distributed(destroy_process_group=False)

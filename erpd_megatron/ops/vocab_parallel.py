@@ -534,10 +534,10 @@ def vp_bucket_logprobs(
 def _topk_lowest_ids(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row, sorted by (value desc, column asc); ties at the k-th value go to
     the lowest columns, so the result does not depend on the TP layout or the kernel."""
-    tv, ti = x.topk(k, dim=-1)
-    tau = tv[:, -1:]
-    fix = ((x == tau).sum(dim=-1) > (tv == tau).sum(dim=-1)).nonzero().flatten()
-    if fix.numel():  # the k-th value is tied beyond the selection: take the lowest columns
+    tv, ti = x.topk(min(k + 1, x.shape[1]), dim=-1)  # the (k+1)-th shows a tie at the k-th
+    fix = (tv[:, k] == tv[:, k - 1]).nonzero().flatten() if tv.shape[1] > k else tv.new_zeros(0).long()
+    tv, ti, tau = tv[:, :k], ti[:, :k], tv[:, k - 1: k]
+    if fix.numel():  # the k-th value may be tied beyond the selection: take the lowest columns
         xf, tf = x[fix], tau[fix]
         col = torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
         key = torch.where(xf > tf, float(x.shape[1]), torch.where(xf == tf, -col, float("-inf")))

@@ -1,201 +1,447 @@
-"""Teacher-cache benchmark at Qwen's vocabulary (151,936) and k = 64, on one process.
+"""Teacher-cache benchmark: ERPD's cache format against the peers' top-k layouts, measured.
 
-Measures bytes per top-k entry (ids included), encode and decode throughput in entries/s,
-and the writer's wall time against a plain ``numpy.save`` of the same arrays. Run:
+    python benchmarks/bench_cache.py [--quick] [--tokens 65536] [--reps 5] [--device cuda]
+        [--dtype bf16] [model.hidden_size=512 ...]
 
-    python benchmarks/bench_cache.py [--tokens 65536] [--seq 2048] [--repeats 3]
+1. Formats, at Qwen's vocabulary (151,936) and k = 64. The same top-k arrays (ids, log-probs
+   per position of prompt + response) are written in each layout, read back, and timed:
 
-The last line is machine-readable:
-``RESULT bytes_per_entry=... decode_entries_per_s=... encode_entries_per_s=... write_vs_npsave=...``
-where ``bytes_per_entry`` counts the top-k ids and log-probs plus their share of the shard
-headers, index, padding and footers (``file_bytes_per_entry`` adds the per-token fp32
-sampled log-probs of the two cached models), ``decode_entries_per_s`` is
-``TeacherCache.get`` over every sample (ids unpacked to int64, fp16 values mapped), and
-``write_vs_npsave`` is writer time / ``numpy.save`` time (above 1: slower).
+   * ERPD: :class:`CacheWriter` shards (18-bit packed ids, fp16 values; response tokens
+     only), read with ``TeacherCache.get`` (memory-mapped; ids unpacked to int64).
+   * Megatron-LM offline logits (megatron/training/distillation/logits_saver.py and
+     utils_logits.py, NVIDIA/Megatron-LM @ d98e8a6): per iteration one
+     ``torch.save({'values': [fp16 (seq, batch, k)], 'indices_low': [uint16], 'bit_17':
+     [bool]})`` payload, zstd level 3, one tar member ``{iteration}.pt.zst`` after a meta
+     member; decoded as ``decode_logprobs_payload`` does (zstd, ``torch.load``,
+     ``unpack_indices``). Every position of the sequence is stored (its saver hooks the
+     output layer of whole training sequences). Its packing rule is run on vocab 151,936:
+     the saver's assertion refuses it, and ids >= 2^17 do not survive ``pack_indices``.
+   * verl (GKD recipe, verl-project/verl-recipe @ 48ea0a7, gkd/megatron/teacher_utils.py
+     ``get_teacher_knowledge``; dtypes asserted in gkd/megatron/teacher/client.py): in
+     memory, ``teacher_topk_logps`` fp32 and ``teacher_topk_indices`` int32, each
+     ``[batch, padded input length, k]`` (prompt + response, padded to the batch's longest).
+   * NeMo-RL (nemo_rl/models/policy/workers/dtensor_policy_worker_v2.py ``get_topk_logits``
+     and nemo_rl/distributed/model_utils.py ``distributed_vocab_topk``, NVIDIA-NeMo/RL @
+     7ea279a): in memory, ``topk_logits`` fp32 and ``topk_indices`` int64 ``[batch, padded
+     sequence length, k]``.
+
+   Bytes per entry count every byte the layout keeps (headers, padding, prompt positions)
+   divided by the response entries (response tokens x k), the entries a trainer reads;
+   ``stored`` divides by the positions the layout actually stores. Decode: entries per
+   second to per-sample ``(ids, values)`` arrays (for the in-memory layouts: a contiguous
+   copy of the sample's slice, as their trainers split micro-batches).
+
+2. Cache tool overhead: the full cache pass of the real tool's pieces
+   (``erpd_megatron.cache.tool``: ``rank_order``, ``pack_in_order`` micro-batches,
+   ``_score_microbatch`` for the teacher (log-probs + vocab-parallel top-k) and pi_r
+   (log-probs + its log-probs at the teacher's ids), ``CacheWriter`` (pack, quantise,
+   checksum, write), ``finalize_manifest`` (SHA-256 verify)) against a forward-only scoring
+   pass of the same two models, layout and micro-batches: Megatron's own
+   ``GPTModel.forward(..., labels=targets)`` under the same forward-only schedule, log-probs
+   to host arrays. Interleaved rounds (``--reps``), medians.
+
+Last line: ``RESULT bytes_per_entry=... decode_entries_per_s=... cache_tool_overhead=...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import shutil
+import statistics
 import sys
+import tarfile
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from erpd_megatron.cache import (  # noqa: E402
-    CacheWriter,
-    TeacherCache,
-    bits_per_id,
-    encode_logprobs,
-    finalize_manifest,
-    pack_ids,
-    unpack_ids,
-)
-from erpd_megatron.cache.format import KIND_SAMPLED, ShardFile  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
 
 VOCAB, K = 151936, 64
+MEGATRON_LM_MAX_VOCAB = 2 ** 17  # logits_saver.py: _MAX_VOCAB_SIZE = 2 ** 17 (17 bits)
 
 
-def best_of(fn, repeats: int) -> float:
-    """Smallest wall time of ``repeats`` calls (the machine is shared; minima are stablest)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer tokens, a tiny model, 2 reps")
+    p.add_argument("--tokens", type=int, default=None, help="response tokens in the format part (default 65536)")
+    p.add_argument("--seq", type=int, default=1024, help="longest response per sample (format part)")
+    p.add_argument("--reps", type=int, default=None, help="interleaved timed rounds (default 5)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype of the tool pass")
+    p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (0: torch default)")
+    p.add_argument("--skip-tool", action="store_true", help="formats only (no models)")
+    p.add_argument("overrides", nargs="*", help="config overrides for the tool pass, a.b=c")
+    return p.parse_args()
 
 
-def make_data(num_samples: int, seq: int) -> dict[int, dict]:
-    """Samples of ``seq`` tokens: uniform ids, exponential log-probs, float32 like a trainer's."""
-    rng = np.random.default_rng(0)
-    data = {}
-    for sid in range(num_samples):
-        lps = np.sort(-rng.exponential(4.0, size=(seq, K)).astype(np.float32), axis=1)[:, ::-1]
-        data[sid] = {
-            "sampled": {"base": -rng.exponential(1.0, seq).astype(np.float32),
-                        "teacher0": -rng.exponential(1.0, seq).astype(np.float32)},
-            "topk": {"teacher0": (rng.integers(0, VOCAB, size=(seq, K), dtype=np.int64), np.ascontiguousarray(lps))},
-        }
-    return data
+# ---------------------------------------------------------------- data -----------------------
+def make_data(n_samples: int, seq: int, prompt: int, seed: int = 0) -> list[dict]:
+    """Per sample: top-k ids/log-probs for every position (prompt + response), sorted by
+    log-prob, and the response length."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_samples):
+        length = int(rng.integers(seq // 2, seq + 1))
+        pos = prompt + length
+        ids = np.stack([rng.choice(VOCAB, K, replace=False) for _ in range(pos)]).astype(np.int64)
+        lps = np.sort(-rng.exponential(4.0, size=(pos, K)).astype(np.float32), axis=1)[:, ::-1]
+        out.append({"ids": ids, "lps": np.ascontiguousarray(lps), "prompt": prompt, "len": length,
+                    "base": -rng.exponential(1.0, length).astype(np.float32),
+                    "teacher0": -rng.exponential(1.0, length).astype(np.float32)})
+    return out
 
 
-def write_cache(cache_dir: Path, data: dict[int, dict], value_dtype: str, fsync: bool) -> None:
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    with CacheWriter(cache_dir, rank=0, sample_ids=list(data), vocab_size=VOCAB, k=K,
-                     sampled_models=["base", "teacher0"], teachers=["teacher0"],
-                     value_dtype=value_dtype, max_shard_bytes=64 << 20, fsync=fsync) as w:
+def _timed_rounds(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + reps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+# ---------------------------------------------------------------- formats --------------------
+def erpd_write(root: Path, data: list[dict], value_dtype: str = "fp16") -> Path:
+    from erpd_megatron.cache import CacheWriter, finalize_manifest
+
+    shutil.rmtree(root, ignore_errors=True)
+    with CacheWriter(root, rank=0, sample_ids=list(range(len(data))), vocab_size=VOCAB, k=K,
+                     sampled_models=["base", "teacher0"], teachers=["teacher0"], value_dtype=value_dtype,
+                     max_shard_bytes=64 << 20, fsync=False) as w:
         for sid in w.pending():
-            w.write_sample(sid, **data[sid])
+            d = data[sid]
+            p = d["prompt"]
+            w.write_sample(sid, sampled={"base": d["base"], "teacher0": d["teacher0"]},
+                           topk={"teacher0": (d["ids"][p:], d["lps"][p:])})
     models = {n: {"path": f"/ckpt/{n}", "fingerprint": "bench"} for n in ("base", "teacher0")}
-    finalize_manifest(cache_dir, 1, {"rollout_fingerprint": "bench", "models": models}, verify_checksums=False)
+    finalize_manifest(root, 1, {"rollout_fingerprint": "bench", "models": models}, verify_checksums=False)
+    return root
 
 
-def sizes(cache_dir: Path, entries: int) -> tuple[float, float]:
-    """(top-k bytes per entry, file bytes per entry) of a written cache."""
-    total = sampled = 0
-    for path in sorted(cache_dir.glob("*.erpdc")):
+def erpd_topk_bytes(root: Path) -> int:
+    """Bytes of the shards without the per-token sampled log-prob sections."""
+    from erpd_megatron.cache.format import KIND_SAMPLED, ShardFile
+
+    total = 0
+    for path in sorted(root.glob("*.erpdc")):
         shard = ShardFile.open(path, verify=False)
-        total += shard.file_size
-        sampled += sum(nb for (kind, _), (_, nb) in shard.sections.items() if kind == KIND_SAMPLED)
+        total += shard.file_size - sum(nb for (kind, _), (_, nb) in shard.sections.items() if kind == KIND_SAMPLED)
         shard.close()
-    return (total - sampled) / entries, total / entries
+    return total
+
+
+def megatron_lm_check_vocab(global_vocab_size: int) -> None:
+    """Megatron-LM's rule, logits_saver.py (LogitsSaverHooks, before its top-k):
+    ``assert global_vocab_size <= _MAX_VOCAB_SIZE``, same message."""
+    assert global_vocab_size <= MEGATRON_LM_MAX_VOCAB, (
+        f"Global vocab size {global_vocab_size} exceeds maximum supported {MEGATRON_LM_MAX_VOCAB} (17 bits)")
+
+
+def megatron_lm_pack(indices):
+    """utils_logits.py ``pack_indices``: lower 16 bits as uint16, the 17th as bool."""
+    import torch
+
+    return (indices & 0xFFFF).to(torch.uint16), (indices >> 16).to(torch.bool)
+
+
+def megatron_lm_unpack(low, bit17):
+    """utils_logits.py ``unpack_indices``."""
+    return (bit17.long() << 16) | low.long()
+
+
+def megatron_lm_write(path: Path, data: list[dict], per_iter: int) -> None:
+    """One tar: a meta member first, then ``{iteration}.pt.zst`` per iteration, each a zstd
+    (level 3) of ``torch.save`` of the per-micro-batch lists (logits_saver.py
+    ``_buffer_iteration`` / ``_write_batched_tar``); micro-batch = one sample ``(seq, 1, k)``."""
+    import torch
+    import zstandard
+
+    comp = zstandard.ZstdCompressor(level=3)
+    meta = b'{"dataset_hash": "bench"}'
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
+        info = tarfile.TarInfo(name="meta.json")
+        info.size = len(meta)
+        tar.addfile(info, io.BytesIO(meta))
+        for it in range(0, len(data), per_iter):
+            vals, low, hi = [], [], []
+            for d in data[it: it + per_iter]:
+                ids = torch.from_numpy(d["ids"])[:, None, :]
+                vals.append(torch.from_numpy(d["lps"])[:, None, :].to(torch.float16))
+                lo, b17 = megatron_lm_pack(ids)
+                low.append(lo)
+                hi.append(b17)
+            buf = io.BytesIO()
+            torch.save({"values": vals, "indices_low": low, "bit_17": hi}, buf)
+            payload = comp.compress(buf.getvalue())
+            info = tarfile.TarInfo(name=f"{it // per_iter + 1}.pt.zst")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def megatron_lm_read(path: Path) -> int:
+    """Decode every iteration as utils_logits.py ``decode_logprobs_payload``; returns tokens."""
+    import torch
+    import zstandard
+
+    tokens = 0
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.name.endswith(".pt.zst"):
+                continue
+            raw = zstandard.ZstdDecompressor().decompress(tar.extractfile(member).read())
+            t = torch.load(io.BytesIO(raw), weights_only=True)
+            for v, lo, b17 in zip(t["values"], t["indices_low"], t["bit_17"]):
+                ids = megatron_lm_unpack(lo, b17)
+                tokens += ids.shape[0]
+                _ = v.float()
+    return tokens
+
+
+def padded_layout(data: list[dict], batch: int, val_dtype, idx_dtype) -> list[tuple]:
+    """verl / NeMo-RL: per batch ``[batch, longest prompt+response, k]`` zero-padded tensors."""
+    import torch
+
+    out = []
+    for b0 in range(0, len(data), batch):
+        group = data[b0: b0 + batch]
+        s = max(len(d["ids"]) for d in group)
+        vals = torch.zeros(len(group), s, K, dtype=val_dtype)
+        ids = torch.zeros(len(group), s, K, dtype=idx_dtype)
+        for j, d in enumerate(group):
+            vals[j, : len(d["ids"])] = torch.from_numpy(d["lps"]).to(val_dtype)
+            ids[j, : len(d["ids"])] = torch.from_numpy(d["ids"]).to(idx_dtype)
+        out.append((group, vals, ids))
+    return out
+
+
+def padded_read(layout: list[tuple]) -> int:
+    """Per sample, contiguous copies of its response slice (ids, values)."""
+    tokens = 0
+    for group, vals, ids in layout:
+        for j, d in enumerate(group):
+            p, n = d["prompt"], d["len"]
+            _ = vals[j, p: p + n].contiguous(), ids[j, p: p + n].contiguous()
+            tokens += n
+    return tokens
+
+
+def formats(args: argparse.Namespace, reps: int) -> dict:
+    import numpy as np
+    import torch
+
+    from erpd_megatron.cache import TeacherCache, bits_per_id
+
+    tokens = args.tokens or (8192 if args.quick else 65536)
+    seq = min(args.seq, tokens)
+    prompt = seq // 4
+    n_samples = max(1, round(tokens / (0.75 * seq)))
+    data = make_data(n_samples, seq, prompt)
+    resp = sum(d["len"] for d in data)
+    positions = sum(len(d["ids"]) for d in data)
+    entries = resp * K
+    root = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    per_batch = 8
+    print(f"# formats: vocab {VOCAB} ({bits_per_id(VOCAB)} bits per id for ERPD), k {K}, {n_samples} samples, "
+          f"{resp} response tokens ({entries:,} entries), {positions} positions with prompts; {per_batch} "
+          "samples per batch/iteration for the peers")
+
+    # Megatron-LM's packing rule on this vocabulary
+    try:
+        megatron_lm_check_vocab(VOCAB)
+        refusal = "accepted"
+    except AssertionError as e:
+        refusal = f"AssertionError: {e}"
+    all_ids = torch.from_numpy(np.concatenate([d["ids"] for d in data]))
+    wrong = int((megatron_lm_unpack(*megatron_lm_pack(all_ids)) != all_ids).sum())
+    print(f"  Megatron-LM rule on vocab {VOCAB}: {refusal}")
+    print(f"  Megatron-LM pack/unpack of these ids: {wrong:,} of {all_ids.numel():,} ids come back wrong "
+          f"({wrong / all_ids.numel():.1%}: every id >= {MEGATRON_LM_MAX_VOCAB})")
+
+    erpd_dir, mlm_tar = root / "erpd", root / "megatron_lm.tar"
+    erpd_write(erpd_dir, data)
+    megatron_lm_write(mlm_tar, data, per_batch)
+    verl = padded_layout(data, per_batch, torch.float32, torch.int32)
+    nemo = padded_layout(data, per_batch, torch.float32, torch.int64)
+    cache = TeacherCache.open(erpd_dir)
+    sids = cache.sample_ids
+
+    def erpd_read() -> None:
+        for sid in sids:
+            rec = cache.get(sid)
+            _ = rec.topk_ids["teacher0"], rec.topk_logprobs["teacher0"]
+
+    times = _timed_rounds({"erpd": erpd_read, "megatron_lm": lambda: megatron_lm_read(mlm_tar),
+                           "verl": lambda: padded_read(verl), "nemo_rl": lambda: padded_read(nemo)}, reps)
+    rec = cache.get(sids[-1])
+    d = data[sids[-1]]
+    assert np.array_equal(rec.topk_ids["teacher0"], d["ids"][d["prompt"]:])
+    cache.close()
+
+    def layout_bytes(layout) -> int:
+        return sum(v.numel() * v.element_size() + i.numel() * i.element_size() for _, v, i in layout)
+
+    def stored(layout) -> int:
+        return sum(v.shape[0] * v.shape[1] * K for _, v, _ in layout)
+
+    rows = {
+        "erpd (18-bit ids, fp16; disk)": (erpd_topk_bytes(erpd_dir), entries, "erpd"),
+        "Megatron-LM (17-bit, fp16, zstd)": (mlm_tar.stat().st_size, positions * K, "megatron_lm"),
+        "verl GKD (int32, fp32; memory)": (layout_bytes(verl), stored(verl), "verl"),
+        "NeMo-RL (int64, fp32; memory)": (layout_bytes(nemo), stored(nemo), "nemo_rl"),
+    }
+    print(f"  {'layout':<34}{'bytes/entry':>12}{'stored':>9}{'decode M entries/s':>20}{'min-max':>15}")
+    out = {}
+    for label, (nbytes, stored_entries, key) in rows.items():
+        t = times[key]
+        rate = entries / statistics.median(t)
+        print(f"  {label:<34}{nbytes / entries:>12.3f}{nbytes / stored_entries:>9.3f}{rate / 1e6:>20.2f}"
+              f"{entries / max(t) / 1e6:>8.2f}-{entries / min(t) / 1e6:<6.2f}")
+        out[key] = (nbytes / entries, rate)
+    print("  (bytes/entry: per response entry; stored: per stored position entry; decode: response "
+          "entries per second, median of the rounds, min-max)")
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------- tool overhead --------------
+def tool_overhead(args: argparse.Namespace, reps: int) -> tuple[float, dict]:
+    import numpy as np
+    import torch
+
+    from erpd_megatron.cache import CacheWriter, finalize_manifest, tool
+    from erpd_megatron.config import load_config
+    from erpd_megatron.data.batching import SampleTable, collate, pack_in_order
+    from erpd_megatron.runtime.distributed import init_distributed
+    from erpd_megatron.train.engine import Engine, _device
+
+    if args.quick:
+        model = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=384",
+                 "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=32",
+                 "model.vocab_size=32000"]
+        n, prompt_len, resp_len = 4, 32, 96
+    else:
+        model = ["model.num_layers=4", "model.hidden_size=256", "model.ffn_hidden_size=768",
+                 "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32",
+                 f"model.vocab_size={VOCAB}"]
+        n, prompt_len, resp_len = 8, 64, 192
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cache_tool_"))
+    cfg = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", model + [
+        f"precision.params_dtype={args.dtype}", "data.max_tokens_per_microbatch=1024", "data.max_seq_length=512",
+        f"cache.topk={K}", f"output_dir={tmp}"] + args.overrides)
+    init_distributed(cfg)
+    v = cfg.model.vocab_size
+    rng = np.random.default_rng(1)
+    table = SampleTable(sample_ids=np.arange(n, dtype=np.int64), group_ids=np.arange(n) // 4,
+                        prompt_ids=[rng.integers(1, v, prompt_len) for _ in range(n)],
+                        response_ids=[rng.integers(1, v, resp_len - (i % 4) * 8) for i in range(n)],
+                        rewards=rng.integers(0, 2, n).astype(np.float32))
+    engines = {"base": Engine(cfg, train=False), "teacher0": Engine(cfg, train=False)}
+    base = engines["base"]
+    order = tool.rank_order(table, base.dp_rank, base.dp_size)
+    sid = table.sample_ids
+    chunks = list(pack_in_order([int(r) for r in order], table.lengths, cfg.data.max_tokens_per_microbatch))
+    k = cfg.cache.topk
+    device = _device()
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def full_pass() -> None:
+        out = tmp / "cache"
+        shutil.rmtree(out, ignore_errors=True)
+        writer = CacheWriter(out, rank=0, sample_ids=[int(sid[r]) for r in order], vocab_size=v, k=k,
+                             sampled_models=["base", "teacher0"], teachers=["teacher0"], ref_teachers=["teacher0"],
+                             value_dtype=cfg.cache.dtype, max_shard_bytes=cfg.cache.max_shard_bytes)
+        for rows in chunks:
+            mb = collate(table, rows)
+            res = {"teacher0": tool._score_microbatch(engines["teacher0"], mb, k, {})}
+            res["base"] = tool._score_microbatch(base, mb, None, {"teacher0": res["teacher0"]["ids"]})
+            mask = mb.loss_mask.bool()
+            for j, r in enumerate(rows.tolist()):
+                m = mask[j]
+                sampled = {name: res[name]["lp"][j][m].float().cpu().numpy() for name in res}
+                t = res["teacher0"]
+                topk = {"teacher0": (t["ids"][j][m].cpu().numpy(), t["topk"][j][m].float().cpu().numpy(),
+                                     res["base"]["ref:teacher0"][j][m].float().cpu().numpy())}
+                writer.write_sample(int(sid[r]), sampled=sampled, topk=topk)
+        writer.close()
+        finalize_manifest(out, 1, {"rollout_fingerprint": "bench", "models": {
+            name: {"path": "-", "fingerprint": "-"} for name in engines}})  # SHA-256 of every shard
+
+    def scoring_pass() -> None:
+        results = {}
+        for rows in chunks:
+            mb = collate(table, rows).to(device)
+            for name, e in engines.items():
+                def forward_step(it, model, mb=mb):
+                    out = model(mb.input_ids, mb.position_ids, None, labels=mb.targets)  # CE [b, s]
+                    return out, lambda loss: (loss.sum() * 0.0, {"lp": -loss.float()})
+
+                with torch.no_grad():
+                    outs = get_forward_backward_func()(
+                        forward_step_func=forward_step, data_iterator=iter([mb]), model=e.model[0],
+                        num_microbatches=1, seq_length=int(mb.input_ids.shape[1]),
+                        micro_batch_size=int(mb.input_ids.shape[0]), forward_only=True)
+                lp, mask = outs[0]["lp"], mb.loss_mask.bool()
+                for j, r in enumerate(rows.tolist()):
+                    results[name, r] = lp[j][mask[j]].cpu().numpy()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(f):
+        def g():
+            sync()
+            f()
+            sync()
+        return g
+
+    times = _timed_rounds({"scoring": timed(scoring_pass), "cache": timed(full_pass)}, reps)
+    tok = int(table.lengths.sum())
+    med = {k2: statistics.median(t) for k2, t in times.items()}
+    print(f"# cache tool pass vs forward-only scoring: device {device.type}, dtype {args.dtype}, 2 models "
+          f"(layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, vocab {v}), {n} samples, {tok} "
+          f"tokens, {len(chunks)} micro-batches, k {k}, {reps} interleaved rounds")
+    print(f"  {'pass':<58}{'median s':>10}{'min-max s':>16}{'ratio':>7}")
+    labels = {"scoring": "forward-only scoring (GPTModel(labels=), 2 models)",
+              "cache": "cache pass (log-probs, top-k, pi_r buckets, write, SHA-256)"}
+    for key in ("scoring", "cache"):
+        t = times[key]
+        print(f"  {labels[key]:<58}{med[key]:>10.3f}{min(t):>8.3f}-{max(t):<7.3f}{med[key] / med['scoring']:>7.3f}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return med["cache"] / med["scoring"], med
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=65536, help="response tokens in all")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per sample")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
-    args = p.parse_args()
-    n_samples = max(1, args.tokens // args.seq)
-    data = make_data(n_samples, args.seq)
-    entries = n_samples * args.seq * K
-    bits = bits_per_id(VOCAB)
-    root = Path(args.dir or tempfile.mkdtemp(prefix="bench_cache_"))
-    print(f"vocab {VOCAB} ({bits} bits per id), k {K}, {n_samples} samples x {args.seq} tokens = {entries:,} top-k entries; {root}")
+    args = _args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
 
-    # --- codec alone: pack ids + quantise values (encode), unpack ids (decode) ---
-    samples = list(data.values())
-    packed = [pack_ids(s["topk"]["teacher0"][0], bits) for s in samples]
-
-    def encode() -> None:
-        for s in samples:
-            ids, lps = s["topk"]["teacher0"]
-            pack_ids(ids, bits)
-            encode_logprobs(lps, "fp16")
-
-    def decode_ids() -> None:
-        for b in packed:
-            unpack_ids(b, args.seq * K, bits)
-
-    t_enc = best_of(encode, args.repeats)
-    t_dec_ids = best_of(decode_ids, args.repeats)
-
-    # --- writer vs numpy.save of the same arrays ---
-    npdir = root / "npsave"
-    # the strictest baseline: the arrays already concatenated, one np.save per array
-    stacked = {
-        "ids": np.concatenate([s["topk"]["teacher0"][0] for s in samples]),
-        "lps": np.concatenate([s["topk"]["teacher0"][1] for s in samples]),
-        **{name: np.concatenate([s["sampled"][name] for s in samples]) for name in ("base", "teacher0")},
-    }
-
-    def npsave() -> None:
-        shutil.rmtree(npdir, ignore_errors=True)
-        npdir.mkdir(parents=True)
-        for name, arr in stacked.items():
-            np.save(npdir / f"{name}.npy", arr)
-
-    t_npsave = best_of(npsave, args.repeats)
-    npsave_bytes = sum(f.stat().st_size for f in npdir.iterdir())
-    rows = []
-    t_write = {}
-    for vd in ("fp16", "bf16", "fp32"):
-        cdir = root / f"cache_{vd}"
-        t_write[vd] = best_of(lambda cdir=cdir, vd=vd: write_cache(cdir, data, vd, fsync=False), args.repeats)
-        topk_b, file_b = sizes(cdir, entries)
-        rows.append((vd, topk_b, file_b))
-    t_write_fsync = best_of(lambda: write_cache(root / "cache_fp16", data, "fp16", fsync=True), 1)
-
-    # --- reader: get() over every sample, stream() with prefetch, open with checksums ---
-    cache = TeacherCache.open(root / "cache_fp16")
-    ids_order = cache.sample_ids
-
-    def get_all() -> None:
-        for sid in ids_order:
-            rec = cache.get(sid)
-            assert rec.topk_ids["teacher0"].shape == (args.seq, K)
-
-    def stream_all() -> None:
-        for _ in cache.stream(ids_order, prefetch=4):
-            pass
-
-    t_get = best_of(get_all, args.repeats)
-    t_stream = best_of(stream_all, args.repeats)
-    rec = cache.get(ids_order[-1])
-    src = data[ids_order[-1]]["topk"]["teacher0"]
-    assert np.array_equal(rec.topk_ids["teacher0"], src[0])
-    assert np.array_equal(rec.topk_logprobs["teacher0"], src[1].astype(np.float16))
-    cache.close()
-    t_open = best_of(lambda: TeacherCache.open(root / "cache_fp16", verify_checksums=True).close(), args.repeats)
-
-    print()
-    print("bytes per top-k entry (id + log-prob), side by side")
-    print(f"  {'format':<34}{'id':>10}{'value':>8}{'bytes/entry':>14}")
-    print(f"  {'NeMo-RL (int64 ids, fp32 values)':<34}{'64 bit':>10}{'32 bit':>8}{12.0:>14.3f}")
-    print(f"  {'verl (int32 ids, fp32 values)':<34}{'32 bit':>10}{'32 bit':>8}{8.0:>14.3f}")
-    print(f"  {'Megatron-LM (17-bit packing)':<34}{'17 bit':>10}{'':>8}{'~5':>14}")
-    for vd, topk_b, file_b in rows:
-        vbits = 32 if vd == "fp32" else 16
-        label = f"erpd {vd} (measured)"
-        print(f"  {label:<34}{f'{bits} bit':>10}{f'{vbits} bit':>8}{topk_b:>14.3f}   (file incl. sampled fp32 log-probs: {file_b:.3f})")
-    print()
-    print("throughput, one process")
-    print(f"  encode (pack ids + clamp/quantise fp16)   {entries / t_enc / 1e6:10.1f} M entries/s")
-    print(f"  decode ids only (unpack_ids)              {entries / t_dec_ids / 1e6:10.1f} M entries/s")
-    print(f"  decode TeacherCache.get (ids + fp16 view) {entries / t_get / 1e6:10.1f} M entries/s")
-    print(f"  stream(prefetch=4, copies)                {entries / t_stream / 1e6:10.1f} M entries/s")
-    print(f"  open with sha256 of every shard           {rows[0][2] * entries / t_open / 1e6:10.1f} MB/s")
-    print()
-    print("writing the same arrays")
-    print(f"  numpy.save (int64 ids, fp32 values; 4 files) {t_npsave:5.3f} s  {npsave_bytes / 1e6:8.1f} MB")
-    for vd, _, file_b in rows:
-        print(f"  CacheWriter {vd}, no fsync               {t_write[vd]:8.3f} s  {file_b * entries / 1e6:8.1f} MB  ({t_write[vd] / t_npsave:.2f}x numpy.save)")
-    print(f"  CacheWriter fp16, fsync                   {t_write_fsync:8.3f} s")
-    if args.dir is None:
-        shutil.rmtree(root, ignore_errors=True)
-    print(
-        f"RESULT bytes_per_entry={rows[0][1]:.4f} file_bytes_per_entry={rows[0][2]:.4f} "
-        f"decode_entries_per_s={entries / t_get:.4g} encode_entries_per_s={entries / t_enc:.4g} "
-        f"write_vs_npsave={t_write['fp16'] / t_npsave:.3f}"
-    )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (2 if args.quick else 5)
+    print(f"# bench_cache: threads {args.threads or 'default'}, load avg "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    fmt = formats(args, reps)
+    overhead = float("nan")
+    if not args.skip_tool:
+        overhead, _ = tool_overhead(args, reps)
+    b, rate = fmt["erpd"]
+    print(f"RESULT bytes_per_entry={b:.4f} decode_entries_per_s={rate:.4g} cache_tool_overhead={overhead:.3f} "
+          f"megatron_lm_bytes_per_entry={fmt['megatron_lm'][0]:.4f} verl_bytes_per_entry={fmt['verl'][0]:.4f} "
+          f"nemo_rl_bytes_per_entry={fmt['nemo_rl'][0]:.4f} "
+          f"megatron_lm_decode_entries_per_s={fmt['megatron_lm'][1]:.4g} dtype={args.dtype}")
 
 
 if __name__ == "__main__":

@@ -1,37 +1,35 @@
 """Time and peak memory of the vocab-parallel token ops against megatron-core's cross entropy.
 
-    python benchmarks/bench_token_ops.py [--quick] [--shapes 4096x151936,16384x32000] [--reps 3]
+    python benchmarks/bench_token_ops.py [--quick] [--shapes 4096x151936,8192x32000]
+        [--dtypes fp32,bf16] [--reps 5] [--device cuda]
 
-For each logits shape (tokens, vocab), fp32, on one process (TP=1), forward + backward of
-  (a) megatron.core.tensor_parallel.vocab_parallel_cross_entropy (the baseline),
-  (b) our vp_logprob,
-  (c) our vp_topk_kl with a k=64 teacher,
-plus, for information, (b) and (c) with ``inplace_backward=True`` (the gradient written into
-the logits' memory, as Megatron's op does: no fresh logits-sized gradient, whose page faults
-dominate on a CPU), our vp_entropy (fwd+bwd) and vp_topk (forward only, k=64).
+For each logits shape (tokens, vocab) and dtype, on one process (TP=1), forward + backward of
+  (a) ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` (the baseline; it
+      writes its softmax and then the gradient into the logits' memory),
+  (b) our ``vp_topk_kl`` with a k=64 teacher and (c) ``vp_logprob``, each in the default mode
+      (a separately allocated gradient) and with ``inplace_backward=True`` (``_inpl``: the
+      gradient written into the logits, as Megatron's op does).
 
-How it measures. Every (shape, op) runs in a FRESH child process, so that memory of one
-op cannot hide in the allocator of another. The child allocates the logits (and targets,
-teacher ids/log-probs), touches them, and reads its resident set size (RSS, psutil) as the
-baseline. It then runs forward+backward once and reads the kernel's high-water mark of the
-RSS (``getrusage().ru_maxrss``), which sees every allocation, torch's internal temporaries
-included; a 1 ms RSS-sampling thread runs alongside as a cross-check. Peak extra memory =
-high-water - baseline - the gradient's bytes when the op allocates a separate gradient
-(ours do; Megatron's writes the gradient into the logits in place, so for it nothing is
-subtracted). Time: in one process per shape, each op runs once to warm up and then
-``--reps`` times back to back (the steady state of a training loop, where each step frees
-the previous gradient before allocating the next); reported: the minimum wall time
-(time.perf_counter) and the minimum CPU time (time.process_time, user + sys, which other
-jobs on a shared machine disturb less). The logits are refilled with fresh values outside
-the timer (Megatron's op overwrites them). Torch runs with one thread by default
-(``--threads``): on a loaded 2-core machine that gives the least noisy ratios. Megatron needs a process group: the child initialises
-gloo with world size 1 and ``parallel_state.initialize_model_parallel(1, 1)``; no CUDA
-patch was needed for this op on CPU.
+Time. One child process per (shape, dtype) runs ``--warmup`` discarded rounds, then
+``--reps`` rounds; in every round each op runs once, in turn (a, b, c, a, b, c, ...), so that
+load from other processes hits every op alike. The logits are refilled with fresh values
+outside the timer before every run (Megatron's op overwrites them). Torch and OpenMP use
+``--threads`` threads (default 1) in every child alike. Reported: median wall time with the
+min-max over the rounds, and ``ratio`` = median(op) / median(megatron); ``paired`` is the
+min-max over rounds of the ratio within one round.
 
-The last line is machine-readable:
-``RESULT topk_kl_time_ratio=... logprob_time_ratio=... peak_extra_mem_ratio=...``
-(time ratios: ours / Megatron, worst over shapes; memory: peak extra / logits bytes, worst
-over our ops and shapes).
+Memory. Every (shape, dtype, op) runs in a FRESH child, so that no allocator cache hides one
+op's memory in another's. It allocates the inputs, touches them and reads its resident set
+size (RSS); then it runs one forward+backward and reads the kernel's high-water mark
+(``getrusage().ru_maxrss``; a 1 ms RSS sampler cross-checks). ``extra`` = high-water - RSS
+before, everything the op allocates, its gradient included (none for in-place ops and for
+Megatron's, whose gradient is the logits' own memory); reported as a fraction of the logits'
+bytes. On CUDA the same with ``torch.cuda.max_memory_allocated``.
+
+Last line: ``RESULT topk_kl_time_ratio=... peak_extra_mem_ratio_inplace=...
+peak_extra_mem_ratio_default=... ...``: time ratios are the worst over the fp32 shapes
+(``*_bf16``: bf16 logits); memory ratios the worst over shapes and dtypes of our in-place
+ops, resp. our default-mode ops (which include their logits-sized gradient: >= 1).
 """
 
 from __future__ import annotations
@@ -41,16 +39,16 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-OPS = ["megatron_ce", "vp_logprob", "vp_topk_kl", "vp_logprob_inpl", "vp_topk_kl_inpl", "vp_entropy",
-       "vp_topk_fwd"]
-DEFAULT_SHAPES = "4096x151936,16384x32000"
-QUICK_SHAPES = "1024x32000,2048x8192"
+OPS = ["megatron_ce", "vp_topk_kl", "vp_topk_kl_inpl", "vp_logprob", "vp_logprob_inpl"]
+DEFAULT_SHAPES = "4096x151936,8192x32000"
+QUICK_SHAPES = "2048x16384"
 K = 64
 
 
@@ -94,7 +92,7 @@ def _init_megatron() -> None:
     parallel_state.initialize_model_parallel(1, 1)
 
 
-def _setup(n: int, v: int, ops: list[str], chunk_elements: int | None, threads: int | None) -> dict:
+def _setup(n: int, v: int, dtype: str, device: str, ops: list[str], threads: int | None) -> dict:
     """Import, initialise and allocate everything one child needs; return the runners."""
     import warnings
 
@@ -105,107 +103,113 @@ def _setup(n: int, v: int, ops: list[str], chunk_elements: int | None, threads: 
 
     if threads:
         torch.set_num_threads(threads)
-    if chunk_elements:
-        vp.DEFAULT_CHUNK_ELEMENTS["cpu"] = chunk_elements
     if "megatron_ce" in ops:
         _init_megatron()
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    dev = torch.device(device)
     torch.manual_seed(0)
-    logits = torch.empty(n, v, dtype=torch.float32).normal_().requires_grad_()
-    target = torch.randint(0, v, (n,))
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    logits = torch.empty(n, v, dtype=dt, device=dev).normal_().requires_grad_()
+    target = torch.randint(0, v, (n,), device=dev)
     # k distinct teacher ids per token (start + j * prime, mod v), masses summing to 0.9
-    ids = (torch.randint(0, v, (n, 1)) + torch.arange(K)[None, :] * 7919) % v
-    t_lp = torch.log(0.9 * torch.softmax(torch.randn(n, K) * 2, dim=-1))
+    ids = (torch.randint(0, v, (n, 1), device=dev) + torch.arange(K, device=dev)[None, :] * 7919) % v
+    t_lp = torch.log(0.9 * torch.softmax(torch.randn(n, K, device=dev) * 2, dim=-1))
     runners = {
+        # Megatron's op takes [s, b, V] logits and [s, b] targets (here b = 1: a view, no copy)
         "megatron_ce": lambda: vocab_parallel_cross_entropy(logits.view(n, 1, v), target.view(n, 1)).sum().backward(),
-        "vp_logprob": lambda: vp.vp_logprob(logits, target).sum().backward(),
         "vp_topk_kl": lambda: vp.vp_topk_kl(logits, ids, t_lp).sum().backward(),
-        "vp_logprob_inpl": lambda: vp.vp_logprob(logits, target, inplace_backward=True).sum().backward(),
         "vp_topk_kl_inpl": lambda: vp.vp_topk_kl(logits, ids, t_lp, inplace_backward=True).sum().backward(),
-        "vp_entropy": lambda: vp.vp_entropy(logits).sum().backward(),
-        "vp_topk_fwd": lambda: vp.vp_topk(logits.detach(), K),
+        "vp_logprob": lambda: vp.vp_logprob(logits, target).sum().backward(),
+        "vp_logprob_inpl": lambda: vp.vp_logprob(logits, target, inplace_backward=True).sum().backward(),
     }
-    return {"torch": torch, "logits": logits, "runners": runners}
+    return {"torch": torch, "logits": logits, "runners": runners, "device": dev}
 
 
-def child_memory(op: str, n: int, v: int, chunk_elements: int | None, threads: int | None) -> dict:
-    """In a fresh process: peak extra memory of one forward+backward of ``op``."""
-    env = _setup(n, v, [op], chunk_elements, threads)
-    logits = env["logits"]
-    base = _rss_bytes()
-    hw_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    sampler = _Sampler()
-    sampler.start()
-    env["runners"][op]()
-    sampled = sampler.stop()
-    hw_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    grad = logits.grad
-    separate_grad = grad is not None and grad.data_ptr() != logits.data_ptr()
-    grad_bytes = grad.numel() * grad.element_size() if separate_grad else 0
-    peak = hw_after if hw_after > hw_before else sampled
-    return {
-        "op": op, "logits_bytes": logits.numel() * logits.element_size(), "grad_bytes": grad_bytes,
-        "extra_bytes": peak - base - grad_bytes, "extra_sampled_bytes": sampled - base - grad_bytes,
-        "hw_reliable": hw_after > hw_before,
-    }
-
-
-def child_time(n: int, v: int, reps: int, chunk_elements: int | None, threads: int | None) -> dict:
-    """In one process: each op once to warm up, then ``reps`` timed runs back to back (the
-    steady state of training: each run frees the previous gradient and allocates the next)."""
-    env = _setup(n, v, OPS, chunk_elements, threads)
+def child_memory(op: str, n: int, v: int, dtype: str, device: str, threads: int | None) -> dict:
+    """In a fresh process: peak memory of one forward+backward of ``op`` above the inputs."""
+    env = _setup(n, v, dtype, device, [op], threads)
     torch, logits = env["torch"], env["logits"]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        env["runners"][op]()
+        torch.cuda.synchronize()
+        peak, sampled, reliable = torch.cuda.max_memory_allocated(), 0, True
+    else:
+        before = _rss_bytes()
+        hw_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        sampler = _Sampler()
+        sampler.start()
+        env["runners"][op]()
+        sampled = sampler.stop()
+        hw_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        reliable = hw_after > hw_before
+        peak = hw_after if reliable else sampled
+    grad = logits.grad
+    return {"op": op, "logits_bytes": logits.numel() * logits.element_size(),
+            "extra_bytes": peak - before, "extra_sampled_bytes": sampled - before if sampled else None,
+            "grad_is_logits_memory": grad is not None and grad.data_ptr() == logits.data_ptr(),
+            "hw_reliable": reliable}
+
+
+def child_time(n: int, v: int, dtype: str, device: str, reps: int, warmup: int, threads: int | None) -> dict:
+    """In one process: ``warmup`` + ``reps`` rounds, each op once per round, in turn."""
+    env = _setup(n, v, dtype, device, OPS, threads)
+    torch, logits = env["torch"], env["logits"]
+    cuda = device == "cuda"
     times: dict[str, list[float]] = {op: [] for op in OPS}
-    cpu: dict[str, list[float]] = {op: [] for op in OPS}
-    for op in OPS:
-        for _ in range(reps + 1):  # the first run warms up and is dropped
+    for r in range(warmup + reps):
+        for op in OPS:
             logits.grad = None
             with torch.no_grad():
                 logits.normal_()  # Megatron's op overwrites the logits; refill for everyone
-            t0, c0 = time.perf_counter(), time.process_time()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
             env["runners"][op]()
-            times[op].append(time.perf_counter() - t0)
-            cpu[op].append(time.process_time() - c0)
+            if cuda:
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[op].append(time.perf_counter() - t0)
     logits.grad = None
-    return {"times": {op: t[1:] for op, t in times.items()}, "cpu": {op: t[1:] for op, t in cpu.items()}}
+    return {"times": times}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"small shapes ({QUICK_SHAPES}), 2 reps")
+    ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_SHAPES}, fp32, 3 reps")
     ap.add_argument("--shapes", default=None, help=f"comma list NxV (default {DEFAULT_SHAPES})")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per op (default 3)")
-    ap.add_argument("--chunk-elements", type=int, default=None,
-                    help="override DEFAULT_CHUNK_ELEMENTS['cpu'] (logits per chunk)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads in the children (default 1: on a shared, loaded "
-                         "2-core machine one thread gives the least noisy ratios; 0 = torch default)")
-    ap.add_argument("--thp", action="store_true",
-                    help="set THP_MEM_ALLOC_ENABLE=1 in the children (torch's CPU allocator asks "
-                         "for transparent huge pages: fewer page faults on the fresh gradient)")
-    ap.add_argument("--child-mem", nargs=3, metavar=("OP", "N", "V"), help=argparse.SUPPRESS)
-    ap.add_argument("--child-time", nargs=2, metavar=("N", "V"), help=argparse.SUPPRESS)
+    ap.add_argument("--dtypes", default=None, help="comma list of logits dtypes (default fp32,bf16; --quick fp32)")
+    ap.add_argument("--dtype", default=None, help="a single logits dtype (overrides --dtypes)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; --quick 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="discarded rounds")
+    ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads in the children (0: default)")
+    ap.add_argument("--child-mem", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--child-time", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or (3 if args.quick else 5)
     threads = args.threads or None
     if args.child_mem:
-        op, n, v = args.child_mem
-        print("CHILD " + json.dumps(child_memory(op, int(n), int(v), args.chunk_elements, threads)))
+        op, n, v, dtype, device = args.child_mem
+        print("CHILD " + json.dumps(child_memory(op, int(n), int(v), dtype, device, threads)))
         return
     if args.child_time:
-        n, v = args.child_time
-        print("CHILD " + json.dumps(child_time(int(n), int(v), reps, args.chunk_elements, threads)))
+        n, v, dtype, device = args.child_time
+        print("CHILD " + json.dumps(child_time(int(n), int(v), dtype, device, reps, args.warmup, threads)))
         return
 
     spec = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     shapes = [tuple(int(d) for d in s.split("x")) for s in spec.split(",")]
+    dtypes = [args.dtype] if args.dtype else (args.dtypes or ("fp32" if args.quick else "fp32,bf16")).split(",")
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if args.thp:
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
-    common = ["--reps", str(reps), "--threads", str(args.threads)]
-    if args.chunk_elements:
-        common += ["--chunk-elements", str(args.chunk_elements)]
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    common = ["--reps", str(reps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
 
     def run_child(flag: str, *params: object) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), flag, *map(str, params), *common]
@@ -216,41 +220,46 @@ def main() -> None:
             raise SystemExit(f"benchmark child {flag} {params} failed")
         return json.loads(line[0][6:])
 
-    print(f"# bench_token_ops: fp32, TP=1, k={K}, reps={reps} (back to back, after 1 warm-up), "
-          f"torch threads={args.threads or 'default'}, cpus={os.cpu_count()}, "
-          f"THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
-          f"load avg={os.getloadavg()[0]:.1f}")
-    print(f"{'tokens x vocab':>16} {'op':>15} {'wall s':>8} {'x meg':>6} {'cpu s':>7} {'x meg':>6} "
-          f"{'extra MiB':>10} {'extra/logits':>12}")
-    ratio = {(op, kind): 0.0 for op in OPS[1:5] for kind in ("wall", "cpu")}
-    mem_ratio = 0.0
-    for n, v in shapes:
-        timing = run_child("--child-time", n, v)
-        wall = {op: min(t) for op, t in timing["times"].items()}
-        cpu = {op: min(t) for op, t in timing["cpu"].items()}
-        for op in OPS:
-            mem = run_child("--child-mem", op, n, v)
-            mr = mem["extra_bytes"] / mem["logits_bytes"]
-            rw, rc = wall[op] / wall["megatron_ce"], cpu[op] / cpu["megatron_ce"]
-            print(f"{f'{n}x{v}':>16} {op:>15} {wall[op]:8.3f} {rw:6.2f} {cpu[op]:7.3f} {rc:6.2f} "
-                  f"{mem['extra_bytes'] / 2**20:10.1f} {mr:12.3f}"
-                  + ("" if mem["hw_reliable"] else "  (memory from RSS sampling)"))
-            if (op, "wall") in ratio:
-                ratio[op, "wall"] = max(ratio[op, "wall"], rw)
-                ratio[op, "cpu"] = max(ratio[op, "cpu"], rc)
-            if op != "megatron_ce":
-                mem_ratio = max(mem_ratio, mr)
-    print("# wall: min perf_counter time of forward+backward over the reps (vp_topk_fwd: forward "
-          "only); cpu: min process_time (user+sys, less sensitive to other load on the machine); "
-          "extra: peak RSS beyond the logits and a separately allocated gradient")
-    print("# RESULT: time ratios = ours / megatron_ce (wall; cpu_ variants: process time), worst "
-          "over shapes; memory = worst extra/logits over our ops and shapes")
-    print(f"RESULT topk_kl_time_ratio={ratio['vp_topk_kl', 'wall']:.3f} "
-          f"logprob_time_ratio={ratio['vp_logprob', 'wall']:.3f} peak_extra_mem_ratio={mem_ratio:.3f} "
-          f"topk_kl_cpu_time_ratio={ratio['vp_topk_kl', 'cpu']:.3f} "
-          f"logprob_cpu_time_ratio={ratio['vp_logprob', 'cpu']:.3f} "
-          f"topk_kl_inplace_time_ratio={ratio['vp_topk_kl_inpl', 'wall']:.3f} "
-          f"logprob_inplace_time_ratio={ratio['vp_logprob_inpl', 'wall']:.3f}")
+    print(f"# bench_token_ops: device {args.device}, TP=1, k={K}, {reps} interleaved rounds after "
+          f"{args.warmup} warm-up, threads {args.threads or 'default'} (OMP_NUM_THREADS="
+          f"{env.get('OMP_NUM_THREADS', 'unset')}), cpus {os.cpu_count()}, load avg "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'tokens x vocab':>14} {'dtype':>5} {'op':>16} {'median s':>9} {'min-max s':>13} {'ratio':>6} "
+          f"{'paired':>11} {'extra MiB':>10} {'extra/logits':>12}")
+    time_ratio: dict[tuple[str, str], float] = {}
+    mem = {"inplace": 0.0, "default": 0.0, "megatron": 0.0}
+    for dtype in dtypes:
+        for n, v in shapes:
+            t = run_child("--child-time", n, v, dtype, args.device)["times"]
+            base = statistics.median(t["megatron_ce"])
+            for op in OPS:
+                m = run_child("--child-mem", op, n, v, dtype, args.device)
+                med = statistics.median(t[op])
+                ratio = med / base
+                paired = [a / b for a, b in zip(t[op], t["megatron_ce"])]
+                mr = m["extra_bytes"] / m["logits_bytes"]
+                kind = "megatron" if op == "megatron_ce" else ("inplace" if op.endswith("_inpl") else "default")
+                mem[kind] = max(mem[kind], mr)
+                key = (op, dtype)
+                time_ratio[key] = max(time_ratio.get(key, 0.0), ratio)
+                print(f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
+                      f"{ratio:6.2f} {min(paired):5.2f}-{max(paired):<5.2f} {m['extra_bytes'] / 2**20:10.1f} "
+                      f"{mr:12.3f}" + ("" if m["hw_reliable"] else "  (memory from RSS sampling)"))
+    print("# ratio: median(op) / median(megatron_ce); paired: min-max of the per-round ratio; extra: peak "
+          "memory above the inputs during one forward+backward, the gradient included")
+
+    def tr(op: str, dtype: str) -> str:
+        return f"{time_ratio[op, dtype]:.3f}" if (op, dtype) in time_ratio else "nan"
+
+    first = "fp32" if "fp32" in dtypes else dtypes[0]
+    print(f"RESULT topk_kl_time_ratio={tr('vp_topk_kl', first)} "
+          f"topk_kl_inplace_time_ratio={tr('vp_topk_kl_inpl', first)} "
+          f"logprob_time_ratio={tr('vp_logprob', first)} logprob_inplace_time_ratio={tr('vp_logprob_inpl', first)} "
+          f"topk_kl_time_ratio_bf16={tr('vp_topk_kl', 'bf16')} "
+          f"topk_kl_inplace_time_ratio_bf16={tr('vp_topk_kl_inpl', 'bf16')} "
+          f"peak_extra_mem_ratio_inplace={mem['inplace']:.3f} peak_extra_mem_ratio_default={mem['default']:.3f} "
+          f"megatron_extra_mem_ratio={mem['megatron']:.3f} device={args.device} time_dtype={first}")
+
 
 if __name__ == "__main__":
     main()

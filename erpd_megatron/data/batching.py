@@ -133,8 +133,15 @@ def dp_micro_batch_count(rows: np.ndarray, lengths: np.ndarray, dp_size: int,
     a rank that ran fewer, or returned early with none, would leave the others waiting in the
     data-parallel gradient reduction (and, under FP8 delayed scaling, in the per-forward amax
     reduction over TP x DP). Computed from the global picture, without communication."""
-    shards = dp_partition(rows, lengths, dp_size)
-    return max(len(micro_batches(s, lengths, max_tokens)) for s in shards)
+    return dp_micro_batches(rows, lengths, 0, dp_size, max_tokens)[1]
+
+
+def dp_micro_batches(rows: np.ndarray, lengths: np.ndarray, dp_rank: int, dp_size: int,
+                     max_tokens: int) -> tuple[list[np.ndarray], int]:
+    """This DP rank's micro-batches (row arrays) of a global batch, and
+    :func:`dp_micro_batch_count` (one partition for both)."""
+    cuts = [micro_batches(s, lengths, max_tokens) for s in dp_partition(rows, lengths, dp_size)]
+    return cuts[dp_rank], max(len(c) for c in cuts)
 
 
 def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:

@@ -40,11 +40,9 @@ from erpd_megatron.data.batching import (
     MicroBatch,
     SampleTable,
     collate,
-    dp_micro_batch_count,
-    dp_shard,
+    dp_micro_batches,
     epoch_order,
     global_batches,
-    micro_batches,
     pad_micro_batches,
     pad_multiple,
 )
@@ -176,10 +174,8 @@ class TrainLoop:
         so that every DP rank runs the same schedule (see :mod:`erpd_megatron.train.engine`)."""
         e, budget = self.engine, self.cfg.data.max_tokens_per_microbatch
         pad = pad_multiple(self.cfg)
-        mine = dp_shard(rows, self.lengths, e.dp_rank, e.dp_size)
-        mbs = [collate(self.spec.table, mb, arrays, pad_to=pad)
-               for mb in micro_batches(mine, self.lengths, budget)]
-        count = dp_micro_batch_count(rows, self.lengths, e.dp_size, budget)
+        mine, count = dp_micro_batches(rows, self.lengths, e.dp_rank, e.dp_size, budget)
+        mbs = [collate(self.spec.table, mb, arrays, pad_to=pad) for mb in mine]
         return pad_micro_batches(mbs, count, length=pad, token_arrays=arrays)
 
     # ---- main -----------------------------------------------------------------------------

@@ -21,9 +21,7 @@ from erpd_megatron.data.batching import (
     MicroBatch,
     SampleTable,
     collate,
-    dp_micro_batch_count,
-    dp_shard,
-    micro_batches,
+    dp_micro_batches,
     pad_micro_batches,
     pad_multiple,
 )
@@ -52,13 +50,11 @@ def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLik
     done = out_dir / "COMPLETE"
     if not done.exists():
         shard = engine.vocab_shard()
-        everything, pad = np.arange(len(table)), pad_multiple(engine.cfg)
-        rows = dp_shard(everything, table.lengths, engine.dp_rank, engine.dp_size)
-        mbs = [collate(table, r, pad_to=pad)
-               for r in micro_batches(rows, table.lengths, max_tokens)]
+        pad = pad_multiple(engine.cfg)
+        mine, count = dp_micro_batches(np.arange(len(table)), table.lengths, engine.dp_rank,
+                                       engine.dp_size, max_tokens)
         # every DP rank runs the same number of forwards (FP8's amax reduction spans TP x DP)
-        count = dp_micro_batch_count(everything, table.lengths, engine.dp_size, max_tokens)
-        mbs = pad_micro_batches(mbs, count, length=pad)
+        mbs = pad_micro_batches([collate(table, r, pad_to=pad) for r in mine], count, length=pad)
 
         def fn(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
             b, s, v = logits.shape

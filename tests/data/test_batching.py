@@ -12,6 +12,7 @@ from erpd_megatron.data.batching import (
     SampleTable,
     collate,
     dp_micro_batch_count,
+    dp_micro_batches,
     dp_partition,
     dp_shard,
     dummy_micro_batch,
@@ -144,6 +145,9 @@ def test_equal_micro_batch_counts_with_empty_shard():
         count = dp_micro_batch_count(rows, t.lengths, 2, budget)
         own = [micro_batches(s, t.lengths, budget) for s in dp_partition(rows, t.lengths, 2)]
         assert count == max(len(o) for o in own) >= 1
+        for r in (0, 1):
+            mine, n = dp_micro_batches(rows, t.lengths, r, 2, budget)
+            assert n == count and [m.tolist() for m in mine] == [m.tolist() for m in own[r]]
         padded = [pad_micro_batches([collate(t, m) for m in o], count) for o in own]
         assert [len(p) for p in padded] == [count, count]
         for o, p in zip(own, padded):

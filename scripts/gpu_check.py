@@ -111,8 +111,12 @@ def save_random_qwen3(out: Path, *, vocab: int = 512, seed: int = 0) -> Path:
 
 
 def write_random_rollouts(out: Path, *, vocab: int, prompts: int, group: int, max_len: int, seed: int = 0) -> Path:
-    """A rollout set of random sequences with a learnable reward (first response token even)."""
+    """A rollout set of random sequences with a learnable reward (first response token even);
+    an existing one (a rerun with the same ``--out``) is reused."""
     import numpy as np
+
+    if (out / "manifest.json").exists():
+        return out
 
     from erpd_megatron.data.rollouts import RolloutRecord, write_rollout_set
 
@@ -238,14 +242,18 @@ def _child_vllm(args: argparse.Namespace) -> dict[str, Any]:
 class Check:
     """The steps of one run, their results and the summary."""
 
-    def __init__(self, out: Path, cpu_dry: bool) -> None:
-        self.out, self.cpu_dry = out, cpu_dry
+    def __init__(self, out: Path, cpu_dry: bool, budget: float = 1e9) -> None:
+        self.out, self.cpu_dry, self.budget = out, cpu_dry, budget
         self.results: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
+        self.over_budget = False
 
     def step(self, name: str, fn: Callable[[], tuple[str, dict[str, Any]]], *, skip: str | None = None) -> bool:
         """Run one step; print PASS/FAIL/SKIP with its figure."""
         t0 = time.perf_counter()
+        if not skip and t0 - self.t0 > self.budget:
+            skip = f"over the time budget ({self.budget:.0f}s): not run"
+            self.over_budget = True
         if skip:
             status, figure, data = "SKIP", skip, {}
         else:
@@ -265,7 +273,8 @@ class Check:
 
         counts = {s: sum(r["status"] == s for r in self.results) for s in ("PASS", "FAIL", "SKIP")}
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        s = {"mode": "cpu-dry" if self.cpu_dry else "gpu", "gpu": gpu, "ok": counts["FAIL"] == 0, **counts,
+        s = {"mode": "cpu-dry" if self.cpu_dry else "gpu", "gpu": gpu,
+             "ok": counts["FAIL"] == 0 and not self.over_budget, "over_budget": self.over_budget, **counts,
              "seconds": round(time.perf_counter() - self.t0, 1), "steps": self.results}
         (self.out / "summary.json").write_text(json.dumps(s, indent=1))
         return s
@@ -385,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-dry", action="store_true", help="only the CPU-runnable steps")
     p.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--budget", type=float, default=1e9,
+                   help="seconds after which the remaining steps are reported as SKIP (the summary still prints)")
     p.add_argument("--bench", action="store_true",
                    help="also run the benchmarks with --device cuda (a few minutes more than the 8)")
     args = p.parse_args(argv)
@@ -394,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out or tempfile.mkdtemp(prefix="erpd-gpu-check-"))
     out.mkdir(parents=True, exist_ok=True)
-    ck = Check(out, args.cpu_dry)
+    ck = Check(out, args.cpu_dry, args.budget)
     import torch
 
     if not args.cpu_dry and not torch.cuda.is_available():

@@ -16,8 +16,9 @@ from typing import Literal, Optional
 class ModelConfig:
     """Architecture of a decoder-only transformer (Llama, Qwen2/2.5, Qwen3 families)."""
 
-    family: Literal["llama", "qwen2", "qwen3"] = "llama"
-    """Model family; selects the HF <-> Megatron tensor map and HF config class."""
+    family: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"] = "llama"
+    """Model family; selects the HF <-> Megatron tensor map and HF config class (qwen3_moe,
+    qwen2_moe: mixture-of-experts, set num_experts)."""
     num_layers: int = 2
     """Number of transformer layers."""
     hidden_size: int = 64
@@ -54,7 +55,32 @@ class ModelConfig:
     init_method_std: float = 0.02
     """Std of the normal init of freshly initialised weights (tiny models trained from scratch)."""
     num_experts: Optional[int] = None
-    """Number of MoE experts; null for dense models (MoE conversion is not implemented yet)."""
+    """Number of routed MoE experts per sparse layer (HF ``num_experts``); null for dense models."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (HF ``num_experts_per_tok``)."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Inner width of one routed expert's SwiGLU (HF ``moe_intermediate_size``); null means
+    ffn_hidden_size. Dense layers (see decoder_sparse_step, mlp_only_layers) use ffn_hidden_size."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (HF ``norm_topk_prob``). True is
+    megatron's top-k-then-softmax (``moe_router_pre_softmax=False``); false keeps the softmax over
+    all experts (``moe_router_pre_softmax=True``)."""
+    decoder_sparse_step: int = 1
+    """Layer i (0-based) is an MoE layer when (i + 1) % decoder_sparse_step == 0 and i is not in
+    mlp_only_layers (HF's rule); the others are dense MLP layers."""
+    mlp_only_layers: list[int] = field(default_factory=list)
+    """0-based layer indices that use a dense MLP even though decoder_sparse_step makes them sparse."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the router load-balancing loss (megatron "aux_loss", per micro-batch; HF
+    ``router_aux_loss_coef``, which transformers applies only when training with
+    output_router_logits); 0 disables it."""
+    moe_z_loss_coeff: Optional[float] = None
+    """Coefficient of the router z-loss (ST-MoE); null disables it."""
+    shared_expert_intermediate_size: Optional[int] = None
+    """Width of the shared expert that every token passes through (Qwen2-MoE); null: none."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(gate(x)) (Qwen2-MoE: true), megatron's
+    ``moe_shared_expert_gate``."""
 
 
 @dataclass(kw_only=True)
@@ -66,9 +92,29 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """PP size: splits the layers into stages (1F1B schedule)."""
     expert_model_parallel_size: int = 1
-    """EP size for MoE models."""
+    """EP size for MoE models: EP rank e holds experts [e*E/EP, (e+1)*E/EP)."""
+    expert_tensor_parallel_size: int = 1
+    """TP size inside each expert (ETP). megatron needs world % (ETP * EP * PP) == 0; 1 keeps
+    experts whole (the Qwen3-MoE recipes of Megatron-Bridge use 1)."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach their experts' EP ranks. allgather cannot be combined with the variable
+    sequence lengths of packed micro-batches (megatron rejects it)."""
+    moe_grouped_gemm: Optional[bool] = None
+    """Run a rank's local experts as one grouped GEMM (Transformer Engine); null = on with TE on
+    a GPU, off otherwise (the local spec's SequentialMLP)."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs Transformer Engine; not available on CPU)."""
+    """Megatron sequence parallelism: norms, dropout and residuals on 1/TP of the sequence
+    (activations /TP). Sequences are padded to a multiple of TP. Runs on CPU through the
+    harness (torch norms marked as TE marks its own)."""
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    """Activation recomputation (megatron ``TransformerConfig.recompute_granularity``): null
+    keeps every activation; selective recomputes the core attention (the s^2 part without
+    flash attention); full keeps only each recomputed layer's input."""
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    """With full recompute: uniform recomputes every layer in groups of recompute_num_layers;
+    block recomputes the first recompute_num_layers layers of each pipeline stage."""
+    recompute_num_layers: Optional[int] = None
+    """Layers per recompute group (uniform) or recomputed layers per stage (block); full only."""
     use_distributed_optimizer: bool = True
     """Shard optimizer states over data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
@@ -217,6 +263,9 @@ class Stage1Config:
     """Keep a teacher snapshot after these epochs (the final epoch is always kept)."""
     eval_every_epochs: int = 0
     """Held-out accuracy through the rollout engine every N epochs (0 disables)."""
+    force: bool = False
+    """Train even when no rollout group gives the loss a gradient (all-0 / all-1 groups for
+    pg, sapo, mse; no reward-1 sample for ce); otherwise Stage 1 refuses (`--force`)."""
 
 
 @dataclass(kw_only=True)

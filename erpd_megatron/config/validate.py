@@ -45,8 +45,32 @@ def validate_model(model: ModelConfig) -> None:
     for name in ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
         if getattr(model, name) <= 0:
             raise ConfigError(f"model.{name} must be positive, got {getattr(model, name)}")
-    if model.num_experts is not None:
-        raise ConfigError("model.num_experts: MoE models are not supported yet; use a dense model")
+    from erpd_megatron.config.moe import validate_moe_model
+
+    validate_moe_model(model)
+
+
+def _validate_recompute(model: ModelConfig, par: ParallelConfig) -> None:
+    """megatron's rules for the recompute fields (core_v0.16.1 ``transformer_config.py``
+    ``__post_init__``), reported with the recipe's field names."""
+    g, method, n = par.recompute_granularity, par.recompute_method, par.recompute_num_layers
+    if g is None:
+        if method is not None or n is not None:
+            raise ConfigError("parallel.recompute_method/recompute_num_layers are set but "
+                              "parallel.recompute_granularity is null; set it to full")
+        return
+    if g == "selective":
+        if method is not None or n is not None:
+            raise ConfigError("parallel.recompute_granularity=selective takes no recompute_method "
+                              "or recompute_num_layers (they are for full)")
+        return
+    if method is None or n is None:
+        raise ConfigError("parallel.recompute_granularity=full needs parallel.recompute_method "
+                          "(uniform|block) and parallel.recompute_num_layers")
+    per_stage = model.num_layers // max(1, par.pipeline_model_parallel_size)
+    if not 1 <= n <= per_stage:
+        raise ConfigError(f"parallel.recompute_num_layers={n} must be between 1 and the layers "
+                          f"per pipeline stage ({per_stage})")
 
 
 def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: Optional[int] = None) -> int:
@@ -80,6 +104,7 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: Optiona
         raise ConfigError(f"padded vocabulary {padded} is not divisible by TP={tp}")
     if par.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+    _validate_recompute(model, par)
     if world_size is None:
         world_size = par.num_nodes * par.gpus_per_node
     if world_size % (tp * pp):
@@ -87,6 +112,9 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: Optiona
             f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}; "
             "change parallel.num_nodes/gpus_per_node or the layout"
         )
+    from erpd_megatron.config.moe import validate_moe_layout
+
+    validate_moe_layout(model, par, world_size)
     return world_size // (tp * pp)
 
 

@@ -189,6 +189,9 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         expert_model_parallel_size=par.expert_model_parallel_size,
         sequence_parallel=par.sequence_parallel,
+        recompute_granularity=par.recompute_granularity,
+        recompute_method=par.recompute_method,
+        recompute_num_layers=par.recompute_num_layers,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -213,6 +216,10 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
             fp8_amax_history_len=prec.fp8_amax_history_len,
             fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
         )
+    from erpd_megatron.models.moe import moe_config_kwargs
+
+    kwargs.update(moe_config_kwargs(cfg, te=te, on_gpu=on_gpu,
+                                    variable_seq_lengths=overrides.get("variable_seq_lengths")))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -221,6 +228,10 @@ def layer_spec(cfg: Config, config: Any) -> Any:
     """The transformer layer spec: TE (lazy import) or local, with RMSNorm and qk-norm."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    if cfg.model.num_experts is not None:  # dense and MoE layers: erpd_megatron/models/moe.py
+        from erpd_megatron.models.moe import moe_block_spec
+
+        return moe_block_spec(config)
     if config.transformer_impl == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
     return specs.get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm")
@@ -327,8 +338,6 @@ def build_model(
 
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_model() needs init_distributed() first (megatron parallel_state)")
-    if cfg.model.num_experts is not None:
-        raise ConfigError("MoE models are not supported by build_model yet")
     if forward_only is None:
         forward_only = not wrap_ddp
     if forward_only and cfg.precision.fp8 is not None and config is None:

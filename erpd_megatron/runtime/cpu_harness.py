@@ -213,6 +213,35 @@ def _patch_megatron() -> None:
             mod._set_cuda_rng_state = set_state  # type: ignore[attr-defined]
 
 
+def _patch_backward_engine() -> None:
+    """Run every autograd backward under the device mode.
+
+    torch pops a mode off the stack while its ``__torch_function__`` runs, and
+    ``Tensor.backward`` / ``torch.autograd.backward`` / ``grad`` go through that handler, so
+    the backward they start would run without the mode: recomputed forwards (megatron's
+    activation checkpointing, ``tensor_parallel/random.py`` ``CheckpointFunction.backward``)
+    then build the causal mask on ``device="cuda"`` (``transformer/utils.py``). The engine
+    entry point itself is not a torch function; it re-enters the mode when it is off.
+    (megatron's schedules call the engine directly, with the mode on.)
+    """
+    import torch.autograd
+    import torch.autograd.graph as graph
+
+    orig = graph._engine_run_backward
+    if getattr(orig, "_erpd_patched", False):
+        return
+
+    def run_backward(*args: Any, **kwargs: Any) -> Any:
+        if _MODE is not None and _MODE not in torch.overrides._get_current_function_mode_stack():
+            with _MODE:
+                return orig(*args, **kwargs)
+        return orig(*args, **kwargs)
+
+    run_backward._erpd_patched = True  # type: ignore[attr-defined]
+    graph._engine_run_backward = run_backward
+    torch.autograd._engine_run_backward = run_backward  # imported by name there
+
+
 def _split_list(splits: Any) -> Any:
     """Split sizes as a list of ints (gloo's ``all_to_all_single`` rejects tensors)."""
     if splits is None or isinstance(splits, list):
@@ -349,6 +378,7 @@ def install_cpu_harness() -> None:
         _patch_megatron()
         _patch_moe()
         _patch_sequence_parallel()
+        _patch_backward_engine()
         patch_torch_adam_distributed_optimizer()
         _MODE = _CpuDeviceMode()
         _MODE.__enter__()

@@ -261,7 +261,8 @@ def stage2_loss(
         if t.kind == "topk_kl":
             if t.kl is None:
                 raise ValueError(f"teacher term {i} (topk_kl) needs its per-token kl")
-            loss_i, m = token_mean_loss(t.kl, mask & in_region, normalizer=normalizer, name=f"kl_{i}")
+            loss_i, m = token_mean_loss(t.kl, mask & in_region, normalizer=normalizer,
+                                        name=f"kl_{i}")
             parts.append(t.weight * loss_i)
             metrics[f"t{i}_kl_sum"] = m["loss_sum"]
             metrics[f"t{i}_kl_tokens"] = m["tokens"]

@@ -37,7 +37,8 @@ def _tail(lp: torch.Tensor, in_ids: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.where(in_ids, 0.0, lp.exp()).sum(-1))
 
 
-@pytest.mark.parametrize("dtype,top1", [("fp16", 0.9), ("fp16", 0.999), ("fp16", 0.9999), ("bf16", 0.999)])
+@pytest.mark.parametrize("dtype,top1", [("fp16", 0.9), ("fp16", 0.999), ("fp16", 0.9999),
+                                        ("bf16", 0.999)])
 def test_mixture_target_error_below_1e4_nats_on_peaked_distributions(dtype, top1):
     print(f"seed={SEED}")
     gen = torch.Generator().manual_seed(SEED)
@@ -50,16 +51,21 @@ def test_mixture_target_error_below_1e4_nats_on_peaked_distributions(dtype, top1
         r_lp = lp_r.gather(1, ids)
         in_ids = torch.zeros(n, V, dtype=torch.bool).scatter_(1, ids, True)
         t_tail, r_tail = _tail(lp_t, in_ids), _tail(lp_r, in_ids)
-        q_t = torch.from_numpy(quantize_reference(t_lp.numpy(), dtype)).to(D)  # what the cache returns
+        # what the cache returns
+        q_t = torch.from_numpy(quantize_reference(t_lp.numpy(), dtype)).to(D)
         q_r = torch.from_numpy(quantize_reference(r_lp.numpy(), dtype)).to(D)
         for alpha in (0.5, 2.0):
-            mix = (1 - alpha) * torch.cat([r_lp, r_tail[:, None]], 1) + alpha * torch.cat([t_lp, t_tail[:, None]], 1)
+            exact_r = torch.cat([r_lp, r_tail[:, None]], 1)
+            mix = (1 - alpha) * exact_r + alpha * torch.cat([t_lp, t_tail[:, None]], 1)
             exact = mix - torch.logsumexp(mix, -1, keepdim=True)
-            cached = topk_target_logprobs(q_t, alpha=alpha, ref_logprobs=q_r, vocab_size=V)  # tail derived
+            # tail derived from the stored values, as Stage 2 does
+            cached = topk_target_logprobs(q_t, alpha=alpha, ref_logprobs=q_r, vocab_size=V)
+            # pi_r's tail stored in fp32 instead
             stored_tail = topk_target_logprobs(q_t, alpha=alpha, ref_logprobs=q_r, vocab_size=V,
-                                               ref_tail_logprob=r_tail.float().double())  # tail stored fp32
+                                               ref_tail_logprob=r_tail.float().double())
             worst = max(worst, _kl(exact, cached).max().item())
             worst_tail = max(worst_tail, _kl(stored_tail, cached).max().item())
-    print(f"{dtype} top1={top1}: max KL(exact || cached target) {worst:.2e} nats, tail's part {worst_tail:.2e}")
+    print(f"{dtype} top1={top1}: max KL(exact || cached target) {worst:.2e} nats, "
+          f"tail's part {worst_tail:.2e}")
     assert worst < 1e-4
     assert worst_tail < 1e-5

@@ -39,7 +39,7 @@ def test_each_shard_is_hashed_by_exactly_one_rank(tmp_path: Path) -> None:
                 assert "checksum mismatch" in str(e) and str(path) in str(e), e
                 failed.append(rank)
         assert failed == [victim % WORLD], (victim, failed)
-        with pytest.raises(CacheError, match="checksum mismatch"):  # a lone reader hashes everything
+        with pytest.raises(CacheError, match="checksum mismatch"):  # a lone reader hashes all
             TeacherCache.open(tmp_path)
         path.write_bytes(data)
     with TeacherCache.open(tmp_path, verify_part=(0, WORLD)) as cache:

@@ -240,7 +240,7 @@ class Stage1Config:
     """Stage 1: weakly constrained multi-epoch optimisation on the fixed rollouts."""
 
     loss: Literal["pg", "sapo", "ce", "mse", "unlearned"] = "pg"
-    """Stage-1 loss (see ERPD_SPEC.md); unlearned negates the advantage of `unlearned_base`."""
+    """Stage-1 loss (see docs/method.md); unlearned negates the advantage of `unlearned_base`."""
     unlearned_base: Literal["pg", "sapo", "mse"] = "pg"
     """The loss whose advantage is negated when loss = unlearned."""
     epochs: int = 4
@@ -275,7 +275,7 @@ class TeacherSignalConfig:
     model: str = "teacher0"
     """Name of the cached model supplying the signal (a key of the teacher cache)."""
     signal: Literal["topk_kl", "logratio", "contrast", "gated"] = "topk_kl"
-    """How the per-token signal is built (ERPD_SPEC.md, Stage 2 signals)."""
+    """How the per-token signal is built (docs/method.md, Stage 2)."""
     weight: float = 1.0
     """Weight of this teacher in the weighted sum."""
     lam: float = 1.0

@@ -1,6 +1,6 @@
 """Stage-1 losses of ERPD as pure functions of per-token tensors (no Megatron, no distributed).
 
-Notation (see ``ERPD_SPEC.md``): ``logp`` = log pi_theta(y_t | y_<t) at the sampled tokens,
+Notation (see ``docs/method.md``): ``logp`` = log pi_theta(y_t | y_<t) at the sampled tokens,
 ``anchor_logp`` = the ratio anchor (pi_r for ``anchor: data``, the policy at the start of
 the epoch for ``anchor: epoch``; the caller picks by what it passes), ``ref_logp`` = pi_r,
 ``adv`` = the sequence advantage broadcast to its tokens, ``rho = exp(logp - anchor_logp)``.

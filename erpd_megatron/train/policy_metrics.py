@@ -1,4 +1,4 @@
-"""Metrics both stages log about the policy on the fixed data (ERPD_SPEC.md, Stage 1 "Log"):
+"""Metrics both stages log about the policy on the fixed data (docs/method.md, Stage 1):
 token entropy, KL (k1, k3) to pi_r, and the sequence log-prob drift ``sum_t(lp - lp_r)``
 split by reward. Returned as sums and counts (summed over micro-batches and ranks, then
 divided in :func:`finalize_policy_metrics`), computed from the pre-update forward pass.

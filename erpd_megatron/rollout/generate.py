@@ -9,10 +9,11 @@ owns and has not finished (G samples per prompt, seeded per shard), score them i
 pool and write each shard atomically; when every shard exists, write ``manifest.json``.
 
 Fleet: the shards are dealt round-robin over N slots. The slot comes from
-``--shard-index/--num-shards``, else from a Slurm job array (``SLURM_ARRAY_TASK_ID`` /
-``SLURM_ARRAY_TASK_COUNT``) combined with the tasks of an ``srun`` (``SLURM_PROCID`` /
-``SLURM_NTASKS``), else slot 0 of 1. Whoever finds all shards complete writes the manifest;
-``--finalize`` does only that. A rerun skips complete shards, so a crashed or preempted
+``--shard-index/--num-shards``, else from a Slurm job array (slot ``SLURM_ARRAY_TASK_ID`` of
+``ERPD_FLEET_SIZE``, else of ``SLURM_ARRAY_TASK_MAX + 1``) combined with the tasks of an
+``srun`` (``SLURM_PROCID`` / ``SLURM_NTASKS``), else slot 0 of 1. Whoever finds all shards
+complete writes the manifest; ``--finalize`` does only that (scripts/slurm/rollout_finalize.sh
+runs it after the fleet, so that no fleet member depends on seeing the others' shards). A rerun skips complete shards, so a crashed or preempted
 task is resumed by running it again.
 """
 
@@ -70,8 +71,12 @@ def fleet_slot(shard_index: int | None = None, num_shards: int | None = None,
                env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """(this process's slot, number of slots) from the flags, else Slurm's environment.
 
-    A job array contributes ``(task id - min) / step`` of ``SLURM_ARRAY_TASK_COUNT``; the
-    tasks of an ``srun`` multiply it: slot = array_slot * SLURM_NTASKS + SLURM_PROCID.
+    In a job array the slot is the array task id itself and the fleet has ``ERPD_FLEET_SIZE``
+    slots (scripts/slurm/rollout.sh sets it from ``FLEET_SIZE``), else the array's highest
+    task id + 1 (``SLURM_ARRAY_TASK_MAX``): rerunning the failed slots of a 4-slot fleet with
+    ``--array=1,3`` keeps them slots 1 and 3 of 4. (``SLURM_ARRAY_TASK_COUNT`` would make
+    task 3 of that rerun "slot 2 of 2".) The tasks of an ``srun`` multiply it:
+    slot = array_slot * SLURM_NTASKS + SLURM_PROCID.
     """
     env = os.environ if env is None else env
     if shard_index is not None or num_shards is not None:
@@ -80,11 +85,17 @@ def fleet_slot(shard_index: int | None = None, num_shards: int | None = None,
         if num_shards < 1 or not 0 <= shard_index < num_shards:
             raise ConfigError(f"--shard-index {shard_index} must be in [0, --num-shards={num_shards})")
         return shard_index, num_shards
-    a, na = 0, 1
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
-        a = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)) // step
-        na = int(env["SLURM_ARRAY_TASK_COUNT"])
+    a, na, source = 0, 1, ""
+    if env.get("SLURM_ARRAY_TASK_ID"):
+        a = int(env["SLURM_ARRAY_TASK_ID"])
+        if env.get("ERPD_FLEET_SIZE"):
+            na, source = int(env["ERPD_FLEET_SIZE"]), f"ERPD_FLEET_SIZE={env['ERPD_FLEET_SIZE']}"
+        else:
+            na = int(env.get("SLURM_ARRAY_TASK_MAX") or a) + 1
+            source = f"SLURM_ARRAY_TASK_MAX={na - 1}"
+        if not 0 <= a < na:
+            raise ConfigError(f"array task {a} is outside the fleet of {na} slots ({source}): submit "
+                              f"--array within 0-{na - 1} or set FLEET_SIZE (ERPD_FLEET_SIZE) to the fleet size")
     p, np_ = int(env.get("SLURM_PROCID", "0") or 0), int(env.get("SLURM_NTASKS", "1") or 1)
     slot, n = a * np_ + p, na * np_
     if not 0 <= slot < n:

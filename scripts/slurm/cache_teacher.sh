@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=erpd-cache
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=8
-#SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=12:00:00
@@ -11,11 +9,12 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 # Teacher cache: score the rollouts with the teacher(s), write the top-k cache shards (resumable).
-#   CONFIG=configs/recipes/<recipe>.yaml sbatch [--nodes=N] scripts/slurm/cache_teacher.sh [a.b=c ...]
-# One task per GPU; knobs and preemption handling in common.sh; docs/cluster.md.
+#   sbatch --gpus-per-node=8 [--nodes=N] scripts/slurm/cache_teacher.sh configs/recipes/<recipe>.yaml [a.b=c ...]
+# (or --gres=gpu:8; or CONFIG=... in the environment). One task per GPU; graceful stop:
+# scancel --signal=USR1 --batch JOB (checkpoint, requeue); knobs in common.sh; docs/cluster.md.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "${ERPD_ROOT:-${SLURM_SUBMIT_DIR:-.}}/scripts/slurm/common.sh"
 erpd_setup
 REQUEUE_AFTER_USR1=${REQUEUE_AFTER_USR1:-1} # resumable: finished shards are kept
-erpd_srun -m erpd_megatron.cli cache --config "${CONFIG:?set CONFIG=configs/recipes/<recipe>.yaml}" "$@"
+erpd_srun_cli cache "$@"

@@ -3,7 +3,6 @@
 #SBATCH --array=0-3
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=12:00:00
@@ -11,11 +10,12 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%A_%a.out
-# Rollouts with a vLLM fleet: each array task is one node; srun starts one engine per node
-# (or per GPUS_PER_ENGINE GPUs); every engine writes its own Parquet shards. The Python side
-# deals the shards from SLURM_ARRAY_TASK_ID/COUNT x SLURM_PROCID/NTASKS; the last one to
-# finish writes the manifest. Rerunning (or a requeue) skips finished shards.
-#   CONFIG=configs/recipes/<recipe>.yaml sbatch [--array=0-15] scripts/slurm/rollout.sh [a.b=c ...]
+# Rollouts with a vLLM fleet: each array task is one node and one fleet slot (its array task
+# id); srun starts one engine per node (or per GPUS_PER_ENGINE GPUs); every engine writes its
+# own Parquet shards; rerunning a slot (or a requeue) skips its finished shards. The fleet
+# size is FLEET_SIZE, else the array's highest task id + 1, so `--array=1,3` reruns slots 1
+# and 3 of 4. The manifest is written by rollout_finalize.sh (afterok on the array).
+#   sbatch --gpus-per-node=8 [--array=0-15] scripts/slurm/rollout.sh RECIPE.yaml [a.b=c ...]
 # GPUS_PER_ENGINE=2 (with GPUS_PER_NODE, default 8): 4 engines per node; set
 # rollout.vllm_tensor_parallel_size to the same. Knobs in common.sh; docs/cluster.md.
 set -euo pipefail
@@ -27,6 +27,6 @@ if [[ -n ${GPUS_PER_ENGINE:-} ]]; then
   ERPD_TASKS_PER_NODE=$((${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}} / GPUS_PER_ENGINE))
   SRUN_ARGS="--gpus-per-task=$GPUS_PER_ENGINE ${SRUN_ARGS:-}"
 fi
-REQUEUE_AFTER_USR1=${REQUEUE_AFTER_USR1:-1} # resumable: finished shards are kept
-TASK_EXIT_WAIT=${TASK_EXIT_WAIT:-0} # independent engines finish at different times
-erpd_srun -m erpd_megatron.cli rollout --config "${CONFIG:?set CONFIG=configs/recipes/<recipe>.yaml}" "$@"
+[[ -z ${FLEET_SIZE:-} ]] || export ERPD_FLEET_SIZE=$FLEET_SIZE # read by erpd rollout
+REQUEUE_AFTER_USR1=${REQUEUE_AFTER_USR1:-1} TASK_EXIT_WAIT=${TASK_EXIT_WAIT:-0} # resumable; independent engines
+erpd_srun_cli rollout "$@"

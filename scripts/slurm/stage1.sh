@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 #SBATCH --job-name=erpd-stage1
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=8
-#SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
@@ -11,10 +9,11 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
 # Stage 1: train the teacher(s) on the fixed rollouts (checkpoints, resumes, requeues).
-#   CONFIG=configs/recipes/<recipe>.yaml sbatch [--nodes=N] scripts/slurm/stage1.sh [a.b=c ...]
-# One task per GPU; knobs and preemption handling in common.sh; docs/cluster.md.
+#   sbatch --gpus-per-node=8 [--nodes=N] scripts/slurm/stage1.sh configs/recipes/<recipe>.yaml [a.b=c ...]
+# (or --gres=gpu:8; or CONFIG=... in the environment). One task per GPU; graceful stop:
+# scancel --signal=USR1 --batch JOB (checkpoint, requeue); knobs in common.sh; docs/cluster.md.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "${ERPD_ROOT:-${SLURM_SUBMIT_DIR:-.}}/scripts/slurm/common.sh"
 erpd_setup
-erpd_srun -m erpd_megatron.cli stage1 --config "${CONFIG:?set CONFIG=configs/recipes/<recipe>.yaml}" "$@"
+erpd_srun_cli stage1 "$@"

@@ -103,8 +103,9 @@ def test_fleet_slots_and_finalize(tiny_model, gsm_file, tmp_path):
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00001.parquet"]
     assert not (out / "manifest.json").exists()
     assert main(args + ["--finalize"]) == 1  # shards of slot 0 missing: a clear error, exit code 1
-    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "2"}
-    assert fleet_slot(env=env) == (0, 2)
+    env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "1",
+           "SLURM_ARRAY_TASK_COUNT": "1", "ERPD_FLEET_SIZE": "2"}
+    assert fleet_slot(env=env) == (1, 2)  # a rerun of slot 1 alone stays slot 1 of 2
     cfg = load_config(None, args)
     assert run_rollouts(cfg, slot=0, num_slots=2) is not None  # the last slot writes the manifest
     rs = RolloutSet.open(out)
@@ -120,9 +121,18 @@ def test_fleet_slot_from_slurm_environment():
     assert fleet_slot(env={}) == (0, 1)
     assert fleet_slot(2, 4, env={"SLURM_PROCID": "1", "SLURM_NTASKS": "3"}) == (2, 4)
     assert fleet_slot(env={"SLURM_PROCID": "1", "SLURM_NTASKS": "3"}) == (1, 3)
-    env = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2",
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3",
            "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
     assert fleet_slot(env=env) == (5, 8)
+    # `--array=1,3` reruns slots 1 and 3 of a 4-slot fleet: the slot is the task id and the
+    # fleet size the array's maximum + 1, not SLURM_ARRAY_TASK_COUNT (task 3 was "slot 2 of 2")
+    rerun = {"SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3", "SLURM_ARRAY_TASK_COUNT": "2",
+             "SLURM_ARRAY_TASK_STEP": "2"}
+    assert [fleet_slot(env={**rerun, "SLURM_ARRAY_TASK_ID": t}) for t in ("1", "3")] == [(1, 4), (3, 4)]
+    # an explicit fleet size wins over the array's maximum; a task outside it is an error
+    assert fleet_slot(env={**rerun, "SLURM_ARRAY_TASK_ID": "3", "ERPD_FLEET_SIZE": "8"}) == (3, 8)
+    with pytest.raises(ValueError, match="outside the fleet of 2 slots .*ERPD_FLEET_SIZE=2"):
+        fleet_slot(env={**rerun, "SLURM_ARRAY_TASK_ID": "3", "ERPD_FLEET_SIZE": "2"})
     with pytest.raises(ValueError, match="go together"):
         fleet_slot(1, None)
     with pytest.raises(ValueError, match="must be in"):

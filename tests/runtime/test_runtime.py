@@ -44,9 +44,20 @@ def test_parse_slurm_env():
     env = parse_launch_env(base)
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (9, 16, 1, "slurm")
     assert env.master_addr == "gpu007"
-    assert env.master_port == 10000 + 123456 % 20000
-    env = parse_launch_env({**base, "MASTER_PORT": "4242", "MASTER_ADDR": "head"})
+    assert env.master_port == 20000 + 123456 % 10000  # below the ephemeral range 32768-60999
+    restarted = parse_launch_env({**base, "SLURM_RESTART_COUNT": "1"}).master_port
+    assert restarted == 20000 + (123456 + 7919) % 10000
+    # MASTER_* inherited from the submit shell are ignored; those the scripts set for this job
+    # (ERPD_MASTER_JOB=$SLURM_JOB_ID) and the explicit ERPD_MASTER_* are used
+    inherited = {**base, "MASTER_PORT": "4242", "MASTER_ADDR": "localhost"}
+    env = parse_launch_env(inherited)
+    assert (env.master_addr, env.master_port) == ("gpu007", 20000 + 123456 % 10000)
+    env = parse_launch_env({**inherited, "ERPD_MASTER_JOB": "999"})
+    assert (env.master_addr, env.master_port) == ("gpu007", 20000 + 123456 % 10000)
+    env = parse_launch_env({**inherited, "MASTER_ADDR": "head", "ERPD_MASTER_JOB": "123456"})
     assert (env.master_addr, env.master_port) == ("head", 4242)
+    env = parse_launch_env({**inherited, "ERPD_MASTER_ADDR": "other", "ERPD_MASTER_PORT": "2555"})
+    assert (env.master_addr, env.master_port) == ("other", 2555)
     with pytest.raises(RuntimeError, match="NODELIST"):
         parse_launch_env({k: v for k, v in base.items() if k != "SLURM_JOB_NODELIST"})
 

@@ -41,7 +41,9 @@ def why_no_local_slurm() -> str | None:
 def slurm_env(**extra: str) -> dict[str, str]:
     """This process's environment without inherited job variables, with SLURM_CONF set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env.update(SLURM_CONF=str(SLURM_CONF), PYTHONWARNINGS="ignore", ERPD_ROOT=str(ROOT))
+    # GPUS_PER_NODE=0: the local node has no GPUs (the training scripts refuse a GPU-less job
+    # otherwise: one task per GPU)
+    env.update(SLURM_CONF=str(SLURM_CONF), PYTHONWARNINGS="ignore", ERPD_ROOT=str(ROOT), GPUS_PER_NODE="0")
     env.update(extra)
     return env
 

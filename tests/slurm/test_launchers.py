@@ -1,6 +1,7 @@
 """The launchers on the local cluster with stand-in programs (no trainer needed): a 2-task
-srun, time limit -> USR1 -> forward -> exit 17 -> requeue -> resume, scancel without
-requeue, and a round's afterok chain."""
+srun, time limit -> USR1 -> forward -> exit 17 -> requeue -> resume, scancel (TERM, not
+forwarded) without requeue, a job submitted with --export (recipe as argument, computed
+rendezvous), evaluation as one task, and a round's afterok chain."""
 
 from __future__ import annotations
 
@@ -79,7 +80,13 @@ def test_time_limit_usr1_checkpoints_requeues_and_resumes(tmp_path):
     env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path), CONFIG="configs/recipes/tiny-cpu.yaml")
     job = sbatch("stage1.sh", ["output_dir=/nowhere", "stage1.epochs=3"], log_dir=tmp_path / "logs",
                  sbatch_args=[*CPU_JOB, "--time=1", "--signal=B:USR1@45"], env=env)
+    # an afterok dependent waits through the requeue and starts after the second run
+    after = _executable(tmp_path / "after.sh", "#!/usr/bin/env bash\n#SBATCH --ntasks=1\ntrue\n")
+    dep = sbatch(after, [], log_dir=tmp_path / "logs", env=env,
+                 sbatch_args=[f"--dependency=afterok:{job.id}", "--kill-on-invalid-dep=yes"])
     info = job.wait(150)
+    started = dep.wait(60)["StartTime"]
+    assert started >= info["EndTime"], (started, info["EndTime"], dep.describe())  # ISO times
     log = job.log_text()
     assert info["Restarts"] == "1", job.describe()
     assert "SIGUSR1 received: forwarding to srun" in log, job.describe()
@@ -100,8 +107,48 @@ def test_scancel_stops_without_requeue(tmp_path):
     _wait_for(lambda: progress.exists() and int(progress.read_text() or 0) >= 2, 120, "the fake's 2nd step", job)
     run(["scancel", job.id])
     info = job.wait(120, states=("CANCELLED",))
+    log = job.log_text()
     assert info["Restarts"] == "0", job.describe()
-    assert "requeueing" not in job.log_text(), job.describe()
+    assert "requeueing" not in log and "SIGTERM received" in log, job.describe()
+    assert "forwarding to srun" not in log, job.describe()  # srun would SIGKILL the tasks
+
+
+# Records its arguments and the rendezvous it was given.
+FAKE_ENV_RECORDER = r"""#!/usr/bin/env bash
+echo "rank=$SLURM_PROCID/$SLURM_NTASKS master=$MASTER_ADDR:$MASTER_PORT args=$*" >>"$FAKE_DIR/calls"
+"""
+
+
+def test_export_none_recipe_argument_and_computed_rendezvous(tmp_path):
+    """sbatch --export=<only a few variables> (like SBATCH_EXPORT=NONE: nothing of the submit
+    shell but those): the recipe comes as the first argument, srun still passes the computed
+    MASTER_ADDR/MASTER_PORT to the tasks (it would inherit SLURM_EXPORT_ENV and start them
+    without), and the inherited bogus MASTER_* lose."""
+    fake = _executable(tmp_path / "fake_python", FAKE_ENV_RECORDER)
+    env = slurm_env(MASTER_ADDR="bogus-host", MASTER_PORT="1")
+    exports = f"--export=PYTHON={fake},FAKE_DIR={tmp_path},GPUS_PER_NODE=0,MASTER_ADDR,MASTER_PORT"
+    job = sbatch("stage1.sh", ["configs/recipes/tiny-cpu.yaml", "output_dir=/nowhere"], log_dir=tmp_path / "logs",
+                 sbatch_args=[*CPU_JOB, exports], env=env)
+    job.wait(120)
+    calls = sorted((tmp_path / "calls").read_text().splitlines())
+    host = run(["hostname", "-s"]).stdout.strip()
+    assert [c.split()[0] for c in calls] == ["rank=0/2", "rank=1/2"], calls
+    for c in calls:
+        addr, port = re.search(r"master=(\S*):(\d*)", c).groups()
+        assert addr == host and port and 1024 < int(port) < 32768, (c, job.describe())
+        assert c.endswith("args=-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere")
+
+
+def test_evaluate_is_one_task(tmp_path):
+    """evaluate.sh starts one process (it drives all the node's GPUs) even on a job with 2
+    tasks per node: evaluation does not split its work, 2 tasks would do it twice."""
+    fake = _executable(tmp_path / "fake_python", FAKE_RECORDER)
+    env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path))
+    job = sbatch("evaluate.sh", ["configs/recipes/tiny-cpu.yaml"], log_dir=tmp_path / "logs", sbatch_args=CPU_JOB,
+                 env=env)
+    job.wait(120)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 1 and "rank=0/1 -m erpd_megatron.cli evaluate --config" in calls[0], calls
 
 
 def test_round_chain_runs_in_order_and_stops_at_a_failure(tmp_path):
@@ -111,7 +158,7 @@ def test_round_chain_runs_in_order_and_stops_at_a_failure(tmp_path):
                     LOG_DIR=str(tmp_path / "logs"), SBATCH_ARGS="--time=00:10:00")
     p = run(["bash", "scripts/slurm/erpd_round.sh", "output_dir=/nowhere"], env=env)
     ids = dict(line.split() for line in p.stdout.splitlines())
-    assert list(ids) == ["rollout", "stage1", "cache", "stage2", "evaluate"], p.stdout
+    assert list(ids) == ["rollout", "finalize", "stage1", "cache", "stage2", "evaluate"], p.stdout
     for step in ("stage2", "evaluate"):
         deps = run(["scontrol", "show", "job", "-o", ids[step]]).stdout
         assert "Dependency=afterok:" in deps or "JobState=CANCELLED" in deps, deps
@@ -124,11 +171,18 @@ def test_round_chain_runs_in_order_and_stops_at_a_failure(tmp_path):
               f"{ {k: state(v) for k, v in ids.items()} }")
     assert state(ids["rollout"]) == "COMPLETED" and state(ids["stage1"]) == "COMPLETED"
     assert state(ids["cache"]) == "FAILED" and state(ids["stage2"]) == "CANCELLED"
+    # a dependent cancelled for a failed job stays cancelled when that job is requeued later
+    # (docs/cluster.md, "Dependencies": resubmit the rest with STEPS=... AFTER=...)
+    run(["scontrol", "requeue", ids["cache"]])
+    _wait_for(lambda: "Restarts=1" in run(["scontrol", "show", "job", "-o", ids["cache"]]).stdout
+              and state(ids["cache"]) == "FAILED", 90, "the requeued cache job to fail again")
+    assert state(ids["stage2"]) == "CANCELLED" and state(ids["evaluate"]) == "CANCELLED"
     calls = sorted((tmp_path / "calls").read_text().splitlines(), key=lambda s: float(s.split()[0]))
     steps = [re.search(r"erpd_megatron\.cli (\w+)", c).group(1) for c in calls]
-    assert steps == ["rollout"] * 2 + ["stage1"] * 2 + ["cache"] * 2, calls
+    assert steps == ["rollout"] * 3 + ["stage1"] * 2 + ["cache"] * 4, calls  # cache: 2 runs
     assert sorted(re.search(r"array=(\d*)", c).group(1) for c in calls[:2]) == ["0", "1"], calls
+    assert calls[2].endswith("--finalize") and "array= rank=0/1" in calls[2], calls  # after the array
     assert all("--config configs/recipes/tiny-cpu.yaml output_dir=/nowhere" in c for c in calls), calls
-    assert {re.search(r"rank=(\S+)", c).group(1) for c in calls[2:4]} == {"0/2", "1/2"}, calls
+    assert {re.search(r"rank=(\S+)", c).group(1) for c in calls[3:5]} == {"0/2", "1/2"}, calls
     assert os.path.exists(tmp_path / "logs" / f"erpd-stage1-{ids['stage1']}.out")
 

@@ -1,6 +1,8 @@
 """Stage 1 for real through scripts/slurm/stage1.sh on the local cluster: 2 gloo ranks (TP=2)
 from SLURM_PROCID, then a run preempted by USR1 that requeues, resumes and ends with the
-same metrics and weights as the uninterrupted one."""
+same metrics and weights as the uninterrupted one, and a run hard-stopped by a plain
+`scancel` that loses at most checkpoint.save_interval steps and, resubmitted, ends with the
+same weights too."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 # 32 samples / 4 per step x 3 epochs = 24 optimizer steps on TP=2.
 LAYOUT = ["parallel.tensor_model_parallel_size=2", "data.global_batch_size=4", "stage1.epochs=3"]
 STEPS = 24
+SAVE_INTERVAL = 4
 JOB_TIMEOUT_S = 420
 
 
@@ -82,6 +85,45 @@ def test_stage1_preempted_requeues_and_matches_uninterrupted_run(tiny, reference
     assert "stage1: resumed from" in log, job.describe()
 
     assert _steps(metrics) == _steps(ref_out / "stage1/stage1_metrics.jsonl")
+    a, b = ref_out / "stage1/checkpoints/final", out / "stage1/checkpoints/final"
+    if _same_tensor_files(a, b):
+        return
+    cmp = subprocess.run([sys.executable, "-m", "tests.slurm.ckpt_compare", str(a), str(b)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr[-3000:]
+
+
+def test_stage1_plain_scancel_loses_at_most_save_interval_and_resubmit_matches(tiny, reference, tmp_path):
+    """A plain `scancel` is a hard stop (srun turns the job's SIGTERM into SIGKILL for every
+    task): no requeue, and the periodic checkpoints bound the loss. Cancelled right after
+    the save at step SAVE_INTERVAL, the resubmitted job resumes there and ends with the
+    uninterrupted run's weights and metrics."""
+    cfg, ov = tiny
+    ref_out = reference[0]
+    out = tmp_path / "cancelled"
+    args = [*ov, *LAYOUT, f"output_dir={out}", f"checkpoint.save_interval={SAVE_INTERVAL}"]
+    env = slurm_env(CONFIG=str(cfg))
+    job = sbatch("stage1.sh", args, log_dir=tmp_path / "logs", sbatch_args=CPU_JOB, env=env)
+    latest = out / "stage1/checkpoints/latest"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (latest.exists() and latest.read_text().strip() == str(SAVE_INTERVAL)):
+        assert time.monotonic() < deadline, f"no checkpoint at step {SAVE_INTERVAL}\n{job.describe()}"
+        assert job.info().get("JobState") in ("PENDING", "RUNNING"), job.describe()
+        time.sleep(0.05)
+    run(["scancel", job.id])
+    info = job.wait(JOB_TIMEOUT_S, states=("CANCELLED",))
+    log = job.log_text()
+    done = max(r["step"] for r in _steps(out / "stage1/stage1_metrics.jsonl"))
+    saved = int(latest.read_text())
+    assert done < STEPS and done - saved <= SAVE_INTERVAL, (done, saved, job.describe())
+    assert info["Restarts"] == "0" and "SIGTERM received" in log, job.describe()
+    assert "forwarding to srun" not in log and "requeueing" not in log, job.describe()
+
+    again = sbatch("stage1.sh", args, log_dir=tmp_path / "logs", sbatch_args=CPU_JOB, env=env)
+    again.wait(JOB_TIMEOUT_S)
+    assert "stage1: resumed from" in again.log_text(), again.describe()
+    last = {r["step"]: r for r in _steps(out / "stage1/stage1_metrics.jsonl")}
+    assert last == {r["step"]: r for r in _steps(ref_out / "stage1/stage1_metrics.jsonl")}
     a, b = ref_out / "stage1/checkpoints/final", out / "stage1/checkpoints/final"
     if _same_tensor_files(a, b):
         return

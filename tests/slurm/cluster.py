@@ -154,5 +154,5 @@ def sbatch(script: str | Path, args: list[str], *, log_dir: Path, sbatch_args: l
     return Job(job_id, log_dir / f"{name}-{job_id}.out")
 
 
-CPU_JOB = ["--ntasks-per-node=2", "--gpus-per-node=0", "--time=00:15:00"]
-"""sbatch flags that fit the GPU-sized #SBATCH defaults onto the local 2-CPU node."""
+CPU_JOB = ["--ntasks-per-node=2", "--time=00:15:00"]
+"""sbatch flags for a 2-task job on the local 2-CPU node (GPUS_PER_NODE=0 is in slurm_env)."""

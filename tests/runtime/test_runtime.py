@@ -97,6 +97,7 @@ def test_init_single_process_without_env():
     assert "world size 1 is not divisible" in r["layout_error"] or "must divide" in r["layout_error"]
     assert r["pg_destroyed"]
     if r["cpu_harness"]:
+        assert r["pg_timeout_s"] == 7 * 60  # parallel.distributed_timeout_minutes
         assert r["backend"] == "gloo" and r["device"] == "cpu"
         assert r["harness"] == {"zeros_device": "cpu", "cuda_noop": True, "to_cuda": "cpu",
                                 "type": "torch.cuda.FloatTensor", "current_device": "cpu",

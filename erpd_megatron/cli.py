@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("erpd_megatron.models.convert", "HF <-> Megatron checkpoint conversion"),
     "evaluate": ("erpd_megatron.eval.evaluate", "accuracy / KL / entropy table and plots"),
     "round": ("erpd_megatron.pipeline.round", "one or more full ERPD rounds"),
+    "study": ("erpd_megatron.pipeline.study", "a grid of rounds: run, --slurm, status, report, plan"),
     "demo": ("erpd_megatron.pipeline.demo", "the embedded CPU demo"),
     "dryrun": ("erpd_megatron.config.dryrun", "validate a recipe for its cluster, memory per GPU"),
     "data": ("erpd_megatron.data.cli", "inspect rollout data: erpd data inspect DIR"),

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from erpd_megatron.config.compute import compute_record
 from erpd_megatron.config.loader import load_config
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config
@@ -70,6 +72,7 @@ def write_cache(cfg: Config) -> Path:
     from erpd_megatron.models.checkpoint import load_checkpoint
     from erpd_megatron.train.engine import Engine
 
+    t_start = time.time()  # compute accounting (meta "compute")
     if not cfg.cache.dir:
         raise ValueError("cache.dir is not set: where the teacher cache is written")
     if not cfg.cache.models:
@@ -136,6 +139,10 @@ def write_cache(cfg: Config) -> Path:
             # checked by Stage 2 against the checkpoints it trains from (train/stage2.py)
             "models": {n: {"path": str(p), "fingerprint": dir_fingerprint(p)} for n, p, _ in models},
             "dp_size": base.dp_size,
+            # every model scores every token once, forward only: 2 N per token (config/compute.py)
+            "compute": compute_record(cfg, scored_tokens=int(np.sum(table.lengths)) * len(models),
+                                      wall_s=time.time() - t_start, gpus=dist.get_world_size(),
+                                      models_scored=len(models)),
         }
         finalize_manifest(out, base.dp_size, meta)
         log.info("teacher cache written to %s", out)

@@ -236,6 +236,8 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+    wandb_group: Optional[str] = None
+    """wandb group of the run (`erpd study` sets it to the study's name)."""
 class Stage1Config:
     """Stage 1: weakly constrained multi-epoch optimisation on the fixed rollouts."""
 

@@ -157,6 +157,7 @@ class TrainLoop:
         self.timing_path = self.out_dir / f"{spec.name}_timing.jsonl"
         self.signals = _Signals()
         self.kl_by_step: dict[int, float] = {}
+        self.t_start = time.time()  # compute accounting (manifest "compute")
 
     # ---- plan -----------------------------------------------------------------------------
     def batches(self, epoch: int) -> list[np.ndarray]:
@@ -372,6 +373,9 @@ class TrainLoop:
         log.info("%s: resumed from %s (epoch %d, step %d)", self.spec.name, path, self.state.epoch,
                  self.state.global_step)
 
+    def _compute(self) -> dict:
+        return _loop_compute(self)
+
     def _finish(self) -> None:
         final = self.save_root / "final"
         chosen = self.spec.choose_final(self.save_root) if (self.state.stopped_early and self.spec.choose_final) else None
@@ -390,9 +394,35 @@ class TrainLoop:
                 "skipped_steps": self.state.skipped_steps, "final": str(final),
                 "snapshots": sorted(str(p) for p in self.save_root.glob("epoch_*")),
                 "published_from": str(chosen) if chosen else None,
+                "compute": self._compute(),
             })
         self.metrics.close()
         _barrier()
+
+
+def _loop_compute(loop: TrainLoop) -> dict:
+    """The manifest's ``compute`` block (config/compute.py): every token of the sequences
+    trained on (prompt and response, all epochs, resumes included), step seconds summed over
+    resumes from the timing file (``wall_s``), this process's wall time, the world size."""
+    import json
+
+    from erpd_megatron.config.compute import compute_record
+
+    st, lengths = loop.state, np.asarray(loop.lengths, dtype=np.int64)
+    per_epoch = int(lengths.sum())
+    tokens = per_epoch * min(st.epoch, loop.spec.epochs)
+    if st.stopped_early and st.epoch < loop.spec.epochs:
+        tokens += sum(int(lengths[b].sum()) for b in loop.batches(st.epoch)[:st.step_in_epoch])
+    step_s = 0.0
+    if loop.timing_path.exists():
+        for line in loop.timing_path.read_text().splitlines():
+            try:
+                step_s += float(json.loads(line).get("seconds", 0.0))
+            except ValueError:
+                continue
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return compute_record(loop.cfg, trained_tokens=tokens, wall_s=step_s, gpus=world,
+                          process_wall_s=round(time.time() - loop.t_start, 3))
 
 
 def stage_complete(save_root: str | os.PathLike) -> bool:

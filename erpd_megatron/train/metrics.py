@@ -84,7 +84,7 @@ def _start_wandb(cfg: Any, run_name: str | None, config: dict | None, out_dir: P
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return wandb.init(project=cfg.wandb_project, name=run_name, config=config, mode=mode, dir=str(out_dir),
-                      resume="allow")
+                      resume="allow", group=getattr(cfg, "wandb_group", None))
 
 
 def truncate_jsonl(path: str | os.PathLike, step: int) -> None:

@@ -96,11 +96,12 @@ def hf_dtype_name(hf_cfg: dict) -> str:
     return name
 
 
-def _conversion_config(mc: ModelConfig, tp: int, pp: int, dtype_name: str) -> Config:
+def _conversion_config(mc: ModelConfig, tp: int, pp: int, dtype_name: str, ep: int = 1, etp: int = 1) -> Config:
     return Config(
         model=mc,
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                num_nodes=1, gpus_per_node=tp * pp, use_distributed_optimizer=False),
+                                expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                                num_nodes=1, gpus_per_node=tp * pp * ep * etp, use_distributed_optimizer=False),
         precision=PrecisionConfig(params_dtype=_DTYPE_NAMES[dtype_name], transformer_impl="local"),  # type: ignore[arg-type]
     )
 
@@ -121,28 +122,39 @@ def _bare_model(cfg: Config, *, vocab_size: Optional[int] = None) -> Any:
                      post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
 
 
-def _load_into(model: Any, state: Mapping[str, torch.Tensor]) -> None:
+def _load_into(model: Any, state: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy converted tensors into the model; ``state`` may be a lazy stream of (name, tensor)
+    pairs, so only one converted tensor (e.g. one expert's fc1) is alive at a time."""
     own = model.state_dict()
-    missing = [k for k in own if not k.endswith("_extra_state") and k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise RuntimeError(f"converted tensors do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    seen: set[str] = set()
+    unexpected: list[str] = []
     with torch.no_grad():
-        for k, v in state.items():
+        for k, v in (state.items() if isinstance(state, Mapping) else state):
+            if k not in own:
+                unexpected.append(k)
+                continue
             if own[k].shape != v.shape:
                 raise RuntimeError(f"{k}: converted shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
             own[k].copy_(v)
+            seen.add(k)
+    missing = [k for k in own if not k.endswith("_extra_state") and k not in seen]
+    if missing or unexpected:
+        raise RuntimeError(f"converted tensors do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
 def hf_to_mcore(
     hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
-    make_vocab_size_divisible_by: int = 128,
+    make_vocab_size_divisible_by: int = 128, ep: int = 1, etp: int = 1,
 ) -> Path:
-    """Convert an HF Llama/Qwen2/Qwen3 checkpoint into a megatron dist checkpoint for TP=tp, PP=pp.
+    """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE/Qwen2-MoE checkpoint into a megatron dist
+    checkpoint for TP=tp, PP=pp, EP=ep (expert-TP etp).
 
-    One process, or all ranks of a torchrun job (``world = tp * pp * dp``). ``dtype``
-    ("float32", "bfloat16", "float16") defaults to the HF checkpoint's. Writes
-    ``model_config.yaml`` (architecture), ``hf_config.json`` and the tokenizer files.
+    One process, or all ranks of a torchrun job (``world = tp * pp * dp``, divisible by
+    ``etp * ep * pp``). ``dtype`` ("float32", "bfloat16", "float16") defaults to the HF
+    checkpoint's. Writes ``model_config.yaml`` (architecture), ``hf_config.json`` and the
+    tokenizer files. Experts are stored with global expert offsets (megatron's
+    ``SequentialMLP.sharded_state_dict``), so the result loads at any EP. Under torchrun each
+    rank reads only its stage's layers and its EP rank's experts, one tensor at a time.
     """
     from erpd_megatron.runtime.distributed import init_distributed
 
@@ -151,36 +163,57 @@ def hf_to_mcore(
     mc = hf_to_model_config(hf_cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
     validate_model(mc)
     dtype = dtype or hf_dtype_name(hf_cfg)
-    validate_layout(mc, _conversion_config(mc, tp, pp, dtype).parallel, tp * pp)
+    validate_layout(mc, _conversion_config(mc, tp, pp, dtype, ep, etp).parallel, tp * pp * ep * etp)
     tensors = LazySafetensors(hf_dir)
     target_padded = padded_vocab_size(mc, tp)
     world = _world()
     if world > 1:  # torchrun: every rank converts its own shard
-        cfg = _conversion_config(mc, tp, pp, dtype)
+        from megatron.core import parallel_state as ps
+
+        cfg = _conversion_config(mc, tp, pp, dtype, ep, etp)
         cfg.parallel.gpus_per_node = world
         env = init_distributed(cfg)
         model = _bare_model(cfg)
         first, last = env.is_first_stage, env.is_last_stage
-        wanted = dict(hf_maps.iter_hf_to_megatron(
+        ep_rank = ps.get_expert_model_parallel_rank()
+        stream = hf_maps.iter_hf_to_megatron(
             lambda k: tensors[k].to(_TORCH_DTYPES[dtype]), mc, target_padded,
             layers=hf_maps.stage_layers(mc, pp, env.pp_rank),
-            embedding=first or (mc.tie_word_embeddings and last), head=last))
-        local = hf_maps.shard_for_rank(wanted, mc, tp=tp, tp_rank=env.tp_rank, pp=pp, pp_rank=env.pp_rank)
+            embedding=first or (mc.tie_word_embeddings and last), head=last,
+            experts=hf_maps.ep_experts(mc, ep, ep_rank))
+        local = _shard_stream(stream, mc, tp=tp, tp_rank=env.tp_rank, pp=pp, pp_rank=env.pp_rank, ep=ep,
+                              ep_rank=ep_rank, etp=etp)
     else:  # one process: the whole model as one TP=1/PP=1 rank, embedding padded for the target TP
         cfg = _conversion_config(mc, 1, 1, dtype)
         init_distributed(cfg)
         model = _bare_model(cfg, vocab_size=target_padded)
-        local = dict(hf_maps.iter_hf_to_megatron(lambda k: tensors[k].to(_TORCH_DTYPES[dtype]), mc, target_padded))
+        local = hf_maps.iter_hf_to_megatron(lambda k: tensors[k].to(_TORCH_DTYPES[dtype]), mc, target_padded)
     _load_into(model, local)
     del local
     out = ckpt_io.save_checkpoint(out_dir, [model], model_cfg=mc, tokenizer_dir=hf_dir, hf_config=hf_cfg)
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta_path = out / ckpt_io.META_FILE
         meta = json.loads(meta_path.read_text())
-        meta.update(target_layout={"tp": tp, "pp": pp}, padded_vocab_size=target_padded, source=str(hf_dir))
+        layout = {"tp": tp, "pp": pp, **({"ep": ep, "etp": etp} if mc.num_experts is not None else {})}
+        meta.update(target_layout=layout, padded_vocab_size=target_padded, source=str(hf_dir))
         atomic_write_json(meta_path, meta)
-    log.info("converted %s -> %s (TP=%d PP=%d, %s, padded vocab %d)", hf_dir, out, tp, pp, dtype, target_padded)
+    log.info("converted %s -> %s (TP=%d PP=%d EP=%d, %s, padded vocab %d)", hf_dir, out, tp, pp, ep, dtype,
+             target_padded)
     return out
+
+
+def _shard_stream(stream: Iterator[tuple[str, torch.Tensor]], mc: ModelConfig, *, tp: int, tp_rank: int,
+                  pp: int, pp_rank: int, ep: int, ep_rank: int, etp: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """This rank's slices of a stream of full-Megatron tensors (``hf_maps.shard_tensor``), plus the
+    embedding copy a tied last stage that is not first holds as its output layer."""
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    for name, t in stream:
+        if mc.tie_word_embeddings and last and not first and name == "embedding.word_embeddings.weight":
+            yield "output_layer.weight", hf_maps.shard_tensor("output_layer.weight", t, mc, tp=tp, tp_rank=tp_rank)[1]
+        got = hf_maps.shard_tensor(name, t, mc, tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, ep=ep,
+                                   ep_rank=ep_rank, etp=etp)
+        if got is not None:
+            yield got
 
 
 def save_hf_safetensors(state: Mapping[str, torch.Tensor], out_dir: str | Path,
@@ -272,6 +305,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     a.add_argument("--out", required=True, help="output checkpoint directory")
     a.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (vocabulary padding)")
     a.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
+    a.add_argument("--ep", type=int, default=1, help="target expert-parallel size (MoE models)")
+    a.add_argument("--etp", type=int, default=1, help="target expert tensor-parallel size (MoE models)")
     a.add_argument("--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="default: the HF dtype")
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF safetensors")
@@ -285,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.cmd == "hf-to-mcore":
             hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, ep=args.ep, etp=args.etp)
         else:
             mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     finally:

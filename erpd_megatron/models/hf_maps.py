@@ -1,4 +1,5 @@
-"""HF <-> Megatron tensor maps for Llama, Qwen2/2.5 and Qwen3 (dense, RMSNorm, SwiGLU, GQA).
+"""HF <-> Megatron tensor maps for Llama, Qwen2/2.5, Qwen3 (dense, RMSNorm, SwiGLU, GQA) and
+Qwen3-MoE / Qwen2-MoE (routed experts, optional gated shared expert).
 
 Three layouts appear here:
 
@@ -19,6 +20,18 @@ Layout facts (nh query heads, ng KV groups, d head_dim, h = nh/ng):
 Column parallel (dim 0): embedding, output_layer, linear_qkv. Row parallel (dim 1):
 linear_proj, linear_fc2. Norms replicated. Tied embeddings: no ``output_layer.weight``
 except on a last pipeline stage that is not also the first (a copy of the embedding).
+
+MoE layers (which ones: :func:`erpd_megatron.config.moe.moe_layer_pattern`), HF names as on
+disk and on the Hub (transformers 5.x fuses them on load into 3-D ``experts.gate_up_proj`` /
+``experts.down_proj`` with ``conversion_mapping.py``'s qwen2_moe rules, and splits them back on
+save): router ``mlp.gate.weight`` <-> ``mlp.router.weight`` (replicated); expert j
+``mlp.experts.{j}.{gate,up,down}_proj.weight`` <-> ``mlp.experts.local_experts.{j}.linear_fc1``
+(``[gate; up]``) / ``linear_fc2`` (megatron's local-spec ``SequentialMLP``); Qwen2-MoE's shared
+expert ``mlp.shared_expert.*`` / ``mlp.shared_expert_gate.weight`` <-> ``mlp.shared_experts.
+linear_fc1/linear_fc2/gate_weight``. Full-Megatron dicts number experts globally; EP rank e
+holds experts ``[e*E/ep, (e+1)*E/ep)`` renumbered from 0. Experts are split over the expert-TP
+size (1, or equal to TP), shared experts over TP. The TE spec keeps ``pre_mlp_layernorm`` of
+MoE layers unfused (``TENorm``), so only dense layers get the fused norm name.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from erpd_megatron.config.moe import moe_layer_pattern
 from erpd_megatron.config.schema import ModelConfig
 from erpd_megatron.config.validate import head_dim
 
@@ -41,7 +55,6 @@ _LAYER_1TO1 = {
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 # Local-spec name <-> TE-spec name (norms fused into the following linear).
 _TE_NAMES = {
@@ -49,15 +62,19 @@ _TE_NAMES = {
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
 
 
 def to_te_names(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename local-spec layer-norm keys to the Transformer Engine spec's fused names."""
+    """Rename local-spec layer-norm keys to the Transformer Engine spec's fused names (MoE
+    layers keep their separate ``pre_mlp_layernorm``)."""
     out = {}
     for k, v in sd.items():
         m = _LAYER_RE.match(k)
         if m and m.group(2) in _TE_NAMES:
-            k = f"decoder.layers.{m.group(1)}.{_TE_NAMES[m.group(2)]}"
+            dense = f"decoder.layers.{m.group(1)}.mlp.linear_fc1.weight" in sd
+            if m.group(2) != "pre_mlp_layernorm.weight" or dense:
+                k = f"decoder.layers.{m.group(1)}.{_TE_NAMES[m.group(2)]}"
         out[k] = v
     return out
 
@@ -111,13 +128,16 @@ def pad_vocab(w: Tensor, padded_vocab: int) -> Tensor:
 def iter_hf_to_megatron(
     get: Callable[[str], Tensor], mc: ModelConfig, padded_vocab: int, *,
     layers: Optional[range] = None, embedding: bool = True, head: bool = True,
+    experts: Optional[range] = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield full-Megatron (local spec) tensors from HF tensors fetched by name with ``get``.
 
-    Lazy: one layer's tensors at a time, so a converter can stream safetensors files.
-    ``layers`` / ``embedding`` / ``head`` restrict the output to what one pipeline stage
-    needs (``head``: final norm and, when untied, the output layer).
+    Lazy: one tensor at a time (an expert's three HF tensors per fused one), so a converter can
+    stream safetensors files. ``layers`` / ``embedding`` / ``head`` restrict the output to what
+    one pipeline stage needs (``head``: final norm and, when untied, the output layer);
+    ``experts`` to the global expert indices of one EP rank (:func:`ep_experts`).
     """
+    sparse = moe_layer_pattern(mc)
     if embedding:
         emb = get("model.embed_tokens.weight")
         if emb.shape[0] != mc.vocab_size:
@@ -135,12 +155,57 @@ def iter_hf_to_megatron(
         if mc.add_qkv_bias:
             yield mp + "self_attention.linear_qkv.bias", fuse_qkv(
                 get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), mc)
+        if sparse[i]:
+            yield from _iter_moe_layer(get, mc, hp, mp, experts)
+            continue
+        yield mp + "mlp.linear_fc2.weight", get(hp + "mlp.down_proj.weight")
         yield mp + "mlp.linear_fc1.weight", torch.cat(
             [get(hp + "mlp.gate_proj.weight"), get(hp + "mlp.up_proj.weight")], dim=0)
     if head:
         yield "decoder.final_layernorm.weight", get("model.norm.weight")
         if not mc.tie_word_embeddings:
             yield "output_layer.weight", pad_vocab(get("lm_head.weight"), padded_vocab)
+
+
+def _iter_moe_layer(get: Callable[[str], Tensor], mc: ModelConfig, hp: str, mp: str,
+                    experts: Optional[range]) -> Iterator[tuple[str, Tensor]]:
+    yield mp + "mlp.router.weight", get(hp + "mlp.gate.weight")
+    for j in experts if experts is not None else range(mc.num_experts or 0):
+        e, x = f"{hp}mlp.experts.{j}.", f"{mp}mlp.experts.local_experts.{j}."
+        yield x + "linear_fc1.weight", torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0)
+        yield x + "linear_fc2.weight", get(e + "down_proj.weight")
+    if mc.shared_expert_intermediate_size is not None:
+        e, x = hp + "mlp.shared_expert.", mp + "mlp.shared_experts."
+        yield x + "linear_fc1.weight", torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0)
+        yield x + "linear_fc2.weight", get(e + "down_proj.weight")
+        if mc.shared_expert_gate:
+            yield x + "gate_weight", get(hp + "mlp.shared_expert_gate.weight")
+
+
+def _hf_mlp_keys(mc: ModelConfig, hp: str, sparse: bool) -> list[str]:
+    if not sparse:
+        return [hp + f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    keys = [hp + "mlp.gate.weight"]
+    keys += [hp + f"mlp.experts.{j}.{p}_proj.weight" for j in range(mc.num_experts or 0) for p in ("gate", "up", "down")]
+    if mc.shared_expert_intermediate_size is not None:
+        keys += [hp + f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")]
+        if mc.shared_expert_gate:
+            keys.append(hp + "mlp.shared_expert_gate.weight")
+    return keys
+
+
+def _moe_layer_to_hf(sd: Mapping[str, Tensor], mc: ModelConfig, hp: str, mp: str) -> dict[str, Tensor]:
+    out = {hp + "mlp.gate.weight": sd[mp + "mlp.router.weight"]}
+    pairs = [(f"{hp}mlp.experts.{j}.", f"{mp}mlp.experts.local_experts.{j}.") for j in range(mc.num_experts or 0)]
+    if mc.shared_expert_intermediate_size is not None:
+        pairs.append((hp + "mlp.shared_expert.", mp + "mlp.shared_experts."))
+        if mc.shared_expert_gate:
+            out[hp + "mlp.shared_expert_gate.weight"] = sd[mp + "mlp.shared_experts.gate_weight"]
+    for e, x in pairs:
+        gate, up = torch.chunk(sd[x + "linear_fc1.weight"], 2, dim=0)
+        out.update({e + "gate_proj.weight": gate.contiguous(), e + "up_proj.weight": up.contiguous(),
+                    e + "down_proj.weight": sd[x + "linear_fc2.weight"]})
+    return out
 
 
 def hf_to_megatron(hf: Mapping[str, Tensor], mc: ModelConfig, padded_vocab: int) -> dict[str, Tensor]:
@@ -154,10 +219,11 @@ def hf_to_megatron(hf: Mapping[str, Tensor], mc: ModelConfig, padded_vocab: int)
 def expected_hf_keys(mc: ModelConfig) -> list[str]:
     """Every HF tensor name the model needs (``lm_head.weight`` only when untied)."""
     keys = ["model.embed_tokens.weight", "model.norm.weight"]
+    sparse = moe_layer_pattern(mc)
     for i in range(mc.num_layers):
         hp = f"model.layers.{i}."
-        keys += [hp + "input_layernorm.weight", hp + "post_attention_layernorm.weight",
-                 hp + "mlp.gate_proj.weight", hp + "mlp.up_proj.weight", hp + "mlp.down_proj.weight"]
+        keys += [hp + "input_layernorm.weight", hp + "post_attention_layernorm.weight"]
+        keys += _hf_mlp_keys(mc, hp, bool(sparse[i]))
         keys += [hp + f"self_attn.{p}_proj.weight" for p in "qkvo"]
         if mc.add_qkv_bias:
             keys += [hp + f"self_attn.{p}_proj.bias" for p in "qkv"]
@@ -176,6 +242,7 @@ def megatron_to_hf(msd: Mapping[str, Tensor], mc: ModelConfig) -> dict[str, Tens
     sd = to_local_names(msd)
     v = mc.vocab_size
     out: dict[str, Tensor] = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:v].contiguous()}
+    sparse = moe_layer_pattern(mc)
     for i in range(mc.num_layers):
         hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
         for mname, hname in _LAYER_1TO1.items():
@@ -188,6 +255,10 @@ def megatron_to_hf(msd: Mapping[str, Tensor], mc: ModelConfig) -> dict[str, Tens
             q, k, vv = split_qkv(sd[mp + "self_attention.linear_qkv.bias"], mc)
             out.update({hp + "self_attn.q_proj.bias": q, hp + "self_attn.k_proj.bias": k,
                         hp + "self_attn.v_proj.bias": vv})
+        if sparse[i]:
+            out.update(_moe_layer_to_hf(sd, mc, hp, mp))
+            continue
+        out[hp + "mlp.down_proj.weight"] = sd[mp + "mlp.linear_fc2.weight"]
         gate, up = torch.chunk(sd[mp + "mlp.linear_fc1.weight"], 2, dim=0)
         out[hp + "mlp.gate_proj.weight"] = gate.contiguous()
         out[hp + "mlp.up_proj.weight"] = up.contiguous()
@@ -201,16 +272,34 @@ def megatron_to_hf(msd: Mapping[str, Tensor], mc: ModelConfig) -> dict[str, Tens
 
 
 def tp_split_kind(name: str) -> str:
-    """How a Megatron tensor is split over TP: "col" (dim 0), "row" (dim 1), "fc1" or "rep"."""
+    """How a Megatron tensor is split over TP: "col" (dim 0), "row" (dim 1), "fc1" or "rep".
+
+    Routed experts (``local_experts.``) follow the same kinds over the expert-TP size."""
     if name.endswith("_extra_state"):
         return "rep"
-    if name.endswith("mlp.linear_fc1.weight"):
+    if name.endswith("linear_fc1.weight"):
         return "fc1"
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return "row"
     if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")):
         return "col"
     return "rep"
+
+
+def is_expert(name: str) -> bool:
+    """Whether ``name`` is a routed expert's tensor (sharded over EP, split over expert-TP)."""
+    return ".mlp.experts.local_experts." in name
+
+
+def ep_experts(mc: ModelConfig, ep: int, ep_rank: int) -> range:
+    """Global expert indices held by EP rank ``ep_rank``."""
+    per = (mc.num_experts or 0) // ep
+    return range(ep_rank * per, (ep_rank + 1) * per)
+
+
+def _check_etp(tp: int, etp: int) -> None:
+    if etp not in (1, tp):
+        raise ValueError(f"expert_tensor_parallel_size={etp}: the HF maps support 1 or the TP size ({tp})")
 
 
 def _tp_slice(name: str, t: Tensor, tp: int, r: int) -> Tensor:
@@ -243,32 +332,57 @@ def stage_layers(mc: ModelConfig, pp: int, pp_rank: int) -> range:
     return range(pp_rank * per, (pp_rank + 1) * per)
 
 
+def shard_tensor(
+    name: str, t: Tensor, mc: ModelConfig, *, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
+    ep: int = 1, ep_rank: int = 0, etp: int = 1,
+) -> Optional[tuple[str, Tensor]]:
+    """One full-Megatron tensor (local names) -> (name, slice) on rank (tp, pp, ep), or None
+    when that rank does not hold it. Expert-TP rank = TP rank when ``etp == tp``."""
+    _check_etp(tp, etp)
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    m = _LAYER_RE.match(name)
+    if m:
+        layers = stage_layers(mc, pp, pp_rank)
+        g = int(m.group(1))
+        if g not in layers:
+            return None
+        local = f"decoder.layers.{g - layers.start}.{m.group(2)}"
+        x = _EXPERT_RE.match(local)
+        if x:
+            owned = ep_experts(mc, ep, ep_rank)
+            j = int(x.group(2))
+            if j not in owned:
+                return None
+            local = f"{x.group(1)}{j - owned.start}{x.group(3)}"
+            return local, _tp_slice(name, t, etp, tp_rank if etp > 1 else 0)
+        return local, _tp_slice(name, t, tp, tp_rank)
+    if name.startswith("embedding.") and first:
+        return name, _tp_slice(name, t, tp, tp_rank)
+    if name.startswith(("decoder.final_layernorm", "output_layer.")) and last:
+        return name, _tp_slice(name, t, tp, tp_rank)
+    return None
+
+
 def shard_for_rank(
     full: Mapping[str, Tensor], mc: ModelConfig, *, tp: int = 1, tp_rank: int = 0, pp: int = 1,
-    pp_rank: int = 0, te: bool = False,
+    pp_rank: int = 0, te: bool = False, ep: int = 1, ep_rank: int = 0, etp: int = 1,
 ) -> dict[str, Tensor]:
-    """The ``GPTModel.state_dict()`` of rank (tp_rank, pp_rank) from a full Megatron state dict.
+    """The ``GPTModel.state_dict()`` of rank (tp_rank, pp_rank, ep_rank) from a full Megatron
+    state dict (:func:`shard_tensor` per tensor).
 
-    Layers are renumbered from 0 within the stage; the first stage holds the embedding, the
-    last the final norm and output layer (for tied embeddings on a last stage that is not
-    first: a copy of the embedding). ``te=True`` gives Transformer Engine spec names.
+    Layers are renumbered from 0 within the stage, experts from 0 within the EP rank; the first
+    stage holds the embedding, the last the final norm and output layer (for tied embeddings on
+    a last stage that is not first: a copy of the embedding). ``te=True`` gives Transformer
+    Engine spec names.
     """
     full = to_local_names(full)
-    first, last = pp_rank == 0, pp_rank == pp - 1
-    layers = stage_layers(mc, pp, pp_rank)
     out: dict[str, Tensor] = {}
     for name, t in full.items():
-        m = _LAYER_RE.match(name)
-        if m:
-            g = int(m.group(1))
-            if g not in layers:
-                continue
-            local = f"decoder.layers.{g - layers.start}.{m.group(2)}"
-            out[local] = _tp_slice(name, t, tp, tp_rank)
-        elif name.startswith("embedding.") and first:
-            out[name] = _tp_slice(name, t, tp, tp_rank)
-        elif name.startswith(("decoder.final_layernorm", "output_layer.")) and last:
-            out[name] = _tp_slice(name, t, tp, tp_rank)
+        got = shard_tensor(name, t, mc, tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, ep=ep, ep_rank=ep_rank,
+                           etp=etp)
+        if got is not None:
+            out[got[0]] = got[1]
+    first, last = pp_rank == 0, pp_rank == pp - 1
     if mc.tie_word_embeddings and last and not first:
         out["output_layer.weight"] = _tp_slice("output_layer.weight", full["embedding.word_embeddings.weight"],
                                                tp, tp_rank)
@@ -276,22 +390,38 @@ def shard_for_rank(
 
 
 def merge_ranks(
-    shards: Mapping[tuple[int, int], Mapping[str, Tensor]], mc: ModelConfig, *, tp: int, pp: int,
+    shards: Mapping[tuple[int, ...], Mapping[str, Tensor]], mc: ModelConfig, *, tp: int, pp: int,
+    ep: int = 1, etp: int = 1,
 ) -> dict[str, Tensor]:
-    """Inverse of :func:`shard_for_rank`: ``{(tp_rank, pp_rank): state_dict}`` -> full Megatron
-    (local names). Tied models drop the last stage's output-layer copy."""
+    """Inverse of :func:`shard_for_rank`: ``{(tp_rank, pp_rank): state_dict}`` (or
+    ``(tp_rank, pp_rank, ep_rank)`` keys when ``ep > 1``) -> full Megatron (local names).
+    Tied models drop the last stage's output-layer copy."""
+    _check_etp(tp, etp)
     full: dict[str, Tensor] = {}
+
+    def shard(t: int, p: int, e: int) -> dict[str, Tensor]:
+        return to_local_names(shards[(t, p, e)] if ep > 1 else shards[(t, p)])
+
     for p in range(pp):
         layers = stage_layers(mc, pp, p)
-        ranks = [to_local_names(shards[(t, p)]) for t in range(tp)]
-        for name in ranks[0]:
-            if mc.tie_word_embeddings and name == "output_layer.weight":
-                continue
-            merged = _tp_merge(name, [r[name] for r in ranks])
-            m = _LAYER_RE.match(name)
-            if m:
-                name = f"decoder.layers.{int(m.group(1)) + layers.start}.{m.group(2)}"
-            full[name] = merged
+        for e in range(ep):
+            ranks = [shard(t, p, e) for t in range(tp)]
+            for name in ranks[0]:
+                if mc.tie_word_embeddings and name == "output_layer.weight":
+                    continue
+                x = _EXPERT_RE.match(name)
+                if x:
+                    j = int(x.group(2)) + ep_experts(mc, ep, e).start
+                    merged = _tp_merge(name, [r[name] for r in ranks[:etp]])
+                    name = f"{x.group(1)}{j}{x.group(3)}"
+                elif e > 0:
+                    continue  # non-expert tensors are the same on every EP rank
+                else:
+                    merged = _tp_merge(name, [r[name] for r in ranks])
+                m = _LAYER_RE.match(name)
+                if m:
+                    name = f"decoder.layers.{int(m.group(1)) + layers.start}.{m.group(2)}"
+                full[name] = merged
     return full
 
 

@@ -1,6 +1,8 @@
 """Tiny random HF models (Llama with GQA + llama3 RoPE scaling, Qwen2 with QKV bias and tied
-embeddings, Qwen3 with qk-norm and head_dim != hidden/heads) saved to directories, plus
-helpers shared by the model tests and their gloo workers."""
+embeddings, Qwen3 with qk-norm and head_dim != hidden/heads; Qwen3-MoE with a dense layer
+between sparse ones and renormalised top-k, Qwen2-MoE with a gated shared expert, tied
+embeddings and plain top-k probabilities) saved to directories, plus helpers shared by the
+model tests and their gloo workers."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
+EXPERTS = 4
 VOCAB = 300  # pads to 384 at TP=1 and 512 at TP=2: padding matters
 COMMON = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=VOCAB, rms_norm_eps=1e-6)
@@ -32,6 +36,18 @@ def make_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
         cfg = tf.Qwen3Config(**COMMON, num_hidden_layers=2, head_dim=32, max_position_embeddings=512,
                              rope_theta=1e6, tie_word_embeddings=False, bos_token_id=298, eos_token_id=299)
         cls = tf.Qwen3ForCausalLM
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**COMMON, num_hidden_layers=3, head_dim=32, max_position_embeddings=512,
+                                rope_theta=1e6, tie_word_embeddings=False, num_experts=EXPERTS,
+                                num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                mlp_only_layers=[1], bos_token_id=298, eos_token_id=299)
+        cls = tf.Qwen3MoeForCausalLM
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**COMMON, num_hidden_layers=2, max_position_embeddings=512, rope_theta=1e6,
+                                tie_word_embeddings=True, num_experts=EXPERTS, num_experts_per_tok=2,
+                                moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                norm_topk_prob=False, bos_token_id=298, eos_token_id=299)
+        cls = tf.Qwen2MoeForCausalLM
     else:
         raise ValueError(family)
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ from erpd_megatron.config.schema import ModelConfig
 from erpd_megatron.config.validate import padded_vocab_size
 from erpd_megatron.models import hf_maps
 from erpd_megatron.models.hf_config import hf_to_model_config, model_config_to_hf
-from tests.models.hf_fixtures import FAMILIES, VOCAB, make_hf_model
+from tests.models.hf_fixtures import EXPERTS, FAMILIES, MOE_FAMILIES, VOCAB, make_hf_model
 
 MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
@@ -103,7 +103,8 @@ def test_hf_config_both_ways(hf_models, family):
     assert hf_to_model_config(legacy) == mc
 
 
-@pytest.mark.parametrize("name", ["llama3-8b", "llama3-1b", "qwen2.5-7b", "qwen3-8b", "qwen3-4b", "qwen3-tiny"])
+@pytest.mark.parametrize("name", ["llama3-8b", "llama3-1b", "qwen2.5-7b", "qwen3-8b", "qwen3-4b", "qwen3-tiny",
+                                  "qwen3-30b-a3b", "qwen3-235b-a22b", "qwen3-moe-tiny"])
 def test_repo_model_configs_map_to_hf(name):
     mc = load_model_config(MODELS / f"{name}.yaml")
     assert hf_to_model_config(model_config_to_hf(mc)) == mc
@@ -132,3 +133,88 @@ def test_mask_padded_vocab():
     assert torch.isfinite(logits[..., : VOCAB - start]).all() and torch.isinf(logits[..., VOCAB - start:]).all()
     first = torch.zeros(1, 256)
     assert torch.isfinite(mask_padded_vocab(first, 0, VOCAB)).all()
+
+
+@pytest.fixture(scope="module")
+def moe_disk(tmp_path_factory) -> dict:
+    """The MoE fixtures as saved on disk (per-expert names; transformers 5 fuses them in memory)."""
+    from erpd_megatron.models.convert import LazySafetensors
+
+    out = {}
+    for fam in MOE_FAMILIES:
+        model = make_hf_model(fam)
+        d = tmp_path_factory.mktemp(fam)
+        model.save_pretrained(d)
+        out[fam] = (model.config.to_dict(), dict(LazySafetensors(d)))
+    return out
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_maps_round_trip_and_ep_sharding(moe_disk, family):
+    cfg, hf = moe_disk[family]
+    mc = hf_to_model_config(cfg)
+    assert (mc.family, mc.num_experts, mc.norm_topk_prob) == (family, EXPERTS, family == "qwen3_moe")
+    assert set(hf) == set(hf_maps.expected_hf_keys(mc))
+    full = hf_maps.hf_to_megatron(hf, mc, padded_vocab_size(mc, 2))
+    if family == "qwen3_moe":  # mlp_only_layers=[1]: layer 1 keeps the dense names
+        assert "decoder.layers.1.mlp.linear_fc1.weight" in full and "decoder.layers.1.mlp.router.weight" not in full
+        te = hf_maps.to_te_names(full)
+        assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in te
+        assert "decoder.layers.0.pre_mlp_layernorm.weight" in te  # MoE layers keep it unfused
+    gate, up = full["decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight"].chunk(2)
+    assert torch.equal(gate, hf["model.layers.0.mlp.experts.3.gate_proj.weight"])
+    assert torch.equal(up, hf["model.layers.0.mlp.experts.3.up_proj.weight"])
+    back = hf_maps.megatron_to_hf(full, mc)
+    assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+    pp = mc.num_layers
+    for tp, ep, etp, pp in ((2, 2, 1, 1), (1, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, pp)):
+        shards = {(t, p, e): hf_maps.shard_for_rank(full, mc, tp=tp, tp_rank=t, pp=pp, pp_rank=p, ep=ep,
+                                                    ep_rank=e, etp=etp)
+                  for t in range(tp) for p in range(pp) for e in range(ep)}
+        last = shards[(tp - 1, 0, ep - 1)]
+        local = sorted(k for k in last if k.startswith("decoder.layers.0.mlp.experts."))
+        assert len(local) == 2 * EXPERTS // ep  # renumbered from 0
+        fc1 = last["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]
+        g, u = full[f"decoder.layers.0.mlp.experts.local_experts.{EXPERTS - EXPERTS // ep}.linear_fc1.weight"].chunk(2)
+        assert torch.equal(fc1, torch.cat([g.chunk(etp)[-1], u.chunk(etp)[-1]]))
+        merged = hf_maps.merge_ranks(shards, mc, tp=tp, pp=pp, ep=ep, etp=etp)
+        assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full), (tp, ep, etp, pp)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_hf_config_both_ways(moe_disk, family):
+    from transformers import AutoConfig
+
+    cfg, _ = moe_disk[family]
+    mc = hf_to_model_config(cfg)
+    out = model_config_to_hf(mc, dtype="float32", base=cfg)
+    assert hf_to_model_config(out) == mc
+    again = AutoConfig.for_model(**{k: v for k, v in out.items() if k != "model_type"}, model_type=family)
+    assert hf_to_model_config(again.to_dict()) == mc
+    assert out["num_experts"] == EXPERTS and out["architectures"][0].endswith("MoeForCausalLM")
+
+
+def test_moe_validation_errors():
+    import dataclasses
+
+    from erpd_megatron.config.moe import moe_layer_pattern
+    from erpd_megatron.config.schema import ParallelConfig
+    from erpd_megatron.config.validate import validate_layout, validate_model
+
+    mc = load_model_config(MODELS / "qwen3-moe-tiny.yaml")
+    validate_model(mc)
+    assert moe_layer_pattern(dataclasses.replace(mc, num_layers=4, decoder_sparse_step=2)) == [0, 1, 0, 1]
+    assert moe_layer_pattern(dataclasses.replace(mc, mlp_only_layers=[0])) == [0, 1]
+    assert validate_layout(mc, ParallelConfig(expert_model_parallel_size=2), 2) == 2
+    with pytest.raises(ConfigError, match="num_experts=4 is not divisible"):
+        validate_layout(mc, ParallelConfig(expert_model_parallel_size=3), 3)
+    with pytest.raises(ConfigError, match="world size 2 is not divisible by expert_tensor_parallel_size"):
+        validate_layout(mc, ParallelConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=2), 2)
+    with pytest.raises(ConfigError, match="need an MoE model"):
+        validate_layout(load_model_config(MODELS / "qwen3-tiny.yaml"), ParallelConfig(expert_model_parallel_size=2), 2)
+    with pytest.raises(ConfigError, match="is dense"):
+        validate_model(dataclasses.replace(mc, family="qwen3"))
+    with pytest.raises(ConfigError, match="moe_router_topk"):
+        validate_model(dataclasses.replace(mc, moe_router_topk=5))
+    with pytest.raises(ConfigError, match="no layer is sparse"):
+        validate_model(dataclasses.replace(mc, mlp_only_layers=[0, 1]))

@@ -166,8 +166,7 @@ def test_moe_maps_round_trip_and_ep_sharding(moe_disk, family):
     assert torch.equal(up, hf["model.layers.0.mlp.experts.3.up_proj.weight"])
     back = hf_maps.megatron_to_hf(full, mc)
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
-    pp = mc.num_layers
-    for tp, ep, etp, pp in ((2, 2, 1, 1), (1, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, pp)):
+    for tp, ep, etp, pp in ((2, 2, 1, 1), (1, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, mc.num_layers)):
         shards = {(t, p, e): hf_maps.shard_for_rank(full, mc, tp=tp, tp_rank=t, pp=pp, pp_rank=p, ep=ep,
                                                     ep_rank=e, etp=etp)
                   for t in range(tp) for p in range(pp) for e in range(ep)}

@@ -28,6 +28,7 @@ resubmits failed or cancelled ones.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -92,6 +93,32 @@ class PointPlan:
         return [(r, s) for r, (_, steps) in enumerate(self.rounds) for s in steps]
 
 
+def demo_base(study: Study, point: Point) -> tuple[Point, Path | None, list[str]]:
+    """With ``prepare: demo``: the point with its base's overrides (``round.base_hf``, the task
+    files), the base's folder and the overrides that make it (:func:`demo.prepare`). The folder
+    is named by a fingerprint of what the base depends on, so points that differ only in the
+    round share one base."""
+    if study.prepare != "demo":
+        return point, None, []
+    from erpd_megatron.config.loader import to_dict
+    from erpd_megatron.pipeline.round_state import fingerprint
+
+    cfg = load_config(str(point.recipe), point.overrides, validate=False)
+    d = to_dict(cfg)
+    fp = fingerprint({k: d[k] for k in ("model", "demo", "seed", "data", "precision", "optimizer")})
+    m = cfg.model
+    root = study.output_dir / "bases" / f"L{m.num_layers}-H{m.hidden_size}-{fp[:10]}"
+    task = [f"rollout.dataset={root / 'data/train.jsonl'}", f"eval.datasets=[{root / 'data/heldout.jsonl'}]"]
+    make = [*point.overrides, *task, f"output_dir={root}"]
+    point = dataclasses.replace(point, overrides=[*point.overrides, *task, f"round.base_hf={root / 'base_hf'}"])
+    return point, root, make
+
+
+def study_points(study: Study) -> list[Point]:
+    """The study's points, with their demo bases' overrides when ``prepare: demo``."""
+    return [demo_base(study, p)[0] for p in study.points()]
+
+
 def plan_point(study: Study, point: Point, *, check: bool = True) -> PointPlan:
     """Plan a point's rounds (nothing runs); a bad point keeps its error instead of raising."""
     rec = str(point.recipe)
@@ -108,7 +135,7 @@ def plan_point(study: Study, point: Point, *, check: bool = True) -> PointPlan:
 
 def plan_study(study: Study, *, check: bool = True) -> list[PointPlan]:
     """Every point's plan, in the study's order."""
-    return [plan_point(study, p, check=check) for p in study.points()]
+    return [plan_point(study, p, check=check) for p in study_points(study)]
 
 
 def owners(plans: list[PointPlan], *, require_done: bool) -> dict[tuple[str, int, str], tuple[str, Path]]:
@@ -168,13 +195,18 @@ def drop_dangling(plans: list[PointPlan]) -> None:
 def run_local(study: Study, *, rerun_changed: bool = False) -> dict[str, str]:
     """Run the points one after another; returns each point's outcome (done / failed: why)."""
     outcome: dict[str, str] = {}
-    points = study.points()
+    points = study_points(study)
     for i, point in enumerate(points):
-        plans = [plan_point(study, p, check=False) for p in points[: i + 1]]
-        drop_dangling(plans[-1:])
-        link_shared(owners(plans, require_done=True), plans)
         log.info("study %s: point %d/%d %s", study.name, i + 1, len(points), point.name)
         try:
+            _, root, make = demo_base(study, study.points()[i])
+            if root is not None:
+                from erpd_megatron.pipeline.demo import prepare
+
+                prepare(str(point.recipe), make)
+            plans = [plan_point(study, p, check=False) for p in points[: i + 1]]
+            drop_dangling(plans[-1:])
+            link_shared(owners(plans, require_done=True), plans)
             run_rounds(str(point.recipe), point.overrides, study.rounds, rerun_changed=rerun_changed)
             outcome[point.name] = "done"
         except (ConfigError, StepFailed) as e:
@@ -241,6 +273,12 @@ def _sbatch_wrap(name: str, cmd: list[str], after: list[str]) -> str:
 
 def submit_slurm(study: Study, *, rerun_changed: bool = False) -> dict[str, dict[str, str]]:
     """Submit every unfinished step of every point; returns {point: {step: job id or state}}."""
+    if study.prepare == "demo":  # the toy bases are small: made here, before the jobs
+        from erpd_megatron.pipeline.demo import prepare
+
+        for p in study.points():
+            _, root, make = demo_base(study, p)
+            prepare(str(p.recipe), make)
     plans = plan_study(study)
     bad = [f"{pp.point.name}: {pp.error}" for pp in plans if pp.error]
     if bad:

@@ -119,8 +119,8 @@ def format_plan(rows: list[dict[str, Any]], *, mfu: float, rollout_mfu: float, p
         mem = "?" if r.get("memory_gib") is None else (
             f"{r['memory_gib']:.1f} of {r['budget_gib']:.0f} ({'fits' if r['fits'] else 'DOES NOT FIT'})")
         cells = [r["point"], f"{r['params_b']:.2f} ({r['active_params_b']:.2f})", str(r["gpus"]), r["layout"], mem]
-        cells += [f"{r.get(f'gpu_h_{k}', 0.0):.2f}" for k in kinds]
-        cells += [f"{r['gpu_hours']:.2f}", f"{r['wall_hours']:.2f}"]
+        cells += [f"{r.get(f'gpu_h_{k}', 0.0):.3g}" for k in kinds]
+        cells += [f"{r['gpu_hours']:.3g}", f"{r['wall_hours']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     total = sum(r.get("gpu_hours", 0.0) for r in rows)
     lines += ["", f"total: {total:.1f} GPU-hours over {len(rows)} points (shared steps counted once)",

@@ -18,6 +18,7 @@ A study YAML::
     seeds: [1234, 1235]                  # an axis `seed` (keys: seed_keys, default [seed])
     seed_keys: [seed]
     wandb_project: null                  # a wandb run per point (axes as config), group = name
+    prepare: null                        # demo: bases of the embedded task (pipeline/demo.py)
 
 Each grid point is one `erpd round` of the recipe with the study's overrides, the point's
 axis overrides and ``output_dir=<output_dir>/<point name>``; the point's name is
@@ -38,7 +39,7 @@ import yaml
 from erpd_megatron.config.loader import ConfigError
 
 KEYS = ("name", "recipe", "output_dir", "overrides", "axes", "zip", "seeds", "seed_keys", "wandb_project",
-        "rounds")
+        "rounds", "prepare")
 AXIS_KEYS = ("name", "key", "values")
 RECIPE_KEY = "\0recipe="  # an axis with ``key: recipe`` picks the point's base recipe
 
@@ -78,6 +79,9 @@ class Study:
     zips: list[list[str]] = field(default_factory=list)
     wandb_project: str | None = None
     rounds: int | None = None
+    prepare: str | None = None
+    """``demo``: each point's base is the embedded task's (pipeline/demo.py), trained once per
+    distinct model and demo settings under ``<output_dir>/bases/``."""
 
     def points(self) -> list[Point]:
         """Every grid point, in a fixed order (the product over axis groups; zipped axes move
@@ -255,4 +259,7 @@ def load_study(path: str | Path) -> Study:
     rounds = raw.get("rounds")
     if rounds is not None and (not isinstance(rounds, int) or rounds < 1):
         raise ConfigError(f"{src}: rounds must be a positive integer, got {rounds!r}")
-    return Study(src, name, recipe, Path(out), overrides, axes, zips, wp, rounds)
+    prep = raw.get("prepare")
+    if prep not in (None, "demo"):
+        raise ConfigError(f"{src}: prepare must be null or 'demo' (the embedded task's base), got {prep!r}")
+    return Study(src, name, recipe, Path(out), overrides, axes, zips, wp, rounds, prep)

@@ -105,21 +105,14 @@ def run_module(module: str, config: Path, overrides: list[str], *, nproc: int = 
     if nproc == 1:
         cmd = [sys.executable, "-m", module]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", module]
+        # --standalone: the rendezvous store binds port 0 itself (no free-port race)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", module]
     cmd += ["--config", str(config), *overrides]
     p = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
     return p
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -131,11 +124,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def _load_tensors(ckpt: str) -> dict:
     import os as _os
+    import tempfile
 
     import torch.distributed as dist
 
-    _os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    store = _os.path.join(tempfile.mkdtemp(prefix="erpd-load-"), "store")  # no port to race for
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:
         from megatron.core import dist_checkpointing
 

@@ -28,8 +28,12 @@ bytes. On CUDA the same with ``torch.cuda.max_memory_allocated``.
 
 Last line: ``RESULT topk_kl_time_ratio=... peak_extra_mem_ratio_inplace=...
 peak_extra_mem_ratio_default=... ...``: time ratios are the worst over the fp32 shapes
-(``*_bf16``: bf16 logits); memory ratios the worst over shapes and dtypes of our in-place
-ops, resp. our default-mode ops (which include their logits-sized gradient: >= 1).
+(``*_bf16``: bf16 logits); ``topk_kl_time_ratio`` is the in-place KL (which, like Megatron's
+op, writes the gradient into the logits: the mode Stage 2 runs with a single top-k KL
+teacher), ``topk_kl_default_time_ratio`` the KL with a fresh gradient, which also pays for
+allocating and first touching a logits-sized tensor (row ``fresh_grad``). Memory ratios: the
+worst over shapes and dtypes of our in-place ops, resp. our default-mode ops (which include
+their logits-sized gradient: >= 1).
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ import time
 from pathlib import Path
 
 OPS = ["megatron_ce", "vp_topk_kl", "vp_topk_kl_inpl", "vp_logprob", "vp_logprob_inpl"]
-DEFAULT_SHAPES = "4096x151936,8192x32000"
+DEFAULT_SHAPES = "2048x151936,4096x32000"
+TIME_ONLY = ["fresh_grad"]
 QUICK_SHAPES = "2048x16384"
 K = 64
 
@@ -80,7 +85,10 @@ class _Sampler(threading.Thread):
         return self.peak
 
 
-def _init_megatron() -> None:
+def _init_megatron(device: str) -> None:
+    """World of one for Megatron's op: its TP all-reduces (cross_entropy.py, megatron-core
+    0.16.1, ``torch.distributed.all_reduce(..., group=get_tensor_model_parallel_group())``)
+    run on the logits' device, so NCCL on CUDA (it rejects CPU tensors), gloo on a CPU."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -88,7 +96,7 @@ def _init_megatron() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
 
 
@@ -103,8 +111,10 @@ def _setup(n: int, v: int, dtype: str, device: str, ops: list[str], threads: int
 
     if threads:
         torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.cuda.set_device(0)
     if "megatron_ce" in ops:
-        _init_megatron()
+        _init_megatron(device)
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -121,6 +131,9 @@ def _setup(n: int, v: int, dtype: str, device: str, ops: list[str], threads: int
         "vp_topk_kl_inpl": lambda: vp.vp_topk_kl(logits, ids, t_lp, inplace_backward=True).sum().backward(),
         "vp_logprob": lambda: vp.vp_logprob(logits, target).sum().backward(),
         "vp_logprob_inpl": lambda: vp.vp_logprob(logits, target, inplace_backward=True).sum().backward(),
+        # what the default mode pays and in-place ops do not: a fresh logits-sized gradient,
+        # allocated as ours are (huge-page hint on Linux) and written once
+        "fresh_grad": lambda: vp._new_grad(logits.detach(), vp._shard(logits, None, None, None, None))[0].zero_(),
     }
     return {"torch": torch, "logits": logits, "runners": runners, "device": dev}
 
@@ -158,9 +171,9 @@ def child_time(n: int, v: int, dtype: str, device: str, reps: int, warmup: int, 
     env = _setup(n, v, dtype, device, OPS, threads)
     torch, logits = env["torch"], env["logits"]
     cuda = device == "cuda"
-    times: dict[str, list[float]] = {op: [] for op in OPS}
+    times: dict[str, list[float]] = {op: [] for op in OPS + TIME_ONLY}
     for r in range(warmup + reps):
-        for op in OPS:
+        for op in OPS + TIME_ONLY:
             logits.grad = None
             with torch.no_grad():
                 logits.normal_()  # Megatron's op overwrites the logits; refill for everyone
@@ -232,7 +245,12 @@ def main() -> None:
         for n, v in shapes:
             t = run_child("--child-time", n, v, dtype, args.device)["times"]
             base = statistics.median(t["megatron_ce"])
-            for op in OPS:
+            for op in OPS + TIME_ONLY:
+                if op in TIME_ONLY:
+                    med = statistics.median(t[op])
+                    print(f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
+                          f"{med / base:6.2f}")
+                    continue
                 m = run_child("--child-mem", op, n, v, dtype, args.device)
                 med = statistics.median(t[op])
                 ratio = med / base
@@ -246,17 +264,20 @@ def main() -> None:
                       f"{ratio:6.2f} {min(paired):5.2f}-{max(paired):<5.2f} {m['extra_bytes'] / 2**20:10.1f} "
                       f"{mr:12.3f}" + ("" if m["hw_reliable"] else "  (memory from RSS sampling)"))
     print("# ratio: median(op) / median(megatron_ce); paired: min-max of the per-round ratio; extra: peak "
-          "memory above the inputs during one forward+backward, the gradient included")
+          "memory above the inputs during one forward+backward, the gradient included; fresh_grad: "
+          "allocating and writing a logits-sized gradient once (what default-mode ops pay beyond the math)")
 
     def tr(op: str, dtype: str) -> str:
         return f"{time_ratio[op, dtype]:.3f}" if (op, dtype) in time_ratio else "nan"
 
     first = "fp32" if "fp32" in dtypes else dtypes[0]
-    print(f"RESULT topk_kl_time_ratio={tr('vp_topk_kl', first)} "
-          f"topk_kl_inplace_time_ratio={tr('vp_topk_kl_inpl', first)} "
+    # topk_kl_time_ratio: the in-place op, which like Megatron's writes the gradient into the
+    # logits (the mode Stage 2 runs with one top-k KL teacher); the default mode beside it
+    print(f"RESULT topk_kl_time_ratio={tr('vp_topk_kl_inpl', first)} "
+          f"topk_kl_default_time_ratio={tr('vp_topk_kl', first)} "
           f"logprob_time_ratio={tr('vp_logprob', first)} logprob_inplace_time_ratio={tr('vp_logprob_inpl', first)} "
-          f"topk_kl_time_ratio_bf16={tr('vp_topk_kl', 'bf16')} "
-          f"topk_kl_inplace_time_ratio_bf16={tr('vp_topk_kl_inpl', 'bf16')} "
+          f"topk_kl_time_ratio_bf16={tr('vp_topk_kl_inpl', 'bf16')} "
+          f"topk_kl_default_time_ratio_bf16={tr('vp_topk_kl', 'bf16')} "
           f"peak_extra_mem_ratio_inplace={mem['inplace']:.3f} peak_extra_mem_ratio_default={mem['default']:.3f} "
           f"megatron_extra_mem_ratio={mem['megatron']:.3f} device={args.device} time_dtype={first}")
 

@@ -109,7 +109,8 @@ def main() -> None:
                  "model.vocab_size=32000", "data.max_tokens_per_microbatch=2048"]
         prompt_len, resp_len = 64, 192
     tmp = Path(tempfile.mkdtemp(prefix="erpd-bench-step-"))
-    overrides = model + [f"data.global_batch_size={n}", f"cache.topk={args.topk}",
+    (tmp / "pi_r").mkdir()  # checkpoint.load: fingerprinted by the anchor scores and the cache check
+    overrides = model + [f"checkpoint.load={tmp / 'pi_r'}", f"data.global_batch_size={n}", f"cache.topk={args.topk}",
                          f"precision.params_dtype={args.dtype}", "data.max_seq_length=512",
                          f"output_dir={tmp}", "logging.progress_bar=false",
                          f"stage2.cache_dir={tmp / 'cache'}"] + args.overrides
@@ -127,8 +128,8 @@ def main() -> None:
     engine = Engine(cfg, train=True, total_steps=1000)
 
     def stage_run(stage: str, context=None) -> StageRun:
-        run = StageRun.__new__(StageRun)  # the real class, without loading a checkpoint
-        run.cfg, run.stage, run.out_dir = cfg, stage, tmp / stage
+        run = StageRun.__new__(StageRun)  # the real class; its __init__ would load data and weights
+        run.cfg, run.stage, run.out_dir, run._keys = cfg, stage, tmp / stage, {}
         run.table, run.data_fingerprint, run.context, run.engine = table, "bench", context, engine
         return run
 
@@ -154,8 +155,11 @@ def main() -> None:
             lps = np.sort(rng.uniform(-12, -1, (t, k)).astype(np.float32), axis=1)[:, ::-1] - 2.0
             lp_t = (ref[i] + rng.normal(0, 0.05, t)).astype(np.float32).clip(max=-1e-3)
             w.write_sample(i, sampled={"base": ref[i], "teacher0": lp_t}, topk={"teacher0": (ids, lps, lps)})
+    from erpd_megatron.utils.files import dir_fingerprint
+
+    fp = dir_fingerprint(tmp / "pi_r")
     finalize_manifest(tmp / "cache", 1, {"rollout_fingerprint": "bench", "models": {
-        "base": {"path": "-", "fingerprint": "-"}, "teacher0": {"path": "-", "fingerprint": "-"}}})
+        "base": {"path": str(tmp / "pi_r"), "fingerprint": fp}, "teacher0": {"path": "-", "fingerprint": "-"}}})
     run2 = stage_run("stage2", stage2.open_cache(cfg, table, "bench"))
     spec2 = stage2.build_spec(cfg, run2)
     loop2 = TrainLoop(cfg, engine, spec2, run2.out_dir)

@@ -42,7 +42,7 @@ setup(
         # vLLM pins an exact torch: install it in its own venv (`make install-vllm`), never
         # next to Transformer Engine.
         "vllm": ["vllm", "pyyaml>=6.0"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.5"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.5", "zstandard"],  # zstandard: bench_cache
     },
     entry_points={"console_scripts": ["erpd=erpd_megatron.cli:main"]},
 )

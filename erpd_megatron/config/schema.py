@@ -91,6 +91,11 @@ class ParallelConfig:
     """TP size: shards attention heads, MLP width and vocabulary."""
     pipeline_model_parallel_size: int = 1
     """PP size: splits the layers into stages (1F1B schedule)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved pipeline: model chunks per pipeline rank (null = plain 1F1B). The bubble
+    shrinks by this factor; num_layers must divide by PP x VPP, and each step's micro-batches
+    are padded (zero-loss dummies) to a multiple of PP, as megatron's interleaved schedule
+    requires. Checkpoints load across VPP settings (layers are stored by global number)."""
     expert_model_parallel_size: int = 1
     """EP size for MoE models: EP rank e holds experts [e*E/EP, (e+1)*E/EP)."""
     expert_tensor_parallel_size: int = 1
@@ -231,13 +236,13 @@ class LoggingConfig:
     """auto: online when WANDB_API_KEY is set, offline otherwise."""
     run_name: Optional[str] = None
     """Run name for wandb and the metrics file; null = the config's name."""
+    wandb_group: Optional[str] = None
+    """wandb group of the run (`erpd study` sets it to the study's name)."""
     progress_bar: bool = True
     """Show a progress bar with ETA on rank 0."""
 
 
 @dataclass(kw_only=True)
-    wandb_group: Optional[str] = None
-    """wandb group of the run (`erpd study` sets it to the study's name)."""
 class Stage1Config:
     """Stage 1: weakly constrained multi-epoch optimisation on the fixed rollouts."""
 
@@ -414,7 +419,11 @@ class EvalModelConfig:
     name: str = "base"
     """Row name in the table."""
     path: str = ""
-    """HF-format checkpoint directory."""
+    """HF-format checkpoint directory (generation, and scoring with eval.scoring_backend=hf)."""
+    checkpoint: Optional[str] = None
+    """Megatron checkpoint directory of the same weights (a stage's ``checkpoints/final`` or
+    ``iter_XXXXXXX`` dir, or ``erpd convert hf-to-mcore`` output): the scoring model of
+    eval.scoring_backend=megatron, loaded at the recipe's TP/PP."""
 
 
 @dataclass(kw_only=True)
@@ -453,8 +462,14 @@ class EvalConfig:
     teacher-forced pass of pi (same numerics as the pi_base pass; the engine mismatch is reported
     either way)."""
     score_max_tokens: int = 4096
-    """Padded tokens (rows x length) per teacher-forced forward pass (the float32 log-softmax
-    holds this many x vocabulary values)."""
+    """Padded tokens (rows x length) per teacher-forced forward pass (the logits of one pass
+    hold this many x vocabulary values, in the model's dtype; log-prob and entropy are taken
+    a chunk of tokens at a time)."""
+    scoring_backend: Literal["auto", "hf", "megatron"] = "auto"
+    """Teacher-forced scoring (KL, entropy, drift): "hf" = transformers, the whole model in
+    one process; "megatron" = megatron-core at parallel.* TP/PP with the data-parallel ranks
+    splitting the samples (needs eval.models[].checkpoint); "auto" = megatron when launched
+    with more than one process or when every model has a checkpoint, else hf."""
     cpu_threads: int = 0
     """torch CPU threads for generation and scoring; 0 = auto: 1 when they run on the CPU (the
     tiny demo/test models, where more threads on a shared machine are several times slower),

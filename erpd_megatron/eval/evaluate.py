@@ -18,6 +18,17 @@ For every held-out set in ``eval.datasets`` (selected with the rollout prompt lo
    ``log pi`` comes from), mean and standard error over sequences. The base's own KL and drift
    are 0 by construction and are not estimated.
 
+Scoring backends (``eval.scoring_backend``). ``hf``: steps 3-4 with transformers, the whole
+model in this one process (:mod:`erpd_megatron.eval.scoring`). ``megatron``: sharded, for models
+that fit no single device (:mod:`erpd_megatron.eval.mcore_scoring`): run it under torchrun /
+srun with ``parallel.*`` TP/PP (``WORLD_SIZE`` = TP x PP x DP); global rank 0 generates and
+rewards every model (vLLM tensor parallel over ``rollout.vllm_tensor_parallel_size`` GPUs),
+then every rank scores with megatron-core from each model's Megatron checkpoint
+(``eval.models[].checkpoint``; ``path`` stays the HF directory that generation needs).
+``auto`` (default) picks megatron with more than one process or when every model has a
+checkpoint. Both take log-prob and entropy from the chunked vocab-parallel ops: no
+full-vocabulary float32 log-softmax is materialised.
+
 GPU memory between models: with ``rollout.engine=vllm`` each model's engine is a vLLM worker
 process (:mod:`erpd_megatron.rollout.vllm_engine`) that is shut down explicitly and exits when
 its samples are drawn (the ``with make_engine(...)`` block), before the next model's engine
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -243,16 +255,23 @@ def score_kl(cfg: Config, samples: list[ModelSamples], base_model: Any, prompts:
             continue
         t0 = time.perf_counter()
         base_lp = _score(base_model, flat_prompts, s.completions, cfg, pad, entropy=False).logprobs
-        raw = s.logprobs_mode == "raw" and cfg.eval.temperature != 1.0
-        if raw and cfg.eval.kl_logprobs == "engine":
-            log.warning("%s: the engine's log-probs are of the raw logits, not of the tempered sampling "
-                        "distribution; the KL uses teacher-forced log pi instead", s.model.name)
-        if cfg.eval.kl_logprobs == "teacher_forced" or raw:
-            pi_lp, s.kl_source = s.tf_logprobs, "teacher_forced"
-        else:
-            pi_lp, s.kl_source = [np.asarray(c.logprobs, dtype=np.float64) for c in s.completions], "engine"
-        s.kl = stats.sequence_kl(pi_lp, base_lp)
+        apply_kl(cfg, s, base_lp)
         s.seconds["score_base"] = time.perf_counter() - t0
+
+
+def apply_kl(cfg: Config, s: ModelSamples, base_lp: list[np.ndarray]) -> None:
+    """Set ``s.kl`` (and ``s.kl_source``) from pi_base's teacher-forced log-probs of ``s``'s
+    samples and log pi from the engine or the teacher-forced pass (``eval.kl_logprobs``)."""
+    raw = s.logprobs_mode == "raw" and cfg.eval.temperature != 1.0
+    if raw and cfg.eval.kl_logprobs == "engine":
+        log.warning("%s: the engine's log-probs are of the raw logits, not of the tempered "
+                    "sampling distribution; the KL uses teacher-forced log pi instead", s.model.name)
+    if cfg.eval.kl_logprobs == "teacher_forced" or raw:
+        pi_lp, s.kl_source = s.tf_logprobs, "teacher_forced"
+    else:
+        pi_lp = [np.asarray(c.logprobs, dtype=np.float64) for c in s.completions]
+        s.kl_source = "engine"
+    s.kl = stats.sequence_kl(pi_lp, base_lp)
 
 
 def build_row(cfg: Config, s: ModelSamples, base: ModelSamples, dataset: str) -> dict[str, Any]:
@@ -358,6 +377,16 @@ def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[s
     tokenizer = load_tokenizer(rc.tokenizer_path or base.path)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    from erpd_megatron.eval.mcore_scoring import evaluate_megatron, resolve_backend
+
+    backend = resolve_backend(cfg)
+    log.info("eval scoring backend: %s (eval.scoring_backend=%s)", backend, ec.scoring_backend)
+    if backend == "megatron":
+        with eval_threads(cfg):
+            rows = evaluate_megatron(cfg, models, tokenizer, progress=progress)
+        log.info("evaluated %d models on %d sets in %.1fs", len(models), len(ec.datasets),
+                 time.perf_counter() - t0)
+        return rows
     with eval_threads(cfg), RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
                                        memory_mb=rc.verifier_memory_mb) as pool:
         for d, (dataset, name) in enumerate(zip(ec.datasets, dataset_names(ec.datasets))):
@@ -377,6 +406,8 @@ def run(cfg: Config, *, curves_only: bool = False, progress: bool | None = None)
     if missing:
         raise ConfigError(f"eval.metrics_files: not found: {', '.join(missing)}")
     rows = None if curves_only else evaluate_models(cfg, progress=progress)
+    if not _is_rank0():  # sharded scoring: every rank has the rows, rank 0 writes them
+        return {}
     paths = {p.stem: p for p in plot_training_curves(files, out)}
     if rows is not None:  # results.json last: it marks a finished evaluation
         meta = {"eval_config": to_dict(cfg.eval), "rollout_engine": cfg.rollout.engine,
@@ -386,6 +417,17 @@ def run(cfg: Config, *, curves_only: bool = False, progress: bool | None = None)
     for key, p in paths.items():
         log.info("wrote %s: %s", key, p)
     return paths
+
+
+def _is_rank0() -> bool:
+    """Global rank 0 (the process group's rank, else the launcher's RANK / SLURM_PROCID)."""
+    from erpd_megatron.runtime import comm
+
+    if comm.is_distributed():
+        import torch.distributed as dist
+
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -398,7 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", help="where results.md/.csv/.json and plots go (eval.output_dir; "
                    "default <output_dir>/eval)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow the a.b=c overrides
     if args.out:
         args.overrides.append(f"eval.output_dir={args.out}")
     return args

@@ -7,8 +7,14 @@ distribution at ``temperature``: logits divided by it).
 
 Sequences are sorted by length and packed into right-padded batches of at most
 ``max_tokens`` padded tokens; only the logits of positions that predict a response token are
-computed (``logits_to_keep`` with the indices, where the model supports it), and the
-log-softmax is taken in float32. Everything runs under :func:`torch.inference_mode`.
+computed (``logits_to_keep`` with the indices, where the model supports it). The log-prob and
+entropy come from :func:`token_scores`: the response positions' logits, a chunk of tokens at
+a time, through the chunked vocab-parallel ops (:mod:`erpd_megatron.ops.vocab_parallel`, fp32
+math per chunk); no ``[batch, seq, vocab]`` float32 log-softmax is ever built. Everything runs
+under :func:`torch.inference_mode`.
+
+This is the ``eval.scoring_backend=hf`` path: one process holds the whole model. The sharded
+path (megatron-core at the recipe's TP/PP, any DP) is :mod:`erpd_megatron.eval.mcore_scoring`.
 """
 
 from __future__ import annotations
@@ -103,18 +109,70 @@ def score_responses(model: Any, prompts: list[list[int]], responses: list[list[i
         else:
             logits = model(**kwargs).logits[:, start:width - 1]
         targets = ids[:, start + 1:width].to(device)
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        tok_lp = logp.gather(-1, targets[..., None]).squeeze(-1).double().cpu().numpy()
-        ent = None
-        if entropy:  # 0 * log 0 = 0 where a logit is -inf
-            ent = (-(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)).double().cpu().numpy()
+        want = torch.zeros(targets.shape, dtype=torch.bool)  # the response positions
         for row, i in enumerate(batch):
             a = len(prompts[i]) - 1 - start
-            b = a + len(responses[i])
-            lps[i] = tok_lp[row, a:b].copy()
-            if ent is not None:
-                ents[i] = ent[row, a:b].copy()
+            want[row, a:a + len(responses[i])] = True
+        pos = want.reshape(-1).nonzero().flatten().to(device)
+        tok_lp, ent = token_scores(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), pos,
+                                   temperature=temperature, entropy=entropy)
+        tok_lp = tok_lp.double().cpu().numpy()
+        ent_np = ent.double().cpu().numpy() if ent is not None else None
+        k = 0
+        for i in batch:
+            n = len(responses[i])
+            lps[i] = tok_lp[k:k + n].copy()
+            if ent_np is not None:
+                ents[i] = ent_np[k:k + n].copy()
+            k += n
     return TokenScores(logprobs=lps, entropy=ents if entropy else None)
 
 
-__all__ = ["TokenScores", "load_causal_lm", "resolve_device_dtype", "score_responses"]
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor, *,
+                 temperature: float = 1.0, entropy: bool = True, group: Any = None,
+                 vocab_start: int | None = None, vocab_size: int | None = None,
+                 chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``targets[positions]`` (and the entropy there) under ``softmax(logits / T)``.
+
+    ``logits [N, V_local]`` (any dtype; a vocabulary shard over ``group`` as in
+    :mod:`erpd_megatron.ops.vocab_parallel`, whole when ``group`` is None), ``targets [N]``
+    global ids, ``positions [P]`` the rows to score. Rows are taken a chunk at a time (about
+    ``chunk_elements`` logits: the ops' per-device default), divided by the temperature in
+    fp32 for that chunk only, and scored with
+    :func:`~erpd_megatron.ops.vocab_parallel.vp_logprob_and_entropy` (or ``vp_logprob``): the
+    largest temporary is one chunk, never ``[N, V]`` in fp32. Every rank of ``group`` must
+    call with the same ``positions`` (the ops all-reduce per chunk). Returns fp32 ``[P]``
+    tensors (fp64 for fp64 logits) on the logits' device; the entropy is None unless asked."""
+    from erpd_megatron.ops.vocab_parallel import (
+        DEFAULT_CHUNK_ELEMENTS,
+        vp_logprob,
+        vp_logprob_and_entropy,
+    )
+
+    v_local = max(1, int(logits.shape[-1]))
+    budget = chunk_elements or DEFAULT_CHUNK_ELEMENTS.get(logits.device.type, 1 << 23)
+    rows = max(1, budget // v_local)
+    kw = dict(group=group, vocab_start=vocab_start, vocab_size=vocab_size)
+    lps, ents = [], []
+    positions = positions.to(logits.device)
+    tgt_all = targets.to(logits.device)
+    for s in range(0, int(positions.numel()), rows):
+        idx = positions[s:s + rows]
+        x = logits.index_select(0, idx)  # one chunk of rows, in the logits' dtype
+        if temperature != 1.0:
+            x = x.float() / temperature if x.dtype != torch.float64 else x / temperature
+        tgt = tgt_all.index_select(0, idx)
+        if entropy:
+            lp, ent = vp_logprob_and_entropy(x, tgt, **kw)
+            ents.append(ent)
+        else:
+            lp = vp_logprob(x, tgt, **kw)
+        lps.append(lp)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    empty = torch.zeros(0, dtype=dtype, device=logits.device)
+    lp_out = torch.cat(lps) if lps else empty
+    return lp_out, (torch.cat(ents) if ents else empty) if entropy else None
+
+
+__all__ = ["TokenScores", "load_causal_lm", "resolve_device_dtype", "score_responses",
+           "token_scores"]

@@ -149,3 +149,15 @@ def test_report_keeps_missing_points_and_accounts_compute(tmp_path):
     assert "1 of 4 points evaluated" in md and "missing" in md
     for k in ("accuracy_vs_kl", "accuracy_vs_epochs", "gain_per_axis"):
         assert paths[k].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_logs_a_wandb_run_per_point_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    p = _study(tmp_path, "wandb_project: erpd-studies\naxes: [{name: alpha, key: stage2.teachers.0.alpha, "
+                         "values: [0.25]}]\n")
+    study = load_study(p)
+    [pt] = study.points()
+    write_study_report(study)
+    [run_file] = list((pt.output_dir / "wandb").glob("offline-run-*/*.wandb"))
+    data = run_file.read_bytes()
+    assert b"study-point" in data and b"alpha" in data and pt.name.encode() in data and b"erpd-studies" in data

@@ -145,6 +145,27 @@ Notes
 """
 
 
+KL_ZERO = 1e-2
+"""Nats per sequence under which a trained model counts as not moved from the base."""
+
+
+def kl_zero_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per non-base model whose KL to the base is ≈ 0 (below :data:`KL_ZERO` nats, or
+    within two standard errors of 0): training did not move it, so a teacher there has nothing
+    to teach (typically a Stage-1 run without signal: see its log's 'groups have signal')."""
+    out = []
+    for r in rows:
+        kl, se = r.get("kl_to_base"), r.get("kl_to_base_se") or 0.0
+        if r.get("is_base") or kl is None or not math.isfinite(float(kl)):
+            continue
+        if abs(float(kl)) < max(KL_ZERO, 2.0 * float(se)):
+            out.append(f"- **{r.get('model')}** ({r.get('dataset', '')}) is at KL ≈ 0 to the base "
+                       f"({float(kl):.4g} ± {float(se):.2g} nats/seq): it did not move from pi_base. A teacher "
+                       "here gives Stage 2 no signal; check its Stage-1 run (rollout groups with signal, "
+                       "loss, learning rate, epochs).")
+    return out
+
+
 def write_report(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *,
                  meta: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``results.md``, ``results.csv``, ``results.json`` and ``accuracy_vs_kl.png`` to
@@ -154,7 +175,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *,
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results_md": out / "results.md", "results_csv": out / "results.csv",
              "results_json": out / "results.json", "accuracy_vs_kl": out / "accuracy_vs_kl.png"}
-    md = "# Evaluation\n\n" + format_table(rows) + "\n" + NOTES + "\n![accuracy vs KL](accuracy_vs_kl.png)\n"
+    warn = kl_zero_warnings(rows)
+    warn_md = ("Warnings\n" + "\n".join(warn) + "\n\n") if warn else ""
+    md = "# Evaluation\n\n" + format_table(rows) + "\n" + warn_md + NOTES + "\n![accuracy vs KL](accuracy_vs_kl.png)\n"
     atomic_write_bytes(paths["results_md"], md.encode())
     atomic_write_bytes(paths["results_csv"], format_csv(rows).encode())
     plot_accuracy_vs_kl(rows, paths["accuracy_vs_kl"])

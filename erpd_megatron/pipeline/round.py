@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun-changed", action="store_true",
                    help="redo finished steps whose inputs changed (their outputs are deleted first)")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may follow the a.b=c overrides
     try:
         report: dict = {}
         last = run_rounds(args.config, args.overrides, args.rounds, rerun_changed=args.rerun_changed, report=report)

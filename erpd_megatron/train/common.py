@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erpd_megatron.config.loader import load_config
+from erpd_megatron.config.checks import check_stage1_signal, check_stage_inputs, print_config_error
+from erpd_megatron.config.loader import ConfigError, load_config
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config
 from erpd_megatron.data.batching import MicroBatch, SampleTable
@@ -70,6 +71,8 @@ class StageRun:
         if cfg.data.rollout_dir is None:
             raise ValueError("data.rollout_dir is not set: point it at the rollout Parquet directory")
         self.table, self.data_fingerprint = load_sample_table(cfg)
+        if stage == "stage1":  # no gradient at all on this data: refuse (stage1.force overrides)
+            check_stage1_signal(cfg, self.table)
         self.context = precheck(cfg, self.table, self.data_fingerprint) if precheck else None
         self.env = init_distributed(cfg)
         self.engine = Engine(cfg, train=True, total_steps=self._count_steps())
@@ -164,9 +167,13 @@ class StageRun:
         """Load the config, start the run, train, tear down; returns the exit code."""
         from erpd_megatron.runtime.distributed import destroy_distributed
 
-        cfg = load_config(config, overrides, validate=False)
-        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
-                        check_runtime=True)
+        try:  # every input checked before compute; all problems in one line, no traceback
+            cfg = load_config(config, overrides, validate=False)
+            validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
+                            check_runtime=True)
+            check_stage_inputs(cfg, stage)
+        except ConfigError as e:
+            return print_config_error(stage, e)
         try:
             run = StageRun(cfg, stage, precheck)
             spec = build_spec(cfg, run)
@@ -175,6 +182,8 @@ class StageRun:
         except NonFiniteAbort as e:
             log.error("%s", e)
             return EXIT_NONFINITE
+        except ConfigError as e:  # e.g. the Stage-1 signal check (needs the loaded data)
+            return print_config_error(stage, e)
         finally:
             destroy_distributed()
             sys.stdout.flush()

@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="erpd stage1", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides")
-    args = p.parse_args(argv)
-    return StageRun.launch("stage1", args.config, args.overrides, build_spec)
+    p.add_argument("--force", action="store_true", help="train even on data without signal (stage1.force=true)")
+    args = p.parse_intermixed_args(argv)  # --force may follow the a.b=c overrides
+    overrides = args.overrides + (["stage1.force=true"] if args.force else [])
+    return StageRun.launch("stage1", args.config, overrides, build_spec)
 
 
 if __name__ == "__main__":

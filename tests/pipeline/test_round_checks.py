@@ -10,7 +10,7 @@ import pytest
 from erpd_megatron.cli import main as erpd
 from erpd_megatron.config.loader import ConfigError, load_config
 from erpd_megatron.pipeline.round import Runner, check_round, plan_rounds, run_rounds
-from tests.train.fixtures import RECIPE
+from tests.train.fixtures import RECIPE, ROOT
 
 MARKERS = ["policy_mcore/model_config.yaml", "rollouts/manifest.json", "s1_teacher/stage1/checkpoints/manifest.json",
            "cache/manifest.json", "s2_student/stage2/checkpoints/manifest.json", "hf/teacher0/config.json",
@@ -83,3 +83,37 @@ def load_path(ov: list[str]):
     from pathlib import Path
 
     return Path(load_config(RECIPE, ov).output_dir) / "round_0"
+
+
+def test_report_flags_a_teacher_at_zero_kl(tmp_path):
+    from erpd_megatron.eval.report import write_report
+
+    common = {"dataset": "heldout", "prompts": 8, "n": 2, "temperature": 1.0, "pass@1": 0.3, "accuracy_se": 0.1,
+              "entropy": 1.0, "drift_pos": 0.0, "drift_neg": 0.0, "acc_gain_per_nat": None}
+    rows = [{"model": "base", "is_base": True, "accuracy": 0.3, "kl_to_base": 0.0, "kl_to_base_se": 0.0, **common},
+            {"model": "t_flat", "is_base": False, "accuracy": 0.3, "kl_to_base": 2e-4, "kl_to_base_se": 1e-4,
+             **common},
+            {"model": "student", "is_base": False, "accuracy": 0.4, "kl_to_base": 0.8, "kl_to_base_se": 0.1,
+             **common}]
+    md = write_report(rows, tmp_path)["results_md"].read_text()
+    warn = [line for line in md.splitlines() if "KL ≈ 0" in line]
+    assert len(warn) == 1 and "**t_flat**" in warn[0], md
+
+
+def test_progress_to_a_file_is_plain_lines(tmp_path):
+    """stderr is not a terminal (a log file): no tqdm carriage returns, a few plain lines."""
+    import subprocess
+    import sys
+
+    code = ("import logging, time\nfrom erpd_megatron.train.metrics import progress_bar\n"
+            "bar = progress_bar(500, enabled=True, desc='stage1')\n"
+            "for i in range(500):\n    bar.update(1); bar.set_postfix(loss='0.1', tok_s='7')\n"
+            "    time.sleep(0.002)\nbar.close()\n")
+    log_file = tmp_path / "log.txt"
+    with open(log_file, "w") as f:
+        subprocess.run([sys.executable, "-c", code], stderr=f, check=True, timeout=120,
+                       env={"ERPD_PROGRESS_INTERVAL": "0.5", "PATH": "/usr/bin:/bin"}, cwd=ROOT)
+    text = log_file.read_text()
+    assert "\r" not in text, text[:500]
+    lines = [x for x in text.splitlines() if "stage1:" in x]
+    assert 1 <= len(lines) <= 6 and "500/500 (100%)" in lines[-1] and "loss=0.1" in lines[-1], text

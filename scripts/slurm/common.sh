@@ -238,6 +238,7 @@ erpd_srun_cli() {
   case ${1:-} in
     --config) CONFIG=${2:-}; shift 2 || shift ;;
     --config=*) CONFIG=${1#--config=}; shift ;;
+    *=*) ;; # an override (a.b=c.yaml), not a recipe
     *.yaml | *.yml) CONFIG=$1; shift ;;
   esac
   if [[ -z ${CONFIG:-} ]]; then

@@ -132,3 +132,25 @@ def test_round_unknown_step_is_an_error(tmp_path):
     env = _fake_sbatch(tmp_path) | {"CONFIG": "configs/recipes/tiny-cpu.yaml", "STEPS": "stage1 stage3", "NODES": "1"}
     p = subprocess.run(["bash", "scripts/slurm/erpd_round.sh"], env=env, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "unknown step 'stage3'" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args, config", [
+    (["configs/recipes/a.yaml", "x.y=1"], "configs/recipes/a.yaml x.y=1"),
+    (["--config", "b.yml", "x.y=1"], "b.yml x.y=1"),
+    (["--config=c.yaml"], "c.yaml"),
+    (["data.path=d.yaml"], "env.yaml data.path=d.yaml"),  # an override is not a recipe
+    ([], "env.yaml"),
+])
+def test_recipe_is_the_first_argument_else_config(args, config):
+    """erpd_srun_cli takes the recipe from the first argument (SBATCH_EXPORT=NONE jobs), else CONFIG."""
+    script = 'source scripts/slurm/common.sh; erpd_srun() { echo "srun: $*"; }; erpd_srun_cli stage1 "$@"'
+    p = subprocess.run(["bash", "-c", script, "_", *args], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "CONFIG": "env.yaml"})
+    assert p.returncode == 0 and p.stdout.strip() == f"srun: -m erpd_megatron.cli stage1 --config {config}", p
+
+
+def test_no_recipe_is_a_clear_error():
+    script = 'source scripts/slurm/common.sh; erpd_srun_cli stage1 a.b=c'
+    env = {k: v for k, v in os.environ.items() if k != "CONFIG"}
+    p = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
+    assert p.returncode == 2 and "no recipe: sbatch" in p.stdout, p

@@ -102,8 +102,8 @@ class ParallelConfig:
     """TP size inside each expert (ETP). megatron needs world % (ETP * EP * PP) == 0; 1 keeps
     experts whole (the Qwen3-MoE recipes of Megatron-Bridge use 1)."""
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
-    """How tokens reach their experts' EP ranks. allgather cannot be combined with the variable
-    sequence lengths of packed micro-batches (megatron rejects it)."""
+    """How tokens reach their experts' EP ranks. allgather is refused at EP or TP > 1: megatron
+    cannot combine it with the per-rank variable-length micro-batches the engines run."""
     moe_grouped_gemm: Optional[bool] = None
     """Run a rank's local experts as one grouped GEMM (Transformer Engine); null = on with TE on
     a GPU, off otherwise (the local spec's SequentialMLP)."""

@@ -105,6 +105,15 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: Optiona
     if par.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
     _validate_recompute(model, par)
+    vpp = par.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        if pp < 2 or vpp < 1:
+            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
+                              "pipeline_model_parallel_size >= 2 (and is >= 1); null turns it off")
+        if model.num_layers % (pp * vpp):
+            raise ConfigError(f"model.num_layers={model.num_layers} must divide by "
+                              f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size"
+                              f" = {pp}x{vpp}")
     if world_size is None:
         world_size = par.num_nodes * par.gpus_per_node
     if world_size % (tp * pp):

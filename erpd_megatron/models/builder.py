@@ -3,8 +3,8 @@
 * :func:`transformer_config` maps the recipe onto a ``TransformerConfig`` (RMSNorm, SwiGLU,
   GQA, QKV bias for Qwen2, qk-norm for Qwen3, FP8 fields). On a CPU: fp32 (``params_dtype:
   auto``), ``use_cpu_initialization`` and every fusion off.
-* :func:`build_model` returns the model chunks of this rank (one chunk: no virtual
-  pipeline), with ``pre_process`` / ``post_process`` from the pipeline stage, the local spec
+* :func:`build_model` returns the model chunks of this rank (one, or one per virtual
+  pipeline stage), with ``pre_process`` / ``post_process`` from the pipeline stage, the local spec
   on CPU and the Transformer Engine spec on GPU when it is installed
   (``precision.transformer_impl``), wrapped in ``Float16Module`` for bf16/fp16 and in
   megatron's DDP when asked.
@@ -189,6 +189,15 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         expert_model_parallel_size=par.expert_model_parallel_size,
         sequence_parallel=par.sequence_parallel,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        # Interleaved at PP=2: a rank's previous and next stage are the same peer, and the
+        # batched p2p call posts [send_prev, recv_prev, send_next, recv_next] on both ranks
+        # (core_v0.16.1 pipeline_parallel/p2p_communication.py _batched_p2p_ops), so a
+        # gradient is matched with the peer's activation receive (measured on gloo: wrong
+        # activations, or a shape error with variable lengths). The unbatched path sends the
+        # two directions over different groups when the PP group has 2 ranks (_p2p_ops).
+        batch_p2p_comm=not (par.virtual_pipeline_model_parallel_size
+                            and par.pipeline_model_parallel_size == 2),
         recompute_granularity=par.recompute_granularity,
         recompute_method=par.recompute_method,
         recompute_num_layers=par.recompute_num_layers,
@@ -239,9 +248,10 @@ def layer_spec(cfg: Config, config: Any) -> Any:
 
 def build_gpt(
     cfg: Config, config: Any, *, pre_process: bool = True, post_process: bool = True,
-    vocab_size: Optional[int] = None,
+    vocab_size: Optional[int] = None, vp_stage: Optional[int] = None,
 ) -> Any:
-    """One ``GPTModel`` for the given stage flags (no wrapping, no device move)."""
+    """One ``GPTModel`` for the given stage flags (no wrapping, no device move); ``vp_stage``:
+    the model chunk's virtual pipeline stage (its layers' global offset follows from it)."""
     from megatron.core.models.gpt import GPTModel
 
     m = cfg.model
@@ -258,6 +268,8 @@ def build_gpt(
         rotary_base=m.rope_theta,
         rope_scaling=m.rope_scaling == "llama3",
         rope_scaling_factor=m.rope_scaling_factor,
+        # GPTModel(vp_stage=...): core_v0.16.1 and core_v0.19.0 models/gpt/gpt_model.py
+        **({"vp_stage": vp_stage} if vp_stage is not None else {}),
     )
 
 
@@ -319,7 +331,8 @@ def build_model(
     cfg: Config, *, wrap_ddp: bool = False, ddp_config: Any = None, config: Any = None,
     forward_only: Optional[bool] = None, **config_overrides: Any,
 ) -> list[Any]:
-    """Build this rank's model chunks (a list with one GPTModel; no virtual pipeline yet).
+    """Build this rank's model chunks: one GPTModel, or one per virtual pipeline stage with
+    ``parallel.virtual_pipeline_model_parallel_size`` (the interleaved schedule).
 
     Needs :func:`erpd_megatron.runtime.distributed.init_distributed` first. ``pre_process``
     / ``post_process`` come from the pipeline stage. bf16/fp16 models are wrapped in
@@ -343,21 +356,27 @@ def build_model(
     if forward_only and cfg.precision.fp8 is not None and config is None:
         config_overrides.setdefault("fp8", None)
     config = config or transformer_config(cfg, **config_overrides)
-    model = build_gpt(
-        cfg, config,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
-    )
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
     from megatron.core import tensor_parallel
 
-    for p in model.parameters():
-        # megatron's optimizer and DDP expect these attributes on every parameter.
-        tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
-    if config.bf16 or config.fp16:
-        model = float16_module_class()(config, model)
-    chunks = [model]
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp in range(vpp) if vpp else [None]:
+        # with VPP, first/last is per chunk: chunk 0 of PP rank 0 embeds, the last chunk of
+        # the last PP rank holds the output layer (parallel_state.is_pipeline_*_stage)
+        model = build_gpt(
+            cfg, config,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp),
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        for p in model.parameters():
+            # megatron's optimizer and DDP expect these attributes on every parameter.
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(p)
+        if config.bf16 or config.fp16:
+            model = float16_module_class()(config, model)
+        chunks.append(model)
     if wrap_ddp:
         chunks = wrap_with_ddp(cfg, chunks, ddp_config)
     return chunks

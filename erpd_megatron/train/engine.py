@@ -119,6 +119,14 @@ class Engine:
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        interleaved = len(self.model) > 1
+        # (what the model runs, what the loss sees): the same micro-batch, except that the
+        # interleaved schedule runs padded copies and the loss gets the logits cropped back
+        pairs = [(mb, mb) for mb in microbatches]
+        if interleaved and microbatches:
+            padded = _pad_for_interleaving(microbatches, self.ps.get_pipeline_model_parallel_world_size())
+            pairs = [(p, microbatches[i] if i < len(microbatches) else p) for i, p in enumerate(padded)]
+            microbatches = padded
         n = len(microbatches)
         if n == 0:
             return []
@@ -128,21 +136,34 @@ class Engine:
             for m in self.model:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
-        it = iter([mb.to(device) for mb in microbatches])
+        on_device = [(run.to(device), seen if seen is run else seen.to(device)) for run, seen in pairs]
+        # the interleaved schedule takes one iterator per model chunk and pulls every
+        # micro-batch from each (core_v0.16.1 pipeline_parallel/schedules.py,
+        # forward_backward_pipelining_with_interleaving: data_iterator[model_chunk_id])
+        it: Any = [iter(on_device) for _ in self.model] if interleaved else iter(on_device)
 
         def loss_wrapper(mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            b, s = mb.input_ids.shape
+            if logits.shape[0] != b or logits.shape[1] != s:  # a padded interleaved copy
+                logits = logits[:b, :s]
             loss, metrics = loss_fn(logits, mb)
             return loss * scale, metrics
 
         def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-            mb = next(data_iterator)
-            out = model(mb.input_ids, mb.position_ids, None)
-            return out, partial(loss_wrapper, mb)
+            run, seen = next(data_iterator)
+            out = model(run.input_ids, run.position_ids, None)
+            return out, partial(loss_wrapper, seen)
 
         seq = max(int(mb.input_ids.shape[1]) for mb in microbatches)
         mbs = max(int(mb.input_ids.shape[0]) for mb in microbatches)
         for m in self.model:
-            _unwrapped(m).config.variable_seq_lengths = True
+            # Interleaved: every micro-batch gets the step's largest shape (masked padding)
+            # and megatron's fixed tensor_shape, so no p2p carries a shape handshake (with
+            # variable shapes, the first CPU run failed with "grad_output has a shape of
+            # [15, 4, 64] and output [10, 6, 64]"; that was the PP=2 batched-p2p mismatch
+            # that builder.transformer_config now avoids, but fixed shapes are what this
+            # path has been tested with).
+            _unwrapped(m).config.variable_seq_lengths = not interleaved
         fb = get_forward_backward_func()
         out = fb(
             forward_step_func=forward_step, data_iterator=it,
@@ -174,6 +195,43 @@ class Engine:
     def current_lr(self) -> float:
         """Learning rate of the first param group."""
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _pad_for_interleaving(mbs: list[MicroBatch], pp: int) -> list[MicroBatch]:
+    """Zero-loss dummies up to a multiple of PP (at least PP): megatron's interleaved schedule
+    refuses fewer than PP micro-batches or a last group of 1..PP-1 (core_v0.16.1
+    ``schedules.py``, ``microbatch_group_size_per_vp_stage`` defaults to PP). Every DP rank has
+    the same count already, so it pads the same."""
+    from erpd_megatron.data.batching import pad_micro_batches
+
+    count = max(pp, -(-len(mbs) // pp) * pp)
+    t = mbs[-1]
+    template = {k: [v[0].cpu().numpy()] for k, v in t.token_arrays.items()}
+    mbs = pad_micro_batches(mbs, count, length=int(t.input_ids.shape[1]), token_arrays=template)
+    b = max(int(m.input_ids.shape[0]) for m in mbs)
+    s = max(int(m.input_ids.shape[1]) for m in mbs)
+    return [_pad_shape(m, b, s) for m in mbs]
+
+
+def _pad_shape(mb: MicroBatch, b: int, s: int) -> MicroBatch:
+    """``mb`` right-padded to ``[b, s]`` with masked positions (loss mask 0, no sequence):
+    the loss, its gradient and every metric sum are unchanged."""
+    import torch.nn.functional as F
+
+    db, ds = b - int(mb.input_ids.shape[0]), s - int(mb.input_ids.shape[1])
+    if db == 0 and ds == 0:
+        return mb
+
+    def pad(t: torch.Tensor, value: float = 0) -> torch.Tensor:
+        widths = [0, 0] * (t.dim() - 2) + [0, ds, 0, db]
+        return F.pad(t, widths, value=value)
+
+    return MicroBatch(
+        rows=mb.rows, input_ids=pad(mb.input_ids), position_ids=pad(mb.position_ids),
+        targets=pad(mb.targets), loss_mask=pad(mb.loss_mask), advantages=pad(mb.advantages),
+        rewards=F.pad(mb.rewards, [0, db]), seq_index=pad(mb.seq_index, -1),
+        token_arrays={k: pad(v) for k, v in mb.token_arrays.items()},
+    )
 
 
 def _unwrapped(m: torch.nn.Module) -> torch.nn.Module:

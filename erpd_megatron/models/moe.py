@@ -4,9 +4,11 @@
   megatron-core 0.16.1 ``TransformerConfig`` fields (``transformer/transformer_config.py``).
   Routing: HF Qwen2/3-MoE take a softmax over all experts, then the top-k, then (with
   ``norm_topk_prob``) divide by their sum, which equals a softmax over the top-k logits:
-  megatron's default ``moe_router_pre_softmax=False`` (``moe_utils.topk_routing_with_score_function``:
-  top-k of the logits, then softmax). Without ``norm_topk_prob`` the probabilities stay the
-  full softmax's: ``moe_router_pre_softmax=True``. The logits-parity test checks both.
+  megatron's default ``moe_router_pre_softmax=False``
+  (``moe_utils.topk_routing_with_score_function``: top-k of the logits, then softmax).
+  Without ``norm_topk_prob`` the probabilities stay the full softmax's:
+  ``moe_router_pre_softmax=True``. The logits-parity test checks both (tests/models/
+  test_moe_convert.py: Qwen3-MoE with norm_topk_prob=true, Qwen2-MoE with false).
 * :func:`moe_block_spec`: ``gpt_layer_specs.get_gpt_decoder_block_spec`` (0.16.1), which picks
   per layer the MoE or the dense layer spec from ``config.moe_layer_freq`` (always passed as
   an explicit list, HF's sparse-layer rule) and slices the stage's layers for PP. Local spec
@@ -22,7 +24,9 @@ from erpd_megatron.config.moe import dispatcher, expert_ffn_size, grouped_gemm, 
 from erpd_megatron.config.schema import Config
 
 
-def moe_config_kwargs(cfg: Config, *, te: bool, on_gpu: bool, variable_seq_lengths: Any = None) -> dict[str, Any]:
+def moe_config_kwargs(
+    cfg: Config, *, te: bool, on_gpu: bool, variable_seq_lengths: Any = None
+) -> dict[str, Any]:
     """TransformerConfig keyword arguments for an MoE ``cfg.model`` (empty for a dense model)."""
     m, par = cfg.model, cfg.parallel
     if m.num_experts is None:
@@ -47,14 +51,19 @@ def moe_config_kwargs(cfg: Config, *, te: bool, on_gpu: bool, variable_seq_lengt
         expert_tensor_parallel_size=par.expert_tensor_parallel_size,
     )
     if m.shared_expert_intermediate_size is not None:
-        out.update(moe_shared_expert_intermediate_size=m.shared_expert_intermediate_size,
-                   moe_shared_expert_gate=m.shared_expert_gate)
+        out.update(
+            moe_shared_expert_intermediate_size=m.shared_expert_intermediate_size,
+            moe_shared_expert_gate=m.shared_expert_gate,
+        )
     return out
 
 
 def moe_block_spec(config: Any) -> Any:
-    """The decoder block spec of an MoE model (dense and MoE layers as ``config.moe_layer_freq``)."""
+    """The decoder block spec of an MoE model (dense/MoE layers as ``config.moe_layer_freq``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     return get_gpt_decoder_block_spec(
-        config, use_transformer_engine=config.transformer_impl == "transformer_engine", normalization="RMSNorm")
+        config,
+        use_transformer_engine=config.transformer_impl == "transformer_engine",
+        normalization="RMSNorm",
+    )

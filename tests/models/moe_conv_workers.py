@@ -18,8 +18,12 @@ def make_moe_cfg(mc, *, tp: int = 1, ep: int = 1, world: int = 2):
 
     return Config(
         model=mc,
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                num_nodes=1, gpus_per_node=world),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp,
+            expert_model_parallel_size=ep,
+            num_nodes=1,
+            gpus_per_node=world,
+        ),
         precision=PrecisionConfig(params_dtype="fp32", transformer_impl="local"),
     )
 
@@ -49,8 +53,19 @@ def moe_conversion_worker(rank: int, world: int, root: str) -> dict:
     for fam in MOE_FAMILIES:
         d = Path(root) / fam
         ref = hf_logits(d / "hf", sample_ids())
-        convert_main(["hf-to-mcore", "--hf-dir", str(d / "hf"), "--out", str(d / "mc"), "--tp", "2",
-                      "--ep", "2"])
+        convert_main(
+            [
+                "hf-to-mcore",
+                "--hf-dir",
+                str(d / "hf"),
+                "--out",
+                str(d / "mc"),
+                "--tp",
+                "2",
+                "--ep",
+                "2",
+            ]
+        )
         mc = read_model_config(d / "mc")
         for tp, ep in LAYOUTS:
             logits, local = _logits_and_experts(mc, d / "mc", tp, ep, world)

@@ -209,6 +209,8 @@ def test_moe_validation_errors():
         validate_layout(mc, ParallelConfig(expert_model_parallel_size=3), 3)
     with pytest.raises(ConfigError, match="world size 2 is not divisible by expert_tensor_parallel_size"):
         validate_layout(mc, ParallelConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=2), 2)
+    with pytest.raises(ConfigError, match="allgather cannot run"):
+        validate_layout(mc, ParallelConfig(expert_model_parallel_size=2, moe_token_dispatcher_type="allgather"), 2)
     with pytest.raises(ConfigError, match="need an MoE model"):
         validate_layout(load_model_config(MODELS / "qwen3-tiny.yaml"), ParallelConfig(expert_model_parallel_size=2), 2)
     with pytest.raises(ConfigError, match="is dense"):

@@ -36,7 +36,9 @@ def test_moe_logits_match_transformers_at_every_layout(converted, family):
     for tp, ep in LAYOUTS:
         errs = res[f"{family}/tp{tp}_ep{ep}_err"]
         assert max(errs) < TOL, (tp, ep, errs)
-        assert res[f"{family}/tp{tp}_ep{ep}_experts"] == [EXPERTS // ep] * 2  # experts really sharded
+        assert (
+            res[f"{family}/tp{tp}_ep{ep}_experts"] == [EXPERTS // ep] * 2
+        )  # experts really sharded
 
 
 @pytest.mark.slow
@@ -49,10 +51,16 @@ def test_moe_hf_mcore_hf_round_trip_is_bit_exact(converted, family):
     root, _ = converted
     src, back = LazySafetensors(root / family / "hf"), LazySafetensors(root / family / "hf_back")
     assert sorted(src) == sorted(back)
-    assert f"model.layers.0.mlp.experts.{EXPERTS - 1}.down_proj.weight" in back  # per-expert disk names
+    assert (
+        f"model.layers.0.mlp.experts.{EXPERTS - 1}.down_proj.weight" in back
+    )  # per-expert disk names
     for k in src:
         assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
-    model = AutoModelForCausalLM.from_pretrained(root / family / "hf_back", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        root / family / "hf_back", dtype=torch.float32
+    ).eval()
     assert model.config.model_type == family
     with torch.no_grad():
-        assert torch.equal(model(sample_ids()).logits, hf_logits(root / family / "hf", sample_ids()))
+        assert torch.equal(
+            model(sample_ids()).logits, hf_logits(root / family / "hf", sample_ids())
+        )

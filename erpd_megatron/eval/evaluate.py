@@ -377,9 +377,13 @@ def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[s
     tokenizer = load_tokenizer(rc.tokenizer_path or base.path)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    from erpd_megatron.eval.mcore_scoring import evaluate_megatron, resolve_backend
+    from erpd_megatron.eval.mcore_scoring import evaluate_megatron, launch_world, resolve_backend
 
     backend = resolve_backend(cfg)
+    if backend == "hf" and launch_world() > 1:
+        raise ConfigError(f"eval.scoring_backend=hf runs in one process, but {launch_world()} were "
+                          "launched: start one process, or score sharded with eval.scoring_backend="
+                          "megatron (or auto) and eval.models[].checkpoint")
     log.info("eval scoring backend: %s (eval.scoring_backend=%s)", backend, ec.scoring_backend)
     if backend == "megatron":
         with eval_threads(cfg):

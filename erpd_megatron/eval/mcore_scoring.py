@@ -176,12 +176,14 @@ def score_responses_mcore(engine: Any, prompts: list[list[int]], responses: list
     owner = engine.is_last_stage and engine.ps.get_tensor_model_parallel_rank() == 0
     if owner:
         for mb, o in zip(mbs, outs):
+            lp_mb = o["lp"].double().cpu()  # one device-to-host copy per micro-batch
+            ent_mb = o["ent"].double().cpu() if entropy else None
             k = 0
             for r in mb.rows.tolist():
                 a, b = int(offsets[r]), int(offsets[r + 1])
-                buf[a:b, 0] = o["lp"][k:k + b - a].double().cpu()
-                if entropy:
-                    buf[a:b, 1] = o["ent"][k:k + b - a].double().cpu()
+                buf[a:b, 0] = lp_mb[k:k + b - a]
+                if ent_mb is not None:
+                    buf[a:b, 1] = ent_mb[k:k + b - a]
                 k += b - a
     buf = comm.all_reduce(buf, "sum").numpy()  # one owner per row: the sum is a gather
     lps = [buf[offsets[i]:offsets[i + 1], 0].copy() for i in range(n)]

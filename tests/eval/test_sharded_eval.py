@@ -37,31 +37,62 @@ def _worker(rank: int, world: int, a: Path, b: Path, heldout: Path, tmp: Path) -
     from erpd_megatron.models.convert import hf_to_mcore
 
     torch.set_num_threads(1)
+    share = _share(rank, tmp / "share")
     a_mc = hf_to_mcore(a, tmp / "a_mc", tp=2)  # both ranks: each writes its TP shard
     b_mc = hf_to_mcore(b, tmp / "b_mc", tp=2)
     out: dict[str, list] = {}
-    for key, tp, backend in (("tp2", 2, "megatron"), ("tp1", 1, "auto"), ("hf", 1, "hf")):
-        if backend == "hf" and rank != 0:
-            continue
-        ov = eval_overrides({}, [heldout], tmp / key, **{
-            "eval.models": _models(a, b, a_mc, b_mc), "eval.scoring_backend": backend,
-            "eval.score_max_tokens": 96, "eval.temperature": 0.9,
-            "eval.kl_logprobs": "teacher_forced",
-            "parallel.tensor_model_parallel_size": tp, "parallel.gpus_per_node": world,
-            "precision.transformer_impl": "local", "precision.params_dtype": "fp32"})
+    for key, tp, backend in (("tp2", 2, "megatron"), ("tp1", 1, "auto")):
+        ov = _overrides(a, b, a_mc, b_mc, heldout, tmp / key, backend)
+        ov += [f"parallel.tensor_model_parallel_size={tp}", f"parallel.gpus_per_node={world}"]
         out[key] = evaluate_models(load_config(None, ov))
-    return out
+    try:  # the transformers backend is one process: refused in a world of 2
+        evaluate_models(load_config(None, _overrides(a, b, None, None, heldout, tmp / "x", "hf")))
+    except ConfigError as e:
+        out["hf_error"] = str(e)
+    return {**out, "share": share}
+
+
+def _overrides(a: Path, b: Path, a_mc: Path | None, b_mc: Path | None, heldout: Path, out: Path,
+               backend: str) -> list[str]:
+    return eval_overrides({}, [heldout], out, **{
+        "eval.models": _models(a, b, a_mc, b_mc), "eval.scoring_backend": backend,
+        "eval.score_max_tokens": 96, "eval.temperature": 0.9, "eval.kl_logprobs": "teacher_forced",
+        "precision.transformer_impl": "local", "precision.params_dtype": "fp32"})
+
+
+def _share(rank: int, tmp: Path) -> tuple:
+    from erpd_megatron.eval.mcore_scoring import rank0_shares
+
+    got = rank0_shares(tmp, lambda: {"rank": rank, "data": list(range(5))})
+    left = sorted(p.name for p in (tmp / "samples").iterdir())
+
+    def fail() -> None:
+        raise ValueError("no GPU for vLLM")
+
+    try:
+        rank0_shares(tmp, fail)
+    except (ValueError, RuntimeError) as e:
+        return got, left, f"{type(e).__name__}: {e}"
+    return got, left, None
 
 
 @pytest.fixture(scope="module")
 def tables(tiny_pair, heldout_file, tmp_path_factory):
+    from erpd_megatron.eval.evaluate import evaluate_models
+
     a, b = tiny_pair
     tmp = tmp_path_factory.mktemp("sharded-eval")
-    return run_gloo(_worker, 2, a, b, heldout_file, tmp, timeout=900)
+    r0, r1 = run_gloo(_worker, 2, a, b, heldout_file, tmp, timeout=900)
+    ov = _overrides(a, b, None, None, heldout_file, tmp / "hf", "hf")
+    hf = evaluate_models(load_config(None, ov))  # one process: the transformers backend
+    return r0, r1, hf
 
 
+@pytest.mark.slow  # two gloo processes with megatron
 def test_tp2_table_equals_tp1_and_hf(tables):
-    r0, r1 = tables
+    r0, r1, hf = tables
+    r0["hf"] = hf
+    assert "eval.scoring_backend=hf runs in one process, but 2 were launched" in r0["hf_error"]
     assert [r["model"] for r in r0["tp2"]] == ["base", "same", "other"]
     for key in ("tp2", "tp1"):  # every rank builds the same rows
         def cols(rows: list[dict]) -> list[dict]:
@@ -79,6 +110,17 @@ def test_tp2_table_equals_tp1_and_hf(tables):
                 if x[c] is not None:
                     assert x[c] == pytest.approx(y[c], abs=1e-5, rel=1e-5), \
                         (ref, x["model"], c, x[c], y[c])
+
+
+@pytest.mark.slow  # two gloo processes with megatron
+def test_rank0_shares_by_file_and_reraises_its_failure(tables):
+    """Rank 0's result reaches every rank through a file that is removed afterwards; an
+    exception on rank 0 is raised there and reported on the waiting rank."""
+    (got0, left0, err0), (got1, _, err1) = tables[0]["share"], tables[1]["share"]
+    assert got0 == got1 == {"rank": 0, "data": [0, 1, 2, 3, 4]}
+    assert left0 == []  # rank 0 removed the file once every rank had read it
+    assert err0 == "ValueError: no GPU for vLLM"
+    assert err1.startswith("RuntimeError: rank 0 failed") and "ValueError: no GPU for vLLM" in err1
 
 
 def test_token_scores_chunked_equal_full_log_softmax():

@@ -98,14 +98,19 @@ def make_data(n_samples: int, seq: int, prompt: int, seed: int = 0) -> list[dict
     return out
 
 
+CPU_TIMES: dict[str, list[float]] = {}
+"""Process time (user+sys) of every timed run, by name (less disturbed by other load)."""
+
+
 def _timed_rounds(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + reps):
         for name, f in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
+                CPU_TIMES.setdefault(name, []).append(time.process_time() - c0)
     return times
 
 
@@ -240,6 +245,11 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
 
     from erpd_megatron.cache import TeacherCache, bits_per_id
 
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench_cache.py needs zstandard for Megatron-LM's layout: pip install zstandard "
+                         "(it is in the dev extra: pip install -e .[dev])") from None
     tokens = args.tokens or (8192 if args.quick else 65536)
     seq = min(args.seq, tokens)
     prompt = seq // 4
@@ -408,12 +418,15 @@ def tool_overhead(args: argparse.Namespace, reps: int) -> tuple[float, dict]:
     print(f"# cache tool pass vs forward-only scoring: device {device.type}, dtype {args.dtype}, 2 models "
           f"(layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, vocab {v}), {n} samples, {tok} "
           f"tokens, {len(chunks)} micro-batches, k {k}, {reps} interleaved rounds")
-    print(f"  {'pass':<58}{'median s':>10}{'min-max s':>16}{'ratio':>7}")
+    print(f"  {'pass':<58}{'median s':>10}{'min-max s':>16}{'ratio':>7}{'cpu s':>8}{'cpu ratio':>10}")
+    cpu = {key: statistics.median(CPU_TIMES[key]) for key in times}
     labels = {"scoring": "forward-only scoring (GPTModel(labels=), 2 models)",
               "cache": "cache pass (log-probs, top-k, pi_r buckets, write, SHA-256)"}
     for key in ("scoring", "cache"):
         t = times[key]
-        print(f"  {labels[key]:<58}{med[key]:>10.3f}{min(t):>8.3f}-{max(t):<7.3f}{med[key] / med['scoring']:>7.3f}")
+        print(f"  {labels[key]:<58}{med[key]:>10.3f}{min(t):>8.3f}-{max(t):<7.3f}{med[key] / med['scoring']:>7.3f}"
+              f"{cpu[key]:>8.3f}{cpu[key] / cpu['scoring']:>10.3f}")
+    med["cpu_ratio"] = cpu["cache"] / cpu["scoring"]
     shutil.rmtree(tmp, ignore_errors=True)
     return med["cache"] / med["scoring"], med
 
@@ -434,11 +447,13 @@ def main() -> None:
     print(f"# bench_cache: threads {args.threads or 'default'}, load avg "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     fmt = formats(args, reps)
-    overhead = float("nan")
+    overhead, cpu_overhead = float("nan"), float("nan")
     if not args.skip_tool:
-        overhead, _ = tool_overhead(args, reps)
+        overhead, med = tool_overhead(args, reps)
+        cpu_overhead = med["cpu_ratio"]
     b, rate = fmt["erpd"]
     print(f"RESULT bytes_per_entry={b:.4f} decode_entries_per_s={rate:.4g} cache_tool_overhead={overhead:.3f} "
+          f"cache_tool_cpu_overhead={cpu_overhead:.3f} "
           f"megatron_lm_bytes_per_entry={fmt['megatron_lm'][0]:.4f} verl_bytes_per_entry={fmt['verl'][0]:.4f} "
           f"nemo_rl_bytes_per_entry={fmt['nemo_rl'][0]:.4f} "
           f"megatron_lm_decode_entries_per_s={fmt['megatron_lm'][1]:.4g} dtype={args.dtype}")

@@ -172,6 +172,7 @@ def child_time(n: int, v: int, dtype: str, device: str, reps: int, warmup: int, 
     torch, logits = env["torch"], env["logits"]
     cuda = device == "cuda"
     times: dict[str, list[float]] = {op: [] for op in OPS + TIME_ONLY}
+    cpu: dict[str, list[float]] = {op: [] for op in OPS + TIME_ONLY}
     for r in range(warmup + reps):
         for op in OPS + TIME_ONLY:
             logits.grad = None
@@ -179,14 +180,15 @@ def child_time(n: int, v: int, dtype: str, device: str, reps: int, warmup: int, 
                 logits.normal_()  # Megatron's op overwrites the logits; refill for everyone
             if cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             env["runners"][op]()
             if cuda:
                 torch.cuda.synchronize()
             if r >= warmup:
                 times[op].append(time.perf_counter() - t0)
+                cpu[op].append(time.process_time() - c0)
     logits.grad = None
-    return {"times": times}
+    return {"times": times, "cpu": cpu}
 
 
 def main() -> None:
@@ -238,18 +240,21 @@ def main() -> None:
           f"{env.get('OMP_NUM_THREADS', 'unset')}), cpus {os.cpu_count()}, load avg "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'tokens x vocab':>14} {'dtype':>5} {'op':>16} {'median s':>9} {'min-max s':>13} {'ratio':>6} "
-          f"{'paired':>11} {'extra MiB':>10} {'extra/logits':>12}")
+          f"{'paired':>11} {'cpu ratio':>9} {'extra MiB':>10} {'extra/logits':>12}")
     time_ratio: dict[tuple[str, str], float] = {}
+    cpu_ratio: dict[tuple[str, str], float] = {}
     mem = {"inplace": 0.0, "default": 0.0, "megatron": 0.0}
     for dtype in dtypes:
         for n, v in shapes:
-            t = run_child("--child-time", n, v, dtype, args.device)["times"]
+            tc = run_child("--child-time", n, v, dtype, args.device)
+            t, c = tc["times"], tc["cpu"]
             base = statistics.median(t["megatron_ce"])
+            cbase = statistics.median(c["megatron_ce"])
             for op in OPS + TIME_ONLY:
                 if op in TIME_ONLY:
                     med = statistics.median(t[op])
                     print(f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
-                          f"{med / base:6.2f}")
+                          f"{med / base:6.2f} {'':>11} {statistics.median(c[op]) / cbase:9.2f}")
                     continue
                 m = run_child("--child-mem", op, n, v, dtype, args.device)
                 med = statistics.median(t[op])
@@ -260,11 +265,14 @@ def main() -> None:
                 mem[kind] = max(mem[kind], mr)
                 key = (op, dtype)
                 time_ratio[key] = max(time_ratio.get(key, 0.0), ratio)
+                cr = statistics.median(c[op]) / cbase
+                cpu_ratio[key] = max(cpu_ratio.get(key, 0.0), cr)
                 print(f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
-                      f"{ratio:6.2f} {min(paired):5.2f}-{max(paired):<5.2f} {m['extra_bytes'] / 2**20:10.1f} "
+                      f"{ratio:6.2f} {min(paired):5.2f}-{max(paired):<5.2f} {cr:9.2f} {m['extra_bytes'] / 2**20:10.1f} "
                       f"{mr:12.3f}" + ("" if m["hw_reliable"] else "  (memory from RSS sampling)"))
     print("# ratio: median(op) / median(megatron_ce); paired: min-max of the per-round ratio; extra: peak "
-          "memory above the inputs during one forward+backward, the gradient included; fresh_grad: "
+          "memory above the inputs during one forward+backward, the gradient included; cpu ratio: the same "
+          "with process time (user+sys of the child, less disturbed by other load); fresh_grad: "
           "allocating and writing a logits-sized gradient once (what default-mode ops pay beyond the math)")
 
     def tr(op: str, dtype: str) -> str:
@@ -279,7 +287,10 @@ def main() -> None:
           f"topk_kl_time_ratio_bf16={tr('vp_topk_kl_inpl', 'bf16')} "
           f"topk_kl_default_time_ratio_bf16={tr('vp_topk_kl', 'bf16')} "
           f"peak_extra_mem_ratio_inplace={mem['inplace']:.3f} peak_extra_mem_ratio_default={mem['default']:.3f} "
-          f"megatron_extra_mem_ratio={mem['megatron']:.3f} device={args.device} time_dtype={first}")
+          f"megatron_extra_mem_ratio={mem['megatron']:.3f} "
+          f"topk_kl_cpu_time_ratio={cpu_ratio.get(('vp_topk_kl_inpl', first), float('nan')):.3f} "
+          f"topk_kl_default_cpu_time_ratio={cpu_ratio.get(('vp_topk_kl', first), float('nan')):.3f} "
+          f"device={args.device} time_dtype={first}")
 
 
 if __name__ == "__main__":

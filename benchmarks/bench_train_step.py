@@ -225,26 +225,26 @@ def main() -> None:
 
     fns = {"megatron": megatron_step, "stage1": stage1_step, "stage2": stage2_step}
     times: dict[str, list[float]] = {name: [] for name in [*fns, "copy"]}
+    cpu: dict[str, list[float]] = {name: [] for name in times}
 
-    def timed(f) -> float:
+    def timed(f) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         f()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for r in range(args.warmup + reps):
-        for name, f in fns.items():
-            dt = timed(f)
+        for name, f in [*fns.items(), ("copy", logits_copy)]:
+            dt, dc = timed(f)
             if r >= args.warmup:
                 times[name].append(dt)
-        dt = timed(logits_copy)
-        if r >= args.warmup:
-            times["copy"].append(dt)
+                cpu[name].append(dc)
 
     med = {name: _stats(ts) for name, ts in times.items()}
+    cmed = {name: statistics.median(ts) for name, ts in cpu.items()}
     tok = int(table.lengths[rows].sum())
     base = med["megatron"][0]
     print(f"# bench_train_step: device {device.type}, dtype {args.dtype}, threads "
@@ -252,19 +252,23 @@ def main() -> None:
           f"{len(mbs)} micro-batches, vocab {v}, layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, "
           f"top-k {k}, stage1 loss {cfg.stage1.loss}, {reps} interleaved reps after {args.warmup} warm-up, "
           f"load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'row':<34}{'median s':>10}{'min s':>9}{'max s':>9}{'tokens/s':>10}{'ratio':>8}")
+    print(f"{'row':<34}{'median s':>10}{'min s':>9}{'max s':>9}{'tokens/s':>10}{'ratio':>8}{'cpu s':>9}"
+          f"{'cpu ratio':>10}")
     labels = {"megatron": "megatron GPTModel(labels=) + CE", "stage1": "ERPD stage 1 (TrainLoop._step)",
               "stage2": "ERPD stage 2 (TrainLoop._step)", "copy": "  [s,b,V]->[b,s,V] logits copy"}
     for name, (m, lo, hi) in med.items():
-        print(f"{labels[name]:<34}{m:>10.4f}{lo:>9.4f}{hi:>9.4f}{tok / m:>10.0f}{m / base:>8.3f}")
-    print("# ratio: median / megatron median. The copy row is part of both ERPD rows today (GPTModel "
+        print(f"{labels[name]:<34}{m:>10.4f}{lo:>9.4f}{hi:>9.4f}{tok / m:>10.0f}{m / base:>8.3f}"
+              f"{cmed[name]:>9.4f}{cmed[name] / cmed['megatron']:>10.3f}")
+    print("# ratio: median / megatron median (wall); cpu: median process time (user+sys of this process, "
+          "less disturbed by other load). The copy row is part of both ERPD rows today (GPTModel "
           "without labels returns logits.transpose(0, 1).contiguous()); the baseline never makes it.")
     r1, r2 = med["stage1"][0] / base, med["stage2"][0] / base
     print(f"RESULT stage1_step_ratio={r1:.3f} stage2_step_ratio={r2:.3f} "
           f"stage1_ratio_min={min(times['stage1']) / max(times['megatron']):.3f} "
           f"stage1_ratio_max={max(times['stage1']) / min(times['megatron']):.3f} "
           f"megatron_step_s={base:.4f} stage1_step_s={med['stage1'][0]:.4f} stage2_step_s={med['stage2'][0]:.4f} "
-          f"logits_copy_s={med['copy'][0]:.4f} device={device.type} dtype={args.dtype}")
+          f"logits_copy_s={med['copy'][0]:.4f} stage1_step_cpu_ratio={cmed['stage1'] / cmed['megatron']:.3f} "
+          f"stage2_step_cpu_ratio={cmed['stage2'] / cmed['megatron']:.3f} device={device.type} dtype={args.dtype}")
 
 
 if __name__ == "__main__":

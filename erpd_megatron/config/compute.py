@@ -37,11 +37,12 @@ def compute_record(cfg: Config, *, trained_tokens: float = 0, scored_tokens: flo
 
 
 def gpu_hours(rec: dict[str, Any]) -> float:
-    """GPU-hours of a ``compute`` record (GPU count x wall time)."""
-    return rec.get("gpus", 0) * rec.get("wall_s", 0.0) / 3600.0
+    """GPU-hours of a ``compute`` record: GPU count x the longer of the steps' summed time
+    (``wall_s``, over resumes) and the last process's wall time (start-up, loads and saves)."""
+    return rec.get("gpus", 0) * max(rec.get("wall_s", 0.0), rec.get("process_wall_s", 0.0)) / 3600.0
 
 
 def tflops_per_gpu(rec: dict[str, Any]) -> float | None:
-    """Achieved model TFLOP/s per GPU of a ``compute`` record (None without time)."""
+    """Achieved model TFLOP/s per GPU of a ``compute`` record during its steps (None without time)."""
     den = rec.get("gpus", 0) * rec.get("wall_s", 0.0)
     return rec.get("model_flops", 0.0) / den / 1e12 if den > 0 else None

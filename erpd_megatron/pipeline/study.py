@@ -58,6 +58,7 @@ log = get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 ROUND_SH = ROOT / "scripts" / "slurm" / "erpd_round.sh"
 JOBS_FILE = "study_jobs.json"
+LOCAL_FILE = "study_local.json"
 SLURM_STEP = {"erpd_megatron.rollout.generate": "rollout finalize", "erpd_megatron.stage1": "stage1",
               "erpd_megatron.cache.tool": "cache", "erpd_megatron.stage2": "stage2",
               "erpd_megatron.eval.evaluate": "evaluate"}
@@ -212,6 +213,8 @@ def run_local(study: Study, *, rerun_changed: bool = False) -> dict[str, str]:
         except (ConfigError, StepFailed) as e:
             log.error("point %s failed: %s", point.name, e)
             outcome[point.name] = f"failed: {e}"
+        study.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(study.output_dir / LOCAL_FILE, {"outcome": outcome})  # read by the report
     return outcome
 
 

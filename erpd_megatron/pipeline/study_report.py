@@ -64,10 +64,11 @@ def collect(study: Study) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     import shutil
 
     from erpd_megatron.config.compute import param_counts
-    from erpd_megatron.pipeline.study import JOBS_FILE, job_states, plan_study
+    from erpd_megatron.pipeline.study import JOBS_FILE, LOCAL_FILE, job_states, plan_study
 
     plans = plan_study(study, check=False)
     jobs = _read(study.output_dir / JOBS_FILE).get("jobs", {})
+    local = _read(study.output_dir / LOCAL_FILE).get("outcome", {})
     states = job_states(sorted({j["job"] for j in jobs.values()})) if jobs and shutil.which("scontrol") else {}
     rows, comp = [], []
     for pp in plans:
@@ -103,6 +104,8 @@ def collect(study: Study) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         ev = next((s for s in last if s.plan.name == "eval"), None)
         res = _read(ev.plan.outputs[0] / "results.json") if ev else {}
         if not res.get("rows"):
+            if str(local.get(pp.point.name, "")).startswith("failed"):
+                why.append(local[pp.point.name][:300])
             status = "failed" if why or _failed_marker(pp.point.output_dir) else "missing"
             rows.append(base | {"status": status, "why": "; ".join(why) or "no eval/results.json yet"})
             continue

@@ -31,7 +31,7 @@ output_dir: {tmp / 'study'}
 overrides: [round.base_hf={tmp / 'base'}, rollout.dataset={tmp / 'train.parquet'},
   "eval.datasets=[{tmp / 'heldout.parquet'}]", rollout.num_prompts=8, rollout.samples_per_prompt=2,
   rollout.max_new_tokens=8, eval.num_prompts=4, eval.n=2, "eval.pass_k=[1]", eval.max_new_tokens=8,
-  stage1.epochs=1, stage2.epochs=1, logging.progress_bar=false]
+  stage1.epochs=1, stage2.epochs=1, stage1.force=true, logging.progress_bar=false]
 axes:
   - {{name: eps, key: stage2.eps, values: [0.1, 0.3]}}
 """)

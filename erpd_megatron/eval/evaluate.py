@@ -369,7 +369,10 @@ def eval_threads(cfg: Config) -> Iterator[None]:
 def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[str, Any]]:
     """Evaluate ``cfg.eval.models`` on ``cfg.eval.datasets``: one row per (model, set), base
     first (see the module doc for what each row holds). Writes nothing."""
+    from erpd_megatron.eval.mcore_scoring import check_model_paths
+
     models, base = check_eval_config(cfg)
+    check_model_paths(models)  # a Megatron dir as `path`: say how to give both references
     for m in models:
         check_hf_checkpoint(m.path)
     ec, rc = cfg.eval, cfg.rollout

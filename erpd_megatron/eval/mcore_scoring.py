@@ -22,6 +22,14 @@ collective, so that hours of generation do not run into ``parallel.distributed_t
 (no collective is in flight while they wait). Multi-node evaluation needs the eval directory
 on a shared filesystem (as the checkpoints are). A generation error on rank 0 is written to
 ``<token>.failed`` and re-raised on every rank.
+
+GPU notes (this path has run on CPU/gloo only). The gathered scores are one float64 tensor:
+NCCL reduces doubles (torch ``ProcessGroupNCCL.cpp`` maps ``at::kDouble`` to ``ncclDouble``)
+and :func:`erpd_megatron.runtime.comm.all_reduce` moves it to the group's device. When rank 0
+starts vLLM, every rank already holds a CUDA context and the NCCL communicator of the token
+broadcast (no model yet): ``rollout.vllm_gpu_memory_utilization`` (0.85) leaves room for them.
+The srun tasks are not bound to one GPU each (``scripts/slurm/common.sh``), so rank 0's vLLM
+worker sees every GPU of its node for ``rollout.vllm_tensor_parallel_size``.
 """
 
 from __future__ import annotations
@@ -72,6 +80,21 @@ def resolve_backend(cfg: Config, world: int | None = None) -> str:
     world = launch_world() if world is None else world
     models = cfg.eval.models
     return "megatron" if world > 1 or (models and all(m.checkpoint for m in models)) else "hf"
+
+
+def check_model_paths(models: list[EvalModelConfig]) -> None:
+    """``path`` is what generation loads (an HF directory); a Megatron checkpoint given there
+    is a ConfigError that says how to give both references."""
+    problems = []
+    for i, m in enumerate(models):
+        p = Path(m.path)
+        if (p / "metadata.json").exists() and not (p / "config.json").exists():
+            problems.append(
+                f"eval.models.{i} ({m.name}).path {m.path} is a Megatron checkpoint; generation "
+                f"needs its HF export: `erpd convert mcore-to-hf --ckpt {m.path} --out HF_DIR`, "
+                f"then give {{name: {m.name}, path: HF_DIR, checkpoint: {m.path}}}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def check_megatron_models(models: list[EvalModelConfig]) -> None:
@@ -323,5 +346,5 @@ def _ids(s: Any) -> list[list[int]]:
     return [c.token_ids for c in s.completions]
 
 
-__all__ = ["check_megatron_models", "evaluate_megatron", "launch_world", "load_engine",
-           "rank0_shares", "resolve_backend", "score_responses_mcore"]
+__all__ = ["check_megatron_models", "check_model_paths", "evaluate_megatron", "launch_world",
+           "load_engine", "rank0_shares", "resolve_backend", "score_responses_mcore"]

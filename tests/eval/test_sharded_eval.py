@@ -14,7 +14,11 @@ import torch
 
 from erpd_megatron.config import ConfigError, load_config
 from erpd_megatron.config.schema import EvalModelConfig
-from erpd_megatron.eval.mcore_scoring import check_megatron_models, resolve_backend
+from erpd_megatron.eval.mcore_scoring import (
+    check_megatron_models,
+    check_model_paths,
+    resolve_backend,
+)
 from erpd_megatron.eval.scoring import token_scores
 from tests.dist import run_gloo
 
@@ -56,6 +60,7 @@ def _overrides(a: Path, b: Path, a_mc: Path | None, b_mc: Path | None, heldout: 
                backend: str) -> list[str]:
     return eval_overrides({}, [heldout], out, **{
         "eval.models": _models(a, b, a_mc, b_mc), "eval.scoring_backend": backend,
+        "eval.num_prompts": 6,
         "eval.score_max_tokens": 96, "eval.temperature": 0.9, "eval.kl_logprobs": "teacher_forced",
         "precision.transformer_impl": "local", "precision.params_dtype": "fp32"})
 
@@ -152,3 +157,8 @@ def test_backend_choice_and_missing_checkpoint(tmp_path):
     unset = r"eval.models.1 \(s\).checkpoint is not set.*hf-to-mcore"
     with pytest.raises(ConfigError, match=unset):
         check_megatron_models(cfg.eval.models)
+    (tmp_path / "metadata.json").write_text("{}")  # a Megatron dir given as the HF path
+    cfg.eval.models[1].path = str(tmp_path)
+    megatron_path = r"eval.models.1 \(s\).path .* is a Megatron checkpoint.*mcore-to-hf"
+    with pytest.raises(ConfigError, match=megatron_path):
+        check_model_paths(cfg.eval.models)

@@ -98,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"rollout.dataset={data / 'train.jsonl'}", f"eval.datasets=[{data / 'heldout.jsonl'}]"] + overrides
     try:
         base_hf = prepare(args.config, overrides)
-        last = run_rounds(args.config, overrides + [f"round.base_hf={base_hf}"])
+        report: dict = {}
+        last = run_rounds(args.config, overrides + [f"round.base_hf={base_hf}"], report=report)
     except StepFailed as e:
         log.error("%s\nfix the cause and rerun `make demo`: finished steps are skipped", e)
         return 1
-    print("\n" + (last / "eval" / "results.md").read_text())
+    if not report.get("evaluated"):  # the evaluation step printed the table when it ran
+        print("\n" + (last / "eval" / "results.md").read_text())
     plots = sorted((last / "eval").glob("*.png"))
     print("plots:\n" + "\n".join(f"  {p}" for p in plots))
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min; outputs under {last.parent}")

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -427,14 +426,16 @@ def run(cfg: Config, *, curves_only: bool = False, progress: bool | None = None)
 
 
 def _is_rank0() -> bool:
-    """Global rank 0 (the process group's rank, else the launcher's RANK / SLURM_PROCID)."""
+    """Global rank 0 (the process group's rank, else the launcher's: torchrun or srun)."""
     from erpd_megatron.runtime import comm
 
     if comm.is_distributed():
         import torch.distributed as dist
 
         return dist.get_rank() == 0
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    from erpd_megatron.runtime.distributed import parse_launch_env
+
+    return parse_launch_env().rank == 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

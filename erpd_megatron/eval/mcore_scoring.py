@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import pickle
 import time
 import uuid
@@ -63,12 +62,16 @@ WAIT_LOG_SECONDS = 300.0
 
 
 def launch_world() -> int:
-    """The number of processes of this job (the process group's, else the launcher's)."""
+    """The number of processes of this job: the process group's, else what
+    :func:`~erpd_megatron.runtime.distributed.parse_launch_env` reads from torchrun / srun
+    (the world that ``init_distributed`` would start)."""
     if comm.is_distributed():
         import torch.distributed as dist
 
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    from erpd_megatron.runtime.distributed import parse_launch_env
+
+    return parse_launch_env().world_size
 
 
 def resolve_backend(cfg: Config, world: int | None = None) -> str:

@@ -4,6 +4,8 @@ Python API (the round orchestration and `erpd evaluate` use these):
 
 * :func:`erpd_megatron.eval.evaluate.evaluate_models` ``(cfg) -> list[dict]``: one row per
   model and held-out set;
+* :func:`erpd_megatron.eval.mcore_scoring.score_responses_mcore` ``(engine, prompts, responses)``:
+  the teacher-forced scores of ``eval.scoring_backend=megatron`` (sharded, any TP/PP/DP);
 * :func:`erpd_megatron.eval.report.write_report` ``(rows, out_dir) -> dict[str, Path]``:
   results.md / .csv / .json and accuracy_vs_kl.png;
 * :func:`erpd_megatron.eval.report.format_table` ``(rows) -> str``: the Markdown table;

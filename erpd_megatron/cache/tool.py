@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
+from erpd_megatron.config.checks import check_cache_inputs, print_config_error
 from erpd_megatron.config.compute import compute_record
-from erpd_megatron.config.loader import load_config
+from erpd_megatron.config.loader import ConfigError, load_config
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config
 from erpd_megatron.data.batching import MicroBatch, SampleTable, collate, dp_shard, pack_in_order
@@ -73,16 +73,10 @@ def write_cache(cfg: Config) -> Path:
     from erpd_megatron.train.engine import Engine
 
     t_start = time.time()  # compute accounting (meta "compute")
-    if not cfg.cache.dir:
-        raise ValueError("cache.dir is not set: where the teacher cache is written")
-    if not cfg.cache.models:
-        raise ValueError("cache.models is empty: list the teacher checkpoints to cache")
+    check_cache_inputs(cfg)  # every missing input in one ConfigError, before any engine
     table, fingerprint = load_sample_table(cfg)
     out = Path(cfg.cache.dir)
     models = [("base", cfg.checkpoint.load, False)] + [(m.name, m.checkpoint, m.topk) for m in cfg.cache.models]
-    for name, path, _ in models:
-        if not path or not Path(path).exists():
-            raise FileNotFoundError(f"cache model '{name}': checkpoint '{path}' does not exist")
     engines = {}
     for name, path, _ in models:
         e = Engine(cfg, train=False)
@@ -169,13 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``erpd cache --config RECIPE [a.b=c ...]``."""
     from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
 
-    p = argparse.ArgumentParser(prog="erpd cache", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="erpd cache", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides, validate=False)
-    validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
-                    check_runtime=True)
+    try:  # all input problems in one line, before torch.distributed or any engine starts
+        cfg = load_config(args.config, args.overrides, validate=False)
+        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
+                        check_runtime=True)
+        check_cache_inputs(cfg)
+    except ConfigError as e:
+        return print_config_error("cache", e)
     init_distributed(cfg)
     try:
         write_cache(cfg)

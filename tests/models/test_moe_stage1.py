@@ -1,4 +1,5 @@
-"""Stage 1 on the tiny Qwen3-MoE for real (``python -m erpd_megatron.stage1``): 2 processes at
+"""Stage 1 and Stage 2 on the tiny Qwen3-MoE for real (``python -m erpd_megatron.stage1`` /
+``stage2``, the cache tool in between): 2 processes at
 EP=2 (alltoall dispatcher, each rank holding 2 of the 4 experts; DP=2 for the dense part)
 give the same per-step metrics and final weights as one process, router aux loss on.
 
@@ -34,7 +35,6 @@ MOE = [
 KEYS = ["stage1/loss", "stage1/entropy", "stage1/grad_norm", "stage1/kl_k3", "stage1/tokens"]
 
 
-@pytest.mark.slow
 def _fixed_length_rollouts(out, *, prompts: int = 6, group: int = 4, seed: int = 0):
     """Random tokens, every prompt 4 and every response 6 tokens long; reward 1 for an even
     first response token."""
@@ -64,7 +64,35 @@ def _fixed_length_rollouts(out, *, prompts: int = 6, group: int = 4, seed: int =
     write_rollout_set(out, recs, prompts_per_shard=4)
 
 
-def test_stage1_at_ep2_matches_single_process(tmp_path):
+def _compare(one, ep2, stage: str, keys: list[str], steps: int) -> None:
+    ref = [r for r in read_jsonl(one / f"{stage}/{stage}_metrics.jsonl") if f"{stage}/loss" in r]
+    got = [r for r in read_jsonl(ep2 / f"{stage}/{stage}_metrics.jsonl") if f"{stage}/loss" in r]
+    assert len(got) == len(ref) == steps
+    for step, (g, r) in enumerate(zip(got, ref), 1):
+        for k in keys:
+            assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-5), (stage, step, k, g[k], r[k])
+    n = assert_same_weights(
+        one / f"{stage}/checkpoints/final", ep2 / f"{stage}/checkpoints/final", rtol=1e-4, atol=1e-4
+    )
+    assert n > 0
+
+
+S2_KEYS = [
+    "stage2/loss",
+    "stage2/grad_norm",
+    "stage2/teacher0/topk_kl",
+    "stage2/teacher1/signal_mean",
+]
+TEACHERS = (
+    "[{model: teacher0, signal: topk_kl, alpha: 0.5}, "
+    "{model: teacher0, signal: logratio, weight: 0.5}]"
+)
+
+
+@pytest.mark.slow
+def test_stage1_and_stage2_at_ep2_match_single_process(tmp_path):
+    """Stage 1 (3 steps), then the cache of its result as teacher0 (one process), then Stage 2
+    (3 steps, top-k KL + log-ratio signals): EP=2 equals one process in both stages."""
     _fixed_length_rollouts(tmp_path / "rollouts")
     make_base_checkpoint(tmp_path / "base", MOE)
     ov = MOE + [
@@ -82,21 +110,26 @@ def test_stage1_at_ep2_matches_single_process(tmp_path):
         ov + [f"output_dir={tmp_path / 'ep2'}", "parallel.expert_model_parallel_size=2"],
         nproc=2,
     )
-    ref = [
-        r for r in read_jsonl(tmp_path / "one/stage1/stage1_metrics.jsonl") if "stage1/loss" in r
+    _compare(tmp_path / "one", tmp_path / "ep2", "stage1", KEYS, 3)  # 24 samples / 8 per step
+    last = read_jsonl(tmp_path / "ep2/stage1/stage1_metrics.jsonl")
+    assert [r for r in last if "stage1/loss" in r][-1]["stage1/kl_k3"] > 0  # the weights moved
+    models = f"[{{name: teacher0, checkpoint: {tmp_path}/one/stage1/checkpoints/final}}]"
+    s2 = ov + [
+        f"cache.models={models}",
+        f"stage2.cache_dir={tmp_path / 'cache'}",
+        "stage2.epochs=1",
+        f"stage2.teachers={TEACHERS}",
     ]
-    got = [
-        r for r in read_jsonl(tmp_path / "ep2/stage1/stage1_metrics.jsonl") if "stage1/loss" in r
-    ]
-    assert len(got) == len(ref) == 3  # 24 samples / 8 per step
-    for step, (g, r) in enumerate(zip(got, ref), 1):
-        for k in KEYS:
-            assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-5), (step, k, g[k], r[k])
-    assert got[-1]["stage1/kl_k3"] > 0  # the weights moved
-    n = assert_same_weights(
-        tmp_path / "one/stage1/checkpoints/final",
-        tmp_path / "ep2/stage1/checkpoints/final",
-        rtol=1e-4,
-        atol=1e-4,
+    run_module(
+        "erpd_megatron.cache.tool",
+        CFG,
+        ov + [f"cache.dir={tmp_path / 'cache'}", f"cache.models={models}"],
     )
-    assert n > 0
+    run_module("erpd_megatron.stage2", CFG, s2 + [f"output_dir={tmp_path / 'one'}"])
+    run_module(
+        "erpd_megatron.stage2",
+        CFG,
+        s2 + [f"output_dir={tmp_path / 'ep2'}", "parallel.expert_model_parallel_size=2"],
+        nproc=2,
+    )
+    _compare(tmp_path / "one", tmp_path / "ep2", "stage2", S2_KEYS, 3)

@@ -139,10 +139,15 @@ def plan_study(study: Study, *, check: bool = True) -> list[PointPlan]:
     return [plan_point(study, p, check=check) for p in study_points(study)]
 
 
-def owners(plans: list[PointPlan], *, require_done: bool) -> dict[tuple[str, int, str], tuple[str, Path]]:
+def owners(plans: list[PointPlan], *, require_done: bool,
+           replace_stale: bool = False) -> dict[tuple[str, int, str], tuple[str, Path]]:
     """For each (point, round, step) whose fingerprint an earlier point has: that point's
     name and output folder. Steps with several outputs (the exports, whose inputs name the
-    point's own paths) are never shared; ``require_done``: only owners whose step finished."""
+    point's own paths) are never shared; ``require_done``: only owners whose step finished.
+    A point's own finished output with the same recorded fingerprint is kept (not shared);
+    its own output made with other inputs (stale) is shared only with ``replace_stale``
+    (``--rerun-changed``: :func:`link_shared` deletes it), else the point redoes or refuses
+    it as `erpd round` does."""
     first: dict[str, tuple[str, Path, bool]] = {}
     out: dict[tuple[str, int, str], tuple[str, Path]] = {}
     for pp in plans:
@@ -155,9 +160,14 @@ def owners(plans: list[PointPlan], *, require_done: bool) -> dict[tuple[str, int
                 if not path.is_symlink():
                     first[fp] = (pp.point.name, path, s.plan.done)
                 continue
-            if own[0] != pp.point.name and (own[2] or not require_done) and not (path.exists()
-                                                                                and not path.is_symlink()):
-                out[(pp.point.name, r, s.plan.name)] = (own[0], own[1])
+            if own[0] == pp.point.name or not (own[2] or not require_done):
+                continue
+            if path.exists() and not path.is_symlink():
+                rec = pp.rounds[r][0].steps.get(s.plan.name)
+                valid = s.plan.done and (rec is None or rec.get("fingerprint") == fp)
+                if valid or not replace_stale:
+                    continue
+            out[(pp.point.name, r, s.plan.name)] = (own[0], own[1])
     return out
 
 
@@ -175,6 +185,10 @@ def link_shared(shared: dict[tuple[str, int, str], tuple[str, Path]], plans: lis
                 if Path(os.path.realpath(path)) == Path(os.path.realpath(own[1])):
                     continue
                 path.unlink()
+            elif path.exists():  # stale own output (owners(replace_stale=True))
+                log.warning("%s: %s made with other inputs; deleting it for the shared one of %s",
+                            pp.point.name, path, own[0])
+                shutil.rmtree(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.symlink_to(os.path.relpath(own[1], path.parent), target_is_directory=True)
             log.info("%s: %s shared with point %s (same fingerprint)", pp.point.name, s.plan.name, own[0])
@@ -207,7 +221,7 @@ def run_local(study: Study, *, rerun_changed: bool = False) -> dict[str, str]:
                 prepare(str(point.recipe), make)
             plans = [plan_point(study, p, check=False) for p in points[: i + 1]]
             drop_dangling(plans[-1:])
-            link_shared(owners(plans, require_done=True), plans)
+            link_shared(owners(plans, require_done=True, replace_stale=rerun_changed), plans)
             run_rounds(str(point.recipe), point.overrides, study.rounds, rerun_changed=rerun_changed)
             outcome[point.name] = "done"
         except (ConfigError, StepFailed) as e:
@@ -286,7 +300,7 @@ def submit_slurm(study: Study, *, rerun_changed: bool = False) -> dict[str, dict
     bad = [f"{pp.point.name}: {pp.error}" for pp in plans if pp.error]
     if bad:
         raise ConfigError("study points with problems: " + " | ".join(bad))
-    link_shared(owners(plans, require_done=False), plans)
+    link_shared(owners(plans, require_done=False, replace_stale=rerun_changed), plans)
     plans = plan_study(study, check=False)  # decisions see the links
     msg = changed_message([s.plan for pp in plans for _, s in pp.steps()])
     if msg and not rerun_changed:

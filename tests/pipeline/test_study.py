@@ -96,6 +96,18 @@ def test_points_differing_only_in_stage2_share_one_stage1_run(tmp_path):
     assert cell[a] == "done" and cell[c] == f"done [shared: {a}]", cell
     assert cell[b] == "todo" and cell[d] == f"todo [shared: {b}]", cell
     assert cols[:3] == ["policy_mcore", "rollouts", "s1_teacher"]
+    # b's own rollouts made with other inputs (stale): shared only when replacing stale outputs
+    rb = next(s.plan.outputs[0] for s in s1[b] if s.plan.name == "rollouts")
+    rb.unlink()
+    (rb / "manifest.json").parent.mkdir(parents=True)
+    (rb / "manifest.json").write_text("{}")
+    (rb.parent / "round_state.json").write_text(json.dumps({"steps": {"rollouts": {"fingerprint": "old"}}}))
+    plans = plan_study(study)
+    assert (b, 0, "rollouts") not in owners(plans, require_done=True)
+    shared = owners(plans, require_done=True, replace_stale=True)
+    assert shared[(b, 0, "rollouts")][0] == a
+    link_shared(shared, plans)
+    assert rb.is_symlink() and (rb / "manifest.json").exists()
 
 
 def test_plan_over_gpu_recipes_prints_memory_and_gpu_hours(capsys):

@@ -263,8 +263,13 @@ def plot_accuracy_vs_epochs(rows: list[dict], path: Path) -> Path:
         se = [_se(pts[x]) for x in xs]
         ax.errorbar(xs, mu, yerr=se, fmt="-o" if role == "student" else "--^", capsize=3,
                     color=f"C{sizes.index(size)}", label=f"{size} {role}s")
-    for r in [r for r in rows if r.get("status") == "ok" and r.get("is_base")][:1]:
-        ax.axhline(r["accuracy"], color="grey", ls=":", label="base")
+    bases: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("is_base") and r.get("accuracy") is not None:
+            bases.setdefault(_size_label(r), []).append(r["accuracy"])
+    for size, accs in sorted(bases.items()):  # one dotted line per size's base
+        ax.axhline(sum(accs) / len(accs), color=f"C{sizes.index(size)}" if size in sizes else "grey", ls=":",
+                   label=f"{size} base")
     ax.set(xlabel="Stage-1 epochs", ylabel="accuracy (avg@n)", title="accuracy vs Stage-1 epochs")
     if series:
         ax.legend(fontsize=8)

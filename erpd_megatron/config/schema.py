@@ -111,6 +111,12 @@ class ParallelConfig:
     """Megatron sequence parallelism: norms, dropout and residuals on 1/TP of the sequence
     (activations /TP). Sequences are padded to a multiple of TP. Runs on CPU through the
     harness (torch norms marked as TE marks its own)."""
+    context_parallel_size: int = 1
+    """CP size: every sequence is split over this many ranks (megatron's load-balanced 2 x CP
+    chunks; attention exchanges K/V between them), so activations per GPU shrink by CP.
+    Needs Transformer Engine; packed sequences are aligned to 2 x CP, unpacked rows padded to
+    a multiple of 2 x CP. Gradients reduce over DP x CP. Not with stage1.loss=mse (its
+    per-sequence square would need the split sums gathered first)."""
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     """Activation recomputation (megatron ``TransformerConfig.recompute_granularity``): null
     keeps every activation; selective recomputes the core attention (the s^2 part without
@@ -192,6 +198,12 @@ class DataConfig:
     """Sequences per optimizer step, over all data-parallel ranks."""
     max_tokens_per_microbatch: int = 4096
     """Token budget of one micro-batch (padded tokens counted); sequences are bucketed by length."""
+    packing: bool = False
+    """Sequence packing: each micro-batch is ONE row of several sequences, filled up to
+    max_tokens_per_microbatch by first-fit-decreasing (almost no padding). Attention stays
+    within each sequence: THD with cu_seqlens on Transformer Engine, a block-diagonal causal
+    mask on the local spec; each sequence has its own position ids. Same losses, gradients
+    and caches as unpacked batching (up to rounding)."""
     max_seq_length: Optional[int] = None
     """Prompt + response longer than this is an error naming the sample (no silent truncation);
     null = model.max_position_embeddings."""

@@ -137,11 +137,60 @@ def dp_micro_batch_count(rows: np.ndarray, lengths: np.ndarray, dp_size: int,
 
 
 def dp_micro_batches(rows: np.ndarray, lengths: np.ndarray, dp_rank: int, dp_size: int,
-                     max_tokens: int) -> tuple[list[np.ndarray], int]:
+                     max_tokens: int, *, packing: bool = False,
+                     seq_multiple: int = 1) -> tuple[list[np.ndarray], int]:
     """This DP rank's micro-batches (row arrays) of a global batch, and
-    :func:`dp_micro_batch_count` (one partition for both)."""
-    cuts = [micro_batches(s, lengths, max_tokens) for s in dp_partition(rows, lengths, dp_size)]
+    :func:`dp_micro_batch_count` (one partition for both). With ``packing`` each micro-batch
+    is one packed row filled by :func:`pack_rows` (first-fit-decreasing)."""
+    def cut(s: np.ndarray) -> list[np.ndarray]:
+        if packing:
+            return pack_rows(s, lengths, max_tokens, seq_multiple=seq_multiple)
+        return micro_batches(s, lengths, max_tokens)
+
+    cuts = [cut(s) for s in dp_partition(rows, lengths, dp_size)]
     return cuts[dp_rank], max(len(c) for c in cuts)
+
+
+def pack_rows(rows: np.ndarray, lengths: np.ndarray, max_tokens: int, *,
+              seq_multiple: int = 1) -> list[np.ndarray]:
+    """First-fit-decreasing bin packing of ``rows`` into packed rows of at most ``max_tokens``
+    tokens: longest first (ties by row number, so the result depends only on the rows and
+    their lengths), each into the first bin with room, a new bin otherwise. A sequence longer
+    than the budget gets a bin of its own. Each sequence counts ``round_up(len, seq_multiple)``
+    tokens (context parallel aligns every packed sequence, see :func:`pack_seq_multiple`).
+    Inside a bin sequences keep their insertion order (longest first)."""
+    lens = {int(i): round_up(int(lengths[i]), seq_multiple) for i in np.asarray(rows).tolist()}
+    order = sorted(lens, key=lambda i: (-lens[i], i))
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in order:
+        n = lens[i]
+        for k, load in enumerate(loads):
+            if load + n <= max_tokens:
+                bins[k].append(i)
+                loads[k] += n
+                break
+        else:
+            bins.append([i])
+            loads.append(n)
+    return [np.array(b, dtype=np.int64) for b in bins]
+
+
+def pack_in_order_packed(rows: list[int], lengths: np.ndarray, max_tokens: int, *,
+                         seq_multiple: int = 1) -> list[np.ndarray]:
+    """Cut ``rows``, in the given order, into consecutive packed rows of at most
+    ``max_tokens`` tokens (for writers that must see samples in a fixed order)."""
+    out: list[list[int]] = []
+    load = 0
+    for i in rows:
+        n = round_up(int(lengths[i]), seq_multiple)
+        if out and load + n <= max_tokens:
+            out[-1].append(i)
+            load += n
+        else:
+            out.append([i])
+            load = n
+    return [np.array(b, dtype=np.int64) for b in out]
 
 
 def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
@@ -172,10 +221,17 @@ def pack_in_order(rows: list[int], lengths: np.ndarray, max_tokens: int) -> list
 
 @dataclass
 class MicroBatch:
-    """Tensors of one micro-batch, right-padded to its longest sequence."""
+    """Tensors of one micro-batch: one sequence per row, right-padded to the longest
+    (:func:`collate`), or several sequences packed into one row (:func:`collate_packed`).
+
+    Sequences are numbered ``0..n_seq-1`` within the micro-batch: ``rows[k]`` is sequence
+    ``k``'s table row, ``rewards[k]`` its reward, and ``seq_index`` maps every scoring position
+    to its sequence. Consumers that need per-sequence values (rewards, drift, the per-sequence
+    means of ``mse``, per-sample extraction) go through ``seq_index``, never through the tensor
+    row, so that both layouts give the same results."""
 
     rows: np.ndarray
-    """Rows of the SampleTable in this micro-batch."""
+    """[n_seq] rows of the SampleTable, in sequence-number order."""
     input_ids: torch.Tensor
     """[b, s] int64 tokens (pad 0)."""
     position_ids: torch.Tensor
@@ -187,11 +243,37 @@ class MicroBatch:
     advantages: torch.Tensor
     """[b, s] float32 sequence advantage broadcast over its response positions (0 elsewhere)."""
     rewards: torch.Tensor
-    """[b] float32."""
+    """[n_seq] float32 reward of each sequence (index with ``seq_index``; padding may add
+    trailing zeros that no position refers to)."""
     seq_index: torch.Tensor
     """[b, s] int64 sequence number within the micro-batch at response positions, -1 elsewhere."""
     token_arrays: dict[str, torch.Tensor] = field(default_factory=dict)
     """Extra per-response-token arrays (e.g. ``anchor_logprobs``) placed at response positions."""
+    segments: torch.Tensor | None = None
+    """Packed micro-batches only: [b, s] int64 attention segment of every position (sequence
+    number over the sequence and its alignment padding, -1 on the row's trailing padding).
+    A position attends causally within its segment only (:func:`packed_attention_mask`, or
+    THD ``cu_seqlens`` from :func:`packed_cu_seqlens` on Transformer Engine). None: one
+    sequence per row, plain causal attention."""
+
+    seq_owned: torch.Tensor | None = None
+    """Context parallel only: [n_seq] bool, whether this CP rank holds the sequence's first
+    scoring position (it then counts the sequence in per-sequence counts; sums of per-token
+    values are partial on every rank and add up over CP). None: this rank has whole sequences."""
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences in this micro-batch (``len(rows)``)."""
+        return len(self.rows)
+
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sequence ``values`` [n_seq] spread to [b, s] through ``seq_index`` (0 where
+        no sequence is scored)."""
+        idx = self.seq_index.to(values.device)
+        if values.numel() == 0:
+            return torch.zeros(idx.shape, dtype=values.dtype, device=values.device)
+        out = values[idx.clamp(min=0)]
+        return torch.where(idx >= 0, out, torch.zeros((), dtype=values.dtype, device=values.device))
 
     @property
     def num_tokens(self) -> int:
@@ -206,6 +288,8 @@ class MicroBatch:
             targets=self.targets.to(device), loss_mask=self.loss_mask.to(device),
             advantages=self.advantages.to(device), rewards=self.rewards.to(device),
             seq_index=self.seq_index.to(device), token_arrays=moved,
+            segments=None if self.segments is None else self.segments.to(device),
+            seq_owned=None if self.seq_owned is None else self.seq_owned.to(device),
         )
 
 
@@ -256,6 +340,120 @@ def collate(table: SampleTable, rows: np.ndarray,
     )
 
 
+def collate_packed(table: SampleTable, rows: np.ndarray,
+                   token_arrays: dict[str, list[np.ndarray]] | None = None, *, pad_to: int = 1,
+                   seq_multiple: int = 1) -> MicroBatch:
+    """``rows`` packed into ONE row ``[1, S]``, in the given order: sequence ``k`` occupies
+    ``round_up(len_k, seq_multiple)`` positions (its alignment padding belongs to its attention
+    segment), with position ids ``0..len_k-1`` of its own (RoPE is relative, so a sequence's
+    logits do not depend on where it sits), and the row is right-padded to a multiple of
+    ``pad_to`` (segment -1). Targets, loss mask, advantages and ``token_arrays`` are placed as
+    in :func:`collate`; ``seq_index`` numbers the sequences and ``segments`` drives the
+    block-diagonal causal attention."""
+    rows = np.asarray(rows, np.int64)
+    spans = [round_up(len(table.prompt_ids[i]) + len(table.response_ids[i]), seq_multiple)
+             for i in rows]
+    s = round_up(sum(spans), pad_to)
+    ids = np.zeros((1, s), np.int64)
+    tgt = np.zeros((1, s), np.int64)
+    mask = np.zeros((1, s), np.float32)
+    seq = np.full((1, s), -1, np.int64)
+    segs = np.full((1, s), -1, np.int64)
+    pos = np.zeros((1, s), np.int64)
+    adv = np.zeros((1, s), np.float32)
+    extra = {}
+    for k, arrs in (token_arrays or {}).items():
+        first = np.asarray(arrs[rows[0]])
+        extra[k] = np.zeros((1, s) + first.shape[1:], first.dtype)
+    has_adv = len(table.advantages) == len(table)
+    off = 0
+    for j, (i, span) in enumerate(zip(rows, spans)):
+        p, r = table.prompt_ids[i], table.response_ids[i]
+        n = len(p) + len(r)
+        ids[0, off : off + len(p)] = p
+        ids[0, off + len(p) : off + n] = r
+        pos[0, off : off + span] = np.arange(span)
+        segs[0, off : off + span] = j
+        lo, hi = off + len(p) - 1, off + n - 1
+        tgt[0, lo:hi] = r
+        mask[0, lo:hi] = 1.0
+        seq[0, lo:hi] = j
+        if has_adv:
+            adv[0, lo:hi] = table.advantages[i]
+        for k, arrs in (token_arrays or {}).items():
+            a = np.asarray(arrs[i])
+            if len(a) != len(r):
+                raise ValueError(
+                    f"{k}: sample {int(table.sample_ids[i])} has {len(a)} values for {len(r)} response tokens"
+                )
+            extra[k][0, lo:hi] = a
+        off += span
+    return MicroBatch(
+        rows=rows, input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
+        targets=torch.from_numpy(tgt), loss_mask=torch.from_numpy(mask), advantages=torch.from_numpy(adv),
+        rewards=torch.from_numpy(table.rewards[rows].astype(np.float32)), seq_index=torch.from_numpy(seq),
+        token_arrays={k: torch.from_numpy(v) for k, v in extra.items()}, segments=torch.from_numpy(segs),
+    )
+
+
+def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Megatron's boolean attention mask ``[b, 1, s, s]`` (True = masked) for packed rows:
+    position ``q`` sees ``k <= q`` of its own segment only (block-diagonal causal).
+
+    The local spec's ``DotProductAttention`` hands the mask to ``FusedScaleMaskSoftmax``;
+    with ``masked_softmax_fusion=False`` (models/builder.py) its ``forward_torch_softmax`` uses
+    a given mask instead of building the causal one (megatron-core 0.16.1
+    ``fusions/fused_softmax.py``: the default causal mask only ``if ... mask is None``) and
+    ``attention_mask_func`` fills True with -10000 (``transformer/utils.py``), which underflows
+    to an exact 0 after the softmax: a sequence's logits equal its unpacked ones up to
+    rounding. (The fused upper-triangular kernel would ignore the mask; it is never used.)"""
+    seg = segments
+    same = seg[:, :, None] == seg[:, None, :]
+    s = seg.shape[1]
+    causal = torch.ones((s, s), dtype=torch.bool, device=seg.device).tril()
+    return ~(same & causal)[:, None]
+
+
+def packed_cu_seqlens(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """THD boundaries of ONE packed row: int32 ``cu_seqlens`` [n_segments + 1] (starts of the
+    runs of equal segment id, then the row length: alignment padding belongs to its sequence,
+    the trailing padding is a segment of its own) and the longest segment."""
+    if segments.shape[0] != 1:
+        raise ValueError(f"THD packing needs one packed row per micro-batch, got {segments.shape[0]}")
+    seg = segments[0]
+    change = torch.nonzero(seg[1:] != seg[:-1]).reshape(-1) + 1
+    zero = torch.zeros(1, dtype=torch.long, device=seg.device)
+    end = torch.full((1,), seg.numel(), dtype=torch.long, device=seg.device)
+    cu = torch.cat([zero, change, end])
+    return cu.to(torch.int32), int((cu[1:] - cu[:-1]).max().item())
+
+
+def pack_seq_multiple(cfg: Any) -> int:
+    """What every packed sequence is aligned to: ``2 x CP`` with context parallelism
+    (megatron's load-balanced split cuts each sequence into 2 x CP chunks; TE's THD context
+    parallel asserts every sequence divisible by it), else 1."""
+    cp = int(getattr(cfg.parallel, "context_parallel_size", 1) or 1)
+    return 2 * cp if cp > 1 else 1
+
+
+def build_micro_batches(cfg: Any, table: SampleTable, rows: np.ndarray, dp_rank: int,
+                        dp_size: int, token_arrays: dict[str, list[np.ndarray]] | None = None, *,
+                        max_tokens: int | None = None) -> list[MicroBatch]:
+    """This DP rank's micro-batches of ``rows`` for ``cfg``: packed (``data.packing``) or
+    padded per row, sequence length padded to :func:`pad_multiple`, then zero-loss dummies up
+    to the DP-wide count (every DP rank runs the same schedule)."""
+    budget = int(max_tokens or cfg.data.max_tokens_per_microbatch)
+    packing = bool(getattr(cfg.data, "packing", False))
+    pad, seqm = pad_multiple(cfg), pack_seq_multiple(cfg)
+    mine, count = dp_micro_batches(rows, table.lengths, dp_rank, dp_size, budget,
+                                   packing=packing, seq_multiple=seqm)
+    if packing:
+        mbs = [collate_packed(table, r, token_arrays, pad_to=pad, seq_multiple=seqm) for r in mine]
+    else:
+        mbs = [collate(table, r, token_arrays, pad_to=pad) for r in mine]
+    return pad_micro_batches(mbs, count, length=pad, token_arrays=token_arrays)
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is >= ``n`` (and >= ``multiple``)."""
     multiple = max(1, int(multiple))
@@ -276,6 +474,7 @@ def pad_multiple(cfg: Any) -> int:
     * ``parallel.sequence_parallel``: Megatron scatters the sequence over the TP ranks, so
       ``s`` must be divisible by TP (then each rank's ``s/tp`` must still meet the FP8 rule:
       the two factors multiply).
+    * ``parallel.context_parallel_size``: the sequence is cut into 2 x CP chunks.
     """
     m = 1
     prec = getattr(cfg, "precision", None)
@@ -284,6 +483,9 @@ def pad_multiple(cfg: Any) -> int:
     par = cfg.parallel
     if par.sequence_parallel and par.tensor_model_parallel_size > 1:
         m *= int(par.tensor_model_parallel_size)
+    cp = int(getattr(par, "context_parallel_size", 1) or 1)
+    if cp > 1:  # megatron's load-balanced split: 2 x CP equal chunks (data/context_parallel.py)
+        m *= 2 * cp
     return m
 
 
@@ -322,8 +524,27 @@ def pad_micro_batches(mbs: list[MicroBatch], count: int, *, length: int = 1,
 
 
 def scatter_response_values(mb: MicroBatch, values: torch.Tensor) -> list[np.ndarray]:
-    """Inverse of :func:`collate` for one per-position tensor ``values`` [b, s]: the values at
-    each row's response positions, as float32 arrays in the micro-batch's row order."""
-    values = values.detach().float().cpu()
-    mask = mb.loss_mask.bool()
-    return [values[j][mask[j]].numpy().copy() for j in range(len(mb.rows))]
+    """Inverse of :func:`collate` / :func:`collate_packed` for one per-position tensor
+    ``values`` [b, s]: each sequence's values at its response positions, as float32 arrays
+    in the micro-batch's sequence order (``mb.rows``)."""
+    return [v.float().numpy().copy() for v in sequence_values(mb, values.detach().float())]
+
+
+def sequence_values(mb: MicroBatch, values: torch.Tensor) -> list[torch.Tensor]:
+    """Each sequence's entries of ``values`` ([b, s, ...]) at its response positions, in
+    sequence order, on the CPU (keeping the dtype): row-major order within a sequence is its
+    token order in both layouts."""
+    values = values.detach().cpu()
+    idx = mb.seq_index.cpu()
+    if values.shape[:2] != idx.shape:
+        raise ValueError(f"values of shape {tuple(values.shape)} for a micro-batch of {tuple(idx.shape)}")
+    flat_idx = idx.reshape(-1)
+    flat = values.reshape((-1,) + tuple(values.shape[2:]))
+    order = torch.argsort(flat_idx, stable=True)
+    counts = torch.bincount(flat_idx[flat_idx >= 0], minlength=mb.num_sequences).tolist()
+    start = int((flat_idx < 0).sum())
+    out = []
+    for c in counts[: mb.num_sequences]:
+        out.append(flat[order[start : start + c]])
+        start += c
+    return out

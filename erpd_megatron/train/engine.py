@@ -71,6 +71,8 @@ class Engine:
         self.tp_size = tp
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
+        self.cp_size = ps.get_context_parallel_world_size()
+        self.cp_rank = ps.get_context_parallel_rank()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.is_first_stage = ps.is_pipeline_first_stage()
 
@@ -120,6 +122,7 @@ class Engine:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         interleaved = len(self.model) > 1
+        te = _unwrapped(self.model[0]).config.transformer_impl == "transformer_engine"
         # (what the model runs, what the loss sees): the same micro-batch, except that the
         # interleaved schedule runs padded copies and the loss gets the logits cropped back
         pairs = [(mb, mb) for mb in microbatches]
@@ -130,7 +133,10 @@ class Engine:
         n = len(microbatches)
         if n == 0:
             return []
-        scale = float(n * (1 if forward_only else self.dp_size))
+        # DDP averages gradients over DP x CP (core_v0.16.1 distributed_data_parallel.py:
+        # gradient_scaling_factor = 1.0 / self.dp_cp_group.size()); CP ranks' losses are
+        # partial sums over their positions (data/context_parallel.py)
+        scale = float(n * (1 if forward_only else self.dp_size * self.cp_size))
         device = _device()
         if not forward_only:
             for m in self.model:
@@ -151,10 +157,16 @@ class Engine:
 
         def forward_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
             run, seen = next(data_iterator)
-            out = model(run.input_ids, run.position_ids, None)
+            mask, packed = packed_inputs(run, te=te)  # from the whole row (global cu_seqlens)
+            if self.cp_size > 1:  # this CP rank's positions (validated: TE, no mask)
+                run, seen = (cp_micro_batch(m, self.cp_size, self.cp_rank) for m in (run, seen))
+            if packed is None:
+                out = model(run.input_ids, run.position_ids, mask)
+            else:
+                out = model(run.input_ids, run.position_ids, None, packed_seq_params=packed)
             return out, partial(loss_wrapper, seen)
 
-        seq = max(int(mb.input_ids.shape[1]) for mb in microbatches)
+        seq = max(int(mb.input_ids.shape[1]) for mb in microbatches) // self.cp_size
         mbs = max(int(mb.input_ids.shape[0]) for mb in microbatches)
         for m in self.model:
             # Interleaved: every micro-batch gets the step's largest shape (masked padding)
@@ -197,6 +209,76 @@ class Engine:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+def packed_inputs(mb: MicroBatch, *, te: bool) -> tuple[torch.Tensor | None, Any]:
+    """What a packed micro-batch (``mb.segments`` set) adds to the model call:
+    ``(attention_mask, None)`` on the local spec, ``(None, PackedSeqParams)`` on Transformer
+    Engine; ``(None, None)`` for an unpacked one (megatron's own causal mask).
+
+    THD (GPU only, never run here; read in megatron-core 0.16.1 only, 0.19 unchecked):
+    ``GPTModel.forward(..., packed_seq_params=)`` (``models/gpt/gpt_model.py``) passes it on;
+    ``Attention.forward`` squeezes the batch dim of q/k/v for ``qkv_format == "thd"`` and
+    applies RoPE per sequence from ``cu_seqlens_q(_padded)`` (``transformer/attention.py``,
+    so position ids are not read), and ``TEDotProductAttention`` forwards ``cu_seqlens_*`` and
+    ``max_seqlen_*`` to TE's fused attention (``extensions/transformer_engine.py``); the
+    rotary length is ``max(max_seqlen_q, max_seqlen_kv)`` (``rotary_pos_embedding.py``
+    ``get_rotary_seq_len``). THD takes one row ([1, T]): ``collate_packed`` builds exactly
+    that. The alignment padding of a sequence is part of its segment, so ``cu_seqlens`` and
+    the padded variant coincide (both set). Under CP the row is split per segment and
+    cu_seqlens stay global, as verl packs for megatron (``verl/models/mcore/util.py``
+    ``preprocess_packed_seqs``: sequences padded to a multiple of TP x CP x 2, each split into
+    the two load-balanced halves, ``cu_seqlens_padded`` of the whole row)."""
+    if mb.segments is None:
+        return None, None
+    from erpd_megatron.data.batching import packed_attention_mask, packed_cu_seqlens
+
+    if not te:
+        return packed_attention_mask(mb.segments), None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu, longest = packed_cu_seqlens(mb.segments)
+    return None, PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest,
+    )
+
+
+def cp_micro_batch(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
+    """This CP rank's positions of ``mb`` (every [b, s, ...] tensor along the sequence):
+    megatron's load-balanced chunks of the row, or of each packed segment (THD; TE's
+    ``thd_get_partitioned_indices`` order, see :mod:`erpd_megatron.data.context_parallel`).
+    Per-sequence values stay whole; ``seq_owned`` marks the sequences whose first scoring
+    position is here (they are counted once over CP)."""
+    from erpd_megatron.data.batching import packed_cu_seqlens
+    from erpd_megatron.data.context_parallel import cp_chunk_indices, cp_packed_indices, cp_split
+
+    s = int(mb.input_ids.shape[1])
+    if mb.segments is not None:
+        idx = cp_packed_indices(packed_cu_seqlens(mb.segments)[0].cpu(), cp_size, cp_rank)
+    else:
+        idx = cp_chunk_indices(s, cp_size, cp_rank)
+    seq = mb.seq_index
+    n = int(mb.rewards.shape[0])
+    first = torch.full((n,), s, dtype=torch.long, device=seq.device)
+    pos = torch.arange(s, device=seq.device).expand_as(seq)
+    valid = seq >= 0
+    if valid.any():
+        first = first.scatter_reduce(0, seq[valid], pos[valid], reduce="amin")
+    here = torch.zeros(s, dtype=torch.bool, device=seq.device)
+    here[idx.to(seq.device)] = True
+    owned = here[first.clamp(max=s - 1)] & (first < s)
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return cp_split(t, idx, dim=1)
+
+    return MicroBatch(
+        rows=mb.rows, input_ids=cut(mb.input_ids), position_ids=cut(mb.position_ids),
+        targets=cut(mb.targets), loss_mask=cut(mb.loss_mask), advantages=cut(mb.advantages),
+        rewards=mb.rewards, seq_index=cut(mb.seq_index),
+        token_arrays={k: cut(v) for k, v in mb.token_arrays.items()},
+        segments=None if mb.segments is None else cut(mb.segments), seq_owned=owned,
+    )
+
+
 def _pad_for_interleaving(mbs: list[MicroBatch], pp: int) -> list[MicroBatch]:
     """Zero-loss dummies up to a multiple of PP (at least PP): megatron's interleaved schedule
     refuses fewer than PP micro-batches or a last group of 1..PP-1 (core_v0.16.1
@@ -231,6 +313,7 @@ def _pad_shape(mb: MicroBatch, b: int, s: int) -> MicroBatch:
         targets=pad(mb.targets), loss_mask=pad(mb.loss_mask), advantages=pad(mb.advantages),
         rewards=F.pad(mb.rewards, [0, db]), seq_index=pad(mb.seq_index, -1),
         token_arrays={k: pad(v) for k, v in mb.token_arrays.items()},
+        segments=None if mb.segments is None else pad(mb.segments, -1),
     )
 
 

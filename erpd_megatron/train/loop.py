@@ -39,12 +39,9 @@ from erpd_megatron.config.schema import Config
 from erpd_megatron.data.batching import (
     MicroBatch,
     SampleTable,
-    collate,
-    dp_micro_batches,
+    build_micro_batches,
     epoch_order,
     global_batches,
-    pad_micro_batches,
-    pad_multiple,
 )
 from erpd_megatron.runtime import comm
 from erpd_megatron.train.engine import Engine, LossFn, reduce_metrics
@@ -173,11 +170,8 @@ class TrainLoop:
         """This rank's micro-batches of one global batch, padded with zero-loss dummies to the
         count of the DP rank with the most (computed from the global picture, no collective),
         so that every DP rank runs the same schedule (see :mod:`erpd_megatron.train.engine`)."""
-        e, budget = self.engine, self.cfg.data.max_tokens_per_microbatch
-        pad = pad_multiple(self.cfg)
-        mine, count = dp_micro_batches(rows, self.lengths, e.dp_rank, e.dp_size, budget)
-        mbs = [collate(self.spec.table, mb, arrays, pad_to=pad) for mb in mine]
-        return pad_micro_batches(mbs, count, length=pad, token_arrays=arrays)
+        e = self.engine
+        return build_micro_batches(self.cfg, self.spec.table, rows, e.dp_rank, e.dp_size, arrays)
 
     # ---- main -----------------------------------------------------------------------------
     def run(self) -> int:

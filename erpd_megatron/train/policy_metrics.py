@@ -34,24 +34,32 @@ def reverse_k3(y: torch.Tensor, max_log_ratio: float = 20.0) -> torch.Tensor:
 
 def policy_metric_sums(logp: torch.Tensor, ref_logp: torch.Tensor, entropy: torch.Tensor | None,
                        mb: MicroBatch) -> dict[str, torch.Tensor]:
-    """Sums over one micro-batch ([b, s] tensors, ``mb.loss_mask`` selects response tokens)."""
+    """Sums over one micro-batch ([b, s] tensors, ``mb.loss_mask`` selects response tokens;
+    per-sequence sums go through ``mb.seq_index``, so packed rows count each sequence)."""
     with torch.no_grad():
         mask = mb.loss_mask > 0
         lp = torch.where(mask, logp.detach().double(), 0.0)
         ref = torch.where(mask, ref_logp.double(), 0.0)
-        drift = (lp - ref).sum(dim=1)  # per sequence
-        has = mask.any(dim=1)
+        # per sequence through seq_index (a packed row holds several sequences)
+        n_seq = int(mb.rewards.shape[0])
+        idx = torch.where(mask, mb.seq_index.to(lp.device), 0).reshape(-1)
+        drift = lp.new_zeros(n_seq).index_add(0, idx, (lp - ref).reshape(-1))
+        count = lp.new_zeros(n_seq).index_add(0, idx, mask.reshape(-1).double())
+        has = count > 0  # sums: every rank's part of a sequence (partial under CP)
         pos = has & (mb.rewards.to(drift.device) > 0)
         neg = has & ~pos
+        counted = has  # counts: context parallel counts a sequence on one CP rank only
+        if mb.seq_owned is not None:
+            counted = has & mb.seq_owned.to(has.device)
         out = {
             "pm_tokens": mask.sum().double(),
-            "pm_sequences": has.sum().double(),
+            "pm_sequences": counted.sum().double(),
             "pm_entropy_sum": torch.where(mask, entropy.detach().double(), 0.0).sum()
             if entropy is not None else torch.zeros((), dtype=torch.float64),
             "pm_k1_sum": torch.where(mask, ref - lp, 0.0).sum(),
             "pm_k3_sum": torch.where(mask, reverse_k3(lp - ref), 0.0).sum(),
-            "pm_drift_pos_sum": drift[pos].sum(), "pm_pos_sequences": pos.sum().double(),
-            "pm_drift_neg_sum": drift[neg].sum(), "pm_neg_sequences": neg.sum().double(),
+            "pm_drift_pos_sum": drift[pos].sum(), "pm_pos_sequences": (pos & counted).sum().double(),
+            "pm_drift_neg_sum": drift[neg].sum(), "pm_neg_sequences": (neg & counted).sum().double(),
         }
     return out
 

@@ -20,10 +20,8 @@ import torch.distributed as dist
 from erpd_megatron.data.batching import (
     MicroBatch,
     SampleTable,
-    collate,
-    dp_micro_batches,
-    pad_micro_batches,
-    pad_multiple,
+    build_micro_batches,
+    scatter_response_values,
 )
 from erpd_megatron.runtime import comm
 from erpd_megatron.train.engine import Engine
@@ -50,11 +48,10 @@ def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLik
     done = out_dir / "COMPLETE"
     if not done.exists():
         shard = engine.vocab_shard()
-        pad = pad_multiple(engine.cfg)
-        mine, count = dp_micro_batches(np.arange(len(table)), table.lengths, engine.dp_rank,
-                                       engine.dp_size, max_tokens)
-        # every DP rank runs the same number of forwards (FP8's amax reduction spans TP x DP)
-        mbs = pad_micro_batches([collate(table, r, pad_to=pad) for r in mine], count, length=pad)
+        # every DP rank runs the same number of forwards (FP8's amax reduction spans TP x DP);
+        # packed like training when data.packing is on
+        mbs = build_micro_batches(engine.cfg, table, np.arange(len(table)), engine.dp_rank,
+                                  engine.dp_size, max_tokens=max_tokens)
 
         def fn(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
             b, s, v = logits.shape
@@ -68,9 +65,8 @@ def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLik
         if owner:
             ids, vals, offs = [], [], [0]
             for mb, o in zip(mbs, outs):
-                mask = mb.loss_mask.bool()
-                for j, row in enumerate(mb.rows):
-                    v = o["logprobs"][j].cpu()[mask[j]].float().numpy()
+                # per sequence through seq_index: one row may hold several packed sequences
+                for row, v in zip(mb.rows, scatter_response_values(mb, o["logprobs"])):
                     ids.append(int(row))
                     vals.append(v)
                     offs.append(offs[-1] + len(v))

@@ -59,11 +59,13 @@ def make_stage1_loss(cfg: Config, run: StageRun, table: SampleTable, rows: np.nd
         lp, ent = logits_logprob_entropy(logits, mb, shard, sole_consumer=True)
         ref = mb.token_arrays["ref_logp"].to(lp.device)
         anchor = mb.token_arrays.get("anchor_logp", mb.token_arrays["ref_logp"]).to(lp.device)
-        reward = mb.rewards.to(lp.device)[:, None].expand_as(lp)
+        # per sequence through seq_index: a packed row holds several sequences
+        reward = mb.per_token(mb.rewards.to(lp.device))
         loss, m = stage1_loss(
             cfg.stage1.loss, logp=lp, adv=mb.advantages.to(lp.device), mask=mb.loss_mask.to(lp.device),
             normalizer=tokens, anchor_logp=anchor, ref_logp=ref, reward=reward, seq_normalizer=seqs,
-            segment_ids=None, num_segments=None, **kwargs,
+            segment_ids=mb.seq_index.clamp(min=0).to(lp.device), num_segments=int(mb.rewards.shape[0]),
+            **kwargs,
         )
         m.update(policy_metric_sums(lp, ref, ent, mb))
         return loss, m

@@ -338,8 +338,9 @@ def stage1_recipe(ck: Check) -> tuple[Path, list[str], dict[str, Any]]:
     return recipe, ov, {"params": None}
 
 
-def step_stage1(ck: Check, recipe: Path, ov: list[str], name: str, extra: list[str]) -> tuple[str, dict[str, Any]]:
-    """One Stage-1 run (1 epoch): finite losses, a final checkpoint, tokens/s."""
+def step_stage1(ck: Check, recipe: Path, ov: list[str], name: str, extra: list[str], *,
+                nproc: int = 1) -> tuple[str, dict[str, Any]]:
+    """One Stage-1 run (1 epoch, on ``nproc`` GPUs): finite losses, a final checkpoint, tokens/s."""
     base = ck.out / "stage1/base"
     if not base.exists():
         run([sys.executable, "-m", "erpd_megatron.pipeline.init_checkpoint", "--config", str(recipe), "--out",
@@ -347,7 +348,8 @@ def step_stage1(ck: Check, recipe: Path, ov: list[str], name: str, extra: list[s
     out = ck.out / f"stage1/{name}"
     run([sys.executable, "-m", "erpd_megatron.stage1", "--config", str(recipe), *ov, *extra,
          f"checkpoint.load={base}", f"output_dir={out}", "stage1.epochs=1", "stage1.eval_every_epochs=0",
-         "logging.progress_bar=false", "checkpoint.save_interval=100000"], ck.out / f"logs/stage1_{name}.log", 900)
+         "logging.progress_bar=false", "checkpoint.save_interval=100000"], ck.out / f"logs/stage1_{name}.log", 900,
+        nproc=nproc)
     metrics = [r for r in read_jsonl(out / "stage1/stage1_metrics.jsonl") if "stage1/loss" in r or "loss" in r]
     losses = [r.get("stage1/loss", r.get("loss")) for r in metrics]
     timing = read_jsonl(out / "stage1/stage1_timing.jsonl")
@@ -435,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
             figures[name] = data
             return fig, data
         ck.step(f"stage1_{name}", one)
+    # context parallel (TE attention over the CP group) with packed THD rows, on 2 GPUs
+    cp_skip = ("CPU dry run" if args.cpu_dry else
+               None if torch.cuda.device_count() >= 2 else "needs 2 GPUs")
+    ck.step("stage1_cp2_packed", lambda: step_stage1(
+        ck, recipe, ov, "cp2_packed", ["parallel.context_parallel_size=2", "data.packing=true",
+                                       "parallel.num_nodes=1", "parallel.gpus_per_node=2"], nproc=2),
+        skip=cp_skip)
     finals = [figures[n]["final"] for n, _ in runs if n in figures]
     ck.step("checkpoint_reload", lambda: _reload_step(ck, recipe, ov, finals), skip=None if finals else "no final")
     if "bf16" in figures:

@@ -116,15 +116,18 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: Optiona
                               f" = {pp}x{vpp}")
     if world_size is None:
         world_size = par.num_nodes * par.gpus_per_node
-    if world_size % (tp * pp):
+    cp = int(getattr(par, "context_parallel_size", 1) or 1)
+    if cp < 1:
+        raise ConfigError("parallel.context_parallel_size must be >= 1")
+    if world_size % (tp * pp * cp):
         raise ConfigError(
-            f"world size {world_size} is not divisible by TP*PP = {tp}*{pp}; "
+            f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp}; "
             "change parallel.num_nodes/gpus_per_node or the layout"
         )
     from erpd_megatron.config.moe import validate_moe_layout
 
     validate_moe_layout(model, par, world_size)
-    return world_size // (tp * pp)
+    return world_size // (tp * pp * cp)
 
 
 # How to repair a missing or broken Transformer Engine (the Makefile's GPU install; README).
@@ -220,6 +223,26 @@ def check_stage2_teachers(cfg: Config, cached: list[str], where: str = "stage2.t
                 f"{where}.{i}.contrast_model='{t.contrast_model}' is not a cached model; the cache has {sorted(known)}")
 
 
+def _validate_context_parallel(cfg: Config, check_runtime: bool) -> None:
+    """CP runs the Transformer Engine attention with the CP group (the local spec's
+    DotProductAttention has no CP path), and Stage 1's ``mse`` is refused: its per-sequence
+    square needs the full sequence sums, which the split positions only hold in part."""
+    cp = cfg.parallel.context_parallel_size
+    if cp == 1:
+        return
+    if cfg.precision.transformer_impl == "local":
+        raise ConfigError(f"parallel.context_parallel_size={cp} needs Transformer Engine: set "
+                          "precision.transformer_impl=transformer_engine (or auto) on GPUs, or "
+                          "parallel.context_parallel_size=1")
+    if check_runtime and not transformer_engine_available():
+        raise ConfigError(f"parallel.context_parallel_size={cp} needs Transformer Engine, which is not "
+                          f"usable here ({transformer_engine_import_error()}); {TE_REPAIR_HINT}")
+    s1 = cfg.stage1
+    if s1.loss == "mse" or (s1.loss == "unlearned" and s1.unlearned_base == "mse"):
+        raise ConfigError(f"stage1.loss=mse is not supported with parallel.context_parallel_size={cp} "
+                          "(a per-sequence loss over split sequences); use pg/sapo/ce or CP=1")
+
+
 def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runtime: bool = False) -> None:
     """All cross-field checks. ``check_runtime`` also checks what this machine must have
     (Transformer Engine when FP8 is asked for); training entry points pass True."""
@@ -228,7 +251,8 @@ def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runt
         validate_layout(cfg.model, cfg.parallel, world_size)
     else:
         tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-        validate_layout(cfg.model, cfg.parallel, tp * pp)
+        validate_layout(cfg.model, cfg.parallel, tp * pp * max(1, cfg.parallel.context_parallel_size))
+    _validate_context_parallel(cfg, check_runtime)
     if cfg.precision.fp8 is not None:
         if cfg.precision.transformer_impl == "local":
             raise ConfigError("precision.fp8 needs precision.transformer_impl=transformer_engine (or auto)")

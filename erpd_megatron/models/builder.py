@@ -189,6 +189,9 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         expert_model_parallel_size=par.expert_model_parallel_size,
         sequence_parallel=par.sequence_parallel,
+        # CP: TE's attention exchanges K/V over the CP group megatron built
+        # (initialize_model_parallel(context_parallel_size=) in runtime/distributed.py)
+        context_parallel_size=par.context_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         # Interleaved at PP=2: a rank's previous and next stage are the same peer, and the
         # batched p2p call posts [send_prev, recv_prev, send_next, recv_next] on both ranks

@@ -313,9 +313,11 @@ def init_distributed(
         same = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                 ps.get_expert_model_parallel_world_size(),
                 ps.get_expert_tensor_parallel_world_size(),
-                ps.get_virtual_pipeline_model_parallel_world_size()) == (
+                ps.get_virtual_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size()) == (
                     tp, pp, ep, cfg.parallel.expert_tensor_parallel_size,
-                    cfg.parallel.virtual_pipeline_model_parallel_size)
+                    cfg.parallel.virtual_pipeline_model_parallel_size,
+                    cfg.parallel.context_parallel_size)
         if not same:
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
@@ -324,6 +326,7 @@ def init_distributed(
             expert_model_parallel_size=ep, distributed_timeout_minutes=timeout_minutes,
             expert_tensor_parallel_size=cfg.parallel.expert_tensor_parallel_size,
             virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size,
+            context_parallel_size=cfg.parallel.context_parallel_size,
         )
     seed_everything(cfg.seed)
     device = torch.device("cuda", torch.cuda.current_device()) if not harness else torch.device("cpu")

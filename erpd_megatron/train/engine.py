@@ -182,7 +182,33 @@ class Engine:
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=n, seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
         )
-        return list(out) if self.is_last_stage else []
+        if not self.is_last_stage:
+            return []
+        out = list(out)
+        if self.cp_size > 1 and forward_only:  # per-position results of the whole rows
+            out = [self._cp_gather(d, seen) for d, (_, seen) in zip(out, on_device)]
+        return out
+
+    def _cp_gather(self, metrics: dict, mb: MicroBatch) -> dict:
+        """Forward-only results of one micro-batch with the CP ranks' positions put back
+        together: every ``[b, s/CP, ...]`` tensor is all-gathered over the CP group (each rank
+        holds the same number of positions) and unsplit to ``mb``'s ``[b, s, ...]``; scalars
+        pass through. Every CP peer of this last stage calls it for the same micro-batches."""
+        import torch.distributed as dist
+
+        from erpd_megatron.data.context_parallel import cp_unsplit
+
+        idx = [cp_indices(mb, self.cp_size, r) for r in range(self.cp_size)]
+        group = self.ps.get_context_parallel_group()
+        b, local = int(mb.input_ids.shape[0]), int(idx[0].numel())
+        out = {}
+        for k, v in metrics.items():
+            if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, local):
+                parts = [torch.empty_like(v) for _ in range(self.cp_size)]
+                dist.all_gather(parts, v.contiguous(), group=group)
+                v = cp_unsplit(parts, idx, dim=1)
+            out[k] = v
+        return out
 
     def grads_finite(self) -> bool:
         """Whether every local gradient is finite, agreed over all ranks (MAX all-reduce)."""
@@ -242,20 +268,27 @@ def packed_inputs(mb: MicroBatch, *, te: bool) -> tuple[torch.Tensor | None, Any
     )
 
 
+def cp_indices(mb: MicroBatch, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions of ``mb``'s rows that CP rank ``cp_rank`` holds: the load-balanced chunks of
+    the row, or of each packed segment."""
+    from erpd_megatron.data.batching import packed_cu_seqlens
+    from erpd_megatron.data.context_parallel import cp_chunk_indices, cp_packed_indices
+
+    if mb.segments is not None:
+        return cp_packed_indices(packed_cu_seqlens(mb.segments)[0].cpu(), cp_size, cp_rank)
+    return cp_chunk_indices(int(mb.input_ids.shape[1]), cp_size, cp_rank)
+
+
 def cp_micro_batch(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
     """This CP rank's positions of ``mb`` (every [b, s, ...] tensor along the sequence):
     megatron's load-balanced chunks of the row, or of each packed segment (THD; TE's
     ``thd_get_partitioned_indices`` order, see :mod:`erpd_megatron.data.context_parallel`).
     Per-sequence values stay whole; ``seq_owned`` marks the sequences whose first scoring
     position is here (they are counted once over CP)."""
-    from erpd_megatron.data.batching import packed_cu_seqlens
-    from erpd_megatron.data.context_parallel import cp_chunk_indices, cp_packed_indices, cp_split
+    from erpd_megatron.data.context_parallel import cp_split
 
     s = int(mb.input_ids.shape[1])
-    if mb.segments is not None:
-        idx = cp_packed_indices(packed_cu_seqlens(mb.segments)[0].cpu(), cp_size, cp_rank)
-    else:
-        idx = cp_chunk_indices(s, cp_size, cp_rank)
+    idx = cp_indices(mb, cp_size, cp_rank)
     seq = mb.seq_index
     n = int(mb.rewards.shape[0])
     first = torch.full((n,), s, dtype=torch.long, device=seq.device)

@@ -34,7 +34,7 @@ import yaml
 from erpd_megatron.config.loader import ConfigError, build_dataclass, to_dict
 from erpd_megatron.config.schema import ModelConfig
 from erpd_megatron.models.builder import unwrap_model
-from erpd_megatron.utils.files import atomic_write_bytes, atomic_write_json, read_json
+from erpd_megatron.utils.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -65,6 +65,43 @@ def _barrier() -> None:
     from erpd_megatron.runtime import comm
 
     comm.barrier()  # on the group's device (NCCL: the current GPU)
+
+
+def _hash_part(root: Path, names: list[str]) -> dict[str, dict]:
+    """Size and SHA-256 of this rank's share of ``names`` (name ``i`` goes to rank ``i % world``):
+    each file is read by one rank only."""
+    rank, world = _rank(), dist.get_world_size() if dist.is_initialized() else 1
+    return {n: {"bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)}
+            for i, n in enumerate(names) if i % world == rank}
+
+
+def _file_names(root: Path) -> list[str]:
+    return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file() and f.name != META_FILE)
+
+
+def verify_checkpoint_files(path: Path) -> None:
+    """Check every file against the sizes and SHA-256 that ``checkpoint.json`` records (all
+    ranks call; sizes on every rank, each file hashed by one rank); a damaged, truncated or
+    missing file is a ValueError naming it, on every rank. Checkpoints saved before the
+    digests were recorded are not checked."""
+    from erpd_megatron.runtime import comm
+
+    meta = read_json(path / META_FILE) if (path / META_FILE).exists() else {}
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return
+    problems = [f"{path / n}: missing" for n in files if not (path / n).is_file()]
+    problems += [f"{path / n}: {(path / n).stat().st_size} bytes, {META_FILE} records {f['bytes']} (truncated "
+                 "or rewritten)" for n, f in files.items() if (path / n).is_file()
+                 and (path / n).stat().st_size != f["bytes"]]
+    if not problems:
+        found = _hash_part(path, sorted(files))
+        problems = [f"{path / n}: SHA-256 differs from the one in {path / META_FILE} (a damaged file)"
+                    for n, f in found.items() if f["sha256"] != files[n]["sha256"]]
+    bad = comm.any_rank(bool(problems))
+    if bad:
+        raise ValueError("; ".join(problems or [f"{path}: another rank found a damaged file"])
+                         + "; re-save or re-convert this checkpoint")
 
 
 def iter_dir(root: str | Path, step: int) -> Path:
@@ -190,6 +227,12 @@ def save_checkpoint(
     sd = _sharded_state_dict(model_chunks, optimizer, opt_param_scheduler, extra, loading=False,
                              sharding=optimizer_sharding)
     dist_checkpointing.save(sd, str(tmp))
+    _barrier()  # every rank's files complete before they are hashed
+    from erpd_megatron.runtime import comm
+
+    digests: dict[str, dict] = {}
+    for part in comm.all_gather_object(_hash_part(tmp, _file_names(tmp))):
+        digests.update(part)
     if _rank() == 0:
         if model_cfg is not None:
             save_model_config(tmp / MODEL_CONFIG_FILE, model_cfg)
@@ -199,6 +242,8 @@ def save_checkpoint(
             atomic_write_json(tmp / "hf_config.json", hf_config)
         gpt = unwrap_model(model_chunks[0])
         params = list(gpt.parameters())
+        rest = [n for n in _file_names(tmp) if n not in digests]  # rank 0's own files above
+        digests.update({n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in rest})
         atomic_write_json(tmp / META_FILE, {
             "format": FORMAT,
             "saved_layout": _layout(),
@@ -207,6 +252,7 @@ def save_checkpoint(
             "has_optimizer": optimizer is not None,
             "optimizer_sharding": optimizer_sharding if optimizer is not None else None,
             "has_scheduler": opt_param_scheduler is not None,
+            "files": dict(sorted(digests.items())),  # checked by verify_checkpoint_files at load
         })
         old = ckpt_dir.parent / f".{ckpt_dir.name}.old"
         if ckpt_dir.exists():
@@ -276,6 +322,7 @@ def load_checkpoint(
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     path = check_checkpoint_dir(ckpt_dir)
+    verify_checkpoint_files(path)
     ckpt_cfg = read_model_config(path)
     check_model_matches(ckpt_cfg, model_cfg, unwrap_model(model_chunks[0]), path)
     meta = read_json(path / META_FILE) if (path / META_FILE).exists() else {}

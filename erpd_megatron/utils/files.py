@@ -47,7 +47,7 @@ def read_json(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{path}: not found")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a damaged byte may not be UTF-8
         raise ValueError(f"{path}: not valid JSON ({e}); delete it and rerun the step that writes it") from e
 
 

@@ -1,0 +1,194 @@
+"""Sequence packing against padded micro-batches, and activation recompute's memory and time.
+
+Lengths are long-tailed: lognormal with median 2k and p99 16k tokens (sigma = ln(8)/2.326),
+scaled down by ``--scale`` (default 1/32: median 64, p99 512) to fit a CPU. For the same
+global batches and the same token budget (``--budget``, default the scaled p99), this runs
+the real training path, ``Engine.run`` forward+backward through megatron's schedule on the
+local spec (one process), with micro-batches from
+:func:`erpd_megatron.data.batching.build_micro_batches`:
+
+* ``unsorted``: the usual padded baseline, rows in their shuffled batch order cut into
+  micro-batches of count x longest <= budget (``pack_in_order``), padded to the longest;
+* ``padded``: ``data.packing=false``, this repository's unpacked default: rows bucketed by
+  length (sorted), count x longest <= budget;
+* ``packed``: ``data.packing=true``, first-fit-decreasing rows of <= budget tokens with the
+  block-diagonal causal mask (on GPUs, THD).
+
+tokens/s counts response+prompt tokens (not padding); ``padding_fraction`` is the packed
+rows' padding over their size. Recompute: the same model with
+``parallel.recompute_granularity=full`` (uniform, 1 layer): the bytes of tensors saved for
+backward during one packed micro-batch's forward (``torch.autograd.graph.saved_tensors_hooks``:
+the activation memory that recompute trades), and the forward+backward time ratio.
+Rows interleave (unsorted, padded, packed, unsorted, ...) after a warm-up; medians of ``--reps``.
+
+    python benchmarks/bench_packing.py [--quick] [--reps 5] [--threads 1]
+
+Last line: ``RESULT packing_speedup=... (packed vs unsorted) packing_speedup_vs_bucketed=...
+padding_fraction=... (packed rows) padded_padding_fraction=... (unsorted) recompute_mem_ratio=...
+recompute_time_ratio=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore")
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer sequences and reps (smoke run)")
+    p.add_argument("--reps", type=int, default=None, help="timed interleaved rounds (default 5)")
+    p.add_argument("--seqs", type=int, default=None, help="sequences per global batch (default 64)")
+    p.add_argument("--scale", type=float, default=1 / 32, help="length scale (1 = 2k median)")
+    p.add_argument("--budget", type=int, default=None, help="tokens per micro-batch (default p99)")
+    p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads")
+    p.add_argument("overrides", nargs="*", help="config overrides a.b=c")
+    return p.parse_args()
+
+
+def lognormal_lengths(n: int, scale: float, seed: int = 0):
+    """Median 2048*scale, p99 16384*scale (clipped to [8, 2 x p99])."""
+    import numpy as np
+
+    sigma = math.log(8.0) / 2.3263
+    rng = np.random.default_rng(seed)
+    x = rng.lognormal(math.log(2048 * scale), sigma, n)
+    return np.clip(np.round(x), 8, 2 * 16384 * scale).astype(np.int64)
+
+
+def main() -> None:
+    args = _args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from erpd_megatron.config import load_config
+    from erpd_megatron.data.batching import (
+        SampleTable,
+        build_micro_batches,
+        collate,
+        group_advantages,
+        pack_in_order,
+    )
+    from erpd_megatron.runtime.distributed import init_distributed
+    from erpd_megatron.train.common import logits_logprob_entropy
+    from erpd_megatron.train.engine import Engine, packed_inputs
+
+    reps = args.reps or (2 if args.quick else 5)
+    n = args.seqs or (32 if args.quick else 64)
+    p99 = int(16384 * args.scale)
+    budget = args.budget or p99
+    tmp = Path(tempfile.mkdtemp(prefix="erpd-bench-pack-"))
+    model = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=384",
+             "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=32",
+             "model.vocab_size=4096", f"model.max_position_embeddings={4 * p99}",
+             f"data.max_seq_length={4 * p99}"]
+    base = model + [f"output_dir={tmp}", "logging.progress_bar=false",
+                    f"data.max_tokens_per_microbatch={budget}", f"data.global_batch_size={n}"]
+    cfg = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", base + args.overrides)
+    cfg_pack = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", base + ["data.packing=true"] + args.overrides)
+    cfg_rc = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", base + [
+        "data.packing=true", "parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
+        "parallel.recompute_num_layers=1"] + args.overrides)
+    init_distributed(cfg)
+    lengths = lognormal_lengths(n * 3, args.scale)
+    rng = np.random.default_rng(1)
+    v = cfg.model.vocab_size
+    prompt = [rng.integers(1, v, max(2, int(L) // 8)) for L in lengths]
+    table = SampleTable(
+        sample_ids=np.arange(len(lengths)), group_ids=np.arange(len(lengths)) // 4,
+        prompt_ids=prompt, response_ids=[rng.integers(1, v, max(1, int(L) - len(p)))
+                                         for L, p in zip(lengths, prompt)],
+        rewards=rng.integers(0, 2, len(lengths)).astype(np.float32))
+    table.advantages = group_advantages(table.rewards, table.group_ids)
+    order = np.random.default_rng(2).permutation(len(lengths))  # an epoch's shuffle
+    batches = [order[i : i + n] for i in range(0, len(lengths), n)]
+    real = float(table.lengths.sum())
+    print(f"lengths: median {np.median(table.lengths):.0f}, p99 {np.percentile(table.lengths, 99):.0f}, "
+          f"max {table.lengths.max()}; {len(lengths)} sequences in {len(batches)} global batches; "
+          f"budget {budget}")
+
+    engine = Engine(cfg, train=True, total_steps=1000)
+    shard = engine.vocab_shard()
+    total_tokens = float(table.response_lengths.sum())
+
+    def loss_fn(logits, mb):
+        lp, _ = logits_logprob_entropy(logits, mb, shard)
+        return -(lp * mb.loss_mask.to(lp.device)).sum() / total_tokens, {}
+
+    plans = {name: [build_micro_batches(c, table, b, 0, 1) for b in batches]
+             for name, c in (("padded", cfg), ("packed", cfg_pack))}
+    # the usual padded baseline: rows in their (shuffled) batch order, count x longest <= budget
+    plans["unsorted"] = [[collate(table, r) for r in pack_in_order(b.tolist(), table.lengths, budget)]
+                         for b in batches]
+    sizes = {k: sum(int(m.input_ids.numel()) for mbs in v_ for m in mbs) for k, v_ in plans.items()}
+    counts = {k: sum(len(mbs) for mbs in v_) for k, v_ in plans.items()}
+    pad_frac = {k: 1 - real / sizes[k] for k in plans}
+
+    def epoch(eng, plan) -> float:
+        t = time.perf_counter()
+        for mbs in plan:
+            eng.run(mbs, loss_fn, forward_only=False)
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {"unsorted": [], "padded": [], "packed": []}
+    for name in times:
+        epoch(engine, plans[name])  # warm-up
+    for _ in range(reps):
+        for name in times:
+            times[name].append(epoch(engine, plans[name]))
+    med = {k: statistics.median(v_) for k, v_ in times.items()}
+    tps = {k: real / med[k] for k in med}
+    for k in times:
+        print(f"{k:7s}: {counts[k]:3d} micro-batches, {sizes[k]:7d} row tokens, padding {pad_frac[k]:.3f}, "
+              f"median {med[k]:.3f} s ({min(times[k]):.3f}-{max(times[k]):.3f}), {tps[k]:.0f} tokens/s")
+
+    # ---- recompute: saved-for-backward bytes of one packed micro-batch, and time ----
+    engine_rc = Engine(cfg_rc, train=True, total_steps=1000)
+    engine_rc.model[0].load_state_dict(engine.model[0].state_dict())
+    mb = max((m for mbs in plans["packed"] for m in mbs), key=lambda m: m.num_tokens)
+
+    def saved_bytes(eng) -> int:
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        model = eng.model[0]
+        mask, _ = packed_inputs(mb, te=False)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(mb.input_ids, mb.position_ids, mask)
+        out.float().sum().backward()
+        model.zero_grad_buffer()
+        return total[0]
+
+    mem = saved_bytes(engine_rc) / saved_bytes(engine)
+    rc_times: dict[str, list[float]] = {"plain": [], "recompute": []}
+    epoch(engine_rc, plans["packed"])
+    for _ in range(reps):
+        rc_times["plain"].append(epoch(engine, plans["packed"]))
+        rc_times["recompute"].append(epoch(engine_rc, plans["packed"]))
+    rc_ratio = statistics.median(rc_times["recompute"]) / statistics.median(rc_times["plain"])
+    print(f"recompute full/uniform/1: saved activations x{mem:.3f}, time x{rc_ratio:.3f}")
+    speed = tps["packed"] / tps["unsorted"]
+    speed_b = tps["packed"] / tps["padded"]
+    print(f"RESULT packing_speedup={speed:.3f} packing_speedup_vs_bucketed={speed_b:.3f} "
+          f"padding_fraction={pad_frac['packed']:.4f} padded_padding_fraction={pad_frac['unsorted']:.4f} "
+          f"recompute_mem_ratio={mem:.3f} recompute_time_ratio={rc_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

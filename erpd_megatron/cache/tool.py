@@ -21,12 +21,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from erpd_megatron.config.checks import check_cache_inputs, print_config_error
 from erpd_megatron.config.compute import compute_record
 from erpd_megatron.config.loader import ConfigError, load_config
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config
-from erpd_megatron.data.batching import MicroBatch, SampleTable, collate, dp_shard, pack_in_order
+from erpd_megatron.data.batching import (
+    MicroBatch,
+    SampleTable,
+    collate,
+    collate_packed,
+    dp_shard,
+    pack_in_order,
+    pack_in_order_packed,
+    pack_seq_multiple,
+    pad_multiple,
+    sequence_values,
+)
 from erpd_megatron.utils.files import dir_fingerprint
 from erpd_megatron.utils.log import get_logger
 
@@ -55,6 +67,11 @@ def _score_microbatch(engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, 
             ids, lps = vp_topk(flat, k, **kw)
             out["ids"], out["topk"] = ids.reshape(b, s, k), lps.reshape(b, s, k)
         for name, tid in ref_ids.items():
+            if engine.cp_size > 1:  # the teacher's ids are whole rows (gathered over CP)
+                from erpd_megatron.data.context_parallel import cp_split
+                from erpd_megatron.train.engine import cp_indices
+
+                tid = cp_split(tid, cp_indices(mb, engine.cp_size, engine.cp_rank))
             rl, _ = vp_bucket_logprobs(flat, tid.reshape(b * s, -1), **kw)
             out[f"ref:{name}"] = rl.reshape(b, s, -1)
         return logits.sum() * 0.0, out
@@ -97,12 +114,18 @@ def write_cache(cfg: Config) -> Path:
     row_of = {int(sid[r]): int(r) for r in order}
     pending = [row_of[s] for s in writer.pending()] if writer else None
     pending = _agree_pending(pending, order, base)
-    chunks = pack_in_order(pending, table.lengths, cfg.data.max_tokens_per_microbatch)
+    packing = cfg.data.packing  # packed rows of consecutive samples (the writer's order)
+    seqm = pack_seq_multiple(cfg)
+    chunks = (pack_in_order_packed(pending, table.lengths, cfg.data.max_tokens_per_microbatch,
+                                   seq_multiple=seqm) if packing else
+              pack_in_order(pending, table.lengths, cfg.data.max_tokens_per_microbatch))
     from erpd_megatron.train.metrics import progress_bar
 
+    pad = pad_multiple(cfg)
     bar = progress_bar(len(chunks), enabled=(dist.get_rank() == 0), desc="cache")
     for rows in chunks:
-        mb = collate(table, rows)
+        mb = (collate_packed(table, rows, pad_to=pad, seq_multiple=seqm) if packing else
+              collate(table, rows, pad_to=pad))
         res: dict[str, dict] = {}
         for name in teachers:
             res[name] = _score_microbatch(engines[name], mb, k, {})
@@ -115,12 +138,12 @@ def write_cache(cfg: Config) -> Path:
         ref_ids = {t: res[t]["ids"] for t in teachers} if base.is_last_stage else {}
         res["base"] = _score_microbatch(base, mb, None, ref_ids)
         if writer is not None:
-            mask = mb.loss_mask.bool()
+            # per sequence through seq_index (a packed row holds several samples)
+            per = {(n, key): sequence_values(mb, v) for n, d in res.items() for key, v in d.items()}
             for j, r in enumerate(rows.tolist()):
-                m = mask[j]
-                sampled = {n: res[n]["lp"][j][m].float().numpy() for n, _, _ in models}
-                topk = {t: (res[t]["ids"][j][m].numpy(), res[t]["topk"][j][m].float().numpy(),
-                            res["base"][f"ref:{t}"][j][m].float().numpy()) for t in teachers}
+                sampled = {n: per[n, "lp"][j].float().numpy() for n, _, _ in models}
+                topk = {t: (per[t, "ids"][j].numpy(), per[t, "topk"][j].float().numpy(),
+                            per["base", f"ref:{t}"][j].float().numpy()) for t in teachers}
                 writer.write_sample(int(sid[r]), sampled=sampled, topk=topk)
         bar.update(1)
     bar.close()

@@ -245,7 +245,8 @@ def packed_inputs(mb: MicroBatch, *, te: bool) -> tuple[torch.Tensor | None, Any
     ``Attention.forward`` squeezes the batch dim of q/k/v for ``qkv_format == "thd"`` and
     applies RoPE per sequence from ``cu_seqlens_q(_padded)`` (``transformer/attention.py``,
     so position ids are not read), and ``TEDotProductAttention`` forwards ``cu_seqlens_*`` and
-    ``max_seqlen_*`` to TE's fused attention (``extensions/transformer_engine.py``); the
+    ``max_seqlen_*`` to TE's fused attention, turning the causal mask type into
+    ``padding_causal`` for THD (``extensions/transformer_engine.py``, TE >= 1.7); the
     rotary length is ``max(max_seqlen_q, max_seqlen_kv)`` (``rotary_pos_embedding.py``
     ``get_rotary_seq_len``). THD takes one row ([1, T]): ``collate_packed`` builds exactly
     that. The alignment padding of a sequence is part of its segment, so ``cu_seqlens`` and

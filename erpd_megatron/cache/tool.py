@@ -33,12 +33,14 @@ from erpd_megatron.data.batching import (
     collate,
     collate_packed,
     dp_shard,
+    dummy_micro_batch,
     pack_in_order,
     pack_in_order_packed,
     pack_seq_multiple,
     pad_multiple,
     sequence_values,
 )
+from erpd_megatron.runtime import comm
 from erpd_megatron.utils.files import dir_fingerprint
 from erpd_megatron.utils.log import get_logger
 
@@ -116,15 +118,22 @@ def write_cache(cfg: Config) -> Path:
     pending = _agree_pending(pending, order, base)
     packing = cfg.data.packing  # packed rows of consecutive samples (the writer's order)
     seqm = pack_seq_multiple(cfg)
-    chunks = (pack_in_order_packed(pending, table.lengths, cfg.data.max_tokens_per_microbatch,
-                                   seq_multiple=seqm) if packing else
-              pack_in_order(pending, table.lengths, cfg.data.max_tokens_per_microbatch))
+    chunks: list[np.ndarray | None] = list(
+        pack_in_order_packed(pending, table.lengths, cfg.data.max_tokens_per_microbatch,
+                             seq_multiple=seqm) if packing else
+        pack_in_order(pending, table.lengths, cfg.data.max_tokens_per_microbatch))
+    # Every DP replica runs as many forwards as the one with the most pending chunks (zero-loss
+    # dummies, nothing written): FP8 delayed scaling all-reduces amax over TP x DP at every
+    # FP8 forward, so unequal counts would hang (see erpd_megatron.train.engine).
+    count = int(comm.all_reduce(torch.tensor([len(chunks)], dtype=torch.long), "max").item())
+    chunks += [None] * (count - len(chunks))
     from erpd_megatron.train.metrics import progress_bar
 
     pad = pad_multiple(cfg)
     bar = progress_bar(len(chunks), enabled=(dist.get_rank() == 0), desc="cache")
     for rows in chunks:
-        mb = (collate_packed(table, rows, pad_to=pad, seq_multiple=seqm) if packing else
+        mb = (dummy_micro_batch(pad) if rows is None else
+              collate_packed(table, rows, pad_to=pad, seq_multiple=seqm) if packing else
               collate(table, rows, pad_to=pad))
         res: dict[str, dict] = {}
         for name in teachers:
@@ -137,7 +146,7 @@ def write_cache(cfg: Config) -> Path:
         # them), which is where the base model's last stage runs too.
         ref_ids = {t: res[t]["ids"] for t in teachers} if base.is_last_stage else {}
         res["base"] = _score_microbatch(base, mb, None, ref_ids)
-        if writer is not None:
+        if writer is not None and rows is not None:
             # per sequence through seq_index (a packed row holds several samples)
             per = {(n, key): sequence_values(mb, v) for n, d in res.items() for key, v in d.items()}
             for j, r in enumerate(rows.tolist()):
@@ -149,7 +158,7 @@ def write_cache(cfg: Config) -> Path:
     bar.close()
     if writer is not None:
         writer.close()
-    dist.barrier()
+    comm.barrier()
     if dist.get_rank() == 0:
         meta = {
             "rollout_fingerprint": fingerprint,
@@ -163,7 +172,7 @@ def write_cache(cfg: Config) -> Path:
         }
         finalize_manifest(out, base.dp_size, meta)
         log.info("teacher cache written to %s", out)
-    dist.barrier()
+    comm.barrier()
     return out
 
 
@@ -173,8 +182,7 @@ def _agree_pending(pending: list[int] | None, order: np.ndarray, engine) -> list
     pending samples are always a suffix of the fixed order."""
     n_done = torch.tensor([len(order) - len(pending) if pending is not None else -1], dtype=torch.long)
     world = dist.get_world_size()
-    gathered = [torch.zeros_like(n_done) for _ in range(world)]
-    dist.all_gather(gathered, n_done)
+    gathered = comm.all_gather(n_done)  # on the group's device (NCCL rejects CPU tensors)
     ps = engine.ps
     # ranks of my model-parallel group (same DP replica): take the owner's value (>= 0)
     mp_ranks = dist.get_process_group_ranks(ps.get_model_parallel_group()) if world > 1 else [0]

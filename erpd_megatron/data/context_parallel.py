@@ -77,20 +77,16 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        import torch.distributed as dist
+        from erpd_megatron.runtime import comm
 
         ctx.group = group
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
+        return comm.all_reduce(x, group=group)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        import torch.distributed as dist
+        from erpd_megatron.runtime import comm
 
-        g = g.clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        return comm.all_reduce(g, group=ctx.group), None
 
 
 def cp_all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:

@@ -194,7 +194,6 @@ class Engine:
         together: every ``[b, s/CP, ...]`` tensor is all-gathered over the CP group (each rank
         holds the same number of positions) and unsplit to ``mb``'s ``[b, s, ...]``; scalars
         pass through. Every CP peer of this last stage calls it for the same micro-batches."""
-        import torch.distributed as dist
 
         from erpd_megatron.data.context_parallel import cp_unsplit
 
@@ -204,9 +203,7 @@ class Engine:
         out = {}
         for k, v in metrics.items():
             if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, local):
-                parts = [torch.empty_like(v) for _ in range(self.cp_size)]
-                dist.all_gather(parts, v.contiguous(), group=group)
-                v = cp_unsplit(parts, idx, dim=1)
+                v = cp_unsplit(comm.all_gather(v, group=group), idx, dim=1)
             out[k] = v
         return out
 

@@ -14,7 +14,6 @@ import pytest
 
 from tests.pipeline.readme_fixtures import save_tiny_qwen3, write_prompts
 from tests.slurm.cluster import ROOT, run, slurm_env
-from tests.slurm.conftest import slurm_cluster  # noqa: F401  (the local cluster fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 TIMEOUT_S = 1500

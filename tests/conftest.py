@@ -1,4 +1,8 @@
-"""Fixtures of the Slurm tests: the local one-node cluster for the whole session."""
+"""Session fixtures shared by every test folder: the local one-node Slurm cluster.
+
+One definition for the whole suite: a second copy of the session fixture (imported into
+another module) would try to take the cluster lock a second time in the same process and wait
+for itself (flock locks of two descriptors conflict even within one process)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Fault injection on a tiny `erpd round` (CPU): kills with reruns, and artefact corruption.
 
-    python tools/fault_injection.py kill --k 14 --seed 0 --work /tmp/faults
+    python tools/fault_injection.py kill --k 10 --seed 1 --work /tmp/faults \
+        --kinds eval,export,stage2,cache,stage1,rollout,convert,stage2,stage1,cache
     python tools/fault_injection.py corrupt --work /tmp/faults     # reuses <work>/ref when there
 
 The round is configs/recipes/tiny-cpu.yaml made smaller (8 prompts x 4 samples, 2 Stage-1
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["kill", "corrupt"])
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--k", type=int, default=14, help="kill trials (step kinds in turn)")
+    p.add_argument("--k", type=int, default=10, help="kill trials (step kinds in turn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kinds", default=",".join(faults.KINDS), help="step kinds to kill in")
     args = p.parse_args(argv)

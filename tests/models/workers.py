@@ -94,6 +94,7 @@ def single_process_worker(rank: int, world: int, root: str) -> dict:
 def _load_without_extra_state(d: Path) -> float:
     """A checkpoint without any module ``_extra_state`` objects (as a CPU conversion looks to a
     Transformer Engine model) still loads strictly; returns the logits error vs HF."""
+    import json
     import shutil
 
     from megatron.core import dist_checkpointing
@@ -107,8 +108,12 @@ def _load_without_extra_state(d: Path) -> float:
     sd = {k: v for k, v in unwrap_model(model[0]).sharded_state_dict().items() if not isinstance(v, ShardedObject)}
     (d / "no_extra").mkdir()
     dist_checkpointing.save({"model": sd}, str(d / "no_extra"))
-    for name in ("model_config.yaml", "checkpoint.json"):
-        shutil.copy(d / "mc" / name, d / "no_extra" / name)
+    shutil.copy(d / "mc" / "model_config.yaml", d / "no_extra" / "model_config.yaml")
+    # the metadata without the source's file digests: these files were written here, by
+    # dist_checkpointing directly (as a checkpoint from before the digests, loaded unchecked)
+    meta = json.loads((d / "mc" / "checkpoint.json").read_text())
+    meta.pop("files", None)
+    (d / "no_extra" / "checkpoint.json").write_text(json.dumps(meta))
     _, model = build_and_load(mc, d / "no_extra", 1, 1, 1)
     return rel_err(logits_at(model)[..., :VOCAB], hf_logits(d / "hf", sample_ids()))
 

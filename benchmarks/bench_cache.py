@@ -62,17 +62,28 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 VOCAB, K = 151936, 64
-MEGATRON_LM_MAX_VOCAB = 2 ** 17  # logits_saver.py: _MAX_VOCAB_SIZE = 2 ** 17 (17 bits)
+MEGATRON_LM_MAX_VOCAB = 2**17  # logits_saver.py: _MAX_VOCAB_SIZE = 2 ** 17 (17 bits)
 
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: fewer tokens, a tiny model, 2 reps")
-    p.add_argument("--tokens", type=int, default=None, help="response tokens in the format part (default 65536)")
-    p.add_argument("--seq", type=int, default=1024, help="longest response per sample (format part)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: fewer tokens, a tiny model, 2 reps"
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="response tokens in the format part (default 65536)",
+    )
+    p.add_argument(
+        "--seq", type=int, default=1024, help="longest response per sample (format part)"
+    )
     p.add_argument("--reps", type=int, default=None, help="interleaved timed rounds (default 5)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype of the tool pass")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype of the tool pass"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (0: torch default)")
     p.add_argument("--skip-tool", action="store_true", help="formats only (no models)")
     p.add_argument("overrides", nargs="*", help="config overrides for the tool pass, a.b=c")
@@ -92,9 +103,16 @@ def make_data(n_samples: int, seq: int, prompt: int, seed: int = 0) -> list[dict
         pos = prompt + length
         ids = np.stack([rng.choice(VOCAB, K, replace=False) for _ in range(pos)]).astype(np.int64)
         lps = np.sort(-rng.exponential(4.0, size=(pos, K)).astype(np.float32), axis=1)[:, ::-1]
-        out.append({"ids": ids, "lps": np.ascontiguousarray(lps), "prompt": prompt, "len": length,
-                    "base": -rng.exponential(1.0, length).astype(np.float32),
-                    "teacher0": -rng.exponential(1.0, length).astype(np.float32)})
+        out.append(
+            {
+                "ids": ids,
+                "lps": np.ascontiguousarray(lps),
+                "prompt": prompt,
+                "len": length,
+                "base": -rng.exponential(1.0, length).astype(np.float32),
+                "teacher0": -rng.exponential(1.0, length).astype(np.float32),
+            }
+        )
     return out
 
 
@@ -119,16 +137,30 @@ def erpd_write(root: Path, data: list[dict], value_dtype: str = "fp16") -> Path:
     from erpd_megatron.cache import CacheWriter, finalize_manifest
 
     shutil.rmtree(root, ignore_errors=True)
-    with CacheWriter(root, rank=0, sample_ids=list(range(len(data))), vocab_size=VOCAB, k=K,
-                     sampled_models=["base", "teacher0"], teachers=["teacher0"], value_dtype=value_dtype,
-                     max_shard_bytes=64 << 20, fsync=False) as w:
+    with CacheWriter(
+        root,
+        rank=0,
+        sample_ids=list(range(len(data))),
+        vocab_size=VOCAB,
+        k=K,
+        sampled_models=["base", "teacher0"],
+        teachers=["teacher0"],
+        value_dtype=value_dtype,
+        max_shard_bytes=64 << 20,
+        fsync=False,
+    ) as w:
         for sid in w.pending():
             d = data[sid]
             p = d["prompt"]
-            w.write_sample(sid, sampled={"base": d["base"], "teacher0": d["teacher0"]},
-                           topk={"teacher0": (d["ids"][p:], d["lps"][p:])})
+            w.write_sample(
+                sid,
+                sampled={"base": d["base"], "teacher0": d["teacher0"]},
+                topk={"teacher0": (d["ids"][p:], d["lps"][p:])},
+            )
     models = {n: {"path": f"/ckpt/{n}", "fingerprint": "bench"} for n in ("base", "teacher0")}
-    finalize_manifest(root, 1, {"rollout_fingerprint": "bench", "models": models}, verify_checksums=False)
+    finalize_manifest(
+        root, 1, {"rollout_fingerprint": "bench", "models": models}, verify_checksums=False
+    )
     return root
 
 
@@ -139,7 +171,9 @@ def erpd_topk_bytes(root: Path) -> int:
     total = 0
     for path in sorted(root.glob("*.erpdc")):
         shard = ShardFile.open(path, verify=False)
-        total += shard.file_size - sum(nb for (kind, _), (_, nb) in shard.sections.items() if kind == KIND_SAMPLED)
+        total += shard.file_size - sum(
+            nb for (kind, _), (_, nb) in shard.sections.items() if kind == KIND_SAMPLED
+        )
         shard.close()
     return total
 
@@ -148,7 +182,8 @@ def megatron_lm_check_vocab(global_vocab_size: int) -> None:
     """Megatron-LM's rule, logits_saver.py (LogitsSaverHooks, before its top-k):
     ``assert global_vocab_size <= _MAX_VOCAB_SIZE``, same message."""
     assert global_vocab_size <= MEGATRON_LM_MAX_VOCAB, (
-        f"Global vocab size {global_vocab_size} exceeds maximum supported {MEGATRON_LM_MAX_VOCAB} (17 bits)")
+        f"Global vocab size {global_vocab_size} exceeds maximum supported {MEGATRON_LM_MAX_VOCAB} (17 bits)"
+    )
 
 
 def megatron_lm_pack(indices):
@@ -178,7 +213,7 @@ def megatron_lm_write(path: Path, data: list[dict], per_iter: int) -> None:
         tar.addfile(info, io.BytesIO(meta))
         for it in range(0, len(data), per_iter):
             vals, low, hi = [], [], []
-            for d in data[it: it + per_iter]:
+            for d in data[it : it + per_iter]:
                 ids = torch.from_numpy(d["ids"])[:, None, :]
                 vals.append(torch.from_numpy(d["lps"])[:, None, :].to(torch.float16))
                 lo, b17 = megatron_lm_pack(ids)
@@ -217,7 +252,7 @@ def padded_layout(data: list[dict], batch: int, val_dtype, idx_dtype) -> list[tu
 
     out = []
     for b0 in range(0, len(data), batch):
-        group = data[b0: b0 + batch]
+        group = data[b0 : b0 + batch]
         s = max(len(d["ids"]) for d in group)
         vals = torch.zeros(len(group), s, K, dtype=val_dtype)
         ids = torch.zeros(len(group), s, K, dtype=idx_dtype)
@@ -234,7 +269,7 @@ def padded_read(layout: list[tuple]) -> int:
     for group, vals, ids in layout:
         for j, d in enumerate(group):
             p, n = d["prompt"], d["len"]
-            _ = vals[j, p: p + n].contiguous(), ids[j, p: p + n].contiguous()
+            _ = vals[j, p : p + n].contiguous(), ids[j, p : p + n].contiguous()
             tokens += n
     return tokens
 
@@ -248,8 +283,10 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
     try:
         import zstandard  # noqa: F401
     except ImportError:
-        raise SystemExit("bench_cache.py needs zstandard for Megatron-LM's layout: pip install zstandard "
-                         "(it is in the dev extra: pip install -e .[dev])") from None
+        raise SystemExit(
+            "bench_cache.py needs zstandard for Megatron-LM's layout: pip install zstandard "
+            "(it is in the dev extra: pip install -e .[dev])"
+        ) from None
     tokens = args.tokens or (8192 if args.quick else 65536)
     seq = min(args.seq, tokens)
     prompt = seq // 4
@@ -260,9 +297,11 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
     entries = resp * K
     root = Path(tempfile.mkdtemp(prefix="bench_cache_"))
     per_batch = 8
-    print(f"# formats: vocab {VOCAB} ({bits_per_id(VOCAB)} bits per id for ERPD), k {K}, {n_samples} samples, "
-          f"{resp} response tokens ({entries:,} entries), {positions} positions with prompts; {per_batch} "
-          "samples per batch/iteration for the peers")
+    print(
+        f"# formats: vocab {VOCAB} ({bits_per_id(VOCAB)} bits per id for ERPD), k {K}, {n_samples} samples, "
+        f"{resp} response tokens ({entries:,} entries), {positions} positions with prompts; {per_batch} "
+        "samples per batch/iteration for the peers"
+    )
 
     # Megatron-LM's packing rule on this vocabulary
     try:
@@ -273,8 +312,10 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
     all_ids = torch.from_numpy(np.concatenate([d["ids"] for d in data]))
     wrong = int((megatron_lm_unpack(*megatron_lm_pack(all_ids)) != all_ids).sum())
     print(f"  Megatron-LM rule on vocab {VOCAB}: {refusal}")
-    print(f"  Megatron-LM pack/unpack of these ids: {wrong:,} of {all_ids.numel():,} ids come back wrong "
-          f"({wrong / all_ids.numel():.1%}: every id >= {MEGATRON_LM_MAX_VOCAB})")
+    print(
+        f"  Megatron-LM pack/unpack of these ids: {wrong:,} of {all_ids.numel():,} ids come back wrong "
+        f"({wrong / all_ids.numel():.1%}: every id >= {MEGATRON_LM_MAX_VOCAB})"
+    )
 
     erpd_dir, mlm_tar = root / "erpd", root / "megatron_lm.tar"
     erpd_write(erpd_dir, data)
@@ -289,15 +330,24 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
             rec = cache.get(sid)
             _ = rec.topk_ids["teacher0"], rec.topk_logprobs["teacher0"]
 
-    times = _timed_rounds({"erpd": erpd_read, "megatron_lm": lambda: megatron_lm_read(mlm_tar),
-                           "verl": lambda: padded_read(verl), "nemo_rl": lambda: padded_read(nemo)}, reps)
+    times = _timed_rounds(
+        {
+            "erpd": erpd_read,
+            "megatron_lm": lambda: megatron_lm_read(mlm_tar),
+            "verl": lambda: padded_read(verl),
+            "nemo_rl": lambda: padded_read(nemo),
+        },
+        reps,
+    )
     rec = cache.get(sids[-1])
     d = data[sids[-1]]
-    assert np.array_equal(rec.topk_ids["teacher0"], d["ids"][d["prompt"]:])
+    assert np.array_equal(rec.topk_ids["teacher0"], d["ids"][d["prompt"] :])
     cache.close()
 
     def layout_bytes(layout) -> int:
-        return sum(v.numel() * v.element_size() + i.numel() * i.element_size() for _, v, i in layout)
+        return sum(
+            v.numel() * v.element_size() + i.numel() * i.element_size() for _, v, i in layout
+        )
 
     def stored(layout) -> int:
         return sum(v.shape[0] * v.shape[1] * K for _, v, _ in layout)
@@ -308,16 +358,22 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
         "verl GKD (int32, fp32; memory)": (layout_bytes(verl), stored(verl), "verl"),
         "NeMo-RL (int64, fp32; memory)": (layout_bytes(nemo), stored(nemo), "nemo_rl"),
     }
-    print(f"  {'layout':<34}{'bytes/entry':>12}{'stored':>9}{'decode M entries/s':>20}{'min-max':>15}")
+    print(
+        f"  {'layout':<34}{'bytes/entry':>12}{'stored':>9}{'decode M entries/s':>20}{'min-max':>15}"
+    )
     out = {}
     for label, (nbytes, stored_entries, key) in rows.items():
         t = times[key]
         rate = entries / statistics.median(t)
-        print(f"  {label:<34}{nbytes / entries:>12.3f}{nbytes / stored_entries:>9.3f}{rate / 1e6:>20.2f}"
-              f"{entries / max(t) / 1e6:>8.2f}-{entries / min(t) / 1e6:<6.2f}")
+        print(
+            f"  {label:<34}{nbytes / entries:>12.3f}{nbytes / stored_entries:>9.3f}{rate / 1e6:>20.2f}"
+            f"{entries / max(t) / 1e6:>8.2f}-{entries / min(t) / 1e6:<6.2f}"
+        )
         out[key] = (nbytes / entries, rate)
-    print("  (bytes/entry: per response entry; stored: per stored position entry; decode: response "
-          "entries per second, median of the rounds, min-max)")
+    print(
+        "  (bytes/entry: per response entry; stored: per stored position entry; decode: response "
+        "entries per second, median of the rounds, min-max)"
+    )
     shutil.rmtree(root, ignore_errors=True)
     return out
 
@@ -334,31 +390,57 @@ def tool_overhead(args: argparse.Namespace, reps: int) -> tuple[float, dict]:
     from erpd_megatron.train.engine import Engine, _device
 
     if args.quick:
-        model = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=384",
-                 "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=32",
-                 "model.vocab_size=32000"]
+        model = [
+            "model.num_layers=2",
+            "model.hidden_size=128",
+            "model.ffn_hidden_size=384",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.kv_channels=32",
+            "model.vocab_size=32000",
+        ]
         n, prompt_len, resp_len = 4, 32, 96
     else:
-        model = ["model.num_layers=4", "model.hidden_size=256", "model.ffn_hidden_size=768",
-                 "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32",
-                 f"model.vocab_size={VOCAB}"]
+        model = [
+            "model.num_layers=4",
+            "model.hidden_size=256",
+            "model.ffn_hidden_size=768",
+            "model.num_attention_heads=8",
+            "model.num_query_groups=4",
+            "model.kv_channels=32",
+            f"model.vocab_size={VOCAB}",
+        ]
         n, prompt_len, resp_len = 8, 64, 192
     tmp = Path(tempfile.mkdtemp(prefix="bench_cache_tool_"))
-    cfg = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", model + [
-        f"precision.params_dtype={args.dtype}", "data.max_tokens_per_microbatch=1024", "data.max_seq_length=512",
-        f"cache.topk={K}", f"output_dir={tmp}"] + args.overrides)
+    cfg = load_config(
+        ROOT / "configs/recipes/tiny-cpu.yaml",
+        model
+        + [
+            f"precision.params_dtype={args.dtype}",
+            "data.max_tokens_per_microbatch=1024",
+            "data.max_seq_length=512",
+            f"cache.topk={K}",
+            f"output_dir={tmp}",
+        ]
+        + args.overrides,
+    )
     init_distributed(cfg)
     v = cfg.model.vocab_size
     rng = np.random.default_rng(1)
-    table = SampleTable(sample_ids=np.arange(n, dtype=np.int64), group_ids=np.arange(n) // 4,
-                        prompt_ids=[rng.integers(1, v, prompt_len) for _ in range(n)],
-                        response_ids=[rng.integers(1, v, resp_len - (i % 4) * 8) for i in range(n)],
-                        rewards=rng.integers(0, 2, n).astype(np.float32))
+    table = SampleTable(
+        sample_ids=np.arange(n, dtype=np.int64),
+        group_ids=np.arange(n) // 4,
+        prompt_ids=[rng.integers(1, v, prompt_len) for _ in range(n)],
+        response_ids=[rng.integers(1, v, resp_len - (i % 4) * 8) for i in range(n)],
+        rewards=rng.integers(0, 2, n).astype(np.float32),
+    )
     engines = {"base": Engine(cfg, train=False), "teacher0": Engine(cfg, train=False)}
     base = engines["base"]
     order = tool.rank_order(table, base.dp_rank, base.dp_size)
     sid = table.sample_ids
-    chunks = list(pack_in_order([int(r) for r in order], table.lengths, cfg.data.max_tokens_per_microbatch))
+    chunks = list(
+        pack_in_order([int(r) for r in order], table.lengths, cfg.data.max_tokens_per_microbatch)
+    )
     k = cfg.cache.topk
     device = _device()
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -366,39 +448,67 @@ def tool_overhead(args: argparse.Namespace, reps: int) -> tuple[float, dict]:
     def full_pass() -> None:
         out = tmp / "cache"
         shutil.rmtree(out, ignore_errors=True)
-        writer = CacheWriter(out, rank=0, sample_ids=[int(sid[r]) for r in order], vocab_size=v, k=k,
-                             sampled_models=["base", "teacher0"], teachers=["teacher0"], ref_teachers=["teacher0"],
-                             value_dtype=cfg.cache.dtype, max_shard_bytes=cfg.cache.max_shard_bytes)
+        writer = CacheWriter(
+            out,
+            rank=0,
+            sample_ids=[int(sid[r]) for r in order],
+            vocab_size=v,
+            k=k,
+            sampled_models=["base", "teacher0"],
+            teachers=["teacher0"],
+            ref_teachers=["teacher0"],
+            value_dtype=cfg.cache.dtype,
+            max_shard_bytes=cfg.cache.max_shard_bytes,
+        )
         for rows in chunks:
             mb = collate(table, rows)
             res = {"teacher0": tool._score_microbatch(engines["teacher0"], mb, k, {})}
-            res["base"] = tool._score_microbatch(base, mb, None, {"teacher0": res["teacher0"]["ids"]})
+            res["base"] = tool._score_microbatch(
+                base, mb, None, {"teacher0": res["teacher0"]["ids"]}
+            )
             mask = mb.loss_mask.bool()
             for j, r in enumerate(rows.tolist()):
                 m = mask[j]
                 sampled = {name: res[name]["lp"][j][m].float().cpu().numpy() for name in res}
                 t = res["teacher0"]
-                topk = {"teacher0": (t["ids"][j][m].cpu().numpy(), t["topk"][j][m].float().cpu().numpy(),
-                                     res["base"]["ref:teacher0"][j][m].float().cpu().numpy())}
+                topk = {
+                    "teacher0": (
+                        t["ids"][j][m].cpu().numpy(),
+                        t["topk"][j][m].float().cpu().numpy(),
+                        res["base"]["ref:teacher0"][j][m].float().cpu().numpy(),
+                    )
+                }
                 writer.write_sample(int(sid[r]), sampled=sampled, topk=topk)
         writer.close()
-        finalize_manifest(out, 1, {"rollout_fingerprint": "bench", "models": {
-            name: {"path": "-", "fingerprint": "-"} for name in engines}})  # SHA-256 of every shard
+        finalize_manifest(
+            out,
+            1,
+            {
+                "rollout_fingerprint": "bench",
+                "models": {name: {"path": "-", "fingerprint": "-"} for name in engines},
+            },
+        )  # SHA-256 of every shard
 
     def scoring_pass() -> None:
         results = {}
         for rows in chunks:
             mb = collate(table, rows).to(device)
             for name, e in engines.items():
+
                 def forward_step(it, model, mb=mb):
                     out = model(mb.input_ids, mb.position_ids, None, labels=mb.targets)  # CE [b, s]
                     return out, lambda loss: (loss.sum() * 0.0, {"lp": -loss.float()})
 
                 with torch.no_grad():
                     outs = get_forward_backward_func()(
-                        forward_step_func=forward_step, data_iterator=iter([mb]), model=e.model[0],
-                        num_microbatches=1, seq_length=int(mb.input_ids.shape[1]),
-                        micro_batch_size=int(mb.input_ids.shape[0]), forward_only=True)
+                        forward_step_func=forward_step,
+                        data_iterator=iter([mb]),
+                        model=e.model[0],
+                        num_microbatches=1,
+                        seq_length=int(mb.input_ids.shape[1]),
+                        micro_batch_size=int(mb.input_ids.shape[0]),
+                        forward_only=True,
+                    )
                 lp, mask = outs[0]["lp"], mb.loss_mask.bool()
                 for j, r in enumerate(rows.tolist()):
                     results[name, r] = lp[j][mask[j]].cpu().numpy()
@@ -410,22 +520,31 @@ def tool_overhead(args: argparse.Namespace, reps: int) -> tuple[float, dict]:
             sync()
             f()
             sync()
+
         return g
 
     times = _timed_rounds({"scoring": timed(scoring_pass), "cache": timed(full_pass)}, reps)
     tok = int(table.lengths.sum())
     med = {k2: statistics.median(t) for k2, t in times.items()}
-    print(f"# cache tool pass vs forward-only scoring: device {device.type}, dtype {args.dtype}, 2 models "
-          f"(layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, vocab {v}), {n} samples, {tok} "
-          f"tokens, {len(chunks)} micro-batches, k {k}, {reps} interleaved rounds")
-    print(f"  {'pass':<58}{'median s':>10}{'min-max s':>16}{'ratio':>7}{'cpu s':>8}{'cpu ratio':>10}")
+    print(
+        f"# cache tool pass vs forward-only scoring: device {device.type}, dtype {args.dtype}, 2 models "
+        f"(layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, vocab {v}), {n} samples, {tok} "
+        f"tokens, {len(chunks)} micro-batches, k {k}, {reps} interleaved rounds"
+    )
+    print(
+        f"  {'pass':<58}{'median s':>10}{'min-max s':>16}{'ratio':>7}{'cpu s':>8}{'cpu ratio':>10}"
+    )
     cpu = {key: statistics.median(CPU_TIMES[key]) for key in times}
-    labels = {"scoring": "forward-only scoring (GPTModel(labels=), 2 models)",
-              "cache": "cache pass (log-probs, top-k, pi_r buckets, write, SHA-256)"}
+    labels = {
+        "scoring": "forward-only scoring (GPTModel(labels=), 2 models)",
+        "cache": "cache pass (log-probs, top-k, pi_r buckets, write, SHA-256)",
+    }
     for key in ("scoring", "cache"):
         t = times[key]
-        print(f"  {labels[key]:<58}{med[key]:>10.3f}{min(t):>8.3f}-{max(t):<7.3f}{med[key] / med['scoring']:>7.3f}"
-              f"{cpu[key]:>8.3f}{cpu[key] / cpu['scoring']:>10.3f}")
+        print(
+            f"  {labels[key]:<58}{med[key]:>10.3f}{min(t):>8.3f}-{max(t):<7.3f}{med[key] / med['scoring']:>7.3f}"
+            f"{cpu[key]:>8.3f}{cpu[key] / cpu['scoring']:>10.3f}"
+        )
     med["cpu_ratio"] = cpu["cache"] / cpu["scoring"]
     shutil.rmtree(tmp, ignore_errors=True)
     return med["cache"] / med["scoring"], med
@@ -444,19 +563,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 5)
-    print(f"# bench_cache: threads {args.threads or 'default'}, load avg "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"# bench_cache: threads {args.threads or 'default'}, load avg "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     fmt = formats(args, reps)
     overhead, cpu_overhead = float("nan"), float("nan")
     if not args.skip_tool:
         overhead, med = tool_overhead(args, reps)
         cpu_overhead = med["cpu_ratio"]
     b, rate = fmt["erpd"]
-    print(f"RESULT bytes_per_entry={b:.4f} decode_entries_per_s={rate:.4g} cache_tool_overhead={overhead:.3f} "
-          f"cache_tool_cpu_overhead={cpu_overhead:.3f} "
-          f"megatron_lm_bytes_per_entry={fmt['megatron_lm'][0]:.4f} verl_bytes_per_entry={fmt['verl'][0]:.4f} "
-          f"nemo_rl_bytes_per_entry={fmt['nemo_rl'][0]:.4f} "
-          f"megatron_lm_decode_entries_per_s={fmt['megatron_lm'][1]:.4g} dtype={args.dtype}")
+    print(
+        f"RESULT bytes_per_entry={b:.4f} decode_entries_per_s={rate:.4g} cache_tool_overhead={overhead:.3f} "
+        f"cache_tool_cpu_overhead={cpu_overhead:.3f} "
+        f"megatron_lm_bytes_per_entry={fmt['megatron_lm'][0]:.4f} verl_bytes_per_entry={fmt['verl'][0]:.4f} "
+        f"nemo_rl_bytes_per_entry={fmt['nemo_rl'][0]:.4f} "
+        f"megatron_lm_decode_entries_per_s={fmt['megatron_lm'][1]:.4g} dtype={args.dtype}"
+    )
 
 
 if __name__ == "__main__":

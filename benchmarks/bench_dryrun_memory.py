@@ -59,14 +59,22 @@ def measure(hidden: int, seq: int, batch: int, vocab: int = 512) -> dict:
     from erpd_megatron.runtime.distributed import init_distributed
 
     heads = hidden // 64
-    cfg = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", [
-        "model.num_layers=2", f"model.hidden_size={hidden}",
-        f"model.ffn_hidden_size={hidden * 11 // 4}",
-        f"model.num_attention_heads={heads}", f"model.num_query_groups={heads // 4}",
-        "model.kv_channels=64", f"model.vocab_size={vocab}", f"model.max_position_embeddings={seq}",
-        "model.tie_word_embeddings=false", f"data.max_seq_length={seq}",
-        f"data.max_tokens_per_microbatch={seq * batch}",
-    ])
+    cfg = load_config(
+        ROOT / "configs/recipes/tiny-cpu.yaml",
+        [
+            "model.num_layers=2",
+            f"model.hidden_size={hidden}",
+            f"model.ffn_hidden_size={hidden * 11 // 4}",
+            f"model.num_attention_heads={heads}",
+            f"model.num_query_groups={heads // 4}",
+            "model.kv_channels=64",
+            f"model.vocab_size={vocab}",
+            f"model.max_position_embeddings={seq}",
+            "model.tie_word_embeddings=false",
+            f"data.max_seq_length={seq}",
+            f"data.max_tokens_per_microbatch={seq * batch}",
+        ],
+    )
     init_distributed(cfg)
     model = build_model(cfg)[0]
     model.train()
@@ -104,28 +112,40 @@ def measure(hidden: int, seq: int, batch: int, vocab: int = 512) -> dict:
         logits.float().square().mean().backward()
         del logits
         model.zero_grad(set_to_none=True)
-    return {"hidden": hidden, "seq": seq, "batch": batch, "estimate_mib": est / 2**20,
-            "saved_mib": saved / 2**20, "rss_mib": (after - base) / 1024,
-            "peak_mib": (peak - base) / 1024}
+    return {
+        "hidden": hidden,
+        "seq": seq,
+        "batch": batch,
+        "estimate_mib": est / 2**20,
+        "saved_mib": saved / 2**20,
+        "rss_mib": (after - base) / 1024,
+        "peak_mib": (peak - base) / 1024,
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="512x256,768x384,1024x512",
-                   help="hidden x seq, comma-separated")
+    p.add_argument(
+        "--sizes", default="512x256,768x384,1024x512", help="hidden x seq, comma-separated"
+    )
     p.add_argument("--batch", type=int, default=2)
     args = p.parse_args()
     rs, rr = [], []
-    print(f"{'hidden':>6} {'seq':>5} {'est MiB':>9} {'saved MiB':>10} {'RSS MiB':>9}"
-          f" {'peak MiB':>9}"
-          f" {'est/saved':>9} {'est/RSS':>8}")
+    print(
+        f"{'hidden':>6} {'seq':>5} {'est MiB':>9} {'saved MiB':>10} {'RSS MiB':>9}"
+        f" {'peak MiB':>9}"
+        f" {'est/saved':>9} {'est/RSS':>8}"
+    )
     for item in args.sizes.split(","):
         h, s = (int(x) for x in item.split("x"))
         r = measure(h, s, args.batch)
         rs.append(r["estimate_mib"] / r["saved_mib"])
         rr.append(r["estimate_mib"] / r["rss_mib"])
-        print(f"{h:6d} {s:5d} {r['estimate_mib']:9.1f} {r['saved_mib']:10.1f} {r['rss_mib']:9.1f}"
-              f" {r['peak_mib']:9.1f} {rs[-1]:9.3f} {rr[-1]:8.3f}", flush=True)
+        print(
+            f"{h:6d} {s:5d} {r['estimate_mib']:9.1f} {r['saved_mib']:10.1f} {r['rss_mib']:9.1f}"
+            f" {r['peak_mib']:9.1f} {rs[-1]:9.3f} {rr[-1]:8.3f}",
+            flush=True,
+        )
     print(f"RESULT ratio_saved={min(rs):.3f}..{max(rs):.3f} ratio_rss={min(rr):.3f}..{max(rr):.3f}")
     return 0
 

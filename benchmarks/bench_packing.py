@@ -91,34 +91,59 @@ def main() -> None:
     p99 = int(16384 * args.scale)
     budget = args.budget or p99
     tmp = Path(tempfile.mkdtemp(prefix="erpd-bench-pack-"))
-    model = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=384",
-             "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=32",
-             "model.vocab_size=4096", f"model.max_position_embeddings={4 * p99}",
-             f"data.max_seq_length={4 * p99}"]
-    base = model + [f"output_dir={tmp}", "logging.progress_bar=false",
-                    f"data.max_tokens_per_microbatch={budget}", f"data.global_batch_size={n}"]
+    model = [
+        "model.num_layers=2",
+        "model.hidden_size=128",
+        "model.ffn_hidden_size=384",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.kv_channels=32",
+        "model.vocab_size=4096",
+        f"model.max_position_embeddings={4 * p99}",
+        f"data.max_seq_length={4 * p99}",
+    ]
+    base = model + [
+        f"output_dir={tmp}",
+        "logging.progress_bar=false",
+        f"data.max_tokens_per_microbatch={budget}",
+        f"data.global_batch_size={n}",
+    ]
     cfg = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", base + args.overrides)
-    cfg_pack = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", base + ["data.packing=true"] + args.overrides)
-    cfg_rc = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", base + [
-        "data.packing=true", "parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
-        "parallel.recompute_num_layers=1"] + args.overrides)
+    cfg_pack = load_config(
+        ROOT / "configs/recipes/tiny-cpu.yaml", base + ["data.packing=true"] + args.overrides
+    )
+    cfg_rc = load_config(
+        ROOT / "configs/recipes/tiny-cpu.yaml",
+        base
+        + [
+            "data.packing=true",
+            "parallel.recompute_granularity=full",
+            "parallel.recompute_method=uniform",
+            "parallel.recompute_num_layers=1",
+        ]
+        + args.overrides,
+    )
     init_distributed(cfg)
     lengths = lognormal_lengths(n * 3, args.scale)
     rng = np.random.default_rng(1)
     v = cfg.model.vocab_size
     prompt = [rng.integers(1, v, max(2, int(L) // 8)) for L in lengths]
     table = SampleTable(
-        sample_ids=np.arange(len(lengths)), group_ids=np.arange(len(lengths)) // 4,
-        prompt_ids=prompt, response_ids=[rng.integers(1, v, max(1, int(L) - len(p)))
-                                         for L, p in zip(lengths, prompt)],
-        rewards=rng.integers(0, 2, len(lengths)).astype(np.float32))
+        sample_ids=np.arange(len(lengths)),
+        group_ids=np.arange(len(lengths)) // 4,
+        prompt_ids=prompt,
+        response_ids=[rng.integers(1, v, max(1, int(L) - len(p))) for L, p in zip(lengths, prompt)],
+        rewards=rng.integers(0, 2, len(lengths)).astype(np.float32),
+    )
     table.advantages = group_advantages(table.rewards, table.group_ids)
     order = np.random.default_rng(2).permutation(len(lengths))  # an epoch's shuffle
     batches = [order[i : i + n] for i in range(0, len(lengths), n)]
     real = float(table.lengths.sum())
-    print(f"lengths: median {np.median(table.lengths):.0f}, p99 {np.percentile(table.lengths, 99):.0f}, "
-          f"max {table.lengths.max()}; {len(lengths)} sequences in {len(batches)} global batches; "
-          f"budget {budget}")
+    print(
+        f"lengths: median {np.median(table.lengths):.0f}, p99 {np.percentile(table.lengths, 99):.0f}, "
+        f"max {table.lengths.max()}; {len(lengths)} sequences in {len(batches)} global batches; "
+        f"budget {budget}"
+    )
 
     engine = Engine(cfg, train=True, total_steps=1000)
     shard = engine.vocab_shard()
@@ -128,11 +153,15 @@ def main() -> None:
         lp, _ = logits_logprob_entropy(logits, mb, shard)
         return -(lp * mb.loss_mask.to(lp.device)).sum() / total_tokens, {}
 
-    plans = {name: [build_micro_batches(c, table, b, 0, 1) for b in batches]
-             for name, c in (("padded", cfg), ("packed", cfg_pack))}
+    plans = {
+        name: [build_micro_batches(c, table, b, 0, 1) for b in batches]
+        for name, c in (("padded", cfg), ("packed", cfg_pack))
+    }
     # the usual padded baseline: rows in their (shuffled) batch order, count x longest <= budget
-    plans["unsorted"] = [[collate(table, r) for r in pack_in_order(b.tolist(), table.lengths, budget)]
-                         for b in batches]
+    plans["unsorted"] = [
+        [collate(table, r) for r in pack_in_order(b.tolist(), table.lengths, budget)]
+        for b in batches
+    ]
     sizes = {k: sum(int(m.input_ids.numel()) for mbs in v_ for m in mbs) for k, v_ in plans.items()}
     counts = {k: sum(len(mbs) for mbs in v_) for k, v_ in plans.items()}
     pad_frac = {k: 1 - real / sizes[k] for k in plans}
@@ -152,8 +181,10 @@ def main() -> None:
     med = {k: statistics.median(v_) for k, v_ in times.items()}
     tps = {k: real / med[k] for k in med}
     for k in times:
-        print(f"{k:7s}: {counts[k]:3d} micro-batches, {sizes[k]:7d} row tokens, padding {pad_frac[k]:.3f}, "
-              f"median {med[k]:.3f} s ({min(times[k]):.3f}-{max(times[k]):.3f}), {tps[k]:.0f} tokens/s")
+        print(
+            f"{k:7s}: {counts[k]:3d} micro-batches, {sizes[k]:7d} row tokens, padding {pad_frac[k]:.3f}, "
+            f"median {med[k]:.3f} s ({min(times[k]):.3f}-{max(times[k]):.3f}), {tps[k]:.0f} tokens/s"
+        )
 
     # ---- recompute: saved-for-backward bytes of one packed micro-batch, and time ----
     engine_rc = Engine(cfg_rc, train=True, total_steps=1000)
@@ -185,9 +216,11 @@ def main() -> None:
     print(f"recompute full/uniform/1: saved activations x{mem:.3f}, time x{rc_ratio:.3f}")
     speed = tps["packed"] / tps["unsorted"]
     speed_b = tps["packed"] / tps["padded"]
-    print(f"RESULT packing_speedup={speed:.3f} packing_speedup_vs_bucketed={speed_b:.3f} "
-          f"padding_fraction={pad_frac['packed']:.4f} padded_padding_fraction={pad_frac['unsorted']:.4f} "
-          f"recompute_mem_ratio={mem:.3f} recompute_time_ratio={rc_ratio:.3f}")
+    print(
+        f"RESULT packing_speedup={speed:.3f} packing_speedup_vs_bucketed={speed_b:.3f} "
+        f"padding_fraction={pad_frac['packed']:.4f} padded_padding_fraction={pad_frac['unsorted']:.4f} "
+        f"recompute_mem_ratio={mem:.3f} recompute_time_ratio={rc_ratio:.3f}"
+    )
 
 
 if __name__ == "__main__":

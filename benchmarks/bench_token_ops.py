@@ -122,18 +122,28 @@ def _setup(n: int, v: int, dtype: str, device: str, ops: list[str], threads: int
     logits = torch.empty(n, v, dtype=dt, device=dev).normal_().requires_grad_()
     target = torch.randint(0, v, (n,), device=dev)
     # k distinct teacher ids per token (start + j * prime, mod v), masses summing to 0.9
-    ids = (torch.randint(0, v, (n, 1), device=dev) + torch.arange(K, device=dev)[None, :] * 7919) % v
+    ids = (
+        torch.randint(0, v, (n, 1), device=dev) + torch.arange(K, device=dev)[None, :] * 7919
+    ) % v
     t_lp = torch.log(0.9 * torch.softmax(torch.randn(n, K, device=dev) * 2, dim=-1))
     runners = {
         # Megatron's op takes [s, b, V] logits and [s, b] targets (here b = 1: a view, no copy)
-        "megatron_ce": lambda: vocab_parallel_cross_entropy(logits.view(n, 1, v), target.view(n, 1)).sum().backward(),
+        "megatron_ce": lambda: (
+            vocab_parallel_cross_entropy(logits.view(n, 1, v), target.view(n, 1)).sum().backward()
+        ),
         "vp_topk_kl": lambda: vp.vp_topk_kl(logits, ids, t_lp).sum().backward(),
-        "vp_topk_kl_inpl": lambda: vp.vp_topk_kl(logits, ids, t_lp, inplace_backward=True).sum().backward(),
+        "vp_topk_kl_inpl": lambda: (
+            vp.vp_topk_kl(logits, ids, t_lp, inplace_backward=True).sum().backward()
+        ),
         "vp_logprob": lambda: vp.vp_logprob(logits, target).sum().backward(),
-        "vp_logprob_inpl": lambda: vp.vp_logprob(logits, target, inplace_backward=True).sum().backward(),
+        "vp_logprob_inpl": lambda: (
+            vp.vp_logprob(logits, target, inplace_backward=True).sum().backward()
+        ),
         # what the default mode pays and in-place ops do not: a fresh logits-sized gradient,
         # allocated as ours are (huge-page hint on Linux) and written once
-        "fresh_grad": lambda: vp._new_grad(logits.detach(), vp._shard(logits, None, None, None, None))[0].zero_(),
+        "fresh_grad": lambda: vp._new_grad(
+            logits.detach(), vp._shard(logits, None, None, None, None)
+        )[0].zero_(),
     }
     return {"torch": torch, "logits": logits, "runners": runners, "device": dev}
 
@@ -160,13 +170,19 @@ def child_memory(op: str, n: int, v: int, dtype: str, device: str, threads: int 
         reliable = hw_after > hw_before
         peak = hw_after if reliable else sampled
     grad = logits.grad
-    return {"op": op, "logits_bytes": logits.numel() * logits.element_size(),
-            "extra_bytes": peak - before, "extra_sampled_bytes": sampled - before if sampled else None,
-            "grad_is_logits_memory": grad is not None and grad.data_ptr() == logits.data_ptr(),
-            "hw_reliable": reliable}
+    return {
+        "op": op,
+        "logits_bytes": logits.numel() * logits.element_size(),
+        "extra_bytes": peak - before,
+        "extra_sampled_bytes": sampled - before if sampled else None,
+        "grad_is_logits_memory": grad is not None and grad.data_ptr() == logits.data_ptr(),
+        "hw_reliable": reliable,
+    }
 
 
-def child_time(n: int, v: int, dtype: str, device: str, reps: int, warmup: int, threads: int | None) -> dict:
+def child_time(
+    n: int, v: int, dtype: str, device: str, reps: int, warmup: int, threads: int | None
+) -> dict:
     """In one process: ``warmup`` + ``reps`` rounds, each op once per round, in turn."""
     env = _setup(n, v, dtype, device, OPS, threads)
     torch, logits = env["torch"], env["logits"]
@@ -195,12 +211,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_SHAPES}, fp32, 3 reps")
     ap.add_argument("--shapes", default=None, help=f"comma list NxV (default {DEFAULT_SHAPES})")
-    ap.add_argument("--dtypes", default=None, help="comma list of logits dtypes (default fp32,bf16; --quick fp32)")
+    ap.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma list of logits dtypes (default fp32,bf16; --quick fp32)",
+    )
     ap.add_argument("--dtype", default=None, help="a single logits dtype (overrides --dtypes)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; --quick 3)")
     ap.add_argument("--warmup", type=int, default=1, help="discarded rounds")
-    ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads in the children (0: default)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch/OpenMP threads in the children (0: default)"
+    )
     ap.add_argument("--child-mem", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--child-time", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -212,12 +234,19 @@ def main() -> None:
         return
     if args.child_time:
         n, v, dtype, device = args.child_time
-        print("CHILD " + json.dumps(child_time(int(n), int(v), dtype, device, reps, args.warmup, threads)))
+        print(
+            "CHILD "
+            + json.dumps(child_time(int(n), int(v), dtype, device, reps, args.warmup, threads))
+        )
         return
 
     spec = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     shapes = [tuple(int(d) for d in s.split("x")) for s in spec.split(",")]
-    dtypes = [args.dtype] if args.dtype else (args.dtypes or ("fp32" if args.quick else "fp32,bf16")).split(",")
+    dtypes = (
+        [args.dtype]
+        if args.dtype
+        else (args.dtypes or ("fp32" if args.quick else "fp32,bf16")).split(",")
+    )
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if args.threads:
@@ -235,12 +264,16 @@ def main() -> None:
             raise SystemExit(f"benchmark child {flag} {params} failed")
         return json.loads(line[0][6:])
 
-    print(f"# bench_token_ops: device {args.device}, TP=1, k={K}, {reps} interleaved rounds after "
-          f"{args.warmup} warm-up, threads {args.threads or 'default'} (OMP_NUM_THREADS="
-          f"{env.get('OMP_NUM_THREADS', 'unset')}), cpus {os.cpu_count()}, load avg "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'tokens x vocab':>14} {'dtype':>5} {'op':>16} {'median s':>9} {'min-max s':>13} {'ratio':>6} "
-          f"{'paired':>11} {'cpu ratio':>9} {'extra MiB':>10} {'extra/logits':>12}")
+    print(
+        f"# bench_token_ops: device {args.device}, TP=1, k={K}, {reps} interleaved rounds after "
+        f"{args.warmup} warm-up, threads {args.threads or 'default'} (OMP_NUM_THREADS="
+        f"{env.get('OMP_NUM_THREADS', 'unset')}), cpus {os.cpu_count()}, load avg "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"{'tokens x vocab':>14} {'dtype':>5} {'op':>16} {'median s':>9} {'min-max s':>13} {'ratio':>6} "
+        f"{'paired':>11} {'cpu ratio':>9} {'extra MiB':>10} {'extra/logits':>12}"
+    )
     time_ratio: dict[tuple[str, str], float] = {}
     cpu_ratio: dict[tuple[str, str], float] = {}
     mem = {"inplace": 0.0, "default": 0.0, "megatron": 0.0}
@@ -253,27 +286,37 @@ def main() -> None:
             for op in OPS + TIME_ONLY:
                 if op in TIME_ONLY:
                     med = statistics.median(t[op])
-                    print(f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
-                          f"{med / base:6.2f} {'':>11} {statistics.median(c[op]) / cbase:9.2f}")
+                    print(
+                        f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
+                        f"{med / base:6.2f} {'':>11} {statistics.median(c[op]) / cbase:9.2f}"
+                    )
                     continue
                 m = run_child("--child-mem", op, n, v, dtype, args.device)
                 med = statistics.median(t[op])
                 ratio = med / base
                 paired = [a / b for a, b in zip(t[op], t["megatron_ce"])]
                 mr = m["extra_bytes"] / m["logits_bytes"]
-                kind = "megatron" if op == "megatron_ce" else ("inplace" if op.endswith("_inpl") else "default")
+                kind = (
+                    "megatron"
+                    if op == "megatron_ce"
+                    else ("inplace" if op.endswith("_inpl") else "default")
+                )
                 mem[kind] = max(mem[kind], mr)
                 key = (op, dtype)
                 time_ratio[key] = max(time_ratio.get(key, 0.0), ratio)
                 cr = statistics.median(c[op]) / cbase
                 cpu_ratio[key] = max(cpu_ratio.get(key, 0.0), cr)
-                print(f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
-                      f"{ratio:6.2f} {min(paired):5.2f}-{max(paired):<5.2f} {cr:9.2f} {m['extra_bytes'] / 2**20:10.1f} "
-                      f"{mr:12.3f}" + ("" if m["hw_reliable"] else "  (memory from RSS sampling)"))
-    print("# ratio: median(op) / median(megatron_ce); paired: min-max of the per-round ratio; extra: peak "
-          "memory above the inputs during one forward+backward, the gradient included; cpu ratio: the same "
-          "with process time (user+sys of the child, less disturbed by other load); fresh_grad: "
-          "allocating and writing a logits-sized gradient once (what default-mode ops pay beyond the math)")
+                print(
+                    f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
+                    f"{ratio:6.2f} {min(paired):5.2f}-{max(paired):<5.2f} {cr:9.2f} {m['extra_bytes'] / 2**20:10.1f} "
+                    f"{mr:12.3f}" + ("" if m["hw_reliable"] else "  (memory from RSS sampling)")
+                )
+    print(
+        "# ratio: median(op) / median(megatron_ce); paired: min-max of the per-round ratio; extra: peak "
+        "memory above the inputs during one forward+backward, the gradient included; cpu ratio: the same "
+        "with process time (user+sys of the child, less disturbed by other load); fresh_grad: "
+        "allocating and writing a logits-sized gradient once (what default-mode ops pay beyond the math)"
+    )
 
     def tr(op: str, dtype: str) -> str:
         return f"{time_ratio[op, dtype]:.3f}" if (op, dtype) in time_ratio else "nan"
@@ -281,16 +324,18 @@ def main() -> None:
     first = "fp32" if "fp32" in dtypes else dtypes[0]
     # topk_kl_time_ratio: the in-place op, which like Megatron's writes the gradient into the
     # logits (the mode Stage 2 runs with one top-k KL teacher); the default mode beside it
-    print(f"RESULT topk_kl_time_ratio={tr('vp_topk_kl_inpl', first)} "
-          f"topk_kl_default_time_ratio={tr('vp_topk_kl', first)} "
-          f"logprob_time_ratio={tr('vp_logprob', first)} logprob_inplace_time_ratio={tr('vp_logprob_inpl', first)} "
-          f"topk_kl_time_ratio_bf16={tr('vp_topk_kl_inpl', 'bf16')} "
-          f"topk_kl_default_time_ratio_bf16={tr('vp_topk_kl', 'bf16')} "
-          f"peak_extra_mem_ratio_inplace={mem['inplace']:.3f} peak_extra_mem_ratio_default={mem['default']:.3f} "
-          f"megatron_extra_mem_ratio={mem['megatron']:.3f} "
-          f"topk_kl_cpu_time_ratio={cpu_ratio.get(('vp_topk_kl_inpl', first), float('nan')):.3f} "
-          f"topk_kl_default_cpu_time_ratio={cpu_ratio.get(('vp_topk_kl', first), float('nan')):.3f} "
-          f"device={args.device} time_dtype={first}")
+    print(
+        f"RESULT topk_kl_time_ratio={tr('vp_topk_kl_inpl', first)} "
+        f"topk_kl_default_time_ratio={tr('vp_topk_kl', first)} "
+        f"logprob_time_ratio={tr('vp_logprob', first)} logprob_inplace_time_ratio={tr('vp_logprob_inpl', first)} "
+        f"topk_kl_time_ratio_bf16={tr('vp_topk_kl_inpl', 'bf16')} "
+        f"topk_kl_default_time_ratio_bf16={tr('vp_topk_kl', 'bf16')} "
+        f"peak_extra_mem_ratio_inplace={mem['inplace']:.3f} peak_extra_mem_ratio_default={mem['default']:.3f} "
+        f"megatron_extra_mem_ratio={mem['megatron']:.3f} "
+        f"topk_kl_cpu_time_ratio={cpu_ratio.get(('vp_topk_kl_inpl', first), float('nan')):.3f} "
+        f"topk_kl_default_cpu_time_ratio={cpu_ratio.get(('vp_topk_kl', first), float('nan')):.3f} "
+        f"device={args.device} time_dtype={first}"
+    )
 
 
 if __name__ == "__main__":

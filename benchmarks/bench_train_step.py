@@ -51,13 +51,17 @@ warnings.filterwarnings("ignore")
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a small model and batch, 2 reps (smoke run)")
+    p.add_argument(
+        "--quick", action="store_true", help="a small model and batch, 2 reps (smoke run)"
+    )
     p.add_argument("--reps", type=int, default=None, help="timed interleaved rounds (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="discarded rounds before timing")
     p.add_argument("--seqs", type=int, default=None, help="sequences per global batch (default 16)")
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="params and logits dtype")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="params and logits dtype"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (0: torch default)")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=c")
     return p.parse_args()
@@ -99,27 +103,54 @@ def main() -> None:
     from erpd_megatron.train.loop import TrainLoop
 
     if args.quick:
-        model = ["model.num_layers=2", "model.hidden_size=128", "model.ffn_hidden_size=384",
-                 "model.num_attention_heads=4", "model.num_query_groups=2", "model.kv_channels=32",
-                 "model.vocab_size=8192", "data.max_tokens_per_microbatch=1024"]
+        model = [
+            "model.num_layers=2",
+            "model.hidden_size=128",
+            "model.ffn_hidden_size=384",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.kv_channels=32",
+            "model.vocab_size=8192",
+            "data.max_tokens_per_microbatch=1024",
+        ]
         prompt_len, resp_len = 32, 96
     else:
-        model = ["model.num_layers=4", "model.hidden_size=256", "model.ffn_hidden_size=768",
-                 "model.num_attention_heads=8", "model.num_query_groups=4", "model.kv_channels=32",
-                 "model.vocab_size=32000", "data.max_tokens_per_microbatch=2048"]
+        model = [
+            "model.num_layers=4",
+            "model.hidden_size=256",
+            "model.ffn_hidden_size=768",
+            "model.num_attention_heads=8",
+            "model.num_query_groups=4",
+            "model.kv_channels=32",
+            "model.vocab_size=32000",
+            "data.max_tokens_per_microbatch=2048",
+        ]
         prompt_len, resp_len = 64, 192
     tmp = Path(tempfile.mkdtemp(prefix="erpd-bench-step-"))
-    (tmp / "pi_r").mkdir()  # checkpoint.load: fingerprinted by the anchor scores and the cache check
-    overrides = model + [f"checkpoint.load={tmp / 'pi_r'}", f"data.global_batch_size={n}", f"cache.topk={args.topk}",
-                         f"precision.params_dtype={args.dtype}", "data.max_seq_length=512",
-                         f"output_dir={tmp}", "logging.progress_bar=false",
-                         f"stage2.cache_dir={tmp / 'cache'}"] + args.overrides
+    (
+        tmp / "pi_r"
+    ).mkdir()  # checkpoint.load: fingerprinted by the anchor scores and the cache check
+    overrides = (
+        model
+        + [
+            f"checkpoint.load={tmp / 'pi_r'}",
+            f"data.global_batch_size={n}",
+            f"cache.topk={args.topk}",
+            f"precision.params_dtype={args.dtype}",
+            "data.max_seq_length=512",
+            f"output_dir={tmp}",
+            "logging.progress_bar=false",
+            f"stage2.cache_dir={tmp / 'cache'}",
+        ]
+        + args.overrides
+    )
     cfg = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", overrides)
     init_distributed(cfg)
     rng = np.random.default_rng(0)
     v = cfg.model.vocab_size
     table = SampleTable(
-        sample_ids=np.arange(n, dtype=np.int64), group_ids=np.arange(n) // 4,
+        sample_ids=np.arange(n, dtype=np.int64),
+        group_ids=np.arange(n) // 4,
         prompt_ids=[rng.integers(1, v, prompt_len) for _ in range(n)],
         response_ids=[rng.integers(1, v, resp_len - (i % 4) * 8) for i in range(n)],
         rewards=rng.integers(0, 2, n).astype(np.float32),
@@ -145,21 +176,40 @@ def main() -> None:
 
     # --- Stage 2: a teacher cache in the real format, the real spec ---
     k = args.topk
-    with CacheWriter(tmp / "cache", rank=0, sample_ids=table.sample_ids.tolist(), vocab_size=v, k=k,
-                     sampled_models=["base", "teacher0"], teachers=["teacher0"], ref_teachers=["teacher0"],
-                     value_dtype=cfg.cache.dtype) as w:
+    with CacheWriter(
+        tmp / "cache",
+        rank=0,
+        sample_ids=table.sample_ids.tolist(),
+        vocab_size=v,
+        k=k,
+        sampled_models=["base", "teacher0"],
+        teachers=["teacher0"],
+        ref_teachers=["teacher0"],
+        value_dtype=cfg.cache.dtype,
+    ) as w:
         for sid in w.pending():
             i = int(sid)
             t = len(table.response_ids[i])
             ids = np.stack([rng.choice(v, k, replace=False) for _ in range(t)])
             lps = np.sort(rng.uniform(-12, -1, (t, k)).astype(np.float32), axis=1)[:, ::-1] - 2.0
             lp_t = (ref[i] + rng.normal(0, 0.05, t)).astype(np.float32).clip(max=-1e-3)
-            w.write_sample(i, sampled={"base": ref[i], "teacher0": lp_t}, topk={"teacher0": (ids, lps, lps)})
+            w.write_sample(
+                i, sampled={"base": ref[i], "teacher0": lp_t}, topk={"teacher0": (ids, lps, lps)}
+            )
     from erpd_megatron.utils.files import dir_fingerprint
 
     fp = dir_fingerprint(tmp / "pi_r")
-    finalize_manifest(tmp / "cache", 1, {"rollout_fingerprint": "bench", "models": {
-        "base": {"path": str(tmp / "pi_r"), "fingerprint": fp}, "teacher0": {"path": "-", "fingerprint": "-"}}})
+    finalize_manifest(
+        tmp / "cache",
+        1,
+        {
+            "rollout_fingerprint": "bench",
+            "models": {
+                "base": {"path": str(tmp / "pi_r"), "fingerprint": fp},
+                "teacher0": {"path": "-", "fingerprint": "-"},
+            },
+        },
+    )
     run2 = stage_run("stage2", stage2.open_cache(cfg, table, "bench"))
     spec2 = stage2.build_spec(cfg, run2)
     loop2 = TrainLoop(cfg, engine, spec2, run2.out_dir)
@@ -191,9 +241,14 @@ def main() -> None:
             return out, loss_func
 
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=it, model=engine.model[0], num_microbatches=nmb,
+            forward_step_func=forward_step,
+            data_iterator=it,
+            model=engine.model[0],
+            num_microbatches=nmb,
             seq_length=max(int(mb.input_ids.shape[1]) for mb in mbs),
-            micro_batch_size=max(int(mb.input_ids.shape[0]) for mb in mbs), forward_only=False)
+            micro_batch_size=max(int(mb.input_ids.shape[0]) for mb in mbs),
+            forward_only=False,
+        )
         engine.step()
 
     def stage1_step() -> None:
@@ -247,28 +302,42 @@ def main() -> None:
     cmed = {name: statistics.median(ts) for name, ts in cpu.items()}
     tok = int(table.lengths[rows].sum())
     base = med["megatron"][0]
-    print(f"# bench_train_step: device {device.type}, dtype {args.dtype}, threads "
-          f"{args.threads or 'default'}, {n} sequences, {tok} tokens ({int(tokens)} response) per step in "
-          f"{len(mbs)} micro-batches, vocab {v}, layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, "
-          f"top-k {k}, stage1 loss {cfg.stage1.loss}, {reps} interleaved reps after {args.warmup} warm-up, "
-          f"load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'row':<34}{'median s':>10}{'min s':>9}{'max s':>9}{'tokens/s':>10}{'ratio':>8}{'cpu s':>9}"
-          f"{'cpu ratio':>10}")
-    labels = {"megatron": "megatron GPTModel(labels=) + CE", "stage1": "ERPD stage 1 (TrainLoop._step)",
-              "stage2": "ERPD stage 2 (TrainLoop._step)", "copy": "  [s,b,V]->[b,s,V] logits copy"}
+    print(
+        f"# bench_train_step: device {device.type}, dtype {args.dtype}, threads "
+        f"{args.threads or 'default'}, {n} sequences, {tok} tokens ({int(tokens)} response) per step in "
+        f"{len(mbs)} micro-batches, vocab {v}, layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, "
+        f"top-k {k}, stage1 loss {cfg.stage1.loss}, {reps} interleaved reps after {args.warmup} warm-up, "
+        f"load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"{'row':<34}{'median s':>10}{'min s':>9}{'max s':>9}{'tokens/s':>10}{'ratio':>8}{'cpu s':>9}"
+        f"{'cpu ratio':>10}"
+    )
+    labels = {
+        "megatron": "megatron GPTModel(labels=) + CE",
+        "stage1": "ERPD stage 1 (TrainLoop._step)",
+        "stage2": "ERPD stage 2 (TrainLoop._step)",
+        "copy": "  [s,b,V]->[b,s,V] logits copy",
+    }
     for name, (m, lo, hi) in med.items():
-        print(f"{labels[name]:<34}{m:>10.4f}{lo:>9.4f}{hi:>9.4f}{tok / m:>10.0f}{m / base:>8.3f}"
-              f"{cmed[name]:>9.4f}{cmed[name] / cmed['megatron']:>10.3f}")
-    print("# ratio: median / megatron median (wall); cpu: median process time (user+sys of this process, "
-          "less disturbed by other load). The copy row is part of both ERPD rows today (GPTModel "
-          "without labels returns logits.transpose(0, 1).contiguous()); the baseline never makes it.")
+        print(
+            f"{labels[name]:<34}{m:>10.4f}{lo:>9.4f}{hi:>9.4f}{tok / m:>10.0f}{m / base:>8.3f}"
+            f"{cmed[name]:>9.4f}{cmed[name] / cmed['megatron']:>10.3f}"
+        )
+    print(
+        "# ratio: median / megatron median (wall); cpu: median process time (user+sys of this process, "
+        "less disturbed by other load). The copy row is part of both ERPD rows today (GPTModel "
+        "without labels returns logits.transpose(0, 1).contiguous()); the baseline never makes it."
+    )
     r1, r2 = med["stage1"][0] / base, med["stage2"][0] / base
-    print(f"RESULT stage1_step_ratio={r1:.3f} stage2_step_ratio={r2:.3f} "
-          f"stage1_ratio_min={min(times['stage1']) / max(times['megatron']):.3f} "
-          f"stage1_ratio_max={max(times['stage1']) / min(times['megatron']):.3f} "
-          f"megatron_step_s={base:.4f} stage1_step_s={med['stage1'][0]:.4f} stage2_step_s={med['stage2'][0]:.4f} "
-          f"logits_copy_s={med['copy'][0]:.4f} stage1_step_cpu_ratio={cmed['stage1'] / cmed['megatron']:.3f} "
-          f"stage2_step_cpu_ratio={cmed['stage2'] / cmed['megatron']:.3f} device={device.type} dtype={args.dtype}")
+    print(
+        f"RESULT stage1_step_ratio={r1:.3f} stage2_step_ratio={r2:.3f} "
+        f"stage1_ratio_min={min(times['stage1']) / max(times['megatron']):.3f} "
+        f"stage1_ratio_max={max(times['stage1']) / min(times['megatron']):.3f} "
+        f"megatron_step_s={base:.4f} stage1_step_s={med['stage1'][0]:.4f} stage2_step_s={med['stage2'][0]:.4f} "
+        f"logits_copy_s={med['copy'][0]:.4f} stage1_step_cpu_ratio={cmed['stage1'] / cmed['megatron']:.3f} "
+        f"stage2_step_cpu_ratio={cmed['stage2'] / cmed['megatron']:.3f} device={device.type} dtype={args.dtype}"
+    )
 
 
 if __name__ == "__main__":

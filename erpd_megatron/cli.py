@@ -10,14 +10,23 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "rollout": ("erpd_megatron.rollout.generate", "generate fixed rollout data (vLLM or HF engine)"),
-    "stage1": ("erpd_megatron.train.stage1", "Stage 1: weakly constrained multi-epoch training -> teacher"),
+    "rollout": (
+        "erpd_megatron.rollout.generate",
+        "generate fixed rollout data (vLLM or HF engine)",
+    ),
+    "stage1": (
+        "erpd_megatron.train.stage1",
+        "Stage 1: weakly constrained multi-epoch training -> teacher",
+    ),
     "cache": ("erpd_megatron.cache.tool", "score teachers and write the teacher cache"),
     "stage2": ("erpd_megatron.train.stage2", "Stage 2: trust-region distillation from the cache"),
     "convert": ("erpd_megatron.models.convert", "HF <-> Megatron checkpoint conversion"),
     "evaluate": ("erpd_megatron.eval.evaluate", "accuracy / KL / entropy table and plots"),
     "round": ("erpd_megatron.pipeline.round", "one or more full ERPD rounds"),
-    "study": ("erpd_megatron.pipeline.study", "a grid of rounds: run, --slurm, status, report, plan"),
+    "study": (
+        "erpd_megatron.pipeline.study",
+        "a grid of rounds: run, --slurm, status, report, plan",
+    ),
     "demo": ("erpd_megatron.pipeline.demo", "the embedded CPU demo"),
     "dryrun": ("erpd_megatron.config.dryrun", "validate a recipe for its cluster, memory per GPU"),
     "data": ("erpd_megatron.data.cli", "inspect rollout data: erpd data inspect DIR"),

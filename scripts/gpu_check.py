@@ -49,21 +49,31 @@ def _env() -> dict[str, str]:
 def run(cmd: list[str], log: Path, timeout: float, *, nproc: int = 1) -> str:
     """Run a command (torchrun with ``nproc`` > 1), output to ``log``; StepFailed on a non-zero exit."""
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               *cmd[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            *cmd[1:],
+        ]
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
-            code = subprocess.run(cmd, env=_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
+            code = subprocess.run(
+                cmd, env=_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     text = log.read_text(errors="replace")
     if code != 0:
         tail = "\n".join(text.splitlines()[-25:])
-        raise StepFailed(f"`{' '.join(cmd[:6])} ...` exited {code} after {time.perf_counter() - t0:.0f}s "
-                         f"(log {log}):\n{tail}")
+        raise StepFailed(
+            f"`{' '.join(cmd[:6])} ...` exited {code} after {time.perf_counter() - t0:.0f}s "
+            f"(log {log}):\n{tail}"
+        )
     return text
 
 
@@ -72,12 +82,14 @@ def child_result(text: str) -> dict[str, Any]:
     lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
     if not lines:
         raise StepFailed("the child printed no RESULT line")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file (empty when missing)."""
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return (
+        [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    )
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -90,10 +102,21 @@ def save_random_qwen3(out: Path, *, vocab: int = 512, seed: int = 0) -> Path:
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    cfg = tf.Qwen3Config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=64, num_hidden_layers=2, vocab_size=vocab, max_position_embeddings=1024,
-                         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         bos_token_id=vocab - 2, eos_token_id=vocab - 1)
+    cfg = tf.Qwen3Config(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=2,
+        vocab_size=vocab,
+        max_position_embeddings=1024,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+    )
     torch.manual_seed(seed)
     model = tf.Qwen3ForCausalLM(cfg)
     with torch.no_grad():
@@ -105,12 +128,15 @@ def save_random_qwen3(out: Path, *, vocab: int = 512, seed: int = 0) -> Path:
     words.update({"<unk>": vocab - 3, "<s>": vocab - 2, "</s>": vocab - 1})
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                               eos_token="</s>").save_pretrained(out)
+    tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(out)
     return out
 
 
-def write_random_rollouts(out: Path, *, vocab: int, prompts: int, group: int, max_len: int, seed: int = 0) -> Path:
+def write_random_rollouts(
+    out: Path, *, vocab: int, prompts: int, group: int, max_len: int, seed: int = 0
+) -> Path:
     """A rollout set of random sequences with a learnable reward (first response token even);
     an existing one (a rerun with the same ``--out``) is reused."""
     import numpy as np
@@ -126,10 +152,19 @@ def write_random_rollouts(out: Path, *, vocab: int, prompts: int, group: int, ma
         prompt = rng.integers(1, vocab, rng.integers(max_len // 4, max_len // 2)).tolist()
         for s in range(group):
             resp = rng.integers(1, vocab, rng.integers(max_len // 4, max_len // 2)).tolist()
-            recs.append(RolloutRecord(sample_id=g * group + s, prompt_id=g, group_index=g, sample_index=s,
-                                      prompt_token_ids=prompt, response_token_ids=resp,
-                                      reward=float(resp[0] % 2 == 0), finish_reason="stop",
-                                      engine_logprobs=[-5.0] * len(resp)))
+            recs.append(
+                RolloutRecord(
+                    sample_id=g * group + s,
+                    prompt_id=g,
+                    group_index=g,
+                    sample_index=s,
+                    prompt_token_ids=prompt,
+                    response_token_ids=resp,
+                    reward=float(resp[0] % 2 == 0),
+                    finish_reason="stop",
+                    engine_logprobs=[-5.0] * len(resp),
+                )
+            )
     write_rollout_set(out, recs, prompts_per_shard=max(1, prompts // 2))
     return out
 
@@ -149,8 +184,11 @@ def _child_logits(args: argparse.Namespace) -> dict[str, Any]:
 
     mc = read_model_config(args.mc)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    cfg = Config(model=mc, parallel=ParallelConfig(num_nodes=1, gpus_per_node=1),
-                 precision=PrecisionConfig(params_dtype=args.dtype, transformer_impl=args.impl))
+    cfg = Config(
+        model=mc,
+        parallel=ParallelConfig(num_nodes=1, gpus_per_node=1),
+        precision=PrecisionConfig(params_dtype=args.dtype, transformer_impl=args.impl),
+    )
     init_distributed(cfg)
     model = build_model(cfg)
     load_checkpoint(args.mc, model, model_cfg=mc)
@@ -162,10 +200,14 @@ def _child_logits(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         ref = hf(ids).logits.float()
     lp, lp_ref = torch.log_softmax(ours, -1), torch.log_softmax(ref, -1)
-    out = {"impl": args.impl, "dtype": args.dtype, "logits_dtype": str(forward_logits(model, ids).dtype),
-           "max_abs_logprob_diff": float((lp - lp_ref).abs().max()),
-           "rel_err": float((ours - ref).norm() / ref.norm()),
-           "argmax_agree": float((ours.argmax(-1) == ref.argmax(-1)).float().mean())}
+    out = {
+        "impl": args.impl,
+        "dtype": args.dtype,
+        "logits_dtype": str(forward_logits(model, ids).dtype),
+        "max_abs_logprob_diff": float((lp - lp_ref).abs().max()),
+        "rel_err": float((ours - ref).norm() / ref.norm()),
+        "argmax_agree": float((ours.argmax(-1) == ref.argmax(-1)).float().mean()),
+    }
     destroy_distributed()
     return out
 
@@ -205,22 +247,49 @@ def _child_vllm(args: argparse.Namespace) -> dict[str, Any]:
     from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
 
     mc = read_model_config(args.mc)
-    prompts = [[int(x) for x in torch.randint(0, mc.vocab_size - 3, (12,), generator=torch.Generator().manual_seed(i))]
-               for i in range(4)]
+    prompts = [
+        [
+            int(x)
+            for x in torch.randint(
+                0, mc.vocab_size - 3, (12,), generator=torch.Generator().manual_seed(i)
+            )
+        ]
+        for i in range(4)
+    ]
     eos = [mc.vocab_size - 1]
-    with VLLMEngine(args.hf, eos_token_ids=eos, dtype="float32", gpu_memory_utilization=0.3,
-                    max_model_len=128, seed=0) as eng:
+    with VLLMEngine(
+        args.hf,
+        eos_token_ids=eos,
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        max_model_len=128,
+        seed=0,
+    ) as eng:
         groups = eng.generate(prompts, 4, max_new_tokens=24, seed=3, progress=False)
-        greedy = eng.generate(prompts, 1, temperature=0.0, max_new_tokens=16, seed=0, progress=False)
+        greedy = eng.generate(
+            prompts, 1, temperature=0.0, max_new_tokens=16, seed=0, progress=False
+        )
     out: dict[str, Any] = {"samples": sum(len(g) for g in groups)}
     if args.export:
-        with VLLMEngine(args.export, eos_token_ids=eos, dtype="float32", gpu_memory_utilization=0.3,
-                        max_model_len=128, seed=0) as eng:
-            again = eng.generate(prompts, 1, temperature=0.0, max_new_tokens=16, seed=0, progress=False)
-        out["export_greedy_agree"] = float(sum(a[0].token_ids == b[0].token_ids for a, b in zip(greedy, again))
-                                           / len(prompts))
-    cfg = Config(model=mc, parallel=ParallelConfig(num_nodes=1, gpus_per_node=1),
-                 precision=PrecisionConfig(params_dtype="fp32", transformer_impl="local"))
+        with VLLMEngine(
+            args.export,
+            eos_token_ids=eos,
+            dtype="float32",
+            gpu_memory_utilization=0.3,
+            max_model_len=128,
+            seed=0,
+        ) as eng:
+            again = eng.generate(
+                prompts, 1, temperature=0.0, max_new_tokens=16, seed=0, progress=False
+            )
+        out["export_greedy_agree"] = float(
+            sum(a[0].token_ids == b[0].token_ids for a, b in zip(greedy, again)) / len(prompts)
+        )
+    cfg = Config(
+        model=mc,
+        parallel=ParallelConfig(num_nodes=1, gpus_per_node=1),
+        precision=PrecisionConfig(params_dtype="fp32", transformer_impl="local"),
+    )
     init_distributed(cfg)
     model = build_model(cfg)
     load_checkpoint(args.mc, model, model_cfg=mc)
@@ -229,7 +298,7 @@ def _child_vllm(args: argparse.Namespace) -> dict[str, Any]:
         for c in group:
             ids = torch.tensor([p + c.token_ids], device="cuda")
             lp = torch.log_softmax(forward_logits(model, ids)[0, :, : mc.vocab_size].float(), -1)
-            ref = lp[len(p) - 1:-1].gather(-1, ids[0, len(p):, None])[:, 0].cpu()
+            ref = lp[len(p) - 1 : -1].gather(-1, ids[0, len(p) :, None])[:, 0].cpu()
             diffs.append((ref - torch.tensor(c.logprobs)).abs().max().item())
     destroy_distributed()
     out["max_abs_logprob_diff"] = max(diffs)
@@ -248,7 +317,9 @@ class Check:
         self.t0 = time.perf_counter()
         self.over_budget = False
 
-    def step(self, name: str, fn: Callable[[], tuple[str, dict[str, Any]]], *, skip: str | None = None) -> bool:
+    def step(
+        self, name: str, fn: Callable[[], tuple[str, dict[str, Any]]], *, skip: str | None = None
+    ) -> bool:
         """Run one step; print PASS/FAIL/SKIP with its figure."""
         t0 = time.perf_counter()
         if not skip and t0 - self.t0 > self.budget:
@@ -264,7 +335,9 @@ class Check:
                 status, figure, data = "FAIL", f"{type(e).__name__}: {e}", {}
         secs = time.perf_counter() - t0
         print(f"{status} {name}: {figure} ({secs:.0f}s)", flush=True)
-        self.results.append({"step": name, "status": status, "figure": figure, "seconds": round(secs, 1), **data})
+        self.results.append(
+            {"step": name, "status": status, "figure": figure, "seconds": round(secs, 1), **data}
+        )
         return status == "PASS"
 
     def summary(self) -> dict[str, Any]:
@@ -273,9 +346,15 @@ class Check:
 
         counts = {s: sum(r["status"] == s for r in self.results) for s in ("PASS", "FAIL", "SKIP")}
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        s = {"mode": "cpu-dry" if self.cpu_dry else "gpu", "gpu": gpu,
-             "ok": counts["FAIL"] == 0 and not self.over_budget, "over_budget": self.over_budget, **counts,
-             "seconds": round(time.perf_counter() - self.t0, 1), "steps": self.results}
+        s = {
+            "mode": "cpu-dry" if self.cpu_dry else "gpu",
+            "gpu": gpu,
+            "ok": counts["FAIL"] == 0 and not self.over_budget,
+            "over_budget": self.over_budget,
+            **counts,
+            "seconds": round(time.perf_counter() - self.t0, 1),
+            "steps": self.results,
+        }
         (self.out / "summary.json").write_text(json.dumps(s, indent=1))
         return s
 
@@ -287,11 +366,23 @@ def step_imports(ck: Check) -> tuple[str, dict[str, Any]]:
 
     st = transformer_engine_status()
     py = vllm_python()
-    p = subprocess.run([py, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True,
-                       timeout=300)
-    vllm_version = p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else None
-    data = {"te_version": st.version, "te_imports": st.imports, "megatron_have_te": st.megatron_have_te,
-            "te_error": st.error, "vllm_version": vllm_version, "vllm_python": py}
+    p = subprocess.run(
+        [py, "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    vllm_version = (
+        p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else None
+    )
+    data = {
+        "te_version": st.version,
+        "te_imports": st.imports,
+        "megatron_have_te": st.megatron_have_te,
+        "te_error": st.error,
+        "vllm_version": vllm_version,
+        "vllm_python": py,
+    }
     figure = f"TE {st.version or 'absent'} (HAVE_TE={st.megatron_have_te}), vLLM {vllm_version or 'absent'}"
     if st.installed and not st.usable:
         raise StepFailed(f"{figure}: {st.error}")
@@ -307,11 +398,33 @@ def step_logits(ck: Check, hf: Path, mc: Path) -> tuple[str, dict[str, Any]]:
     tol = 1e-4 if dtype == "fp32" else 0.15  # max |log p diff| over 2x48 tokens x 512 ids
     data, figs = {}, []
     for impl in impls:
-        r = child_result(run([sys.executable, __file__, "_logits", "--mc", str(mc), "--hf", str(hf),
-                              "--impl", impl, "--dtype", dtype], ck.out / f"logs/logits_{impl}.log", 600))
+        r = child_result(
+            run(
+                [
+                    sys.executable,
+                    __file__,
+                    "_logits",
+                    "--mc",
+                    str(mc),
+                    "--hf",
+                    str(hf),
+                    "--impl",
+                    impl,
+                    "--dtype",
+                    dtype,
+                ],
+                ck.out / f"logs/logits_{impl}.log",
+                600,
+            )
+        )
         data[impl] = r
-        figs.append(f"{impl}: max|dlogp| {r['max_abs_logprob_diff']:.2e}, argmax agree {r['argmax_agree']:.3f}")
-        if not (r["max_abs_logprob_diff"] < tol and r["argmax_agree"] >= (1.0 if dtype == "fp32" else 0.9)):
+        figs.append(
+            f"{impl}: max|dlogp| {r['max_abs_logprob_diff']:.2e}, argmax agree {r['argmax_agree']:.3f}"
+        )
+        if not (
+            r["max_abs_logprob_diff"] < tol
+            and r["argmax_agree"] >= (1.0 if dtype == "fp32" else 0.9)
+        ):
             raise StepFailed("; ".join(figs) + f" (tolerance {tol})")
         if dtype == "bf16" and r["logits_dtype"] != "torch.bfloat16":
             raise StepFailed(f"{impl}: logits came out as {r['logits_dtype']}, expected bf16")
@@ -323,34 +436,84 @@ def stage1_recipe(ck: Check) -> tuple[Path, list[str], dict[str, Any]]:
     Llama-3.2-1B cut to 8 layers (~0.75 B parameters) on the GPU."""
     work = ck.out / "stage1"
     if ck.cpu_dry:
-        rollouts = write_random_rollouts(work / "rollouts", vocab=256, prompts=8, group=4, max_len=24)
-        ov = ["precision.params_dtype=fp32", "precision.transformer_impl=local",
-              "data.global_batch_size=16", "data.max_tokens_per_microbatch=128"]
+        rollouts = write_random_rollouts(
+            work / "rollouts", vocab=256, prompts=8, group=4, max_len=24
+        )
+        ov = [
+            "precision.params_dtype=fp32",
+            "precision.transformer_impl=local",
+            "data.global_batch_size=16",
+            "data.max_tokens_per_microbatch=128",
+        ]
         return TINY, ov + [f"data.rollout_dir={rollouts}"], {"params": None}
-    rollouts = write_random_rollouts(work / "rollouts", vocab=128256, prompts=16, group=4, max_len=512)
+    rollouts = write_random_rollouts(
+        work / "rollouts", vocab=128256, prompts=16, group=4, max_len=512
+    )
     recipe = ck.out / "gpu-check.yaml"
-    recipe.write_text(f"defaults:\n  - {ROOT / 'configs/algorithms/erpd.yaml'}\n  - model: llama3-1b\n"
-                      "name: gpu-check\nparallel: {num_nodes: 1, gpus_per_node: 1}\n")
-    ov = ["model.num_layers=8", "model.max_position_embeddings=4096",
-          "precision.params_dtype=bf16", "precision.transformer_impl=transformer_engine",
-          "data.global_batch_size=32", "data.max_tokens_per_microbatch=8192", "data.max_seq_length=1024",
-          "optimizer.lr=1e-5", f"data.rollout_dir={rollouts}"]
+    recipe.write_text(
+        f"defaults:\n  - {ROOT / 'configs/algorithms/erpd.yaml'}\n  - model: llama3-1b\n"
+        "name: gpu-check\nparallel: {num_nodes: 1, gpus_per_node: 1}\n"
+    )
+    ov = [
+        "model.num_layers=8",
+        "model.max_position_embeddings=4096",
+        "precision.params_dtype=bf16",
+        "precision.transformer_impl=transformer_engine",
+        "data.global_batch_size=32",
+        "data.max_tokens_per_microbatch=8192",
+        "data.max_seq_length=1024",
+        "optimizer.lr=1e-5",
+        f"data.rollout_dir={rollouts}",
+    ]
     return recipe, ov, {"params": None}
 
 
-def step_stage1(ck: Check, recipe: Path, ov: list[str], name: str, extra: list[str], *,
-                nproc: int = 1) -> tuple[str, dict[str, Any]]:
+def step_stage1(
+    ck: Check, recipe: Path, ov: list[str], name: str, extra: list[str], *, nproc: int = 1
+) -> tuple[str, dict[str, Any]]:
     """One Stage-1 run (1 epoch, on ``nproc`` GPUs): finite losses, a final checkpoint, tokens/s."""
     base = ck.out / "stage1/base"
     if not base.exists():
-        run([sys.executable, "-m", "erpd_megatron.pipeline.init_checkpoint", "--config", str(recipe), "--out",
-             str(base), *ov], ck.out / "logs/init_checkpoint.log", 600)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "erpd_megatron.pipeline.init_checkpoint",
+                "--config",
+                str(recipe),
+                "--out",
+                str(base),
+                *ov,
+            ],
+            ck.out / "logs/init_checkpoint.log",
+            600,
+        )
     out = ck.out / f"stage1/{name}"
-    run([sys.executable, "-m", "erpd_megatron.stage1", "--config", str(recipe), *ov, *extra,
-         f"checkpoint.load={base}", f"output_dir={out}", "stage1.epochs=1", "stage1.eval_every_epochs=0",
-         "logging.progress_bar=false", "checkpoint.save_interval=100000"], ck.out / f"logs/stage1_{name}.log", 900,
-        nproc=nproc)
-    metrics = [r for r in read_jsonl(out / "stage1/stage1_metrics.jsonl") if "stage1/loss" in r or "loss" in r]
+    run(
+        [
+            sys.executable,
+            "-m",
+            "erpd_megatron.stage1",
+            "--config",
+            str(recipe),
+            *ov,
+            *extra,
+            f"checkpoint.load={base}",
+            f"output_dir={out}",
+            "stage1.epochs=1",
+            "stage1.eval_every_epochs=0",
+            "logging.progress_bar=false",
+            "checkpoint.save_interval=100000",
+        ],
+        ck.out / f"logs/stage1_{name}.log",
+        900,
+        nproc=nproc,
+    )
+    metrics = [
+        r
+        for r in read_jsonl(out / "stage1/stage1_metrics.jsonl")
+        if "stage1/loss" in r or "loss" in r
+    ]
     losses = [r.get("stage1/loss", r.get("loss")) for r in metrics]
     timing = read_jsonl(out / "stage1/stage1_timing.jsonl")
     final = out / "stage1/checkpoints/final"
@@ -360,8 +523,10 @@ def step_stage1(ck: Check, recipe: Path, ov: list[str], name: str, extra: list[s
         raise StepFailed(f"no final checkpoint at {final}")
     tps = [t["tokens_per_s"] for t in timing[1:]] or [t["tokens_per_s"] for t in timing]
     tok_s = sorted(tps)[len(tps) // 2] if tps else float("nan")
-    return (f"{len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, {tok_s:,.0f} tokens/s",
-            {"losses": losses, "tokens_per_s": tok_s, "final": str(final)})
+    return (
+        f"{len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, {tok_s:,.0f} tokens/s",
+        {"losses": losses, "tokens_per_s": tok_s, "final": str(final)},
+    )
 
 
 def mfu_figure(ck: Check, recipe: Path, ov: list[str], tok_s: float) -> tuple[str, dict[str, Any]]:
@@ -375,7 +540,9 @@ def mfu_figure(ck: Check, recipe: Path, ov: list[str], tok_s: float) -> tuple[st
     mfu = 6 * n * tok_s / H100_BF16_DENSE_FLOPS
     if not mfu > 0:
         raise StepFailed(f"tokens/s {tok_s}")
-    return f"{n / 1e9:.2f} B params, {tok_s:,.0f} tokens/s, MFU {mfu:.1%} (6N, 989 TFLOP/s peak)", {"mfu": mfu}
+    return f"{n / 1e9:.2f} B params, {tok_s:,.0f} tokens/s, MFU {mfu:.1%} (6N, 989 TFLOP/s peak)", {
+        "mfu": mfu
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,10 +563,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-dry", action="store_true", help="only the CPU-runnable steps")
     p.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--budget", type=float, default=1e9,
-                   help="seconds after which the remaining steps are reported as SKIP (the summary still prints)")
-    p.add_argument("--bench", action="store_true",
-                   help="also run the benchmarks with --device cuda (a few minutes more than the 8)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=1e9,
+        help="seconds after which the remaining steps are reported as SKIP (the summary still prints)",
+    )
+    p.add_argument(
+        "--bench",
+        action="store_true",
+        help="also run the benchmarks with --device cuda (a few minutes more than the 8)",
+    )
     args = p.parse_args(argv)
     if args.mode:
         fn = {"_logits": _child_logits, "_reload": _child_reload, "_vllm": _child_vllm}[args.mode]
@@ -418,53 +592,130 @@ def main(argv: list[str] | None = None) -> int:
 
     def convert() -> tuple[str, dict[str, Any]]:
         save_random_qwen3(hf)
-        run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "hf-to-mcore", "--hf-dir", str(hf),
-             "--out", str(mc)], out / "logs/convert.log", 300)
+        run(
+            [
+                sys.executable,
+                str(ROOT / "tools/convert_checkpoint.py"),
+                "hf-to-mcore",
+                "--hf-dir",
+                str(hf),
+                "--out",
+                str(mc),
+            ],
+            out / "logs/convert.log",
+            300,
+        )
         if not (mc / "model_config.yaml").exists():
             raise StepFailed(f"hf-to-mcore wrote no checkpoint at {mc}")
         return f"random Qwen3 {hf.name} -> {mc.name}", {}
 
     converted = ck.step("convert_hf_to_mcore", convert)
-    ck.step("logits_vs_transformers", lambda: step_logits(ck, hf, mc), skip=None if converted else "no checkpoint")
+    ck.step(
+        "logits_vs_transformers",
+        lambda: step_logits(ck, hf, mc),
+        skip=None if converted else "no checkpoint",
+    )
     recipe, ov, _ = stage1_recipe(ck)
-    runs = [("fp32_cpu", [])] if args.cpu_dry else [
-        ("bf16", []), ("fp8_delayed", ["precision.fp8=hybrid", "precision.fp8_recipe=delayed"]),
-        ("fp8_tensorwise", ["precision.fp8=hybrid", "precision.fp8_recipe=tensorwise"])]
+    runs = (
+        [("fp32_cpu", [])]
+        if args.cpu_dry
+        else [
+            ("bf16", []),
+            ("fp8_delayed", ["precision.fp8=hybrid", "precision.fp8_recipe=delayed"]),
+            ("fp8_tensorwise", ["precision.fp8=hybrid", "precision.fp8_recipe=tensorwise"]),
+        ]
+    )
     figures: dict[str, dict[str, Any]] = {}
     for name, extra in runs:
+
         def one(name: str = name, extra: list[str] = extra) -> tuple[str, dict[str, Any]]:
             fig, data = step_stage1(ck, recipe, ov, name, extra)
             figures[name] = data
             return fig, data
+
         ck.step(f"stage1_{name}", one)
     # context parallel (TE attention over the CP group) with packed THD rows, on 2 GPUs
-    cp_skip = ("CPU dry run" if args.cpu_dry else
-               None if torch.cuda.device_count() >= 2 else "needs 2 GPUs")
-    ck.step("stage1_cp2_packed", lambda: step_stage1(
-        ck, recipe, ov, "cp2_packed", ["parallel.context_parallel_size=2", "data.packing=true",
-                                       "parallel.num_nodes=1", "parallel.gpus_per_node=2"], nproc=2),
-        skip=cp_skip)
+    cp_skip = (
+        "CPU dry run"
+        if args.cpu_dry
+        else None
+        if torch.cuda.device_count() >= 2
+        else "needs 2 GPUs"
+    )
+    ck.step(
+        "stage1_cp2_packed",
+        lambda: step_stage1(
+            ck,
+            recipe,
+            ov,
+            "cp2_packed",
+            [
+                "parallel.context_parallel_size=2",
+                "data.packing=true",
+                "parallel.num_nodes=1",
+                "parallel.gpus_per_node=2",
+            ],
+            nproc=2,
+        ),
+        skip=cp_skip,
+    )
     finals = [figures[n]["final"] for n, _ in runs if n in figures]
-    ck.step("checkpoint_reload", lambda: _reload_step(ck, recipe, ov, finals), skip=None if finals else "no final")
+    ck.step(
+        "checkpoint_reload",
+        lambda: _reload_step(ck, recipe, ov, finals),
+        skip=None if finals else "no final",
+    )
     if "bf16" in figures:
         ck.step("stage1_mfu", lambda: mfu_figure(ck, recipe, ov, figures["bf16"]["tokens_per_s"]))
-    ck.step("cache_and_stage2", lambda: _cache_stage2(ck, recipe, ov, figures["bf16"]["final"]),
-            skip="CPU dry run" if args.cpu_dry else (None if "bf16" in figures else "no Stage-1 final"))
-    ck.step("vllm_rollouts_and_export", lambda: _vllm_step(ck, hf, mc),
-            skip="CPU dry run" if args.cpu_dry else (None if converted else "no checkpoint"))
-    ck.step("benchmarks_cuda", lambda: _bench_step(ck),
-            skip="CPU dry run" if args.cpu_dry else (None if args.bench else "not asked (--bench)"))
+    ck.step(
+        "cache_and_stage2",
+        lambda: _cache_stage2(ck, recipe, ov, figures["bf16"]["final"]),
+        skip="CPU dry run" if args.cpu_dry else (None if "bf16" in figures else "no Stage-1 final"),
+    )
+    ck.step(
+        "vllm_rollouts_and_export",
+        lambda: _vllm_step(ck, hf, mc),
+        skip="CPU dry run" if args.cpu_dry else (None if converted else "no checkpoint"),
+    )
+    ck.step(
+        "benchmarks_cuda",
+        lambda: _bench_step(ck),
+        skip="CPU dry run" if args.cpu_dry else (None if args.bench else "not asked (--bench)"),
+    )
     s = ck.summary()
-    print("SUMMARY " + json.dumps({k: v for k, v in s.items() if k != "steps"} |
-                                  {"steps": {r["step"]: r["status"] for r in s["steps"]}}), flush=True)
+    print(
+        "SUMMARY "
+        + json.dumps(
+            {k: v for k, v in s.items() if k != "steps"}
+            | {"steps": {r["step"]: r["status"] for r in s["steps"]}}
+        ),
+        flush=True,
+    )
     if not args.keep and args.out is None:
         shutil.rmtree(out, ignore_errors=True)
     return 0 if s["ok"] else 1
 
 
-def _reload_step(ck: Check, recipe: Path, ov: list[str], finals: list[str]) -> tuple[str, dict[str, Any]]:
-    r = child_result(run([sys.executable, __file__, "_reload", "--config", str(recipe), "--ckpt", *finals, "--",
-                          *ov], ck.out / "logs/reload.log", 600))
+def _reload_step(
+    ck: Check, recipe: Path, ov: list[str], finals: list[str]
+) -> tuple[str, dict[str, Any]]:
+    r = child_result(
+        run(
+            [
+                sys.executable,
+                __file__,
+                "_reload",
+                "--config",
+                str(recipe),
+                "--ckpt",
+                *finals,
+                "--",
+                *ov,
+            ],
+            ck.out / "logs/reload.log",
+            600,
+        )
+    )
     if not all(r.values()):
         raise StepFailed(f"non-finite logits after reload: {r}")
     return f"{len(r)} final checkpoints reloaded, finite logits", {"reloaded": r}
@@ -475,20 +726,53 @@ def _cache_stage2(ck: Check, recipe: Path, ov: list[str], final: str) -> tuple[s
     base = ck.out / "stage1/base"
     models = f"cache.models=[{{name: teacher0, checkpoint: {final}}}]"
     t0 = time.perf_counter()
-    run([sys.executable, "-m", "erpd_megatron.cache.tool", "--config", str(recipe), *ov, models, "cache.topk=16",
-         f"cache.dir={cache}", f"checkpoint.load={base}"], ck.out / "logs/cache.log", 900)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "erpd_megatron.cache.tool",
+            "--config",
+            str(recipe),
+            *ov,
+            models,
+            "cache.topk=16",
+            f"cache.dir={cache}",
+            f"checkpoint.load={base}",
+        ],
+        ck.out / "logs/cache.log",
+        900,
+    )
     t_cache = time.perf_counter() - t0
     out = ck.out / "stage2"
     teachers = "stage2.teachers=[{model: teacher0, signal: topk_kl, weight: 1.0}]"
-    run([sys.executable, "-m", "erpd_megatron.stage2", "--config", str(recipe), *ov, models, teachers,
-         f"stage2.cache_dir={cache}", f"checkpoint.load={base}", f"output_dir={out}", "stage2.epochs=1",
-         "logging.progress_bar=false", "checkpoint.save_interval=100000"], ck.out / "logs/stage2.log", 900)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "erpd_megatron.stage2",
+            "--config",
+            str(recipe),
+            *ov,
+            models,
+            teachers,
+            f"stage2.cache_dir={cache}",
+            f"checkpoint.load={base}",
+            f"output_dir={out}",
+            "stage2.epochs=1",
+            "logging.progress_bar=false",
+            "checkpoint.save_interval=100000",
+        ],
+        ck.out / "logs/stage2.log",
+        900,
+    )
     recs = read_jsonl(out / "stage2/stage2_metrics.jsonl")
     losses = [r["stage2/loss"] for r in recs if "stage2/loss" in r]
     if not losses or not all(math.isfinite(x) for x in losses):
         raise StepFailed(f"stage2 losses {losses}")
-    return f"cache {t_cache:.0f}s; stage2 {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}", {
-        "stage2_losses": losses}
+    return (
+        f"cache {t_cache:.0f}s; stage2 {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+        {"stage2_losses": losses},
+    )
 
 
 def _bench_step(ck: Check) -> tuple[str, dict[str, Any]]:
@@ -499,35 +783,77 @@ def _bench_step(ck: Check) -> tuple[str, dict[str, Any]]:
         script = ROOT / "benchmarks" / name
         if not script.exists():
             continue
-        helptext = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                                  env=_env(), timeout=120).stdout
+        helptext = subprocess.run(
+            [sys.executable, str(script), "--help"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
+        ).stdout
         if "--device" not in helptext:
             figs.append(f"{name}: no --device option")
             continue
-        cmd = [sys.executable, str(script), "--device", "cuda", *(["--quick"] if "--quick" in helptext else [])]
+        cmd = [
+            sys.executable,
+            str(script),
+            "--device",
+            "cuda",
+            *(["--quick"] if "--quick" in helptext else []),
+        ]
         text = run(cmd, ck.out / f"logs/{name}.log", 240)
         result = [x for x in text.splitlines() if x.startswith("RESULT ")]
         data[name] = result[-1] if result else None
-        figs.append(f"{name}: {result[-1][len('RESULT '):] if result else 'no RESULT line'}")
+        figs.append(f"{name}: {result[-1][len('RESULT ') :] if result else 'no RESULT line'}")
     return "; ".join(figs) or "no benchmarks", data
 
 
 def _vllm_step(ck: Check, hf: Path, mc: Path) -> tuple[str, dict[str, Any]]:
     export = ck.out / "qwen3-export"
-    run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "mcore-to-hf", "--ckpt", str(mc), "--out",
-         str(export)], ck.out / "logs/export.log", 300)
+    run(
+        [
+            sys.executable,
+            str(ROOT / "tools/convert_checkpoint.py"),
+            "mcore-to-hf",
+            "--ckpt",
+            str(mc),
+            "--out",
+            str(export),
+        ],
+        ck.out / "logs/export.log",
+        300,
+    )
     if not (export / "config.json").exists():
         raise StepFailed(f"mcore-to-hf wrote no HF checkpoint at {export}")
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (hf / f).exists() and not (export / f).exists():
             shutil.copy(hf / f, export / f)
-    r = child_result(run([sys.executable, __file__, "_vllm", "--mc", str(mc), "--hf", str(hf), "--export",
-                          str(export)], ck.out / "logs/vllm.log", 900))
+    r = child_result(
+        run(
+            [
+                sys.executable,
+                __file__,
+                "_vllm",
+                "--mc",
+                str(mc),
+                "--hf",
+                str(hf),
+                "--export",
+                str(export),
+            ],
+            ck.out / "logs/vllm.log",
+            900,
+        )
+    )
     if not (r["max_abs_logprob_diff"] < 1e-3 and r.get("export_greedy_agree", 0.0) == 1.0):
-        raise StepFailed(f"vLLM vs trainer max|dlogp| {r['max_abs_logprob_diff']:.2e} (tolerance 1e-3), "
-                         f"export greedy agreement {r.get('export_greedy_agree')}")
-    return (f"{r['samples']} samples, vLLM vs trainer max|dlogp| {r['max_abs_logprob_diff']:.1e} (fp32); "
-            f"mcore-to-hf export greedy agreement {r['export_greedy_agree']:.2f}", r)
+        raise StepFailed(
+            f"vLLM vs trainer max|dlogp| {r['max_abs_logprob_diff']:.2e} (tolerance 1e-3), "
+            f"export greedy agreement {r.get('export_greedy_agree')}"
+        )
+    return (
+        f"{r['samples']} samples, vLLM vs trainer max|dlogp| {r['max_abs_logprob_diff']:.1e} (fp32); "
+        f"mcore-to-hf export greedy agreement {r['export_greedy_agree']:.2f}",
+        r,
+    )
 
 
 if __name__ == "__main__":

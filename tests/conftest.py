@@ -40,8 +40,10 @@ def slurm_cluster():
             cluster_down()  # clears what a killed session may have left
             p = cluster_up()
             if p.returncode != 0:
-                msg = (f"the local Slurm cluster did not start (logs in {SLURM_DIR}/log):\n"
-                       f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+                msg = (
+                    f"the local Slurm cluster did not start (logs in {SLURM_DIR}/log):\n"
+                    f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+                )
                 if os.environ.get("ERPD_REQUIRE_SLURM") == "1":
                     pytest.fail(msg)
                 pytest.skip(msg)

@@ -36,12 +36,16 @@ def _worker(rank: int, world_size: int, store: str, fn: Callable, args: tuple, q
 
     os.environ.pop("MASTER_PORT", None)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                                world_size=world_size)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
+        )
         out = fn(rank, world_size, *args)
         queue.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -58,8 +62,10 @@ def run_gloo(fn: Callable, world_size: int, *args: Any, timeout: float = 600) ->
     queue = ctx.Queue()
     tmp = tempfile.mkdtemp(prefix="erpd-gloo-")
     store = os.path.join(tmp, "store")  # must not exist yet: one fresh FileStore per call
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store, fn, args, queue))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, store, fn, args, queue))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

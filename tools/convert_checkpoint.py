@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+    sys.path.insert(
+        0, str(Path(__file__).resolve().parents[1])
+    )  # run from a checkout without install
     from erpd_megatron.models.convert import main
 
     sys.exit(main())

@@ -23,10 +23,21 @@ sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "configs/recipes/tiny-cpu.yaml"
 SMALL = [
-    "rollout.num_prompts=8", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=16",
-    "rollout.prompts_per_shard=4", "data.global_batch_size=8", "stage1.epochs=2", "stage1.force=true",
-    "stage2.epochs=1", "checkpoint.save_interval=2", "cache.max_shard_bytes=8192", "eval.num_prompts=4",
-    "eval.n=2", "eval.pass_k=[1,2]", "eval.max_new_tokens=16", "logging.progress_bar=false",
+    "rollout.num_prompts=8",
+    "rollout.samples_per_prompt=4",
+    "rollout.max_new_tokens=16",
+    "rollout.prompts_per_shard=4",
+    "data.global_batch_size=8",
+    "stage1.epochs=2",
+    "stage1.force=true",
+    "stage2.epochs=1",
+    "checkpoint.save_interval=2",
+    "cache.max_shard_bytes=8192",
+    "eval.num_prompts=4",
+    "eval.n=2",
+    "eval.pass_k=[1,2]",
+    "eval.max_new_tokens=16",
+    "logging.progress_bar=false",
 ]
 
 
@@ -39,16 +50,30 @@ def prepare(work: Path) -> list[str]:
         save_tiny_qwen3(inp / "base_hf")
         write_prompts(inp / "train.jsonl", 8)
         write_prompts(inp / "heldout.jsonl", 4, offset=3)
-    return [sys.executable, "-m", "erpd_megatron.cli", "round", "--config", str(RECIPE), *SMALL,
-            f"output_dir={work / 'run'}", f"round.base_hf={inp / 'base_hf'}",
-            f"rollout.dataset={inp / 'train.jsonl'}", f"eval.datasets=[{inp / 'heldout.jsonl'}]"]
+    return [
+        sys.executable,
+        "-m",
+        "erpd_megatron.cli",
+        "round",
+        "--config",
+        str(RECIPE),
+        *SMALL,
+        f"output_dir={work / 'run'}",
+        f"round.base_hf={inp / 'base_hf'}",
+        f"rollout.dataset={inp / 'train.jsonl'}",
+        f"eval.datasets=[{inp / 'heldout.jsonl'}]",
+    ]
 
 
 def child_env() -> dict[str, str]:
     """One thread per process (deterministic and light), the repo on the path."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", ERPD_PROGRESS_INTERVAL="60",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        ERPD_PROGRESS_INTERVAL="60",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     return env
 
 
@@ -67,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cmd = prepare(work)
     if args.what == "kill":
-        res = faults.kill_campaign(work, cmd, child_env(), ROOT, k=args.k, seed=args.seed,
-                                   kinds=args.kinds.split(","))
+        res = faults.kill_campaign(
+            work, cmd, child_env(), ROOT, k=args.k, seed=args.seed, kinds=args.kinds.split(",")
+        )
         (work / "kill.json").write_text(json.dumps(res, indent=1))
-        print(f"K={res['K']} (seed {res['seed']}): {res['identical']}/{res['K']} reruns bit-identical; "
-              f"kills per step: {res['hits']}; {res['minutes']} min")
+        print(
+            f"K={res['K']} (seed {res['seed']}): {res['identical']}/{res['K']} reruns bit-identical; "
+            f"kills per step: {res['hits']}; {res['minutes']} min"
+        )
         return 0 if res["identical"] == res["K"] else 1
     ref = work / "ref" / "round_0"
     if not (ref / "eval").exists():
@@ -83,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     res = faults.corruption_campaign(ref, work / "corrupt", seed=args.seed)
     (work / "corrupt.json").write_text(json.dumps(res, indent=1))
     for kind, c in res["counts"].items():
-        print(f"{kind:18s} named {c['named']:3d}  unnamed {c['unnamed']:3d}  silent {c['silent']:3d}")
+        print(
+            f"{kind:18s} named {c['named']:3d}  unnamed {c['unnamed']:3d}  silent {c['silent']:3d}"
+        )
     return 0 if all(c["silent"] == 0 for c in res["counts"].values()) else 1
 
 

@@ -45,7 +45,9 @@ def bits_per_id(vocab_size: int) -> int:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     bits = max(1, (int(vocab_size) - 1).bit_length())
     if bits > MAX_BITS_PER_ID:
-        raise ValueError(f"vocab_size {vocab_size} needs {bits} bits per id; at most {MAX_BITS_PER_ID} supported")
+        raise ValueError(
+            f"vocab_size {vocab_size} needs {bits} bits per id; at most {MAX_BITS_PER_ID} supported"
+        )
     return bits
 
 
@@ -54,7 +56,9 @@ def packed_nbytes(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
-def pack_ids(ids: np.ndarray, bits: int, *, check: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+def pack_ids(
+    ids: np.ndarray, bits: int, *, check: bool = True, out: np.ndarray | None = None
+) -> np.ndarray:
     """Pack integer ids (any shape, C order) into an LSB-first bit stream of ``bits`` bits each.
 
     Returns a ``uint8`` array of ``packed_nbytes(ids.size, bits)`` bytes, written into the
@@ -71,7 +75,9 @@ def pack_ids(ids: np.ndarray, bits: int, *, check: bool = True, out: np.ndarray 
     if check and n:
         lo, hi = int(flat.min()), int(flat.max())
         if lo < 0 or hi >= (1 << bits):
-            raise ValueError(f"ids must be in [0, {1 << bits}) for {bits}-bit packing, got range [{lo}, {hi}]")
+            raise ValueError(
+                f"ids must be in [0, {1 << bits}) for {bits}-bit packing, got range [{lo}, {hi}]"
+            )
     total = packed_nbytes(n, bits)
     if out is None:
         out = np.empty(total, np.uint8)
@@ -148,7 +154,9 @@ def unpack_ids_from_words(words: np.ndarray, byte_offset: int, n: int, bits: int
         return out.view(np.int64)
     last = byte_offset + (((n - 1) * bits) >> 3)
     if byte_offset < 0 or last >= words.size:
-        raise ValueError(f"packed ids [{byte_offset}, {last + 8}) run past the {words.size + 7}-byte buffer")
+        raise ValueError(
+            f"packed ids [{byte_offset}, {last + 8}) run past the {words.size + 7}-byte buffer"
+        )
     offsets, shifts = _gather_table(bits)
     mask = np.uint64((1 << bits) - 1)
     for start in range(0, n, _CHUNK):
@@ -168,7 +176,11 @@ def unpack_ids_from_words(words: np.ndarray, byte_offset: int, n: int, bits: int
 def unpack_ids(packed, n: int, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_ids`: ``n`` ids (``int64``, flat) from a bit stream
     (bytes-like or ``uint8`` array). Copies the stream once if it lacks 7 bytes of slack."""
-    raw = np.frombuffer(packed, np.uint8) if not isinstance(packed, np.ndarray) else packed.reshape(-1)
+    raw = (
+        np.frombuffer(packed, np.uint8)
+        if not isinstance(packed, np.ndarray)
+        else packed.reshape(-1)
+    )
     need = packed_nbytes(n, bits)
     if raw.size < need:
         raise ValueError(f"packed stream has {raw.size} bytes, {n} ids of {bits} bits need {need}")
@@ -191,7 +203,9 @@ def _clamped(x, out_dtype: str) -> np.ndarray:
     if x32.size:
         top = float(x32.max())  # NaN propagates through max: one pass checks both
         if np.isnan(top):
-            raise ValueError("log-probs contain NaN: " + _bad_value_message(x32, np.isnan(x32), "NaN"))
+            raise ValueError(
+                "log-probs contain NaN: " + _bad_value_message(x32, np.isnan(x32), "NaN")
+            )
         if top > POSITIVE_TOLERANCE:
             raise ValueError(
                 "log-probs must be <= 0: "

@@ -40,8 +40,15 @@ num_sections, rank, seq, num_samples, schema_len, num_tokens (64 bytes)."""
 FOOTER = struct.Struct("<32sQ8s")
 """sha256 of bytes [0, file_size - 48), file_size, END_MAGIC (48 bytes)."""
 SECTION_DTYPE = np.dtype(
-    [("kind", "u1"), ("dtype", "u1"), ("reserved0", "<u2"), ("model", "<u4"),
-     ("offset", "<u8"), ("nbytes", "<u8"), ("reserved1", "<u8")]
+    [
+        ("kind", "u1"),
+        ("dtype", "u1"),
+        ("reserved0", "<u2"),
+        ("model", "<u4"),
+        ("offset", "<u8"),
+        ("nbytes", "<u8"),
+        ("reserved1", "<u8"),
+    ]
 )
 INDEX_DTYPE = np.dtype(
     [("sample_id", "<i8"), ("token_offset", "<u8"), ("token_count", "<u8"), ("ids_offset", "<u8")]
@@ -96,16 +103,22 @@ class CacheLayout:
 
     def __post_init__(self) -> None:
         if self.value_dtype not in VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {self.value_dtype!r}")
+            raise ValueError(
+                f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {self.value_dtype!r}"
+            )
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         bits_per_id(self.vocab_size)  # validates the vocabulary size
         for what, names in (("sampled", self.sampled), ("teachers", self.teachers)):
             if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
-                raise ValueError(f"{what} model names must be distinct non-empty strings, got {list(names)}")
+                raise ValueError(
+                    f"{what} model names must be distinct non-empty strings, got {list(names)}"
+                )
         unknown = [t for t in self.ref_teachers if t not in self.teachers]
         if unknown or len(set(self.ref_teachers)) != len(self.ref_teachers):
-            raise ValueError(f"ref_teachers {list(self.ref_teachers)} must be distinct names from teachers {list(self.teachers)}")
+            raise ValueError(
+                f"ref_teachers {list(self.ref_teachers)} must be distinct names from teachers {list(self.teachers)}"
+            )
 
     @property
     def bits_per_id(self) -> int:
@@ -151,9 +164,13 @@ class CacheLayout:
     def to_json(self) -> dict[str, Any]:
         """The layout as JSON-able fields (the manifest and shard schemas use these)."""
         return {
-            "vocab_size": self.vocab_size, "k": self.k, "value_dtype": self.value_dtype,
-            "bits_per_id": self.bits_per_id, "logprob_floor": LOGPROB_FLOOR,
-            "sampled_models": list(self.sampled), "teachers": list(self.teachers),
+            "vocab_size": self.vocab_size,
+            "k": self.k,
+            "value_dtype": self.value_dtype,
+            "bits_per_id": self.bits_per_id,
+            "logprob_floor": LOGPROB_FLOOR,
+            "sampled_models": list(self.sampled),
+            "teachers": list(self.teachers),
             "ref_teachers": list(self.ref_teachers),
         }
 
@@ -162,8 +179,10 @@ def schema_bytes(layout: CacheLayout, max_shard_bytes: int, final: bool) -> byte
     """The shard's JSON schema: model names, the writer's shard bound and whether this shard
     was closed by the end of its rank's samples (``final`` 1) or by the bound (0)."""
     doc = {
-        "sampled": list(layout.sampled), "teachers": list(layout.teachers),
-        "ref_teachers": list(layout.ref_teachers), "max_shard_bytes": int(max_shard_bytes),
+        "sampled": list(layout.sampled),
+        "teachers": list(layout.teachers),
+        "ref_teachers": list(layout.ref_teachers),
+        "max_shard_bytes": int(max_shard_bytes),
         "final": int(final),
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
@@ -210,8 +229,13 @@ class ShardFile:
     def summary(self) -> dict[str, Any]:
         """JSON-able description (file, rank, seq, bytes, sha256, samples, tokens)."""
         return {
-            "file": self.name, "rank": self.rank, "seq": self.seq, "bytes": self.file_size,
-            "sha256": self.sha256, "num_samples": self.num_samples, "num_tokens": self.num_tokens,
+            "file": self.name,
+            "rank": self.rank,
+            "seq": self.seq,
+            "bytes": self.file_size,
+            "sha256": self.sha256,
+            "num_samples": self.num_samples,
+            "num_tokens": self.num_tokens,
         }
 
     def array(self, kind: int, model: int, dtype: np.dtype, start: int, count: int) -> np.ndarray:
@@ -239,7 +263,9 @@ class ShardFile:
         if size < 0:
             raise CacheError(f"{path}: shard file not found")
         if size < HEADER.size:
-            raise CacheError(f"{path}: truncated shard: {size} bytes, shorter than the {HEADER.size}-byte header")
+            raise CacheError(
+                f"{path}: truncated shard: {size} bytes, shorter than the {HEADER.size}-byte header"
+            )
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -250,18 +276,42 @@ class ShardFile:
 
     @classmethod
     def _parse(cls, path: Path, mm: mmap.mmap, size: int, verify: bool) -> ShardFile:
-        (magic, version, hsize, fsize, vocab, k, vcode, bits, nsec, rank, seq, nsamp, slen,
-         ntok) = HEADER.unpack_from(mm, 0)
+        (
+            magic,
+            version,
+            hsize,
+            fsize,
+            vocab,
+            k,
+            vcode,
+            bits,
+            nsec,
+            rank,
+            seq,
+            nsamp,
+            slen,
+            ntok,
+        ) = HEADER.unpack_from(mm, 0)
         if magic != MAGIC:
-            raise CacheError(f"{path}: not a teacher-cache shard (magic {magic!r}, expected {MAGIC!r})")
+            raise CacheError(
+                f"{path}: not a teacher-cache shard (magic {magic!r}, expected {MAGIC!r})"
+            )
         if version != FORMAT_VERSION:
-            raise CacheError(f"{path}: format version {version}, this code reads version {FORMAT_VERSION}; rebuild the cache")
+            raise CacheError(
+                f"{path}: format version {version}, this code reads version {FORMAT_VERSION}; rebuild the cache"
+            )
         if size != fsize:
-            what = f"truncated shard: {size} bytes of {fsize}" if size < fsize else f"{size - fsize} unexpected bytes after the {fsize}-byte shard"
+            what = (
+                f"truncated shard: {size} bytes of {fsize}"
+                if size < fsize
+                else f"{size - fsize} unexpected bytes after the {fsize}-byte shard"
+            )
             raise CacheError(f"{path}: {what}; delete it and rerun its writer (rank {rank})")
         digest, fsize2, end = FOOTER.unpack_from(mm, size - FOOTER.size)
         if end != END_MAGIC or fsize2 != fsize:
-            raise CacheError(f"{path}: damaged footer (end magic {end!r}, size {fsize2}); delete it and rerun its writer (rank {rank})")
+            raise CacheError(
+                f"{path}: damaged footer (end magic {end!r}, size {fsize2}); delete it and rerun its writer (rank {rank})"
+            )
         if verify:
             body = memoryview(mm)[: size - FOOTER.size]
             try:
@@ -277,39 +327,59 @@ class ShardFile:
             raise CacheError(f"{path}: unknown value dtype code {vcode}")
         schema_at = HEADER.size + SECTION_DTYPE.itemsize * nsec
         if schema_at + slen > hsize or hsize > size - FOOTER.size:
-            raise CacheError(f"{path}: header of {hsize} bytes cannot hold {nsec} sections and a {slen}-byte schema")
+            raise CacheError(
+                f"{path}: header of {hsize} bytes cannot hold {nsec} sections and a {slen}-byte schema"
+            )
         try:
             schema = json.loads(bytes(mm[schema_at : schema_at + slen]))
             layout = CacheLayout(
-                vocab_size=int(vocab), k=int(k), value_dtype=VALUE_DTYPE_BY_CODE[vcode],
-                sampled=tuple(schema["sampled"]), teachers=tuple(schema["teachers"]),
+                vocab_size=int(vocab),
+                k=int(k),
+                value_dtype=VALUE_DTYPE_BY_CODE[vcode],
+                sampled=tuple(schema["sampled"]),
+                teachers=tuple(schema["teachers"]),
                 ref_teachers=tuple(schema["ref_teachers"]),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CacheError(f"{path}: unreadable shard schema ({e})") from e
         if layout.bits_per_id != bits:
-            raise CacheError(f"{path}: header says {bits} bits per id, vocab_size {vocab} needs {layout.bits_per_id}")
+            raise CacheError(
+                f"{path}: header says {bits} bits per id, vocab_size {vocab} needs {layout.bits_per_id}"
+            )
         table = np.frombuffer(mm, SECTION_DTYPE, count=nsec, offset=HEADER.size)
         expected = layout.sections()
         found = [(int(s["kind"]), int(s["dtype"]), int(s["model"])) for s in table]
         if found != expected or hsize != header_size(layout, slen):
-            raise CacheError(f"{path}: section table {found} does not match the schema's {expected}")
+            raise CacheError(
+                f"{path}: section table {found} does not match the schema's {expected}"
+            )
         body_end = size - FOOTER.size
         sections: dict[tuple[int, int], tuple[int, int]] = {}
         for s in table:
             off, nb = int(s["offset"]), int(s["nbytes"])
             if off % ALIGN or off < hsize or off + nb > body_end:
-                raise CacheError(f"{path}: section (kind {int(s['kind'])}, model {int(s['model'])}) at [{off}, {off + nb}) lies outside the shard body")
+                raise CacheError(
+                    f"{path}: section (kind {int(s['kind'])}, model {int(s['model'])}) at [{off}, {off + nb}) lies outside the shard body"
+                )
             sections[(int(s["kind"]), int(s["model"]))] = (off, nb)
         ioff, inb = sections[(KIND_INDEX, 0)]
         if inb != nsamp * INDEX_DTYPE.itemsize:
             raise CacheError(f"{path}: index holds {inb} bytes for {nsamp} samples")
         index = np.frombuffer(mm, INDEX_DTYPE, count=nsamp, offset=ioff)
         shard = cls(
-            path=path, rank=int(rank), seq=int(seq), layout=layout,
-            max_shard_bytes=int(schema.get("max_shard_bytes", 0)), final=bool(schema.get("final", 0)),
-            num_tokens=int(ntok), file_size=int(fsize), digest=digest, index=index, sections=sections,
-            mm=mm, words=unaligned_u64_view(mm),
+            path=path,
+            rank=int(rank),
+            seq=int(seq),
+            layout=layout,
+            max_shard_bytes=int(schema.get("max_shard_bytes", 0)),
+            final=bool(schema.get("final", 0)),
+            num_tokens=int(ntok),
+            file_size=int(fsize),
+            digest=digest,
+            index=index,
+            sections=sections,
+            mm=mm,
+            words=unaligned_u64_view(mm),
         )
         shard._check_index()
         return shard
@@ -320,13 +390,24 @@ class ShardFile:
         tok_off = np.concatenate([[0], np.cumsum(counts)])
         ids_len = lay.ids_nbytes_array(counts)
         ids_off = np.concatenate([[0], np.cumsum(ids_len)])
-        bad = np.flatnonzero((idx["token_offset"].astype(np.int64) != tok_off[:-1]) | (idx["ids_offset"].astype(np.int64) != ids_off[:-1]))
+        bad = np.flatnonzero(
+            (idx["token_offset"].astype(np.int64) != tok_off[:-1])
+            | (idx["ids_offset"].astype(np.int64) != ids_off[:-1])
+        )
         if bad.size:
-            raise CacheError(f"{self.path}: index entry of sample {int(idx['sample_id'][bad[0]])} has inconsistent offsets")
+            raise CacheError(
+                f"{self.path}: index entry of sample {int(idx['sample_id'][bad[0]])} has inconsistent offsets"
+            )
         if int(tok_off[-1]) != self.num_tokens:
-            raise CacheError(f"{self.path}: index counts {int(tok_off[-1])} tokens, header says {self.num_tokens}")
+            raise CacheError(
+                f"{self.path}: index counts {int(tok_off[-1])} tokens, header says {self.num_tokens}"
+            )
         if np.unique(idx["sample_id"]).size != idx.size:
             raise CacheError(f"{self.path}: a sample id appears twice in the index")
         for (kind, model), (_, nb) in self.sections.items():
-            if kind != KIND_INDEX and nb != lay.section_nbytes(kind, self.num_tokens, int(ids_off[-1])):
-                raise CacheError(f"{self.path}: section (kind {kind}, model {model}) holds {nb} bytes, the index implies {lay.section_nbytes(kind, self.num_tokens, int(ids_off[-1]))}")
+            if kind != KIND_INDEX and nb != lay.section_nbytes(
+                kind, self.num_tokens, int(ids_off[-1])
+            ):
+                raise CacheError(
+                    f"{self.path}: section (kind {kind}, model {model}) holds {nb} bytes, the index implies {lay.section_nbytes(kind, self.num_tokens, int(ids_off[-1]))}"
+                )

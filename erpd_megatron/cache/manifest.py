@@ -27,8 +27,9 @@ FORMAT_NAME = "erpd-teacher-cache"
 REBUILD_HINT = "rebuild it with tools/cache_teacher_logprobs.py"
 
 
-def open_shards(paths: Sequence[Path], *, verify: bool | Sequence[bool],
-                threads: int | None = None) -> list[ShardFile]:
+def open_shards(
+    paths: Sequence[Path], *, verify: bool | Sequence[bool], threads: int | None = None
+) -> list[ShardFile]:
     """Open (and with ``verify`` checksum: one flag for all, or one per path) shards in
     parallel threads; hashing releases the GIL. Returns them in the order given; on any error
     closes them all and raises it."""
@@ -51,20 +52,30 @@ def open_shards(paths: Sequence[Path], *, verify: bool | Sequence[bool],
     return opened
 
 
-def _check_meta(meta: Mapping[str, Any], names: Sequence[str]) -> tuple[str, dict[str, dict[str, str]]]:
+def _check_meta(
+    meta: Mapping[str, Any], names: Sequence[str]
+) -> tuple[str, dict[str, dict[str, str]]]:
     fp = meta.get("rollout_fingerprint")
     if not isinstance(fp, str) or not fp:
-        raise CacheError("meta['rollout_fingerprint'] must be the rollout data's fingerprint (a non-empty string)")
+        raise CacheError(
+            "meta['rollout_fingerprint'] must be the rollout data's fingerprint (a non-empty string)"
+        )
     models = meta.get("models")
     if not isinstance(models, Mapping):
-        raise CacheError("meta['models'] must map each model name to {'path': ..., 'fingerprint': ...}")
+        raise CacheError(
+            "meta['models'] must map each model name to {'path': ..., 'fingerprint': ...}"
+        )
     missing = [n for n in names if n not in models]
     if missing:
-        raise CacheError(f"meta['models'] lacks {missing}; every cached model needs a path and a weight fingerprint")
+        raise CacheError(
+            f"meta['models'] lacks {missing}; every cached model needs a path and a weight fingerprint"
+        )
     out = {}
     for name, info in models.items():
         if not isinstance(info, Mapping) or not {"path", "fingerprint"} <= set(info):
-            raise CacheError(f"meta['models'][{name!r}] must have 'path' and 'fingerprint', got {info!r}")
+            raise CacheError(
+                f"meta['models'][{name!r}] must have 'path' and 'fingerprint', got {info!r}"
+            )
         out[str(name)] = {str(k): v for k, v in info.items()}
     return fp, out
 
@@ -94,39 +105,61 @@ def finalize_manifest(
     for r in range(world_size):
         path = cache_dir / done_name(r)
         if not path.exists():
-            raise CacheError(f"{cache_dir}: rank {r} has not finished writing (no {path.name}); rerun its writer, then finalize")
+            raise CacheError(
+                f"{cache_dir}: rank {r} has not finished writing (no {path.name}); rerun its writer, then finalize"
+            )
         dones.append(read_json(path))
     layout = dones[0]["layout"] if dones else None
     for r, done in enumerate(dones):
         if done.get("format_version") != FORMAT_VERSION or done.get("rank") != r:
-            raise CacheError(f"{cache_dir / done_name(r)}: not a format-{FORMAT_VERSION} done file of rank {r}")
+            raise CacheError(
+                f"{cache_dir / done_name(r)}: not a format-{FORMAT_VERSION} done file of rank {r}"
+            )
         if done["layout"] != layout or done["max_shard_bytes"] != dones[0]["max_shard_bytes"]:
-            raise CacheError(f"{cache_dir}: rank {r} wrote with layout {done['layout']}, rank 0 with {layout}")
+            raise CacheError(
+                f"{cache_dir}: rank {r} wrote with layout {done['layout']}, rank 0 with {layout}"
+            )
     listed = [s for done in dones for s in done["shards"]]
     names = {s["file"] for s in listed}
     for p in sorted(cache_dir.iterdir()):
         rs = parse_shard_name(p.name)
-        stray_done = p.name.endswith(".done.json") and p.name not in {done_name(r) for r in range(world_size)}
+        stray_done = p.name.endswith(".done.json") and p.name not in {
+            done_name(r) for r in range(world_size)
+        }
         if (rs is not None and p.name not in names) or stray_done:
-            raise CacheError(f"{p}: not part of this {world_size}-rank cache (left from an earlier run?); delete it")
+            raise CacheError(
+                f"{p}: not part of this {world_size}-rank cache (left from an earlier run?); delete it"
+            )
     shards = open_shards([cache_dir / s["file"] for s in listed], verify=verify_checksums)
     try:
         for shard, entry in zip(shards, listed):
             if shard.summary() != entry:
-                raise CacheError(f"{shard.path}: is {shard.summary()}, its rank's done file says {entry}; rerun rank {shard.rank}'s writer")
+                raise CacheError(
+                    f"{shard.path}: is {shard.summary()}, its rank's done file says {entry}; rerun rank {shard.rank}'s writer"
+                )
             if shard.layout.to_json() != layout:
-                raise CacheError(f"{shard.path}: layout {shard.layout.to_json()} differs from the cache's {layout}")
-        ids = np.concatenate([s.index["sample_id"] for s in shards]) if shards else np.zeros(0, np.int64)
+                raise CacheError(
+                    f"{shard.path}: layout {shard.layout.to_json()} differs from the cache's {layout}"
+                )
+        ids = (
+            np.concatenate([s.index["sample_id"] for s in shards])
+            if shards
+            else np.zeros(0, np.int64)
+        )
         uniq, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             sid = int(uniq[np.argmax(counts > 1)])
             where = [s.name for s in shards if (s.index["sample_id"] == sid).any()]
-            raise CacheError(f"{cache_dir}: sample {sid} was written twice, in {where}; give each rank distinct samples")
+            raise CacheError(
+                f"{cache_dir}: sample {sid} was written twice, in {where}; give each rank distinct samples"
+            )
         num_tokens = sum(s.num_tokens for s in shards)
     finally:
         for shard in shards:
             shard.close()
-    names_needed = list(dict.fromkeys((layout or {}).get("sampled_models", []) + (layout or {}).get("teachers", [])))
+    names_needed = list(
+        dict.fromkeys((layout or {}).get("sampled_models", []) + (layout or {}).get("teachers", []))
+    )
     fingerprint, models = _check_meta(meta, names_needed)
     manifest = {
         "format": FORMAT_NAME,
@@ -142,7 +175,13 @@ def finalize_manifest(
         "extra": {k: v for k, v in meta.items() if k not in ("rollout_fingerprint", "models")},
     }
     atomic_write_json(cache_dir / MANIFEST_NAME, manifest)
-    log.info("teacher cache %s: %d samples, %d tokens in %d shards", cache_dir, ids.size, num_tokens, len(listed))
+    log.info(
+        "teacher cache %s: %d samples, %d tokens in %d shards",
+        cache_dir,
+        ids.size,
+        num_tokens,
+        len(listed),
+    )
     return manifest
 
 
@@ -161,9 +200,23 @@ def load_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path}: not a teacher-cache manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: format version {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; {REBUILD_HINT}")
-    required = ("vocab_size", "k", "value_dtype", "bits_per_id", "sampled_models", "teachers",
-                "ref_teachers", "models", "rollout_fingerprint", "num_samples", "num_tokens", "shards")
+        raise CacheError(
+            f"{path}: format version {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; {REBUILD_HINT}"
+        )
+    required = (
+        "vocab_size",
+        "k",
+        "value_dtype",
+        "bits_per_id",
+        "sampled_models",
+        "teachers",
+        "ref_teachers",
+        "models",
+        "rollout_fingerprint",
+        "num_samples",
+        "num_tokens",
+        "shards",
+    )
     missing = [k for k in required if k not in manifest]
     if missing:
         raise CacheError(f"{path}: manifest lacks {missing}")

@@ -58,29 +58,54 @@ class CacheRecord:
 
     def copy(self) -> CacheRecord:
         """A record whose arrays own their memory (no reference to the mapped file)."""
+
         def cp(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {k: np.array(v, copy=True) for k, v in d.items()}
-        return CacheRecord(self.sample_id, self.num_tokens, cp(self.sampled), cp(self.topk_ids),
-                           cp(self.topk_logprobs), cp(self.ref_topk_logprobs), self.shard)
+
+        return CacheRecord(
+            self.sample_id,
+            self.num_tokens,
+            cp(self.sampled),
+            cp(self.topk_ids),
+            cp(self.topk_logprobs),
+            cp(self.ref_topk_logprobs),
+            self.shard,
+        )
 
 
 class TeacherCache:
     """An opened, checked teacher cache. Use :meth:`open`."""
 
-    def __init__(self, cache_dir: Path, manifest: dict[str, Any], layout: CacheLayout, shards: list[ShardFile]) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        manifest: dict[str, Any],
+        layout: CacheLayout,
+        shards: list[ShardFile],
+    ) -> None:
         self.cache_dir = cache_dir
         self.manifest = manifest
         self.layout = layout
         self._shards = shards
-        self._shard_of = np.concatenate([np.full(s.num_samples, i, np.int32) for i, s in enumerate(shards)]) if shards else np.zeros(0, np.int32)
-        self._row_of = np.concatenate([np.arange(s.num_samples, dtype=np.int64) for s in shards]) if shards else np.zeros(0, np.int64)
+        self._shard_of = (
+            np.concatenate([np.full(s.num_samples, i, np.int32) for i, s in enumerate(shards)])
+            if shards
+            else np.zeros(0, np.int32)
+        )
+        self._row_of = (
+            np.concatenate([np.arange(s.num_samples, dtype=np.int64) for s in shards])
+            if shards
+            else np.zeros(0, np.int64)
+        )
         ids = [int(x) for s in shards for x in s.index["sample_id"]]
         self._pos: dict[int, int] = {sid: i for i, sid in enumerate(ids)}
         if len(self._pos) != len(ids):
             seen: set[int] = set()
             dup = next(s for s in ids if s in seen or seen.add(s))
             where = [s.name for s in shards if (s.index["sample_id"] == dup).any()]
-            raise CacheError(f"{cache_dir}: sample {dup} appears in several shards {where}; {REBUILD_HINT}")
+            raise CacheError(
+                f"{cache_dir}: sample {dup} appears in several shards {where}; {REBUILD_HINT}"
+            )
         self._ids = ids
         self._check_id_range = layout.vocab_size < (1 << layout.bits_per_id)
 
@@ -129,19 +154,27 @@ class TeacherCache:
             )
         try:
             layout = CacheLayout(
-                int(manifest["vocab_size"]), int(manifest["k"]), manifest["value_dtype"],
-                tuple(manifest["sampled_models"]), tuple(manifest["teachers"]), tuple(manifest["ref_teachers"]),
+                int(manifest["vocab_size"]),
+                int(manifest["k"]),
+                manifest["value_dtype"],
+                tuple(manifest["sampled_models"]),
+                tuple(manifest["teachers"]),
+                tuple(manifest["ref_teachers"]),
             )
         except ValueError as e:
             raise CacheError(f"{cache_dir / 'manifest.json'}: {e}") from e
         entries = manifest["shards"]
         for entry in entries:
             if not (cache_dir / entry["file"]).exists():
-                raise CacheError(f"{cache_dir / entry['file']}: shard listed in the manifest is missing; {REBUILD_HINT}")
+                raise CacheError(
+                    f"{cache_dir / entry['file']}: shard listed in the manifest is missing; {REBUILD_HINT}"
+                )
         if verify_part is not None:
             rank, world = int(verify_part[0]), int(verify_part[1])
             if world < 1 or not 0 <= rank < world:
-                raise ValueError(f"verify_part must be (rank, world_size) with 0 <= rank < world_size, got {verify_part}")
+                raise ValueError(
+                    f"verify_part must be (rank, world_size) with 0 <= rank < world_size, got {verify_part}"
+                )
             verify = [verify_checksums and i % world == rank for i in range(len(entries))]
         else:
             verify = [verify_checksums] * len(entries)
@@ -154,10 +187,14 @@ class TeacherCache:
                         f"replaced after the manifest was written; {REBUILD_HINT}"
                     )
                 if shard.layout != layout:
-                    raise CacheError(f"{shard.path}: layout {shard.layout.to_json()} differs from the manifest's")
+                    raise CacheError(
+                        f"{shard.path}: layout {shard.layout.to_json()} differs from the manifest's"
+                    )
             cache = cls(cache_dir, manifest, layout, shards)
             if len(cache) != manifest["num_samples"]:
-                raise CacheError(f"{cache_dir}: shards hold {len(cache)} samples, the manifest says {manifest['num_samples']}")
+                raise CacheError(
+                    f"{cache_dir}: shards hold {len(cache)} samples, the manifest says {manifest['num_samples']}"
+                )
             if expect_token_counts is not None:
                 cache._check_token_counts(expect_token_counts)
         except BaseException:
@@ -178,7 +215,9 @@ class TeacherCache:
             shard = self._shards[self._shard_of[pos]]
             cached = int(shard.index["token_count"][self._row_of[pos]])
             if cached != int(count):
-                wrong.append(f"sample {int(sid)} in {shard.path}: {cached} tokens cached, the rollout data has {int(count)}")
+                wrong.append(
+                    f"sample {int(sid)} in {shard.path}: {cached} tokens cached, the rollout data has {int(count)}"
+                )
         if missing:
             raise CacheError(
                 f"{self.cache_dir}: {len(missing)} sample(s) of the rollout data are not in the cache, "
@@ -186,7 +225,12 @@ class TeacherCache:
             )
         if wrong:
             more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
-            raise CacheError(f"{self.cache_dir}: token counts differ from the rollout data: " + "; ".join(wrong[:3]) + more + f"; {REBUILD_HINT}")
+            raise CacheError(
+                f"{self.cache_dir}: token counts differ from the rollout data: "
+                + "; ".join(wrong[:3])
+                + more
+                + f"; {REBUILD_HINT}"
+            )
 
     # ---- access ---------------------------------------------------------------------------
 
@@ -248,7 +292,9 @@ class TeacherCache:
         sid = as_sample_id(sample_id)
         pos = self._pos.get(sid)
         if pos is None:
-            raise MissingSampleError(f"sample {sid} is not in the teacher cache {self.cache_dir} ({len(self)} samples)")
+            raise MissingSampleError(
+                f"sample {sid} is not in the teacher cache {self.cache_dir} ({len(self)} samples)"
+            )
         shard = self._shards[self._shard_of[pos]]
         if shard.mm is None:
             raise CacheError(f"{self.cache_dir}: the cache was closed")
@@ -263,26 +309,43 @@ class TeacherCache:
         log-probs, freshly decoded int64 ids (and float32 for bf16 values)."""
         shard, row = self._locate(sample_id)
         lay, sid = self.layout, int(row["sample_id"])
-        t, tok_off, ids_off = int(row["token_count"]), int(row["token_offset"]), int(row["ids_offset"])
+        t, tok_off, ids_off = (
+            int(row["token_count"]),
+            int(row["token_offset"]),
+            int(row["ids_offset"]),
+        )
         k, vname = lay.k, lay.value_dtype
         vdtype = VALUE_DTYPES[vname][1]
-        sampled = {name: shard.array(KIND_SAMPLED, i, _F32, tok_off, t) for i, name in enumerate(lay.sampled)}
+        sampled = {
+            name: shard.array(KIND_SAMPLED, i, _F32, tok_off, t)
+            for i, name in enumerate(lay.sampled)
+        }
         ids, lps, refs = {}, {}, {}
         for ti, name in enumerate(lay.teachers):
-            lps[name] = decode_logprobs(shard.array(KIND_TOPK_LOGPROBS, ti, vdtype, tok_off * k, t * k), vname).reshape(t, k)
+            lps[name] = decode_logprobs(
+                shard.array(KIND_TOPK_LOGPROBS, ti, vdtype, tok_off * k, t * k), vname
+            ).reshape(t, k)
             if name in lay.ref_teachers:
-                refs[name] = decode_logprobs(shard.array(KIND_REF_LOGPROBS, ti, vdtype, tok_off * k, t * k), vname).reshape(t, k)
+                refs[name] = decode_logprobs(
+                    shard.array(KIND_REF_LOGPROBS, ti, vdtype, tok_off * k, t * k), vname
+                ).reshape(t, k)
             sec_off = shard.sections[(KIND_TOPK_IDS, ti)][0]
             try:
-                decoded = unpack_ids_from_words(shard.words, sec_off + ids_off, t * k, lay.bits_per_id)
+                decoded = unpack_ids_from_words(
+                    shard.words, sec_off + ids_off, t * k, lay.bits_per_id
+                )
             except ValueError as e:
                 raise CacheError(f"{shard.path}: sample {sid}, teacher {name!r}: {e}") from e
             if self._check_id_range and decoded.size and int(decoded.max()) >= lay.vocab_size:
-                raise CacheError(f"{shard.path}: sample {sid}, teacher {name!r}: id {int(decoded.max())} >= vocab_size {lay.vocab_size}; the shard is corrupt")
+                raise CacheError(
+                    f"{shard.path}: sample {sid}, teacher {name!r}: id {int(decoded.max())} >= vocab_size {lay.vocab_size}; the shard is corrupt"
+                )
             ids[name] = decoded.reshape(t, k)
         return CacheRecord(sid, t, sampled, ids, lps, refs, shard.name)
 
-    def stream(self, sample_ids: Iterable[int] | None = None, *, prefetch: int = 4, copy: bool = True) -> Iterator[CacheRecord]:
+    def stream(
+        self, sample_ids: Iterable[int] | None = None, *, prefetch: int = 4, copy: bool = True
+    ) -> Iterator[CacheRecord]:
         """Records in the caller's order, read and decoded ``prefetch`` samples ahead by a
         background thread (0: no thread). With ``copy`` the records own their arrays, so
         that page faults are taken by the thread, not the consumer. Close the iterator (or
@@ -315,7 +378,9 @@ class _Prefetcher(Iterator[CacheRecord]):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
-        self._thread = threading.Thread(target=self._run, args=(fetch, order), name="teacher-cache-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(fetch, order), name="teacher-cache-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item: Any) -> bool:

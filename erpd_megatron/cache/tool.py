@@ -54,7 +54,9 @@ def rank_order(table: SampleTable, dp_rank: int, dp_size: int) -> np.ndarray:
     return np.array(sorted(rows.tolist(), key=lambda i: (int(lengths[i]), i)), np.int64)
 
 
-def _score_microbatch(engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, torch.Tensor]) -> dict:
+def _score_microbatch(
+    engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, torch.Tensor]
+) -> dict:
     """Forward one micro-batch; return per-row results on the owner rank, {} elsewhere."""
     from erpd_megatron.ops.vocab_parallel import vp_bucket_logprobs, vp_logprob, vp_topk
 
@@ -95,7 +97,9 @@ def write_cache(cfg: Config) -> Path:
     check_cache_inputs(cfg)  # every missing input in one ConfigError, before any engine
     table, fingerprint = load_sample_table(cfg)
     out = Path(cfg.cache.dir)
-    models = [("base", cfg.checkpoint.load, False)] + [(m.name, m.checkpoint, m.topk) for m in cfg.cache.models]
+    models = [("base", cfg.checkpoint.load, False)] + [
+        (m.name, m.checkpoint, m.topk) for m in cfg.cache.models
+    ]
     engines = {}
     for name, path, _ in models:
         e = Engine(cfg, train=False)
@@ -108,20 +112,34 @@ def write_cache(cfg: Config) -> Path:
     order = rank_order(table, base.dp_rank, base.dp_size)
     sid = table.sample_ids
     # Only owner ranks write; the other ranks of the same DP replica compute alongside them.
-    writer = CacheWriter(
-        out, rank=base.dp_rank, sample_ids=[int(sid[r]) for r in order],
-        vocab_size=cfg.model.vocab_size, k=k, sampled_models=[n for n, _, _ in models], teachers=teachers,
-        ref_teachers=teachers, value_dtype=cfg.cache.dtype, max_shard_bytes=cfg.cache.max_shard_bytes,
-    ) if owner else None
+    writer = (
+        CacheWriter(
+            out,
+            rank=base.dp_rank,
+            sample_ids=[int(sid[r]) for r in order],
+            vocab_size=cfg.model.vocab_size,
+            k=k,
+            sampled_models=[n for n, _, _ in models],
+            teachers=teachers,
+            ref_teachers=teachers,
+            value_dtype=cfg.cache.dtype,
+            max_shard_bytes=cfg.cache.max_shard_bytes,
+        )
+        if owner
+        else None
+    )
     row_of = {int(sid[r]): int(r) for r in order}
     pending = [row_of[s] for s in writer.pending()] if writer else None
     pending = _agree_pending(pending, order, base)
     packing = cfg.data.packing  # packed rows of consecutive samples (the writer's order)
     seqm = pack_seq_multiple(cfg)
     chunks: list[np.ndarray | None] = list(
-        pack_in_order_packed(pending, table.lengths, cfg.data.max_tokens_per_microbatch,
-                             seq_multiple=seqm) if packing else
-        pack_in_order(pending, table.lengths, cfg.data.max_tokens_per_microbatch))
+        pack_in_order_packed(
+            pending, table.lengths, cfg.data.max_tokens_per_microbatch, seq_multiple=seqm
+        )
+        if packing
+        else pack_in_order(pending, table.lengths, cfg.data.max_tokens_per_microbatch)
+    )
     # Every DP replica runs as many forwards as the one with the most pending chunks (zero-loss
     # dummies, nothing written): FP8 delayed scaling all-reduces amax over TP x DP at every
     # FP8 forward, so unequal counts would hang (see erpd_megatron.train.engine).
@@ -132,9 +150,13 @@ def write_cache(cfg: Config) -> Path:
     pad = pad_multiple(cfg)
     bar = progress_bar(len(chunks), enabled=(dist.get_rank() == 0), desc="cache")
     for rows in chunks:
-        mb = (dummy_micro_batch(pad) if rows is None else
-              collate_packed(table, rows, pad_to=pad, seq_multiple=seqm) if packing else
-              collate(table, rows, pad_to=pad))
+        mb = (
+            dummy_micro_batch(pad)
+            if rows is None
+            else collate_packed(table, rows, pad_to=pad, seq_multiple=seqm)
+            if packing
+            else collate(table, rows, pad_to=pad)
+        )
         res: dict[str, dict] = {}
         for name in teachers:
             res[name] = _score_microbatch(engines[name], mb, k, {})
@@ -151,8 +173,14 @@ def write_cache(cfg: Config) -> Path:
             per = {(n, key): sequence_values(mb, v) for n, d in res.items() for key, v in d.items()}
             for j, r in enumerate(rows.tolist()):
                 sampled = {n: per[n, "lp"][j].float().numpy() for n, _, _ in models}
-                topk = {t: (per[t, "ids"][j].numpy(), per[t, "topk"][j].float().numpy(),
-                            per["base", f"ref:{t}"][j].float().numpy()) for t in teachers}
+                topk = {
+                    t: (
+                        per[t, "ids"][j].numpy(),
+                        per[t, "topk"][j].float().numpy(),
+                        per["base", f"ref:{t}"][j].float().numpy(),
+                    )
+                    for t in teachers
+                }
                 writer.write_sample(int(sid[r]), sampled=sampled, topk=topk)
         bar.update(1)
     bar.close()
@@ -163,12 +191,18 @@ def write_cache(cfg: Config) -> Path:
         meta = {
             "rollout_fingerprint": fingerprint,
             # checked by Stage 2 against the checkpoints it trains from (train/stage2.py)
-            "models": {n: {"path": str(p), "fingerprint": dir_fingerprint(p)} for n, p, _ in models},
+            "models": {
+                n: {"path": str(p), "fingerprint": dir_fingerprint(p)} for n, p, _ in models
+            },
             "dp_size": base.dp_size,
             # every model scores every token once, forward only: 2 N per token (config/compute.py)
-            "compute": compute_record(cfg, scored_tokens=int(np.sum(table.lengths)) * len(models),
-                                      wall_s=time.time() - t_start, gpus=dist.get_world_size(),
-                                      models_scored=len(models)),
+            "compute": compute_record(
+                cfg,
+                scored_tokens=int(np.sum(table.lengths)) * len(models),
+                wall_s=time.time() - t_start,
+                gpus=dist.get_world_size(),
+                models_scored=len(models),
+            ),
         }
         finalize_manifest(out, base.dp_size, meta)
         log.info("teacher cache written to %s", out)
@@ -180,28 +214,35 @@ def _agree_pending(pending: list[int] | None, order: np.ndarray, engine) -> list
     """The owner rank of each DP replica knows which samples are still pending; the other
     ranks of that replica (TP peers, earlier pipeline stages) adopt its count, because the
     pending samples are always a suffix of the fixed order."""
-    n_done = torch.tensor([len(order) - len(pending) if pending is not None else -1], dtype=torch.long)
+    n_done = torch.tensor(
+        [len(order) - len(pending) if pending is not None else -1], dtype=torch.long
+    )
     world = dist.get_world_size()
     gathered = comm.all_gather(n_done)  # on the group's device (NCCL rejects CPU tensors)
     ps = engine.ps
     # ranks of my model-parallel group (same DP replica): take the owner's value (>= 0)
     mp_ranks = dist.get_process_group_ranks(ps.get_model_parallel_group()) if world > 1 else [0]
     done = max(int(gathered[r].item()) for r in mp_ranks)
-    return [int(x) for x in order[max(done, 0):]]
+    return [int(x) for x in order[max(done, 0) :]]
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``erpd cache --config RECIPE [a.b=c ...]``."""
     from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
 
-    p = argparse.ArgumentParser(prog="erpd cache", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(
+        prog="erpd cache", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:  # all input problems in one line, before torch.distributed or any engine starts
         cfg = load_config(args.config, args.overrides, validate=False)
-        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
-                        check_runtime=True)
+        validate_config(
+            cfg,
+            world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
+            check_runtime=True,
+        )
         check_cache_inputs(cfg)
     except ConfigError as e:
         return print_config_error("cache", e)

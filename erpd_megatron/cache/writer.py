@@ -64,7 +64,9 @@ def done_name(rank: int) -> str:
 def as_sample_id(x: Any) -> int:
     """A sample id as a Python int in the int64 range (the rollout Parquet's ``sample_id``)."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-        raise CacheError(f"sample ids are int64 (the rollout data's sample_id column); got {type(x).__name__} {x!r}")
+        raise CacheError(
+            f"sample ids are int64 (the rollout data's sample_id column); got {type(x).__name__} {x!r}"
+        )
     x = int(x)
     if not -(1 << 63) <= x < (1 << 63):
         raise CacheError(f"sample id {x} is outside the int64 range")
@@ -124,10 +126,18 @@ class CacheWriter:
         if rank < 0 or rank > 99999:
             raise CacheError(f"rank must be in [0, 99999], got {rank}")
         if value_dtype not in VALUE_DTYPES:
-            raise CacheError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
+            raise CacheError(
+                f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}"
+            )
         try:
-            self.layout = CacheLayout(int(vocab_size), int(k), value_dtype, tuple(sampled_models),
-                                      tuple(teachers), tuple(ref_teachers))
+            self.layout = CacheLayout(
+                int(vocab_size),
+                int(k),
+                value_dtype,
+                tuple(sampled_models),
+                tuple(teachers),
+                tuple(ref_teachers),
+            )
         except ValueError as e:
             raise CacheError(str(e)) from e
         self.cache_dir = Path(cache_dir)
@@ -189,8 +199,13 @@ class CacheWriter:
                     )
                 end = pos + len(ids)
                 if shard.final != (end == len(self._order)):
-                    log.warning("rank %d: recomputing from %s on: it ended the rank's samples at %d of %d",
-                                self.rank, shard.name, end, len(self._order))
+                    log.warning(
+                        "rank %d: recomputing from %s on: it ended the rank's samples at %d of %d",
+                        self.rank,
+                        shard.name,
+                        end,
+                        len(self._order),
+                    )
                     break
                 self._shards.append(shard.summary())
                 pos, seq = end, seq + 1
@@ -202,8 +217,13 @@ class CacheWriter:
                 p.unlink(missing_ok=True)
         self._next, self._seq = pos, seq
         if pos:
-            log.info("rank %d: resuming: %d of %d samples already in %d complete shard(s)",
-                     self.rank, pos, len(self._order), seq)
+            log.info(
+                "rank %d: resuming: %d of %d samples already in %d complete shard(s)",
+                self.rank,
+                pos,
+                len(self._order),
+                seq,
+            )
         if pos < len(self._order):
             (self.cache_dir / done_name(self.rank)).unlink(missing_ok=True)
             (self.cache_dir / MANIFEST_NAME).unlink(missing_ok=True)
@@ -245,7 +265,9 @@ class CacheWriter:
             raise CacheError(f"rank {self.rank}: write_sample after close")
         sid = as_sample_id(sample_id)
         if self._next >= len(self._order):
-            raise CacheError(f"rank {self.rank}: sample {sid} written, but all {len(self._order)} samples of this rank are done")
+            raise CacheError(
+                f"rank {self.rank}: sample {sid} written, but all {len(self._order)} samples of this rank are done"
+            )
         if sid != self._order[self._next]:
             raise CacheError(
                 f"rank {self.rank}: got sample {sid}, the next pending sample is {self._order[self._next]}; "
@@ -253,8 +275,15 @@ class CacheWriter:
             )
         enc = self._encode(sid, sampled, topk)
         ids_bytes = self.layout.ids_nbytes(enc.num_tokens)
-        if self._buffer and self._file_size(len(self._buffer) + 1, self._buf_tokens + enc.num_tokens,
-                                            self._buf_ids_bytes + ids_bytes) > self.max_shard_bytes:
+        if (
+            self._buffer
+            and self._file_size(
+                len(self._buffer) + 1,
+                self._buf_tokens + enc.num_tokens,
+                self._buf_ids_bytes + ids_bytes,
+            )
+            > self.max_shard_bytes
+        ):
             self._flush(final=False)
         self._buffer.append(enc)
         self._buf_tokens += enc.num_tokens
@@ -312,13 +341,17 @@ class CacheWriter:
         for name in lay.sampled:
             arr = np.asarray(sampled[name])
             if arr.ndim != 1 or (num_tokens is not None and arr.shape[0] != num_tokens):
-                raise CacheError(f"{where}: sampled[{name!r}] has shape {arr.shape}, expected ({num_tokens if num_tokens is not None else 'T'},)")
+                raise CacheError(
+                    f"{where}: sampled[{name!r}] has shape {arr.shape}, expected ({num_tokens if num_tokens is not None else 'T'},)"
+                )
             num_tokens = arr.shape[0]
             parts.append(_values(where, f"sampled[{name!r}]", arr, None))
         for name in lay.teachers:
             entry = topk[name]
             if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
-                raise CacheError(f"{where}: topk[{name!r}] must be (ids, logprobs) or (ids, logprobs, ref_logprobs)")
+                raise CacheError(
+                    f"{where}: topk[{name!r}] must be (ids, logprobs) or (ids, logprobs, ref_logprobs)"
+                )
             ids, lps = np.asarray(entry[0]), np.asarray(entry[1])
             ref = None if len(entry) == 2 or entry[2] is None else np.asarray(entry[2])
             if num_tokens is None:
@@ -328,10 +361,14 @@ class CacheWriter:
                 arrays["ref_logprobs"] = ref
             for what, arr in arrays.items():
                 if arr.shape != (num_tokens, lay.k):
-                    raise CacheError(f"{where}: topk[{name!r}] {what} has shape {arr.shape}, expected ({num_tokens}, {lay.k})")
+                    raise CacheError(
+                        f"{where}: topk[{name!r}] {what} has shape {arr.shape}, expected ({num_tokens}, {lay.k})"
+                    )
             if (ref is not None) != (name in lay.ref_teachers):
                 need = "needs" if name in lay.ref_teachers else "must not have"
-                raise CacheError(f"{where}: teacher {name!r} {need} ref_logprobs (ref_teachers={list(lay.ref_teachers)})")
+                raise CacheError(
+                    f"{where}: teacher {name!r} {need} ref_logprobs (ref_teachers={list(lay.ref_teachers)})"
+                )
             parts.append(_values(where, f"topk[{name!r}] logprobs", lps, lay.value_dtype))
             if ref is not None:
                 parts.append(_values(where, f"topk[{name!r}] ref_logprobs", ref, lay.value_dtype))
@@ -346,7 +383,9 @@ class CacheWriter:
             bad = (ids < 0) | (ids >= lay.vocab_size)
             if bad.any():
                 t, j = (int(x) for x in np.argwhere(bad)[0])
-                raise CacheError(f"{where}: topk[{name!r}] id {int(ids[t, j])} at token {t}, rank {j} is outside the vocabulary [0, {lay.vocab_size})")
+                raise CacheError(
+                    f"{where}: topk[{name!r}] id {int(ids[t, j])} at token {t}, rank {j} is outside the vocabulary [0, {lay.vocab_size})"
+                )
         out = np.zeros(lay.ids_nbytes(ids.shape[0]), np.uint8)  # zero padding to 8 bytes
         pack_ids(ids, lay.bits_per_id, check=False, out=out)
         return out
@@ -356,7 +395,11 @@ class CacheWriter:
     def _file_size(self, num_samples: int, num_tokens: int, ids_bytes: int) -> int:
         total = self._hsize + FOOTER.size
         for kind, _, _ in self._sections:
-            nb = num_samples * INDEX_DTYPE.itemsize if kind == KIND_INDEX else self.layout.section_nbytes(kind, num_tokens, ids_bytes)
+            nb = (
+                num_samples * INDEX_DTYPE.itemsize
+                if kind == KIND_INDEX
+                else self.layout.section_nbytes(kind, num_tokens, ids_bytes)
+            )
             total += align(nb)
         return total
 
@@ -370,7 +413,9 @@ class CacheWriter:
         ids_len = lay.ids_nbytes_array(counts)
         index["ids_offset"] = np.concatenate([[0], np.cumsum(ids_len)[:-1]])
         # section bodies: the index, then each non-index section as its samples' parts
-        bodies: list[list[np.ndarray]] = [[index]] + [[e.parts[i] for e in buf] for i in range(len(self._sections) - 1)]
+        bodies: list[list[np.ndarray]] = [[index]] + [
+            [e.parts[i] for e in buf] for i in range(len(self._sections) - 1)
+        ]
         table = np.zeros(len(self._sections), SECTION_DTYPE)
         offset = self._hsize
         for i, ((kind, dcode, model), body) in enumerate(zip(self._sections, bodies)):
@@ -379,26 +424,50 @@ class CacheWriter:
             offset += align(nb)
         file_size = offset + FOOTER.size
         schema = schema_bytes(lay, self.max_shard_bytes, final)
-        assert len(schema) == self._schema_len and file_size == self._file_size(len(buf), self._buf_tokens, self._buf_ids_bytes)
+        assert len(schema) == self._schema_len and file_size == self._file_size(
+            len(buf), self._buf_tokens, self._buf_ids_bytes
+        )
         header = HEADER.pack(
-            MAGIC, FORMAT_VERSION, self._hsize, file_size, lay.vocab_size, lay.k,
-            VALUE_DTYPES[lay.value_dtype][0], lay.bits_per_id, len(self._sections), self.rank,
-            self._seq, len(buf), len(schema), self._buf_tokens,
+            MAGIC,
+            FORMAT_VERSION,
+            self._hsize,
+            file_size,
+            lay.vocab_size,
+            lay.k,
+            VALUE_DTYPES[lay.value_dtype][0],
+            lay.bits_per_id,
+            len(self._sections),
+            self.rank,
+            self._seq,
+            len(buf),
+            len(schema),
+            self._buf_tokens,
         )
         head = header + table.tobytes() + schema
         head += bytes(self._hsize - len(head))
         path = self.cache_dir / shard_name(self.rank, self._seq)
         digest = self._write_atomic(path, head, bodies, file_size)
-        self._shards.append({
-            "file": path.name, "rank": self.rank, "seq": self._seq, "bytes": file_size,
-            "sha256": digest, "num_samples": len(buf), "num_tokens": self._buf_tokens,
-        })
-        log.debug("rank %d: wrote %s (%d samples, %d bytes)", self.rank, path.name, len(buf), file_size)
+        self._shards.append(
+            {
+                "file": path.name,
+                "rank": self.rank,
+                "seq": self._seq,
+                "bytes": file_size,
+                "sha256": digest,
+                "num_samples": len(buf),
+                "num_tokens": self._buf_tokens,
+            }
+        )
+        log.debug(
+            "rank %d: wrote %s (%d samples, %d bytes)", self.rank, path.name, len(buf), file_size
+        )
         self._seq += 1
         self._buffer = []
         self._buf_tokens = self._buf_ids_bytes = 0
 
-    def _write_atomic(self, path: Path, head: bytes, bodies: list[list[np.ndarray]], file_size: int) -> str:
+    def _write_atomic(
+        self, path: Path, head: bytes, bodies: list[list[np.ndarray]], file_size: int
+    ) -> str:
         """Write the shard to a temporary file beside ``path``, then rename it into place."""
         h = hashlib.sha256()
         # os.open rather than mkstemp: the file gets the umask's permissions, not 0600
@@ -406,9 +475,11 @@ class CacheWriter:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
+
                 def put(data) -> None:
                     h.update(data)
                     f.write(data)
+
                 put(head)
                 for body in bodies:
                     nb = 0
@@ -439,11 +510,15 @@ class CacheWriter:
 
 def _check_keys(where: str, what: str, given: Mapping[str, Any], expected: Sequence[str]) -> None:
     if not isinstance(given, Mapping):
-        raise CacheError(f"{where}: {what} must be a dict keyed by model name, got {type(given).__name__}")
+        raise CacheError(
+            f"{where}: {what} must be a dict keyed by model name, got {type(given).__name__}"
+        )
     missing = [n for n in expected if n not in given]
     extra = [n for n in given if n not in expected]
     if missing or extra:
-        raise CacheError(f"{where}: {what} models {sorted(given)} do not match the writer's {list(expected)} (missing {missing}, unexpected {extra})")
+        raise CacheError(
+            f"{where}: {what} models {sorted(given)} do not match the writer's {list(expected)} (missing {missing}, unexpected {extra})"
+        )
 
 
 def _values(where: str, what: str, arr: Any, value_dtype: str | None) -> np.ndarray:

@@ -5,6 +5,13 @@ from erpd_megatron.config.schema import Config, ModelConfig
 from erpd_megatron.config.validate import padded_vocab_size, validate_config, validate_layout
 
 __all__ = [
-    "Config", "ConfigError", "ModelConfig", "load_config", "load_model_config", "padded_vocab_size",
-    "to_dict", "validate_config", "validate_layout",
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "load_config",
+    "load_model_config",
+    "padded_vocab_size",
+    "to_dict",
+    "validate_config",
+    "validate_layout",
 ]

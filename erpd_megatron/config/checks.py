@@ -38,14 +38,18 @@ def print_config_error(command: str, err: ConfigError) -> int:
     return 2
 
 
-def _need_dir(problems: list[str], key: str, value: str | None, hint: str, marker: str | None = None) -> None:
+def _need_dir(
+    problems: list[str], key: str, value: str | None, hint: str, marker: str | None = None
+) -> None:
     """``key`` must name an existing directory (holding ``marker`` when given)."""
     if not value:
         problems.append(f"{key} is not set: {hint}")
     elif not Path(value).is_dir():
         problems.append(f"{key}={value}: no such directory ({hint})")
     elif marker and not (Path(value) / marker).exists():
-        problems.append(f"{key}={value}: no {marker} there, not a complete output of its step ({hint})")
+        problems.append(
+            f"{key}={value}: no {marker} there, not a complete output of its step ({hint})"
+        )
 
 
 def stage_input_problems(cfg: Config, stage: str) -> list[str]:
@@ -54,8 +58,13 @@ def stage_input_problems(cfg: Config, stage: str) -> list[str]:
     _need_dir(problems, "checkpoint.load", cfg.checkpoint.load, PI_R_HINT, "model_config.yaml")
     _need_dir(problems, "data.rollout_dir", cfg.data.rollout_dir, ROLLOUT_HINT, "manifest.json")
     if stage == "stage2":
-        _need_dir(problems, "stage2.cache_dir", cfg.stage2.cache_dir,
-                  "the teacher cache written by tools/cache_teacher_logprobs.py (cache.dir)", "manifest.json")
+        _need_dir(
+            problems,
+            "stage2.cache_dir",
+            cfg.stage2.cache_dir,
+            "the teacher cache written by tools/cache_teacher_logprobs.py (cache.dir)",
+            "manifest.json",
+        )
         if not cfg.stage2.teachers:
             problems.append("stage2.teachers is empty: name at least one cached teacher")
     return problems
@@ -72,16 +81,30 @@ def cache_input_problems(cfg: Config) -> list[str]:
     if not cfg.cache.dir:
         problems.append("cache.dir is not set: where the teacher cache is written")
     _need_dir(problems, "data.rollout_dir", cfg.data.rollout_dir, ROLLOUT_HINT, "manifest.json")
-    _need_dir(problems, "checkpoint.load (pi_r, cached as 'base')", cfg.checkpoint.load, PI_R_HINT,
-              "model_config.yaml")
+    _need_dir(
+        problems,
+        "checkpoint.load (pi_r, cached as 'base')",
+        cfg.checkpoint.load,
+        PI_R_HINT,
+        "model_config.yaml",
+    )
     if not cfg.cache.models:
-        problems.append("cache.models is empty: list the teacher checkpoints, "
-                        "e.g. cache.models=[{name: teacher0, checkpoint: DIR}]")
+        problems.append(
+            "cache.models is empty: list the teacher checkpoints, "
+            "e.g. cache.models=[{name: teacher0, checkpoint: DIR}]"
+        )
     for i, m in enumerate(cfg.cache.models):
         if m.name == "base":
-            problems.append(f"cache.models.{i}: the name 'base' is reserved for pi_r (checkpoint.load)")
-        _need_dir(problems, f"cache.models.{i}.checkpoint ({m.name})", m.checkpoint,
-                  "a Stage-1 checkpoint, e.g. <output_dir>/stage1/checkpoints/final", "model_config.yaml")
+            problems.append(
+                f"cache.models.{i}: the name 'base' is reserved for pi_r (checkpoint.load)"
+            )
+        _need_dir(
+            problems,
+            f"cache.models.{i}.checkpoint ({m.name})",
+            m.checkpoint,
+            "a Stage-1 checkpoint, e.g. <output_dir>/stage1/checkpoints/final",
+            "model_config.yaml",
+        )
     return problems
 
 
@@ -106,11 +129,17 @@ def eval_length_problems(cfg: Config) -> list[str]:
     problems = []
     new = cfg.eval.max_new_tokens
     limits = [("model.max_position_embeddings", cfg.model.max_position_embeddings)]
-    limits += [(f"{m.name} ({m.path}/config.json)", hf_max_positions(m.path)) for m in cfg.eval.models if m.path]
+    limits += [
+        (f"{m.name} ({m.path}/config.json)", hf_max_positions(m.path))
+        for m in cfg.eval.models
+        if m.path
+    ]
     for where, limit in limits:
         if limit and new > limit:
-            problems.append(f"eval.max_new_tokens={new} is more than the {limit} positions of {where}: "
-                            f"lower eval.max_new_tokens")
+            problems.append(
+                f"eval.max_new_tokens={new} is more than the {limit} positions of {where}: "
+                f"lower eval.max_new_tokens"
+            )
     return problems
 
 
@@ -119,8 +148,9 @@ def eval_length_problems(cfg: Config) -> list[str]:
 ADVANTAGE_LOSSES = ("pg", "sapo", "mse")
 
 
-def stage1_signal(cfg: Config, rewards: np.ndarray, advantages: np.ndarray,
-                  group_ids: np.ndarray) -> tuple[float, str]:
+def stage1_signal(
+    cfg: Config, rewards: np.ndarray, advantages: np.ndarray, group_ids: np.ndarray
+) -> tuple[float, str]:
     """Fraction of the rollout groups that give the configured Stage-1 loss a gradient, and
     what that loss needs.
 
@@ -134,7 +164,11 @@ def stage1_signal(cfg: Config, rewards: np.ndarray, advantages: np.ndarray,
     if kind == "ce":
         negate = s.loss == "unlearned"
         useful = (rewards == 0) if negate else (rewards != 0)
-        need = "reward-0 samples (unlearned ce imitates them)" if negate else "reward-1 samples (ce imitates them)"
+        need = (
+            "reward-0 samples (unlearned ce imitates them)"
+            if negate
+            else "reward-1 samples (ce imitates them)"
+        )
     else:
         useful = advantages != 0
         need = "groups with different rewards (non-zero advantages)"
@@ -154,13 +188,17 @@ def check_stage1_signal(cfg: Config, table) -> float:
 
     frac, need = stage1_signal(cfg, table.rewards, table.advantages, table.group_ids)
     n = len(np.unique(table.group_ids))
-    msg = (f"data.rollout_dir={cfg.data.rollout_dir}: {frac:.1%} of {n} groups have signal for "
-           f"stage1.loss={cfg.stage1.loss} (it needs {need}; mean reward {float(np.mean(table.rewards)):.3f})")
+    msg = (
+        f"data.rollout_dir={cfg.data.rollout_dir}: {frac:.1%} of {n} groups have signal for "
+        f"stage1.loss={cfg.stage1.loss} (it needs {need}; mean reward {float(np.mean(table.rewards)):.3f})"
+    )
     if frac > 0:
         get_logger(__name__).info("%s", msg)
         return frac
     if cfg.stage1.force:
         get_logger(__name__).warning("%s: training anyway (stage1.force=true)", msg)
         return frac
-    raise ConfigError(f"{msg}: every gradient would be 0. Use rollouts with reward variance (more samples "
-                      "per prompt, a prompt set of the right difficulty), or pass --force / stage1.force=true")
+    raise ConfigError(
+        f"{msg}: every gradient would be 0. Use rollouts with reward variance (more samples "
+        "per prompt, a prompt set of the right difficulty), or pass --force / stage1.force=true"
+    )

@@ -25,15 +25,29 @@ def param_counts(cfg: Config) -> tuple[int, int]:
     return total, total - idle
 
 
-def compute_record(cfg: Config, *, trained_tokens: float = 0, scored_tokens: float = 0,
-                   wall_s: float, gpus: int, **extra: Any) -> dict[str, Any]:
+def compute_record(
+    cfg: Config,
+    *,
+    trained_tokens: float = 0,
+    scored_tokens: float = 0,
+    wall_s: float,
+    gpus: int,
+    **extra: Any,
+) -> dict[str, Any]:
     """The ``compute`` block of a step's manifest: tokens, wall time, GPU count, model FLOPs
     (6 N per trained token + 2 N per scored token, N = active parameters)."""
     total, active = param_counts(cfg)
     flops = 6.0 * active * trained_tokens + 2.0 * active * scored_tokens
-    return {"trained_tokens": int(trained_tokens), "scored_tokens": int(scored_tokens),
-            "wall_s": round(float(wall_s), 3), "gpus": int(gpus), "params": total,
-            "active_params": active, "model_flops": flops, **extra}
+    return {
+        "trained_tokens": int(trained_tokens),
+        "scored_tokens": int(scored_tokens),
+        "wall_s": round(float(wall_s), 3),
+        "gpus": int(gpus),
+        "params": total,
+        "active_params": active,
+        "model_flops": flops,
+        **extra,
+    }
 
 
 def gpu_hours(rec: dict[str, Any]) -> float:

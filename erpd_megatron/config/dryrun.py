@@ -30,8 +30,9 @@ from erpd_megatron.config.validate import validate_config, validate_layout
 RankEstimate = MemoryEstimate  # the name earlier releases used
 
 
-def estimate(cfg: Config, world_size: Optional[int] = None,
-             tokens: Optional[int] = None) -> MemoryEstimate:
+def estimate(
+    cfg: Config, world_size: Optional[int] = None, tokens: Optional[int] = None
+) -> MemoryEstimate:
     """Parameters and memory of the most loaded rank for the target layout (on GPUs)."""
     world = world_size or cfg.parallel.num_nodes * cfg.parallel.gpus_per_node
     validate_layout(cfg.model, cfg.parallel, world)
@@ -43,11 +44,20 @@ def report_dict(cfg: Config, world_size: Optional[int] = None) -> dict:
     world = world_size or cfg.parallel.num_nodes * cfg.parallel.gpus_per_node
     lay = layout_of(cfg, world)
     est = estimate(cfg, world)
-    d = {"recipe": cfg.name, **est.to_dict(),
-         "tp": lay.tp, "pp": lay.pp, "cp": lay.cp, "ep": lay.ep, "vpp": lay.vpp,
-         "sequence_parallel": lay.sp, "recompute": lay.recompute, "flash_attention": lay.flash,
-         "max_tokens_per_microbatch_that_fits": max_tokens_that_fit(cfg, lay),
-         "fit_fraction": FIT_FRACTION}
+    d = {
+        "recipe": cfg.name,
+        **est.to_dict(),
+        "tp": lay.tp,
+        "pp": lay.pp,
+        "cp": lay.cp,
+        "ep": lay.ep,
+        "vpp": lay.vpp,
+        "sequence_parallel": lay.sp,
+        "recompute": lay.recompute,
+        "flash_attention": lay.flash,
+        "max_tokens_per_microbatch_that_fits": max_tokens_that_fit(cfg, lay),
+        "fit_fraction": FIT_FRACTION,
+    }
     return d
 
 
@@ -55,8 +65,10 @@ def format_report(cfg: Config, d: dict) -> str:
     """Human-readable dry-run report of :func:`report_dict`'s figures."""
     par, m = cfg.parallel, cfg.model
     budget = d["budget_gib"]
-    knobs = (f"SP={'on' if d['sequence_parallel'] else 'off'} recompute={d['recompute'] or 'none'} "
-             f"attention={'flash (TE)' if d['flash_attention'] else 'materialised scores (local)'}")
+    knobs = (
+        f"SP={'on' if d['sequence_parallel'] else 'off'} recompute={d['recompute'] or 'none'} "
+        f"attention={'flash (TE)' if d['flash_attention'] else 'materialised scores (local)'}"
+    )
     lines = [
         f"recipe {cfg.name}: {m.family} {m.num_layers} layers, hidden {m.hidden_size}",
         f"layout: {par.num_nodes} nodes x {par.gpus_per_node} GPUs = {d['world_size']} ranks; "
@@ -71,15 +83,20 @@ def format_report(cfg: Config, d: dict) -> str:
         f"  forward-only passes: anchor scoring {d['scoring_gib']:.2f}, "
         f"cache tool {d['cache_tool_gib']:.2f}",
         f"  total {d['total_gib']:7.2f} of {budget:.1f} GiB (fits within {FIT_FRACTION:.0%}) -> "
-        + ("fits" if d["fits"] else "DOES NOT FIT: raise TP/PP, lower "
-           "data.max_tokens_per_microbatch, or add nodes"),
+        + (
+            "fits"
+            if d["fits"]
+            else "DOES NOT FIT: raise TP/PP, lower data.max_tokens_per_microbatch, or add nodes"
+        ),
         "largest data.max_tokens_per_microbatch that fits: "
         f"{d['max_tokens_per_microbatch_that_fits']}",
     ]
     seq = cfg.data.max_seq_length or m.max_position_embeddings
     if d["max_tokens_per_microbatch_that_fits"] < seq:
-        lines.append(f"  a single sequence of data.max_seq_length={seq} tokens does not fit: "
-                     "raise TP, enable recompute/SP/CP, or shorten the sequences")
+        lines.append(
+            f"  a single sequence of data.max_seq_length={seq} tokens does not fit: "
+            "raise TP, enable recompute/SP/CP, or shorten the sequences"
+        )
     return "\n".join(lines)
 
 
@@ -94,19 +111,25 @@ def table_row(cfg: Config, d: dict) -> str:
     """One markdown row of the recipes table (README "Sizing a run")."""
     states = d["weights_gib"] + d["grads_gib"] + d["optimizer_gib"]
     verdict = "fits" if d["fits"] else "DOES NOT FIT"
-    return (f"| `{cfg.name}` | {d['world_size']} x {cfg.parallel.gpu_memory_gb:g} GB | "
-            f"{d['tp']} / {d['pp']} / {d['dp']} | {d['tokens_per_microbatch']} | {states:.1f} | "
-            f"{d['activations_gib']:.1f} | {d['logits_gib']:.1f} | "
-            f"{d['total_gib']:.1f} of {d['budget_gib']:.1f} ({verdict}) | {d['stage']} | "
-            f"{d['max_tokens_per_microbatch_that_fits']} |")
+    return (
+        f"| `{cfg.name}` | {d['world_size']} x {cfg.parallel.gpu_memory_gb:g} GB | "
+        f"{d['tp']} / {d['pp']} / {d['dp']} | {d['tokens_per_microbatch']} | {states:.1f} | "
+        f"{d['activations_gib']:.1f} | {d['logits_gib']:.1f} | "
+        f"{d['total_gib']:.1f} of {d['budget_gib']:.1f} ({verdict}) | {d['stage']} | "
+        f"{d['max_tokens_per_microbatch_that_fits']} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``erpd dryrun --config RECIPE [--json] [a.b=c ...]``; exit 0 if it fits, else 3."""
     p = argparse.ArgumentParser(prog="erpd dryrun", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="the recipe (required unless --table)")
-    p.add_argument("--table", nargs="+", metavar="RECIPE",
-                   help="print the markdown table of these recipes (README 'Sizing a run')")
+    p.add_argument(
+        "--table",
+        nargs="+",
+        metavar="RECIPE",
+        help="print the markdown table of these recipes (README 'Sizing a run')",
+    )
     p.add_argument("--world-size", type=int, default=None, help="override num_nodes*gpus_per_node")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("overrides", nargs="*")

@@ -35,7 +35,9 @@ class ConfigError(ValueError):
 
 def _closest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(options))}"
+    return (
+        f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(options))}"
+    )
 
 
 def _read_yaml(path: Path) -> dict:
@@ -58,13 +60,20 @@ def _resolve_default(entry: Any, base: Path) -> tuple[str | None, Path]:
             p = p.with_suffix(".yaml")
         return None, p
     if isinstance(entry, dict) and len(entry) == 1:
-        (key, name), = entry.items()
-        for folder in (CONFIGS_ROOT / f"{key}s", CONFIGS_ROOT / key, base / f"{key}s", base.parent / f"{key}s"):
+        ((key, name),) = entry.items()
+        for folder in (
+            CONFIGS_ROOT / f"{key}s",
+            CONFIGS_ROOT / key,
+            base / f"{key}s",
+            base.parent / f"{key}s",
+        ):
             p = folder / f"{name}.yaml"
             if p.exists():
                 return key, p
         return key, CONFIGS_ROOT / f"{key}s" / f"{name}.yaml"
-    raise ConfigError(f"{base}: a `defaults:` entry must be a path or a one-key mapping, got {entry!r}")
+    raise ConfigError(
+        f"{base}: a `defaults:` entry must be a path or a one-key mapping, got {entry!r}"
+    )
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -78,7 +87,9 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_yaml_tree(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+def load_yaml_tree(
+    path: str | os.PathLike, _seen: tuple[Path, ...] = ()
+) -> tuple[dict, dict[str, str]]:
     """Load a YAML file with its ``defaults:`` resolved.
 
     Returns the merged mapping and, for error messages, a map from dotted key to the file
@@ -187,7 +198,11 @@ def _convert(value: Any, tp: Any, where: str, origin: dict[str, str]) -> Any:
     if origin_t is Literal:
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
-            hint = _closest(str(value), [str(a) for a in get_args(tp)]) if isinstance(value, str) else ""
+            hint = (
+                _closest(str(value), [str(a) for a in get_args(tp)])
+                if isinstance(value, str)
+                else ""
+            )
             raise ConfigError(f"{src}: {where} = {value!r} is not one of {choices}{hint}")
         return value
     if origin_t is list:
@@ -199,7 +214,9 @@ def _convert(value: Any, tp: Any, where: str, origin: dict[str, str]) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{src}: {where} must be a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(
+                f"{src}: {where} must be a mapping of {tp.__name__} fields, got {value!r}"
+            )
         return build_dataclass(tp, value, where, origin)
     if tp is bool:
         if isinstance(value, bool):
@@ -231,7 +248,9 @@ def _convert(value: Any, tp: Any, where: str, origin: dict[str, str]) -> Any:
     raise ConfigError(f"{src}: {where}: unsupported field type {_type_name(tp)}")
 
 
-def build_dataclass(cls: type, data: dict, where: str = "", origin: dict[str, str] | None = None) -> Any:
+def build_dataclass(
+    cls: type, data: dict, where: str = "", origin: dict[str, str] | None = None
+) -> Any:
     """Build ``cls`` from a mapping, rejecting unknown keys with the closest valid one."""
     origin = origin or {}
     hints = get_type_hints(cls)
@@ -256,7 +275,10 @@ def to_dict(cfg: Any) -> Any:
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: list[str] | None = None, *, validate: bool = True
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    *,
+    validate: bool = True,
 ) -> Config:
     """Load a recipe YAML (with ``defaults:``), apply ``a.b=c`` overrides, build and validate."""
     tree, origin = load_yaml_tree(path) if path else ({}, {})
@@ -289,14 +311,26 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+        if (
+            isinstance(a, ast.AnnAssign)
+            and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant)
+        ):
             docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
     return docs
 
 
 __all__ = [
-    "ConfigError", "apply_overrides", "build_dataclass", "deep_merge", "field_docs", "load_config",
-    "load_model_config", "load_yaml_tree", "parse_override", "to_dict",
+    "ConfigError",
+    "apply_overrides",
+    "build_dataclass",
+    "deep_merge",
+    "field_docs",
+    "load_config",
+    "load_model_config",
+    "load_yaml_tree",
+    "parse_override",
+    "to_dict",
 ]
 
 _ = typing  # typing kept for forward references resolved by get_type_hints

@@ -131,19 +131,31 @@ def layout_of(cfg: Config, world_size: Optional[int] = None, *, on_gpu: bool = T
     cp = int(getattr(par, "context_parallel_size", 1) or 1)
     dtype = prec.params_dtype if prec.params_dtype != "auto" else ("bf16" if on_gpu else "fp32")
     nbytes = 4 if dtype == "fp32" else 2
-    impl = prec.transformer_impl if prec.transformer_impl != "auto" else (
-        "transformer_engine" if on_gpu else "local")
-    recompute = (getattr(par, "recompute_granularity", None)
-                 or getattr(cfg.model, "recompute_granularity", None))
+    impl = (
+        prec.transformer_impl
+        if prec.transformer_impl != "auto"
+        else ("transformer_engine" if on_gpu else "local")
+    )
+    recompute = getattr(par, "recompute_granularity", None) or getattr(
+        cfg.model, "recompute_granularity", None
+    )
     return Layout(
-        world=world, tp=tp, pp=pp, dp=world // (tp * pp * cp), ep=par.expert_model_parallel_size,
-        etp=int(getattr(par, "expert_tensor_parallel_size", tp) or tp), cp=cp,
+        world=world,
+        tp=tp,
+        pp=pp,
+        dp=world // (tp * pp * cp),
+        ep=par.expert_model_parallel_size,
+        etp=int(getattr(par, "expert_tensor_parallel_size", tp) or tp),
+        cp=cp,
         vpp=getattr(par, "virtual_pipeline_model_parallel_size", None),
-        sp=bool(par.sequence_parallel), recompute=recompute,
+        sp=bool(par.sequence_parallel),
+        recompute=recompute,
         recompute_method=getattr(par, "recompute_method", None),
         recompute_num_layers=getattr(par, "recompute_num_layers", None),
         flash=impl == "transformer_engine",
-        act_bytes=nbytes, param_bytes=nbytes, distributed_optimizer=par.use_distributed_optimizer,
+        act_bytes=nbytes,
+        param_bytes=nbytes,
+        distributed_optimizer=par.use_distributed_optimizer,
         fused=impl == "transformer_engine" and on_gpu,
     )
 
@@ -178,7 +190,8 @@ def moe_shape(cfg: Config) -> Optional[MoeShape]:
     step = int(getattr(m, "decoder_sparse_step", 1) or 1)
     skip = set(getattr(m, "mlp_only_layers", None) or [])
     return MoeShape(
-        experts=m.num_experts, topk=int(getattr(m, "moe_router_topk", 2)),
+        experts=m.num_experts,
+        topk=int(getattr(m, "moe_router_topk", 2)),
         ffn=getattr(m, "moe_ffn_hidden_size", None) or m.ffn_hidden_size,
         shared=getattr(m, "shared_expert_intermediate_size", None) or 0,
         shared_gate=bool(getattr(m, "shared_expert_gate", False)),
@@ -226,7 +239,7 @@ def _stage_layers(cfg: Config, lay: Layout, k: int) -> tuple[int, int]:
     """(dense, MoE) layers of pipeline stage ``k``."""
     n = cfg.model.num_layers // lay.pp
     moe = moe_shape(cfg)
-    sparse = sum(moe.pattern[k * n:(k + 1) * n]) if moe else 0
+    sparse = sum(moe.pattern[k * n : (k + 1) * n]) if moe else 0
     return n - sparse, sparse
 
 
@@ -248,8 +261,9 @@ def stage_params(cfg: Config, lay: Layout, k: int) -> tuple[float, float]:
     return dense, expert
 
 
-def layer_activation_elements(cfg: Config, lay: Layout, seq: int,
-                              moe_layer: bool = False) -> tuple[float, float, float]:
+def layer_activation_elements(
+    cfg: Config, lay: Layout, seq: int, moe_layer: bool = False
+) -> tuple[float, float, float]:
     """Saved activations of one layer per token, in elements of the compute dtype:
     ``(unsharded, tp_sharded, routed)`` before any TP / SP division (see the module
     docstring); fp32 extras (flash's log-sum-exp, router probabilities) are converted to
@@ -284,8 +298,9 @@ def layer_activation_elements(cfg: Config, lay: Layout, seq: int,
     return unsharded, sharded, routed
 
 
-def _one_layer_bytes(cfg: Config, lay: Layout, tokens: float, seq: int,
-                     moe_layer: bool = False) -> float:
+def _one_layer_bytes(
+    cfg: Config, lay: Layout, tokens: float, seq: int, moe_layer: bool = False
+) -> float:
     """Saved activations of one layer for a micro-batch of ``tokens`` (already over CP)."""
     un, sh, routed = layer_activation_elements(cfg, lay, seq, moe_layer)
     per_token = un / (lay.tp if lay.sp else 1) + sh / lay.tp + routed / lay.etp
@@ -296,8 +311,9 @@ def _stage_index(lay: Layout, stage: str | int) -> int:
     return {"first": 0, "only": 0, "last": lay.pp - 1}[stage] if isinstance(stage, str) else stage
 
 
-def activation_bytes(cfg: Config, lay: Layout, tokens: int, seq: int,
-                     stage: str | int = "only") -> float:
+def activation_bytes(
+    cfg: Config, lay: Layout, tokens: int, seq: int, stage: str | int = "only"
+) -> float:
     """Activation bytes pipeline stage ``stage`` (an index, or ``first``, ``last``, ``only``)
     keeps at the peak of a 1F1B step with micro-batches of ``tokens`` tokens and sequences of
     ``seq`` (logits excluded). Stage k has ``PP - k`` micro-batches in flight."""
@@ -384,8 +400,15 @@ class MemoryEstimate:
     @property
     def total_gib(self) -> float:
         """The training step's peak: every part."""
-        return (self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
-                + self.logits_gib + self.erpd_buffers_gib + self.runtime_gib)
+        return (
+            self.weights_gib
+            + self.grads_gib
+            + self.optimizer_gib
+            + self.activations_gib
+            + self.logits_gib
+            + self.erpd_buffers_gib
+            + self.runtime_gib
+        )
 
     @property
     def fits(self) -> bool:
@@ -420,11 +443,16 @@ def estimate_layout(cfg: Config, lay: Layout, tokens: Optional[int] = None) -> M
     v_local = padded_vocab_size(cfg.model, lay.tp) // lay.tp
     tokens_cp = tokens / lay.cp
     seq_cp = max(1, seq // lay.cp)
-    one_layer = max(_one_layer_bytes(cfg, lay, tokens_cp, seq_cp),
-                    _one_layer_bytes(cfg, lay, tokens_cp, seq_cp, moe_shape(cfg) is not None))
+    one_layer = max(
+        _one_layer_bytes(cfg, lay, tokens_cp, seq_cp),
+        _one_layer_bytes(cfg, lay, tokens_cp, seq_cp, moe_shape(cfg) is not None),
+    )
     for k in range(lay.pp):
-        stage = "only" if lay.pp == 1 else ("first" if k == 0 else "last" if k == lay.pp - 1
-                                             else f"middle ({k})")
+        stage = (
+            "only"
+            if lay.pp == 1
+            else ("first" if k == 0 else "last" if k == lay.pp - 1 else f"middle ({k})")
+        )
         dense, expert = stage_params(cfg, lay, k)
         params = dense + expert
         shard = lay.distributed_optimizer
@@ -439,12 +467,21 @@ def estimate_layout(cfg: Config, lay: Layout, tokens: Optional[int] = None) -> M
         topk = tokens_cp * cfg.cache.topk * lay.tp * 12 * 2 if has_logits else 0.0
         cache_tool = params * lay.param_bytes + one_layer + fwd_logits + topk + runtime
         est = MemoryEstimate(
-            world_size=lay.world, dp=lay.dp, stage=stage, tokens_per_microbatch=tokens,
-            params_total=total_params, params_per_rank=int(params),
-            weights_gib=params * lay.param_bytes / GIB, grads_gib=params * 4 / GIB,
-            optimizer_gib=opt / GIB, activations_gib=acts / GIB, logits_gib=logits / GIB,
-            erpd_buffers_gib=buffers / GIB, runtime_gib=runtime / GIB,
-            scoring_gib=scoring / GIB, cache_tool_gib=cache_tool / GIB,
+            world_size=lay.world,
+            dp=lay.dp,
+            stage=stage,
+            tokens_per_microbatch=tokens,
+            params_total=total_params,
+            params_per_rank=int(params),
+            weights_gib=params * lay.param_bytes / GIB,
+            grads_gib=params * 4 / GIB,
+            optimizer_gib=opt / GIB,
+            activations_gib=acts / GIB,
+            logits_gib=logits / GIB,
+            erpd_buffers_gib=buffers / GIB,
+            runtime_gib=runtime / GIB,
+            scoring_gib=scoring / GIB,
+            cache_tool_gib=cache_tool / GIB,
             budget_gib=cfg.parallel.gpu_memory_gb * 1e9 / GIB,
         )
         if best is None or est.total_gib > best.total_gib:

@@ -42,7 +42,13 @@ def validate_model(model: ModelConfig) -> None:
             f"model.hidden_size={model.hidden_size} is not divisible by num_attention_heads="
             f"{model.num_attention_heads}; set model.kv_channels (head_dim) explicitly"
         )
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+    for name in (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "vocab_size",
+        "max_position_embeddings",
+    ):
         if getattr(model, name) <= 0:
             raise ConfigError(f"model.{name} must be positive, got {getattr(model, name)}")
     from erpd_megatron.config.moe import validate_moe_model
@@ -56,24 +62,34 @@ def _validate_recompute(model: ModelConfig, par: ParallelConfig) -> None:
     g, method, n = par.recompute_granularity, par.recompute_method, par.recompute_num_layers
     if g is None:
         if method is not None or n is not None:
-            raise ConfigError("parallel.recompute_method/recompute_num_layers are set but "
-                              "parallel.recompute_granularity is null; set it to full")
+            raise ConfigError(
+                "parallel.recompute_method/recompute_num_layers are set but "
+                "parallel.recompute_granularity is null; set it to full"
+            )
         return
     if g == "selective":
         if method is not None or n is not None:
-            raise ConfigError("parallel.recompute_granularity=selective takes no recompute_method "
-                              "or recompute_num_layers (they are for full)")
+            raise ConfigError(
+                "parallel.recompute_granularity=selective takes no recompute_method "
+                "or recompute_num_layers (they are for full)"
+            )
         return
     if method is None or n is None:
-        raise ConfigError("parallel.recompute_granularity=full needs parallel.recompute_method "
-                          "(uniform|block) and parallel.recompute_num_layers")
+        raise ConfigError(
+            "parallel.recompute_granularity=full needs parallel.recompute_method "
+            "(uniform|block) and parallel.recompute_num_layers"
+        )
     per_stage = model.num_layers // max(1, par.pipeline_model_parallel_size)
     if not 1 <= n <= per_stage:
-        raise ConfigError(f"parallel.recompute_num_layers={n} must be between 1 and the layers "
-                          f"per pipeline stage ({per_stage})")
+        raise ConfigError(
+            f"parallel.recompute_num_layers={n} must be between 1 and the layers "
+            f"per pipeline stage ({per_stage})"
+        )
 
 
-def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: Optional[int] = None) -> int:
+def validate_layout(
+    model: ModelConfig, par: ParallelConfig, world_size: Optional[int] = None
+) -> int:
     """Check the parallel layout against the model; return the data-parallel size.
 
     ``world_size`` defaults to the target cluster (num_nodes * gpus_per_node).
@@ -108,12 +124,16 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, world_size: Optiona
     vpp = par.virtual_pipeline_model_parallel_size
     if vpp is not None:
         if pp < 2 or vpp < 1:
-            raise ConfigError("parallel.virtual_pipeline_model_parallel_size needs "
-                              "pipeline_model_parallel_size >= 2 (and is >= 1); null turns it off")
+            raise ConfigError(
+                "parallel.virtual_pipeline_model_parallel_size needs "
+                "pipeline_model_parallel_size >= 2 (and is >= 1); null turns it off"
+            )
         if model.num_layers % (pp * vpp):
-            raise ConfigError(f"model.num_layers={model.num_layers} must divide by "
-                              f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size"
-                              f" = {pp}x{vpp}")
+            raise ConfigError(
+                f"model.num_layers={model.num_layers} must divide by "
+                f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size"
+                f" = {pp}x{vpp}"
+            )
     if world_size is None:
         world_size = par.num_nodes * par.gpus_per_node
     cp = int(getattr(par, "context_parallel_size", 1) or 1)
@@ -189,17 +209,23 @@ def fp8_recipe_problem(recipe: str, capability: Optional[tuple[int, int]]) -> Op
     major, minor = capability
     cc = f"{major}.{minor}"
     if (major, minor) < (8, 9):
-        return (f"precision.fp8 needs compute capability 8.9 or higher (Ada, Hopper, Blackwell); "
-                f"this GPU is {cc}: set precision.fp8=null (bf16)")
+        return (
+            f"precision.fp8 needs compute capability 8.9 or higher (Ada, Hopper, Blackwell); "
+            f"this GPU is {cc}: set precision.fp8=null (bf16)"
+        )
     if recipe == "mxfp8" and not 10 <= major < 12:
         kind = "Hopper-class " if major == 9 else ""
-        return (f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability 10.x); this "
-                f"{kind}GPU is {cc} (Transformer Engine: 'Device compute capability 10.0 or higher "
-                "required for MXFP8 execution'): use precision.fp8_recipe=delayed or tensorwise "
-                "(or blockwise on Hopper with CUDA >= 12.9)")
+        return (
+            f"precision.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability 10.x); this "
+            f"{kind}GPU is {cc} (Transformer Engine: 'Device compute capability 10.0 or higher "
+            "required for MXFP8 execution'): use precision.fp8_recipe=delayed or tensorwise "
+            "(or blockwise on Hopper with CUDA >= 12.9)"
+        )
     if recipe == "blockwise" and major < 9:
-        return (f"precision.fp8_recipe=blockwise needs compute capability 9.0 or higher; this GPU is {cc}: "
-                "use precision.fp8_recipe=delayed or tensorwise")
+        return (
+            f"precision.fp8_recipe=blockwise needs compute capability 9.0 or higher; this GPU is {cc}: "
+            "use precision.fp8_recipe=delayed or tensorwise"
+        )
     return None
 
 
@@ -217,10 +243,13 @@ def check_stage2_teachers(cfg: Config, cached: list[str], where: str = "stage2.t
     known = set(cached) | {"base"}
     for i, t in enumerate(cfg.stage2.teachers):
         if t.model not in known:
-            raise ConfigError(f"{where}.{i}.model='{t.model}' is not a cached model; the cache has {sorted(known)}")
+            raise ConfigError(
+                f"{where}.{i}.model='{t.model}' is not a cached model; the cache has {sorted(known)}"
+            )
         if t.signal == "contrast" and t.contrast_model not in known:
             raise ConfigError(
-                f"{where}.{i}.contrast_model='{t.contrast_model}' is not a cached model; the cache has {sorted(known)}")
+                f"{where}.{i}.contrast_model='{t.contrast_model}' is not a cached model; the cache has {sorted(known)}"
+            )
 
 
 def _validate_context_parallel(cfg: Config, check_runtime: bool) -> None:
@@ -231,19 +260,27 @@ def _validate_context_parallel(cfg: Config, check_runtime: bool) -> None:
     if cp == 1:
         return
     if cfg.precision.transformer_impl == "local":
-        raise ConfigError(f"parallel.context_parallel_size={cp} needs Transformer Engine: set "
-                          "precision.transformer_impl=transformer_engine (or auto) on GPUs, or "
-                          "parallel.context_parallel_size=1")
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} needs Transformer Engine: set "
+            "precision.transformer_impl=transformer_engine (or auto) on GPUs, or "
+            "parallel.context_parallel_size=1"
+        )
     if check_runtime and not transformer_engine_available():
-        raise ConfigError(f"parallel.context_parallel_size={cp} needs Transformer Engine, which is not "
-                          f"usable here ({transformer_engine_import_error()}); {TE_REPAIR_HINT}")
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} needs Transformer Engine, which is not "
+            f"usable here ({transformer_engine_import_error()}); {TE_REPAIR_HINT}"
+        )
     s1 = cfg.stage1
     if s1.loss == "mse" or (s1.loss == "unlearned" and s1.unlearned_base == "mse"):
-        raise ConfigError(f"stage1.loss=mse is not supported with parallel.context_parallel_size={cp} "
-                          "(a per-sequence loss over split sequences); use pg/sapo/ce or CP=1")
+        raise ConfigError(
+            f"stage1.loss=mse is not supported with parallel.context_parallel_size={cp} "
+            "(a per-sequence loss over split sequences); use pg/sapo/ce or CP=1"
+        )
 
 
-def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runtime: bool = False) -> None:
+def validate_config(
+    cfg: Config, *, world_size: Optional[int] = None, check_runtime: bool = False
+) -> None:
     """All cross-field checks. ``check_runtime`` also checks what this machine must have
     (Transformer Engine when FP8 is asked for); training entry points pass True."""
     validate_model(cfg.model)
@@ -251,11 +288,15 @@ def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runt
         validate_layout(cfg.model, cfg.parallel, world_size)
     else:
         tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-        validate_layout(cfg.model, cfg.parallel, tp * pp * max(1, cfg.parallel.context_parallel_size))
+        validate_layout(
+            cfg.model, cfg.parallel, tp * pp * max(1, cfg.parallel.context_parallel_size)
+        )
     _validate_context_parallel(cfg, check_runtime)
     if cfg.precision.fp8 is not None:
         if cfg.precision.transformer_impl == "local":
-            raise ConfigError("precision.fp8 needs precision.transformer_impl=transformer_engine (or auto)")
+            raise ConfigError(
+                "precision.fp8 needs precision.transformer_impl=transformer_engine (or auto)"
+            )
         if check_runtime and not transformer_engine_available():
             raise ConfigError(
                 f"precision.fp8={cfg.precision.fp8!r} needs Transformer Engine, which is not usable here "
@@ -267,7 +308,10 @@ def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runt
                 raise ConfigError(problem)
     if cfg.data.global_batch_size < 1 or cfg.data.max_tokens_per_microbatch < 1:
         raise ConfigError("data.global_batch_size and data.max_tokens_per_microbatch must be >= 1")
-    if cfg.data.max_seq_length is not None and cfg.data.max_seq_length > cfg.model.max_position_embeddings:
+    if (
+        cfg.data.max_seq_length is not None
+        and cfg.data.max_seq_length > cfg.model.max_position_embeddings
+    ):
         raise ConfigError(
             f"data.max_seq_length={cfg.data.max_seq_length} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}"
@@ -278,9 +322,13 @@ def validate_config(cfg: Config, *, world_size: Optional[int] = None, check_runt
     if cfg.stage1.epochs < 1 or cfg.stage2.epochs < 1:
         raise ConfigError("stage1.epochs and stage2.epochs must be >= 1")
     if cfg.stage1.eval_every_epochs < 0:
-        raise ConfigError(f"stage1.eval_every_epochs must be >= 0 (got {cfg.stage1.eval_every_epochs})")
+        raise ConfigError(
+            f"stage1.eval_every_epochs must be >= 0 (got {cfg.stage1.eval_every_epochs})"
+        )
     if cfg.stage1.eval_every_epochs and not cfg.eval.datasets:
-        raise ConfigError("stage1.eval_every_epochs is set but eval.datasets is empty: give the held-out "
-                          "prompt sets (files or hub names), or set stage1.eval_every_epochs=0")
+        raise ConfigError(
+            "stage1.eval_every_epochs is set but eval.datasets is empty: give the held-out "
+            "prompt sets (files or hub names), or set stage1.eval_every_epochs=0"
+        )
     if not (0 < cfg.rollout.top_p <= 1.0) or cfg.rollout.temperature <= 0:
         raise ConfigError("rollout.top_p must be in (0, 1] and rollout.temperature > 0")

@@ -48,8 +48,10 @@ class SampleTable:
     def lengths(self) -> np.ndarray:
         """Prompt + response length of each sample (computed once; read-only, since a table's
         token lists never change: :meth:`select` builds a new table)."""
-        return _frozen(self.response_lengths + np.fromiter(map(len, self.prompt_ids), np.int64,
-                                                           len(self.prompt_ids)))
+        return _frozen(
+            self.response_lengths
+            + np.fromiter(map(len, self.prompt_ids), np.int64, len(self.prompt_ids))
+        )
 
     @cached_property
     def response_lengths(self) -> np.ndarray:
@@ -60,10 +62,14 @@ class SampleTable:
         """A new table with the given rows, in that order."""
         rows = np.asarray(rows, np.int64)
         return SampleTable(
-            sample_ids=self.sample_ids[rows], group_ids=self.group_ids[rows],
-            prompt_ids=[self.prompt_ids[i] for i in rows], response_ids=[self.response_ids[i] for i in rows],
+            sample_ids=self.sample_ids[rows],
+            group_ids=self.group_ids[rows],
+            prompt_ids=[self.prompt_ids[i] for i in rows],
+            response_ids=[self.response_ids[i] for i in rows],
             rewards=self.rewards[rows],
-            engine_logprobs=None if self.engine_logprobs is None else [self.engine_logprobs[i] for i in rows],
+            engine_logprobs=None
+            if self.engine_logprobs is None
+            else [self.engine_logprobs[i] for i in rows],
             advantages=self.advantages[rows] if len(self.advantages) else self.advantages,
         )
 
@@ -73,8 +79,9 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def group_advantages(rewards: np.ndarray, group_ids: np.ndarray, *, std_normalize: bool = False,
-                     eps: float = 1e-6) -> np.ndarray:
+def group_advantages(
+    rewards: np.ndarray, group_ids: np.ndarray, *, std_normalize: bool = False, eps: float = 1e-6
+) -> np.ndarray:
     """``A = r - mean(group rewards)``, optionally divided by the group std (+eps).
 
     Computed in float64 and returned as float32; a group of one sample gets 0.
@@ -125,8 +132,9 @@ def dp_shard(rows: np.ndarray, lengths: np.ndarray, dp_rank: int, dp_size: int) 
     return dp_partition(rows, lengths, dp_size)[dp_rank]
 
 
-def dp_micro_batch_count(rows: np.ndarray, lengths: np.ndarray, dp_size: int,
-                         max_tokens: int) -> int:
+def dp_micro_batch_count(
+    rows: np.ndarray, lengths: np.ndarray, dp_size: int, max_tokens: int
+) -> int:
     """The largest number of micro-batches any DP rank cuts its share of ``rows`` into.
 
     Every DP rank must run this many micro-batches (padding with :func:`dummy_micro_batch`):
@@ -136,12 +144,20 @@ def dp_micro_batch_count(rows: np.ndarray, lengths: np.ndarray, dp_size: int,
     return dp_micro_batches(rows, lengths, 0, dp_size, max_tokens)[1]
 
 
-def dp_micro_batches(rows: np.ndarray, lengths: np.ndarray, dp_rank: int, dp_size: int,
-                     max_tokens: int, *, packing: bool = False,
-                     seq_multiple: int = 1) -> tuple[list[np.ndarray], int]:
+def dp_micro_batches(
+    rows: np.ndarray,
+    lengths: np.ndarray,
+    dp_rank: int,
+    dp_size: int,
+    max_tokens: int,
+    *,
+    packing: bool = False,
+    seq_multiple: int = 1,
+) -> tuple[list[np.ndarray], int]:
     """This DP rank's micro-batches (row arrays) of a global batch, and
     :func:`dp_micro_batch_count` (one partition for both). With ``packing`` each micro-batch
     is one packed row filled by :func:`pack_rows` (first-fit-decreasing)."""
+
     def cut(s: np.ndarray) -> list[np.ndarray]:
         if packing:
             return pack_rows(s, lengths, max_tokens, seq_multiple=seq_multiple)
@@ -151,8 +167,9 @@ def dp_micro_batches(rows: np.ndarray, lengths: np.ndarray, dp_rank: int, dp_siz
     return cuts[dp_rank], max(len(c) for c in cuts)
 
 
-def pack_rows(rows: np.ndarray, lengths: np.ndarray, max_tokens: int, *,
-              seq_multiple: int = 1) -> list[np.ndarray]:
+def pack_rows(
+    rows: np.ndarray, lengths: np.ndarray, max_tokens: int, *, seq_multiple: int = 1
+) -> list[np.ndarray]:
     """First-fit-decreasing bin packing of ``rows`` into packed rows of at most ``max_tokens``
     tokens: longest first (ties by row number, so the result depends only on the rows and
     their lengths), each into the first bin with room, a new bin otherwise. A sequence longer
@@ -176,8 +193,9 @@ def pack_rows(rows: np.ndarray, lengths: np.ndarray, max_tokens: int, *,
     return [np.array(b, dtype=np.int64) for b in bins]
 
 
-def pack_in_order_packed(rows: list[int], lengths: np.ndarray, max_tokens: int, *,
-                         seq_multiple: int = 1) -> list[np.ndarray]:
+def pack_in_order_packed(
+    rows: list[int], lengths: np.ndarray, max_tokens: int, *, seq_multiple: int = 1
+) -> list[np.ndarray]:
     """Cut ``rows``, in the given order, into consecutive packed rows of at most
     ``max_tokens`` tokens (for writers that must see samples in a fixed order)."""
     out: list[list[int]] = []
@@ -284,17 +302,27 @@ class MicroBatch:
         """Move every tensor to ``device``."""
         moved = {k: v.to(device) for k, v in self.token_arrays.items()}
         return MicroBatch(
-            rows=self.rows, input_ids=self.input_ids.to(device), position_ids=self.position_ids.to(device),
-            targets=self.targets.to(device), loss_mask=self.loss_mask.to(device),
-            advantages=self.advantages.to(device), rewards=self.rewards.to(device),
-            seq_index=self.seq_index.to(device), token_arrays=moved,
+            rows=self.rows,
+            input_ids=self.input_ids.to(device),
+            position_ids=self.position_ids.to(device),
+            targets=self.targets.to(device),
+            loss_mask=self.loss_mask.to(device),
+            advantages=self.advantages.to(device),
+            rewards=self.rewards.to(device),
+            seq_index=self.seq_index.to(device),
+            token_arrays=moved,
             segments=None if self.segments is None else self.segments.to(device),
             seq_owned=None if self.seq_owned is None else self.seq_owned.to(device),
         )
 
 
-def collate(table: SampleTable, rows: np.ndarray,
-            token_arrays: dict[str, list[np.ndarray]] | None = None, *, pad_to: int = 1) -> MicroBatch:
+def collate(
+    table: SampleTable,
+    rows: np.ndarray,
+    token_arrays: dict[str, list[np.ndarray]] | None = None,
+    *,
+    pad_to: int = 1,
+) -> MicroBatch:
     """Build the padded tensors of ``rows``. ``token_arrays[name][row]`` holds one entry per
     response token of that row (shape [T] or [T, k], e.g. cached log-probs or top-k ids) and
     is placed at the scoring positions, keeping its dtype; other positions are 0. The sequence
@@ -333,16 +361,26 @@ def collate(table: SampleTable, rows: np.ndarray,
                 )
             extra[k][j, lo:hi] = a
     return MicroBatch(
-        rows=rows, input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
-        targets=torch.from_numpy(tgt), loss_mask=torch.from_numpy(mask), advantages=torch.from_numpy(adv),
-        rewards=torch.from_numpy(table.rewards[rows].astype(np.float32)), seq_index=torch.from_numpy(seq),
+        rows=rows,
+        input_ids=torch.from_numpy(ids),
+        position_ids=torch.from_numpy(pos),
+        targets=torch.from_numpy(tgt),
+        loss_mask=torch.from_numpy(mask),
+        advantages=torch.from_numpy(adv),
+        rewards=torch.from_numpy(table.rewards[rows].astype(np.float32)),
+        seq_index=torch.from_numpy(seq),
         token_arrays={k: torch.from_numpy(v) for k, v in extra.items()},
     )
 
 
-def collate_packed(table: SampleTable, rows: np.ndarray,
-                   token_arrays: dict[str, list[np.ndarray]] | None = None, *, pad_to: int = 1,
-                   seq_multiple: int = 1) -> MicroBatch:
+def collate_packed(
+    table: SampleTable,
+    rows: np.ndarray,
+    token_arrays: dict[str, list[np.ndarray]] | None = None,
+    *,
+    pad_to: int = 1,
+    seq_multiple: int = 1,
+) -> MicroBatch:
     """``rows`` packed into ONE row ``[1, S]``, in the given order: sequence ``k`` occupies
     ``round_up(len_k, seq_multiple)`` positions (its alignment padding belongs to its attention
     segment), with position ids ``0..len_k-1`` of its own (RoPE is relative, so a sequence's
@@ -351,8 +389,9 @@ def collate_packed(table: SampleTable, rows: np.ndarray,
     in :func:`collate`; ``seq_index`` numbers the sequences and ``segments`` drives the
     block-diagonal causal attention."""
     rows = np.asarray(rows, np.int64)
-    spans = [round_up(len(table.prompt_ids[i]) + len(table.response_ids[i]), seq_multiple)
-             for i in rows]
+    spans = [
+        round_up(len(table.prompt_ids[i]) + len(table.response_ids[i]), seq_multiple) for i in rows
+    ]
     s = round_up(sum(spans), pad_to)
     ids = np.zeros((1, s), np.int64)
     tgt = np.zeros((1, s), np.int64)
@@ -389,10 +428,16 @@ def collate_packed(table: SampleTable, rows: np.ndarray,
             extra[k][0, lo:hi] = a
         off += span
     return MicroBatch(
-        rows=rows, input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
-        targets=torch.from_numpy(tgt), loss_mask=torch.from_numpy(mask), advantages=torch.from_numpy(adv),
-        rewards=torch.from_numpy(table.rewards[rows].astype(np.float32)), seq_index=torch.from_numpy(seq),
-        token_arrays={k: torch.from_numpy(v) for k, v in extra.items()}, segments=torch.from_numpy(segs),
+        rows=rows,
+        input_ids=torch.from_numpy(ids),
+        position_ids=torch.from_numpy(pos),
+        targets=torch.from_numpy(tgt),
+        loss_mask=torch.from_numpy(mask),
+        advantages=torch.from_numpy(adv),
+        rewards=torch.from_numpy(table.rewards[rows].astype(np.float32)),
+        seq_index=torch.from_numpy(seq),
+        token_arrays={k: torch.from_numpy(v) for k, v in extra.items()},
+        segments=torch.from_numpy(segs),
     )
 
 
@@ -419,7 +464,9 @@ def packed_cu_seqlens(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
     runs of equal segment id, then the row length: alignment padding belongs to its sequence,
     the trailing padding is a segment of its own) and the longest segment."""
     if segments.shape[0] != 1:
-        raise ValueError(f"THD packing needs one packed row per micro-batch, got {segments.shape[0]}")
+        raise ValueError(
+            f"THD packing needs one packed row per micro-batch, got {segments.shape[0]}"
+        )
     seg = segments[0]
     change = torch.nonzero(seg[1:] != seg[:-1]).reshape(-1) + 1
     zero = torch.zeros(1, dtype=torch.long, device=seg.device)
@@ -436,17 +483,25 @@ def pack_seq_multiple(cfg: Any) -> int:
     return 2 * cp if cp > 1 else 1
 
 
-def build_micro_batches(cfg: Any, table: SampleTable, rows: np.ndarray, dp_rank: int,
-                        dp_size: int, token_arrays: dict[str, list[np.ndarray]] | None = None, *,
-                        max_tokens: int | None = None) -> list[MicroBatch]:
+def build_micro_batches(
+    cfg: Any,
+    table: SampleTable,
+    rows: np.ndarray,
+    dp_rank: int,
+    dp_size: int,
+    token_arrays: dict[str, list[np.ndarray]] | None = None,
+    *,
+    max_tokens: int | None = None,
+) -> list[MicroBatch]:
     """This DP rank's micro-batches of ``rows`` for ``cfg``: packed (``data.packing``) or
     padded per row, sequence length padded to :func:`pad_multiple`, then zero-loss dummies up
     to the DP-wide count (every DP rank runs the same schedule)."""
     budget = int(max_tokens or cfg.data.max_tokens_per_microbatch)
     packing = bool(getattr(cfg.data, "packing", False))
     pad, seqm = pad_multiple(cfg), pack_seq_multiple(cfg)
-    mine, count = dp_micro_batches(rows, table.lengths, dp_rank, dp_size, budget,
-                                   packing=packing, seq_multiple=seqm)
+    mine, count = dp_micro_batches(
+        rows, table.lengths, dp_rank, dp_size, budget, packing=packing, seq_multiple=seqm
+    )
     if packing:
         mbs = [collate_packed(table, r, token_arrays, pad_to=pad, seq_multiple=seqm) for r in mine]
     else:
@@ -489,8 +544,9 @@ def pad_multiple(cfg: Any) -> int:
     return m
 
 
-def dummy_micro_batch(length: int,
-                      token_arrays: dict[str, list[np.ndarray]] | None = None) -> MicroBatch:
+def dummy_micro_batch(
+    length: int, token_arrays: dict[str, list[np.ndarray]] | None = None
+) -> MicroBatch:
     """A micro-batch of one all-padding sequence of ``length`` tokens whose loss is exactly
     zero (``loss_mask`` all 0, no scoring positions, reward and advantage 0): it runs forward
     and backward through the pipeline schedule like any other, so that every DP rank runs the
@@ -506,17 +562,25 @@ def dummy_micro_batch(length: int,
             first = np.zeros(0, np.float32)
         extra[k] = torch.zeros((1, s) + first.shape[1:], dtype=torch.from_numpy(first[:0]).dtype)
     return MicroBatch(
-        rows=np.zeros(0, np.int64), input_ids=z,
-        position_ids=torch.arange(s, dtype=torch.int64)[None], targets=z.clone(),
+        rows=np.zeros(0, np.int64),
+        input_ids=z,
+        position_ids=torch.arange(s, dtype=torch.int64)[None],
+        targets=z.clone(),
         loss_mask=torch.zeros((1, s), dtype=torch.float32),
         advantages=torch.zeros((1, s), dtype=torch.float32),
         rewards=torch.zeros(1, dtype=torch.float32),
-        seq_index=torch.full((1, s), -1, dtype=torch.int64), token_arrays=extra,
+        seq_index=torch.full((1, s), -1, dtype=torch.int64),
+        token_arrays=extra,
     )
 
 
-def pad_micro_batches(mbs: list[MicroBatch], count: int, *, length: int = 1,
-                      token_arrays: dict[str, list[np.ndarray]] | None = None) -> list[MicroBatch]:
+def pad_micro_batches(
+    mbs: list[MicroBatch],
+    count: int,
+    *,
+    length: int = 1,
+    token_arrays: dict[str, list[np.ndarray]] | None = None,
+) -> list[MicroBatch]:
     """``mbs`` followed by zero-loss :func:`dummy_micro_batch` es up to ``count`` in all."""
     if len(mbs) > count:
         raise ValueError(f"{len(mbs)} micro-batches but the DP-wide count is {count}")
@@ -537,7 +601,9 @@ def sequence_values(mb: MicroBatch, values: torch.Tensor) -> list[torch.Tensor]:
     values = values.detach().cpu()
     idx = mb.seq_index.cpu()
     if values.shape[:2] != idx.shape:
-        raise ValueError(f"values of shape {tuple(values.shape)} for a micro-batch of {tuple(idx.shape)}")
+        raise ValueError(
+            f"values of shape {tuple(values.shape)} for a micro-batch of {tuple(idx.shape)}"
+        )
     flat_idx = idx.reshape(-1)
     flat = values.reshape((-1,) + tuple(values.shape[2:]))
     order = torch.argsort(flat_idx, stable=True)

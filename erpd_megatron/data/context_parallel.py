@@ -37,8 +37,10 @@ def cp_chunk_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
         return torch.arange(seq_len)
     n = 2 * cp_size
     if seq_len % n:
-        raise ValueError(f"sequence length {seq_len} is not a multiple of 2 x CP = {n}: pad it "
-                         "(data.packing aligns every packed sequence; pad_multiple the row)")
+        raise ValueError(
+            f"sequence length {seq_len} is not a multiple of 2 x CP = {n}: pad it "
+            "(data.packing aligns every packed sequence; pad_multiple the row)"
+        )
     c = seq_len // n
     first, second = cp_rank * c, (n - 1 - cp_rank) * c
     return torch.cat([torch.arange(first, first + c), torch.arange(second, second + c)])
@@ -58,7 +60,9 @@ def cp_split(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor
     return x.index_select(dim, index.to(x.device))
 
 
-def cp_unsplit(parts: list[torch.Tensor], indices: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+def cp_unsplit(
+    parts: list[torch.Tensor], indices: list[torch.Tensor], dim: int = 1
+) -> torch.Tensor:
     """Inverse of :func:`cp_split` over all ranks: the full tensor from every rank's part
     (``parts[r]`` at ``indices[r]``); the indices must cover the sequence exactly once."""
     idx = torch.cat([i.to(parts[0].device) for i in indices])

@@ -45,7 +45,11 @@ log = get_logger(__name__)
 
 FORMATS = ("gsm8k", "math", "polaris", "custom")
 _LOCAL_BUILDERS = {
-    ".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow",
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
 }
 
 
@@ -105,10 +109,14 @@ class PromptSelection:
     def summary(self) -> dict[str, Any]:
         """The counts as a JSON-able mapping (for the manifest)."""
         return {
-            "format": self.columns.format, "question_column": self.columns.question,
-            "answer_column": self.columns.answer, "dataset_rows": self.dataset_rows,
-            "examined": self.examined, "selected": len(self.prompts),
-            "filtered_too_long": self.filtered_too_long, "filtered_empty": self.filtered_empty,
+            "format": self.columns.format,
+            "question_column": self.columns.question,
+            "answer_column": self.columns.answer,
+            "dataset_rows": self.dataset_rows,
+            "examined": self.examined,
+            "selected": len(self.prompts),
+            "filtered_too_long": self.filtered_too_long,
+            "filtered_empty": self.filtered_empty,
             **self.stats,
         }
 
@@ -132,7 +140,7 @@ def extract_last_boxed(text: str, max_chars: int | None = None) -> str | None:
     if i >= n:
         return None
     if text[i] != "{":
-        m = re.match(r"[^\s$]+", text[i:i + (max_chars or 1000) + 1])
+        m = re.match(r"[^\s$]+", text[i : i + (max_chars or 1000) + 1])
         return m.group(0) if m else None
     depth, j = 0, i
     limit = n if max_chars is None else min(n, i + max_chars + 2)
@@ -146,7 +154,7 @@ def extract_last_boxed(text: str, max_chars: int | None = None) -> str | None:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j]
+                return text[i + 1 : j]
         j += 1
     return None
 
@@ -182,9 +190,13 @@ def load_prompt_dataset(source: str, split: str = "train", config_name: str | No
     import datasets
 
     if not source:
-        raise PromptDataError("rollout.dataset is not set: give a local file/directory or a hub name")
+        raise PromptDataError(
+            "rollout.dataset is not set: give a local file/directory or a hub name"
+        )
     path = Path(os.path.expanduser(source))
-    looks_local = path.exists() or source.startswith((".", "/", "~")) or path.suffix in _LOCAL_BUILDERS
+    looks_local = (
+        path.exists() or source.startswith((".", "/", "~")) or path.suffix in _LOCAL_BUILDERS
+    )
     if looks_local and not path.exists():
         raise PromptDataError(f"prompt set {source}: no such file or directory")
     try:
@@ -193,9 +205,12 @@ def load_prompt_dataset(source: str, split: str = "train", config_name: str | No
             if builder is None:
                 raise PromptDataError(
                     f"prompt set {source}: unsupported file type '{path.suffix}' "
-                    f"(use one of {', '.join(sorted(_LOCAL_BUILDERS))})")
+                    f"(use one of {', '.join(sorted(_LOCAL_BUILDERS))})"
+                )
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        elif path.is_dir() and (
+            (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+        ):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = _pick_split(ds, split, source)
@@ -207,8 +222,12 @@ def load_prompt_dataset(source: str, split: str = "train", config_name: str | No
             ds = _pick_split(dd, split, source)
     except PromptDataError:
         raise
-    except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, ValueError...)
-        raise PromptDataError(f"prompt set {source} (split {split}): cannot be loaded: {type(e).__name__}: {e}") from e
+    except (
+        Exception
+    ) as e:  # datasets raises many types (FileNotFound, ConnectionError, ValueError...)
+        raise PromptDataError(
+            f"prompt set {source} (split {split}): cannot be loaded: {type(e).__name__}: {e}"
+        ) from e
     if len(ds) == 0:
         raise PromptDataError(f"prompt set {source} (split {split}) has no rows")
     return ds
@@ -221,8 +240,12 @@ def _pick_split(dd: Any, split: str, source: str) -> Any:
 
 
 def resolve_columns(
-    column_names: Sequence[str], prompt_format: str = "auto",
-    question_key: str | None = None, answer_key: str | None = None, *, source: str = "prompt set",
+    column_names: Sequence[str],
+    prompt_format: str = "auto",
+    question_key: str | None = None,
+    answer_key: str | None = None,
+    *,
+    source: str = "prompt set",
 ) -> PromptColumns:
     """Map a column list to the question/answer columns of ``prompt_format`` (see module doc).
 
@@ -251,11 +274,14 @@ def resolve_columns(
             raise PromptDataError(
                 f"{source}: cannot detect the prompt format from columns {cols}; set "
                 "rollout.prompt_format (gsm8k: question/answer, math: problem/solution, polaris: "
-                "problem|prompt/answer) or rollout.question_key and rollout.answer_key")
+                "problem|prompt/answer) or rollout.question_key and rollout.answer_key"
+            )
     else:
         fmt = prompt_format
     if fmt not in FORMATS:
-        raise PromptDataError(f"{source}: unknown prompt_format '{fmt}' (one of auto, {', '.join(FORMATS)})")
+        raise PromptDataError(
+            f"{source}: unknown prompt_format '{fmt}' (one of auto, {', '.join(FORMATS)})"
+        )
     defaults = {
         "gsm8k": ("question", "answer"),
         "math": ("problem", pick("answer", "solution") or "solution"),
@@ -265,11 +291,14 @@ def resolve_columns(
     q = question_key or defaults[0]
     a = answer_key or defaults[1]
     if not q or not a:
-        raise PromptDataError(f"{source}: prompt_format custom needs rollout.question_key and rollout.answer_key")
+        raise PromptDataError(
+            f"{source}: prompt_format custom needs rollout.question_key and rollout.answer_key"
+        )
     for role, name in (("question", q), ("answer", a)):
         if name.split(".")[0] not in have:
             raise PromptDataError(
-                f"{source}: {role} column '{name}' (format {fmt}) not found; columns are {cols}")
+                f"{source}: {role} column '{name}' (format {fmt}) not found; columns are {cols}"
+            )
     return PromptColumns(format=fmt, question=q, answer=a)
 
 
@@ -291,8 +320,12 @@ def _dig(value: Any, path: list[str]) -> Any:
     return value
 
 
-def render_prompt(question: str, template: str = "{question}", tokenizer: Any = None,
-                  use_chat_template: bool = False) -> str:
+def render_prompt(
+    question: str,
+    template: str = "{question}",
+    tokenizer: Any = None,
+    use_chat_template: bool = False,
+) -> str:
     """Apply the template (``{question}`` is replaced; other braces, e.g. ``\\boxed{}``, are kept)
     and, optionally, the tokenizer's chat template as one user turn with the generation prompt."""
     if "{question}" not in template:
@@ -302,9 +335,11 @@ def render_prompt(question: str, template: str = "{question}", tokenizer: Any = 
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise PromptDataError(
                 "use_chat_template is true but the tokenizer has no chat template; set "
-                "rollout.use_chat_template=false or use a tokenizer with a chat_template")
+                "rollout.use_chat_template=false or use a tokenizer with a chat_template"
+            )
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
     return text
 
 
@@ -316,9 +351,18 @@ def tokenize_prompts(texts: list[str], tokenizer: Any, use_chat_template: bool) 
 
 
 def select_prompts(
-    dataset: Any, tokenizer: Any, *, num_prompts: int, seed: int, max_prompt_tokens: int,
-    prompt_format: str = "auto", question_key: str | None = None, answer_key: str | None = None,
-    template: str = "{question}", use_chat_template: bool = False, source: str = "prompt set",
+    dataset: Any,
+    tokenizer: Any,
+    *,
+    num_prompts: int,
+    seed: int,
+    max_prompt_tokens: int,
+    prompt_format: str = "auto",
+    question_key: str | None = None,
+    answer_key: str | None = None,
+    template: str = "{question}",
+    use_chat_template: bool = False,
+    source: str = "prompt set",
     chunk: int = 512,
 ) -> PromptSelection:
     """Choose ``num_prompts`` prompts of a loaded split (see module doc); all when fewer exist.
@@ -331,20 +375,30 @@ def select_prompts(
     n = len(dataset)
     if n == 0:
         raise PromptDataError(f"{source} has no rows")
-    columns = resolve_columns(dataset.column_names, prompt_format, question_key, answer_key, source=source)
+    columns = resolve_columns(
+        dataset.column_names, prompt_format, question_key, answer_key, source=source
+    )
     order = np.random.default_rng(seed).permutation(n)
     q_col, a_path = columns.question, columns.answer.split(".")
     selected: list[SelectedPrompt] = []
     examined = too_long = empty = 0
     shortest = None
     for lo in range(0, n, chunk):
-        idx = [int(i) for i in order[lo:lo + chunk]]
+        idx = [int(i) for i in order[lo : lo + chunk]]
         rows = dataset.select(idx)
         qs = [question_text(v) for v in rows[q_col]]
-        refs = [normalize_reference(_dig(v, a_path[1:]) if len(a_path) > 1 else v) for v in rows[a_path[0]]]
+        refs = [
+            normalize_reference(_dig(v, a_path[1:]) if len(a_path) > 1 else v)
+            for v in rows[a_path[0]]
+        ]
         keep = [k for k in range(len(idx)) if qs[k] and refs[k]]
         texts = [render_prompt(qs[k], template, tokenizer, use_chat_template) for k in keep]
-        encoded = dict(zip(keep, zip(texts, tokenize_prompts(texts, tokenizer, use_chat_template) if texts else [])))
+        encoded = dict(
+            zip(
+                keep,
+                zip(texts, tokenize_prompts(texts, tokenizer, use_chat_template) if texts else []),
+            )
+        )
         for k in range(len(idx)):  # visit rows in the seeded order until the set is full
             if len(selected) >= num_prompts:
                 break
@@ -357,44 +411,97 @@ def select_prompts(
             if len(tok) > max_prompt_tokens:
                 too_long += 1
                 continue
-            selected.append(SelectedPrompt(
-                group_index=len(selected), prompt_id=idx[k], question=qs[k], text=text,
-                token_ids=tok, reference=refs[k]))
+            selected.append(
+                SelectedPrompt(
+                    group_index=len(selected),
+                    prompt_id=idx[k],
+                    question=qs[k],
+                    text=text,
+                    token_ids=tok,
+                    reference=refs[k],
+                )
+            )
         if len(selected) >= num_prompts:
             break
     if not selected:
         detail = f"; the shortest has {shortest} tokens" if shortest is not None else ""
         raise PromptDataError(
             f"{source}: all {examined} prompts were filtered out (longer than max_prompt_tokens="
-            f"{max_prompt_tokens}{detail}, empty: {empty}); raise rollout.max_prompt_tokens")
+            f"{max_prompt_tokens}{detail}, empty: {empty}); raise rollout.max_prompt_tokens"
+        )
     if len(selected) < num_prompts:
-        log.warning("%s: only %d prompts available after filtering (asked for %d)", source, len(selected), num_prompts)
+        log.warning(
+            "%s: only %d prompts available after filtering (asked for %d)",
+            source,
+            len(selected),
+            num_prompts,
+        )
     if too_long:
-        log.info("%s: %d of %d examined prompts longer than %d tokens were skipped",
-                 source, too_long, examined, max_prompt_tokens)
+        log.info(
+            "%s: %d of %d examined prompts longer than %d tokens were skipped",
+            source,
+            too_long,
+            examined,
+            max_prompt_tokens,
+        )
     lengths = np.array([len(p.token_ids) for p in selected])
     stats = {"prompt_tokens_mean": float(lengths.mean()), "prompt_tokens_max": int(lengths.max())}
-    return PromptSelection(prompts=selected, columns=columns, dataset_rows=n, examined=examined,
-                           filtered_too_long=too_long, filtered_empty=empty, stats=stats)
+    return PromptSelection(
+        prompts=selected,
+        columns=columns,
+        dataset_rows=n,
+        examined=examined,
+        filtered_too_long=too_long,
+        filtered_empty=empty,
+        stats=stats,
+    )
 
 
 def load_prompt_set(
-    source: str, tokenizer: Any, *, split: str = "train", config_name: str | None = None,
-    num_prompts: int, seed: int = 0, max_prompt_tokens: int = 1024, prompt_format: str = "auto",
-    question_key: str | None = None, answer_key: str | None = None, template: str = "{question}",
+    source: str,
+    tokenizer: Any,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    num_prompts: int,
+    seed: int = 0,
+    max_prompt_tokens: int = 1024,
+    prompt_format: str = "auto",
+    question_key: str | None = None,
+    answer_key: str | None = None,
+    template: str = "{question}",
     use_chat_template: bool = False,
 ) -> PromptSelection:
     """Load a split and select prompts from it: :func:`load_prompt_dataset` + :func:`select_prompts`
     (the one entry point rollouts and evaluation share)."""
     ds = load_prompt_dataset(source, split, config_name)
     return select_prompts(
-        ds, tokenizer, num_prompts=num_prompts, seed=seed, max_prompt_tokens=max_prompt_tokens,
-        prompt_format=prompt_format, question_key=question_key, answer_key=answer_key,
-        template=template, use_chat_template=use_chat_template, source=f"prompt set {source} ({split})")
+        ds,
+        tokenizer,
+        num_prompts=num_prompts,
+        seed=seed,
+        max_prompt_tokens=max_prompt_tokens,
+        prompt_format=prompt_format,
+        question_key=question_key,
+        answer_key=answer_key,
+        template=template,
+        use_chat_template=use_chat_template,
+        source=f"prompt set {source} ({split})",
+    )
 
 
 __all__ = [
-    "PromptColumns", "PromptDataError", "PromptSelection", "SelectedPrompt", "extract_last_boxed",
-    "load_prompt_dataset", "load_prompt_set", "normalize_reference", "question_text", "render_prompt",
-    "resolve_columns", "select_prompts", "tokenize_prompts",
+    "PromptColumns",
+    "PromptDataError",
+    "PromptSelection",
+    "SelectedPrompt",
+    "extract_last_boxed",
+    "load_prompt_dataset",
+    "load_prompt_set",
+    "normalize_reference",
+    "question_text",
+    "render_prompt",
+    "resolve_columns",
+    "select_prompts",
+    "tokenize_prompts",
 ]

@@ -40,23 +40,29 @@ MANIFEST = "manifest.json"
 META_KEY = b"erpd"
 FINISH_REASONS = ("stop", "length")
 
-SCHEMA = pa.schema([
-    pa.field("sample_id", pa.int64(), nullable=False),
-    pa.field("prompt_id", pa.int64(), nullable=False),
-    pa.field("group_index", pa.int64(), nullable=False),
-    pa.field("sample_index", pa.int32(), nullable=False),
-    pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("response_token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("reward", pa.float32(), nullable=False),
-    pa.field("finish_reason", pa.string(), nullable=False),
-    pa.field("engine_logprobs", pa.list_(pa.float32()), nullable=False),
-    pa.field("prompt_text", pa.string(), nullable=False),
-    pa.field("response_text", pa.string(), nullable=False),
-    pa.field("reference", pa.string(), nullable=False),
-])
+SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("prompt_id", pa.int64(), nullable=False),
+        pa.field("group_index", pa.int64(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("response_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("reward", pa.float32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("engine_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("prompt_text", pa.string(), nullable=False),
+        pa.field("response_text", pa.string(), nullable=False),
+        pa.field("reference", pa.string(), nullable=False),
+    ]
+)
 COLUMNS = tuple(SCHEMA.names)
 LIST_COLUMNS = ("prompt_token_ids", "response_token_ids", "engine_logprobs")
-_NP_DTYPES = {"prompt_token_ids": np.int32, "response_token_ids": np.int32, "engine_logprobs": np.float32}
+_NP_DTYPES = {
+    "prompt_token_ids": np.int32,
+    "response_token_ids": np.int32,
+    "engine_logprobs": np.float32,
+}
 
 
 class RolloutDataError(ValueError):
@@ -102,9 +108,12 @@ def _check_record(r: RolloutRecord) -> None:
     if len(r.response_token_ids) != len(r.engine_logprobs):
         raise RolloutDataError(
             f"sample {r.sample_id}: {len(r.response_token_ids)} response tokens but "
-            f"{len(r.engine_logprobs)} engine log-probs")
+            f"{len(r.engine_logprobs)} engine log-probs"
+        )
     if r.finish_reason not in FINISH_REASONS:
-        raise RolloutDataError(f"sample {r.sample_id}: finish_reason {r.finish_reason!r} not in {FINISH_REASONS}")
+        raise RolloutDataError(
+            f"sample {r.sample_id}: finish_reason {r.finish_reason!r} not in {FINISH_REASONS}"
+        )
 
 
 def _list_array(rows: Sequence[Sequence[Any]], dtype: Any, pa_type: pa.DataType) -> pa.Array:
@@ -112,10 +121,14 @@ def _list_array(rows: Sequence[Sequence[Any]], dtype: Any, pa_type: pa.DataType)
     offsets = np.zeros(len(rows) + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate([np.asarray(x, dtype) for x in rows]) if len(rows) else np.zeros(0, dtype)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype, copy=False), pa_type))
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(flat.astype(dtype, copy=False), pa_type)
+    )
 
 
-def records_to_table(records: Sequence[RolloutRecord], metadata: dict[str, Any] | None = None) -> pa.Table:
+def records_to_table(
+    records: Sequence[RolloutRecord], metadata: dict[str, Any] | None = None
+) -> pa.Table:
     """Records (sorted by sample_id) as an Arrow table of :data:`SCHEMA`, with the shard metadata."""
     for r in records:
         _check_record(r)
@@ -130,7 +143,9 @@ def records_to_table(records: Sequence[RolloutRecord], metadata: dict[str, Any] 
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_shard(path: str | os.PathLike, records: Sequence[RolloutRecord], metadata: dict[str, Any]) -> None:
+def write_shard(
+    path: str | os.PathLike, records: Sequence[RolloutRecord], metadata: dict[str, Any]
+) -> None:
     """Write one shard atomically (a reader or a resumed run never sees a partial file)."""
     records = sorted(records, key=lambda r: r.sample_id)
     meta = {"format": FORMAT, "version": VERSION, "num_rows": len(records), **metadata}
@@ -152,11 +167,14 @@ def read_shard_metadata(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:
         raise RolloutDataError(
             f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); the shard is truncated "
-            "or corrupt: delete it and rerun generation (complete shards are kept)") from e
+            "or corrupt: delete it and rerun generation (complete shards are kept)"
+        ) from e
     names = set(pf.schema_arrow.names)
     missing = [c for c in COLUMNS if c not in names]
     if missing:
-        raise RolloutDataError(f"{path}: missing columns {missing} of the rollout schema (docs/rollout_schema.md)")
+        raise RolloutDataError(
+            f"{path}: missing columns {missing} of the rollout schema (docs/rollout_schema.md)"
+        )
     raw = (pf.schema_arrow.metadata or {}).get(META_KEY)
     meta: dict[str, Any] = {}
     if raw is not None:
@@ -183,7 +201,8 @@ def shard_is_complete(path: str | os.PathLike, plan_hash: str | None = None) -> 
     if plan_hash is not None and meta.get("plan_hash") != plan_hash:
         raise RolloutDataError(
             f"{path}: written for another generation plan ({meta.get('plan_hash', '?')[:12]} != "
-            f"{plan_hash[:12]}): the config changed since; use a new rollout.output_dir or delete the old shards")
+            f"{plan_hash[:12]}): the config changed since; use a new rollout.output_dir or delete the old shards"
+        )
     return True
 
 
@@ -195,7 +214,9 @@ def data_fingerprint(shards: Sequence[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def finalize_manifest(directory: str | os.PathLike, num_shards: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def finalize_manifest(
+    directory: str | os.PathLike, num_shards: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write ``manifest.json`` for shards ``0..num_shards-1`` of ``directory`` and return it.
 
     Hashes every shard, sums counts, reward and finish-reason statistics from the shard
@@ -209,11 +230,15 @@ def finalize_manifest(directory: str | os.PathLike, num_shards: int, extra: dict
     for i in range(num_shards):
         path = directory / shard_name(i)
         if not path.exists():
-            raise RolloutDataError(f"{path}: missing; {num_shards} shards are expected before the manifest is written")
+            raise RolloutDataError(
+                f"{path}: missing; {num_shards} shards are expected before the manifest is written"
+            )
         meta = read_shard_metadata(path)
         t = pq.read_table(path, columns=["reward", "finish_reason", "group_index"])
         rewards.append(t.column("reward").to_numpy())
-        for k, v in zip(*np.unique(t.column("finish_reason").to_numpy(zero_copy_only=False), return_counts=True)):
+        for k, v in zip(
+            *np.unique(t.column("finish_reason").to_numpy(zero_copy_only=False), return_counts=True)
+        ):
             reasons[str(k)] = reasons.get(str(k), 0) + int(v)
         g = t.column("group_index").to_numpy()
         if len(g):
@@ -223,33 +248,49 @@ def finalize_manifest(directory: str | os.PathLike, num_shards: int, extra: dict
         for k, v in (meta.get("stats") or {}).items():
             if isinstance(v, (int, float)):
                 shard_meta_sums[k] = shard_meta_sums.get(k, 0) + v
-        shards.append({"file": path.name, "num_rows": int(meta["num_rows"]), "bytes": path.stat().st_size,
-                       "sha256": sha256_file(path), "first_group": meta.get("first_group"),
-                       "num_groups": meta.get("num_groups")})
+        shards.append(
+            {
+                "file": path.name,
+                "num_rows": int(meta["num_rows"]),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+                "first_group": meta.get("first_group"),
+                "num_groups": meta.get("num_groups"),
+            }
+        )
     r = np.concatenate(rewards) if rewards else np.zeros(0, np.float32)
     manifest = {
         **(extra or {}),
-        "format": FORMAT, "version": VERSION, "num_shards": num_shards,
-        "num_samples": int(sum(s["num_rows"] for s in shards)), "num_prompts": groups,
+        "format": FORMAT,
+        "version": VERSION,
+        "num_shards": num_shards,
+        "num_samples": int(sum(s["num_rows"] for s in shards)),
+        "num_prompts": groups,
         "samples_per_prompt": sizes.pop() if len(sizes) == 1 else None,
         "reward_mean": float(r.mean()) if len(r) else None,
         "finish_reasons": dict(sorted(reasons.items())),
         "shard_stats": {k: shard_meta_sums[k] for k in sorted(shard_meta_sums)},
-        "shards": shards, "fingerprint": data_fingerprint(shards),
+        "shards": shards,
+        "fingerprint": data_fingerprint(shards),
     }
     atomic_write_json(directory / MANIFEST, manifest)
     return manifest
 
 
 def write_rollout_set(
-    directory: str | os.PathLike, records: Iterable[RolloutRecord], *, prompts_per_shard: int = 64,
+    directory: str | os.PathLike,
+    records: Iterable[RolloutRecord],
+    *,
+    prompts_per_shard: int = 64,
     manifest_extra: dict[str, Any] | None = None,
 ) -> RolloutSet:
     """Write a rollout set from records (tests, the demo, tools): shards of
     ``prompts_per_shard`` consecutive groups plus the manifest. Sample ids must be unique."""
     directory = Path(directory)
     if (directory / MANIFEST).exists() or any(directory.glob("shard-*.parquet")):
-        raise RolloutDataError(f"{directory}: already holds a rollout set; write to an empty directory")
+        raise RolloutDataError(
+            f"{directory}: already holds a rollout set; write to an empty directory"
+        )
     by_group: dict[int, list[RolloutRecord]] = {}
     seen: set[int] = set()
     for r in records:
@@ -262,9 +303,12 @@ def write_rollout_set(
     order = sorted(by_group)
     num_shards = math.ceil(len(order) / prompts_per_shard)
     for s in range(num_shards):
-        gs = order[s * prompts_per_shard:(s + 1) * prompts_per_shard]
-        write_shard(directory / shard_name(s), [r for g in gs for r in by_group[g]],
-                    {"shard_index": s, "first_group": gs[0], "num_groups": len(gs)})
+        gs = order[s * prompts_per_shard : (s + 1) * prompts_per_shard]
+        write_shard(
+            directory / shard_name(s),
+            [r for g in gs for r in by_group[g]],
+            {"shard_index": s, "first_group": gs[0], "num_groups": len(gs)},
+        )
     finalize_manifest(directory, num_shards, manifest_extra)
     return RolloutSet.open(directory)
 
@@ -288,10 +332,15 @@ class RolloutSet:
         mpath = directory / MANIFEST
         if not mpath.exists():
             n = len(list(directory.glob("shard-*.parquet"))) if directory.is_dir() else 0
-            what = "does not exist" if not directory.exists() else f"has no {MANIFEST} ({n} shards present)"
+            what = (
+                "does not exist"
+                if not directory.exists()
+                else f"has no {MANIFEST} ({n} shards present)"
+            )
             raise RolloutDataError(
                 f"{directory}: {what}; generation is unfinished: rerun `erpd rollout` (complete shards are "
-                "kept) or `erpd rollout --finalize` once all shards exist")
+                "kept) or `erpd rollout --finalize` once all shards exist"
+            )
         try:
             manifest = read_json(mpath)
         except ValueError as e:
@@ -305,12 +354,17 @@ class RolloutSet:
             if path.stat().st_size != s["bytes"]:
                 raise RolloutDataError(
                     f"{path}: {path.stat().st_size} bytes, the manifest says {s['bytes']}: truncated or "
-                    "rewritten; delete it and the manifest and rerun generation")
+                    "rewritten; delete it and the manifest and rerun generation"
+                )
             meta = read_shard_metadata(path)
             if meta["num_rows"] != s["num_rows"]:
-                raise RolloutDataError(f"{path}: {meta['num_rows']} rows, the manifest says {s['num_rows']}")
+                raise RolloutDataError(
+                    f"{path}: {meta['num_rows']} rows, the manifest says {s['num_rows']}"
+                )
             if verify and sha256_file(path) != s["sha256"]:
-                raise RolloutDataError(f"{path}: content hash differs from the manifest (corrupt or replaced shard)")
+                raise RolloutDataError(
+                    f"{path}: content hash differs from the manifest (corrupt or replaced shard)"
+                )
         return cls(directory, manifest)
 
     @property
@@ -374,7 +428,9 @@ class RolloutSet:
         for name in columns:
             col = table.column(name)
             if name in LIST_COLUMNS:
-                out[name] = [a for chunk in col.chunks for a in _split_list(chunk, _NP_DTYPES[name])]
+                out[name] = [
+                    a for chunk in col.chunks for a in _split_list(chunk, _NP_DTYPES[name])
+                ]
             else:
                 out[name] = col.to_numpy()
         return out
@@ -386,7 +442,11 @@ class RolloutSet:
         values, lengths = [], []
         for t in self.iter_tables([column]):
             for chunk in t.column(column).chunks:
-                values.append(chunk.flatten().to_numpy(zero_copy_only=False).astype(_NP_DTYPES[column], copy=False))
+                values.append(
+                    chunk.flatten()
+                    .to_numpy(zero_copy_only=False)
+                    .astype(_NP_DTYPES[column], copy=False)
+                )
                 lengths.append(chunk.value_lengths().to_numpy(zero_copy_only=False))
         lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         offsets = np.zeros(len(lens) + 1, np.int64)
@@ -424,8 +484,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def _quantiles(x: np.ndarray) -> str:
     if len(x) == 0:
         return "n/a"
-    return (f"mean {x.mean():.1f}  p50 {np.percentile(x, 50):.0f}  p90 {np.percentile(x, 90):.0f}  "
-            f"min {x.min()}  max {x.max()}")
+    return (
+        f"mean {x.mean():.1f}  p50 {np.percentile(x, 50):.0f}  p90 {np.percentile(x, 90):.0f}  "
+        f"min {x.min()}  max {x.max()}"
+    )
 
 
 def inspect_rollouts(directory: str | os.PathLike, *, correct_threshold: float = 0.5) -> str:
@@ -449,13 +511,18 @@ def inspect_rollouts(directory: str | os.PathLike, *, correct_threshold: float =
     c_per = np.bincount(inv, weights=correct).astype(int)
     lines = [f"rollouts {rs.directory}"]
     g = rs.samples_per_prompt
-    lines.append(f"  samples {rs.num_samples} = {rs.num_prompts} prompts x {g if g else 'varying'}"
-                 f", shards {m['num_shards']}, fingerprint {rs.fingerprint[:16]}")
+    lines.append(
+        f"  samples {rs.num_samples} = {rs.num_prompts} prompts x {g if g else 'varying'}"
+        f", shards {m['num_shards']}, fingerprint {rs.fingerprint[:16]}"
+    )
     for key in ("engine", "model_path"):
         if m.get(key):
             lines.append(f"  {key}: {m[key]}")
-    lines.append(f"  reward mean {reward.mean():.4f}, accuracy {correct.mean():.4f}"
-                 if len(reward) else "  no samples")
+    lines.append(
+        f"  reward mean {reward.mean():.4f}, accuracy {correct.mean():.4f}"
+        if len(reward)
+        else "  no samples"
+    )
     ks, k = [], 1
     while len(n_per) and k <= n_per.min():
         ks.append(k)
@@ -465,17 +532,23 @@ def inspect_rollouts(directory: str | os.PathLike, *, correct_threshold: float =
         lines.append("  pass@k   " + "  ".join(f"k={kk}: {v:.4f}" for kk, v in zip(ks, vals)))
     all_c, none_c = int((c_per == n_per).sum()), int((c_per == 0).sum())
     ng = max(len(groups), 1)
-    lines.append(f"  groups   all-correct {all_c} ({all_c / ng:.0%}), all-wrong {none_c} ({none_c / ng:.0%}), "
-                 f"mixed {len(groups) - all_c - none_c} ({(len(groups) - all_c - none_c) / ng:.0%})")
+    lines.append(
+        f"  groups   all-correct {all_c} ({all_c / ng:.0%}), all-wrong {none_c} ({none_c / ng:.0%}), "
+        f"mixed {len(groups) - all_c - none_c} ({(len(groups) - all_c - none_c) / ng:.0%})"
+    )
     lines.append(f"  prompt tokens    {_quantiles(plen)}")
     lines.append(f"  response tokens  {_quantiles(rlen)}")
     reasons, counts = np.unique(cols["finish_reason"].astype(str), return_counts=True)
     total = max(int(counts.sum()), 1)
-    lines.append("  finish   " + ", ".join(f"{r} {c} ({c / total:.1%})" for r, c in zip(reasons, counts)))
+    lines.append(
+        "  finish   " + ", ".join(f"{r} {c} ({c / total:.1%})" for r, c in zip(reasons, counts))
+    )
     if len(lp_vals):
         finite = np.isfinite(lp_vals)
-        lines.append(f"  engine log-prob per token: mean {lp_vals[finite].mean():.4f}"
-                     + (f" ({int((~finite).sum())} non-finite)" if not finite.all() else ""))
+        lines.append(
+            f"  engine log-prob per token: mean {lp_vals[finite].mean():.4f}"
+            + (f" ({int((~finite).sum())} non-finite)" if not finite.all() else "")
+        )
     return "\n".join(lines)
 
 
@@ -485,8 +558,22 @@ def record_fields() -> list[str]:
 
 
 __all__ = [
-    "COLUMNS", "FINISH_REASONS", "LIST_COLUMNS", "MANIFEST", "SCHEMA", "RolloutDataError", "RolloutRecord",
-    "RolloutSet", "data_fingerprint", "finalize_manifest", "inspect_rollouts", "pass_at_k",
-    "read_shard_metadata", "records_to_table", "shard_is_complete", "shard_name", "write_rollout_set",
+    "COLUMNS",
+    "FINISH_REASONS",
+    "LIST_COLUMNS",
+    "MANIFEST",
+    "SCHEMA",
+    "RolloutDataError",
+    "RolloutRecord",
+    "RolloutSet",
+    "data_fingerprint",
+    "finalize_manifest",
+    "inspect_rollouts",
+    "pass_at_k",
+    "read_shard_metadata",
+    "records_to_table",
+    "shard_is_complete",
+    "shard_name",
+    "write_rollout_set",
     "write_shard",
 ]

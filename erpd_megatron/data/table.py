@@ -16,7 +16,14 @@ from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
 
-COLUMNS = ["sample_id", "group_index", "prompt_token_ids", "response_token_ids", "reward", "engine_logprobs"]
+COLUMNS = [
+    "sample_id",
+    "group_index",
+    "prompt_token_ids",
+    "response_token_ids",
+    "reward",
+    "engine_logprobs",
+]
 
 
 def load_sample_table(cfg: Config) -> tuple[SampleTable, str]:
@@ -28,21 +35,29 @@ def load_sample_table(cfg: Config) -> tuple[SampleTable, str]:
     if n == 0:
         raise RolloutDataError(f"{directory}: the rollout set is empty")
     table = SampleTable(
-        sample_ids=np.asarray(cols["sample_id"], np.int64), group_ids=np.asarray(cols["group_index"], np.int64),
-        prompt_ids=cols["prompt_token_ids"], response_ids=cols["response_token_ids"],
-        rewards=np.asarray(cols["reward"], np.float32), engine_logprobs=cols["engine_logprobs"],
+        sample_ids=np.asarray(cols["sample_id"], np.int64),
+        group_ids=np.asarray(cols["group_index"], np.int64),
+        prompt_ids=cols["prompt_token_ids"],
+        response_ids=cols["response_token_ids"],
+        rewards=np.asarray(cols["reward"], np.float32),
+        engine_logprobs=cols["engine_logprobs"],
     )
     check_table(table, cfg, str(directory))
-    table.advantages = group_advantages(table.rewards, table.group_ids,
-                                        std_normalize=cfg.data.advantage_std_normalize)
+    table.advantages = group_advantages(
+        table.rewards, table.group_ids, std_normalize=cfg.data.advantage_std_normalize
+    )
     if cfg.data.drop_zero_advantage_groups:
         keep = _groups_with_signal(table)
         log.info("data.drop_zero_advantage_groups: keeping %d of %d samples", int(keep.sum()), n)
         table = table.select(np.nonzero(keep)[0])
     empty = [int(s) for s, r in zip(table.sample_ids, table.response_ids) if len(r) == 0]
     if empty:
-        log.warning("%s: %d samples have empty responses (e.g. sample %d); they carry no tokens",
-                    directory, len(empty), empty[0])
+        log.warning(
+            "%s: %d samples have empty responses (e.g. sample %d); they carry no tokens",
+            directory,
+            len(empty),
+            empty[0],
+        )
     return table, rs.fingerprint
 
 
@@ -58,13 +73,17 @@ def check_table(table: SampleTable, cfg: Config, where: str) -> None:
             raise RolloutDataError(
                 f"{where}: sample {int(table.sample_ids[i])} has token id {top if top >= vocab else low} outside "
                 f"the model vocabulary [0, {vocab}) (model.vocab_size={vocab}); the rollouts were made with "
-                "another tokenizer, or the model config is wrong")
+                "another tokenizer, or the model config is wrong"
+            )
         if len(p) == 0:
-            raise RolloutDataError(f"{where}: sample {int(table.sample_ids[i])} has an empty prompt")
+            raise RolloutDataError(
+                f"{where}: sample {int(table.sample_ids[i])} has an empty prompt"
+            )
         if len(p) + len(r) > limit:
             raise RolloutDataError(
                 f"{where}: sample {int(table.sample_ids[i])} has {len(p) + len(r)} tokens, more than "
-                f"data.max_seq_length={limit}; raise it (and model.max_position_embeddings) or filter the data")
+                f"data.max_seq_length={limit}; raise it (and model.max_position_embeddings) or filter the data"
+            )
 
 
 def _groups_with_signal(table: SampleTable) -> np.ndarray:

@@ -29,8 +29,11 @@ _ACC = re.compile(r"accuracy|avg@|pass@")
 PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
     ("loss", [("loss", "-")], "loss"),
     ("token entropy", [("entropy", "-")], "entropy [nats/token]"),
-    ("log-prob drift vs π_r (by reward of the response)", [("drift_pos", "-"), ("drift_neg", "--")],
-     "Σ_t log π − log π_r [nats/seq]"),
+    (
+        "log-prob drift vs π_r (by reward of the response)",
+        [("drift_pos", "-"), ("drift_neg", "--")],
+        "Σ_t log π − log π_r [nats/seq]",
+    ),
     ("KL(π ‖ π_r), k3 estimator", [("seq_kl_k3", "-")], "KL [nats/seq]"),
     ("gradient norm", [("grad_norm", "-")], "‖g‖₂ (log scale)"),
 ]
@@ -41,7 +44,11 @@ def discover_metrics_files(output_dir: str | os.PathLike) -> list[Path]:
     folders below it (``<out>/stage1/``, ``<out>/teacher/stage1/``), sorted."""
     root = Path(output_dir)
     found: set[Path] = set()
-    for pattern in ("stage[12]_metrics.jsonl", "*/stage[12]_metrics.jsonl", "*/*/stage[12]_metrics.jsonl"):
+    for pattern in (
+        "stage[12]_metrics.jsonl",
+        "*/stage[12]_metrics.jsonl",
+        "*/*/stage[12]_metrics.jsonl",
+    ):
         found.update(root.glob(pattern))
     return sorted(found)
 
@@ -91,17 +98,35 @@ def _plot_stage(stage: str, runs: list[tuple[str, list[dict[str, Any]]]], path: 
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    acc_keys = sorted({k for _, recs in runs for r in recs for k in r
-                       if k.startswith(f"{stage}/") and _ACC.search(k) and "/epoch/" not in k
-                       and not k.endswith(("_se", "pass@1"))})  # s.e. as error bars; pass@1 = accuracy
+    acc_keys = sorted(
+        {
+            k
+            for _, recs in runs
+            for r in recs
+            for k in r
+            if k.startswith(f"{stage}/")
+            and _ACC.search(k)
+            and "/epoch/" not in k
+            and not k.endswith(("_se", "pass@1"))
+        }
+    )  # s.e. as error bars; pass@1 = accuracy
     styles = ["-", "--", "-.", ":"]
-    panels = list(PANELS) + ([("held-out accuracy", [(k.split("/", 1)[1], styles[i % 4]) for i, k in enumerate(acc_keys)],
-                               "accuracy [fraction correct]")] if acc_keys else [])
+    panels = list(PANELS) + (
+        [
+            (
+                "held-out accuracy",
+                [(k.split("/", 1)[1], styles[i % 4]) for i, k in enumerate(acc_keys)],
+                "accuracy [fraction correct]",
+            )
+        ]
+        if acc_keys
+        else []
+    )
     ncols = 2
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(12, 3.3 * nrows + 0.6), dpi=110, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     bounds: set[float] = set()
     drawn = [False] * len(panels)
@@ -110,7 +135,9 @@ def _plot_stage(stage: str, runs: list[tuple[str, list[dict[str, Any]]]], path: 
         steps = [r for r in recs if not any("/epoch/" in k for k in r)]
         epochs = [r for r in recs if any("/epoch/" in k for k in r)]
         last = max((float(r.get("step", 0)) for r in steps), default=0.0)
-        bounds.update(float(r["step"]) + 0.5 for r in epochs if "step" in r and float(r["step"]) < last)
+        bounds.update(
+            float(r["step"]) + 0.5 for r in epochs if "step" in r and float(r["step"]) < last
+        )
         for pi, (ax, (_title, series, _ylabel)) in enumerate(zip(axes, panels)):
             for name, style in series:
                 xs, ys = _series(steps, f"{stage}/{name}")
@@ -118,11 +145,21 @@ def _plot_stage(stage: str, runs: list[tuple[str, list[dict[str, Any]]]], path: 
                     continue
                 drawn[pi] = True
                 sparse = len(xs) < 0.5 * max(len(steps), 1)  # e.g. accuracy every few epochs
-                ax.plot(xs, ys, style, color=color, linewidth=1.0, alpha=0.9 if sparse else 0.5,
-                        marker="o" if sparse else None, markersize=4)
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    color=color,
+                    linewidth=1.0,
+                    alpha=0.9 if sparse else 0.5,
+                    marker="o" if sparse else None,
+                    markersize=4,
+                )
                 sx, se = _series(steps, f"{stage}/{name}_se")
                 if sx == xs:
-                    ax.errorbar(xs, ys, yerr=se, fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
+                    ax.errorbar(
+                        xs, ys, yerr=se, fmt="none", ecolor=color, elinewidth=0.8, capsize=2
+                    )
                 ex, ey = _series(epochs, f"{stage}/epoch/{name}")
                 if ex:
                     ax.plot(ex, ey, style, color=color, marker="o", markersize=4, linewidth=1.8)
@@ -139,15 +176,29 @@ def _plot_stage(stage: str, runs: list[tuple[str, list[dict[str, Any]]]], path: 
         for b in sorted(bounds):
             ax.axvline(b, color="0.5", linestyle=":", linewidth=0.9)
         if len(series) > 1:  # which line style is which quantity
-            ax.legend([Line2D([], [], color="0.2", linestyle=st) for _, st in series], [n for n, _ in series],
-                      fontsize=8, loc="best")
+            ax.legend(
+                [Line2D([], [], color="0.2", linestyle=st) for _, st in series],
+                [n for n, _ in series],
+                fontsize=8,
+                loc="best",
+            )
         if not ok:
-            ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="0.5")
+            ax.text(
+                0.5,
+                0.5,
+                "not logged",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="0.5",
+            )
     handles = [Line2D([], [], color=f"C{i % 10}", linewidth=2.5) for i in range(len(runs))]
     labels = [label for label, _ in runs]
-    handles += [Line2D([], [], color="0.3", linewidth=1.0, alpha=0.5),
-                Line2D([], [], color="0.3", linewidth=1.8, marker="o", markersize=4),
-                Line2D([], [], color="0.5", linestyle=":", linewidth=0.9)]
+    handles += [
+        Line2D([], [], color="0.3", linewidth=1.0, alpha=0.5),
+        Line2D([], [], color="0.3", linewidth=1.8, marker="o", markersize=4),
+        Line2D([], [], color="0.5", linestyle=":", linewidth=0.9),
+    ]
     labels += ["per step", "epoch mean (at epoch end)", "epoch boundary"]
     fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=9)
     fig.suptitle(f"{stage} training curves", fontsize=12)
@@ -155,7 +206,9 @@ def _plot_stage(stage: str, runs: list[tuple[str, list[dict[str, Any]]]], path: 
     return path
 
 
-def plot_training_curves(metrics_files: list[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+def plot_training_curves(
+    metrics_files: list[str | os.PathLike], out_dir: str | os.PathLike
+) -> list[Path]:
     """One figure per stage (``<out_dir>/<stage>_curves.png``) from metrics JSONL files (see
     the module doc); returns the written paths. Empty or unreadable files are skipped with a
     warning."""
@@ -177,7 +230,11 @@ def plot_training_curves(metrics_files: list[str | os.PathLike], out_dir: str | 
     for stage in sorted(by_stage):
         files = by_stage[stage]
         labels = run_labels([p for p, _ in files])
-        paths.append(_plot_stage(stage, list(zip(labels, [r for _, r in files])), out / f"{stage}_curves.png"))
+        paths.append(
+            _plot_stage(
+                stage, list(zip(labels, [r for _, r in files])), out / f"{stage}_curves.png"
+            )
+        )
     return paths
 
 

@@ -75,8 +75,15 @@ from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
 
-USER_ERRORS = (ConfigError, PromptDataError, CheckpointError, EngineError, RewardFnError, RewardPoolError,
-               ImportError)
+USER_ERRORS = (
+    ConfigError,
+    PromptDataError,
+    CheckpointError,
+    EngineError,
+    RewardFnError,
+    RewardPoolError,
+    ImportError,
+)
 ENTROPY_METHOD = "exact: mean over response tokens of the full next-token distribution's entropy (teacher-forced pi)"
 BASE_KL_NOTE = "0 by construction (the base is the reference)"
 
@@ -121,7 +128,9 @@ def check_eval_config(cfg: Config) -> tuple[list[EvalModelConfig], EvalModelConf
     ec = cfg.eval
     problems = []
     if not ec.models:
-        problems.append("eval.models is empty: give [{name, path}, ...] (base first, or set eval.base_name)")
+        problems.append(
+            "eval.models is empty: give [{name, path}, ...] (base first, or set eval.base_name)"
+        )
     if not ec.datasets:
         problems.append("eval.datasets is empty: give held-out prompt sets (files or hub names)")
     for name in ("num_prompts", "n", "max_new_tokens", "score_max_tokens"):
@@ -146,7 +155,9 @@ def check_eval_config(cfg: Config) -> tuple[list[EvalModelConfig], EvalModelConf
         raise ConfigError("; ".join(problems))
     for k in ec.pass_k:
         if k > ec.n:
-            log.warning("eval.pass_k: k=%d > n=%d samples per prompt; pass@%d is not reported", k, ec.n, k)
+            log.warning(
+                "eval.pass_k: k=%d > n=%d samples per prompt; pass@%d is not reported", k, ec.n, k
+            )
     base = next(m for m in ec.models if m.name == base_name)
     return [base] + [m for m in ec.models if m is not base], base
 
@@ -161,23 +172,54 @@ def select_heldout(cfg: Config, dataset: str, tokenizer: Any) -> list[SelectedPr
     """The held-out prompts of one set: the rollout loader with the rollout template/format fields."""
     rc, ec = cfg.rollout, cfg.eval
     sel = load_prompt_set(
-        dataset, tokenizer, split=ec.dataset_split or rc.dataset_split, config_name=rc.dataset_config,
-        num_prompts=ec.num_prompts, seed=ec.seed, max_prompt_tokens=rc.max_prompt_tokens,
-        prompt_format=rc.prompt_format, question_key=rc.question_key, answer_key=rc.answer_key,
-        template=rc.prompt_template, use_chat_template=rc.use_chat_template)
+        dataset,
+        tokenizer,
+        split=ec.dataset_split or rc.dataset_split,
+        config_name=rc.dataset_config,
+        num_prompts=ec.num_prompts,
+        seed=ec.seed,
+        max_prompt_tokens=rc.max_prompt_tokens,
+        prompt_format=rc.prompt_format,
+        question_key=rc.question_key,
+        answer_key=rc.answer_key,
+        template=rc.prompt_template,
+        use_chat_template=rc.use_chat_template,
+    )
     return sel.prompts
 
 
-def _score(model: Any, prompts: list[list[int]], comps: list[Completion], cfg: Config, pad: int, *,
-           entropy: bool) -> Any:
+def _score(
+    model: Any,
+    prompts: list[list[int]],
+    comps: list[Completion],
+    cfg: Config,
+    pad: int,
+    *,
+    entropy: bool,
+) -> Any:
     from erpd_megatron.eval.scoring import score_responses
 
-    return score_responses(model, prompts, [c.token_ids for c in comps], temperature=cfg.eval.temperature,
-                           entropy=entropy, max_tokens=cfg.eval.score_max_tokens, pad_token_id=pad)
+    return score_responses(
+        model,
+        prompts,
+        [c.token_ids for c in comps],
+        temperature=cfg.eval.temperature,
+        entropy=entropy,
+        max_tokens=cfg.eval.score_max_tokens,
+        pad_token_id=pad,
+    )
 
 
-def generate_and_reward(cfg: Config, m: EvalModelConfig, *, prompts: list[SelectedPrompt], tokenizer: Any,
-                        pool: RewardPool, seed: int, progress: bool = True) -> tuple[ModelSamples, Any]:
+def generate_and_reward(
+    cfg: Config,
+    m: EvalModelConfig,
+    *,
+    prompts: list[SelectedPrompt],
+    tokenizer: Any,
+    pool: RewardPool,
+    seed: int,
+    progress: bool = True,
+) -> tuple[ModelSamples, Any]:
     """Sample ``eval.n`` responses per prompt through the rollout engine and reward them
     (steps 1-2 of the module doc). Returns the samples and the engine's model (hf engine) or None."""
     rc, ec = cfg.rollout, cfg.eval
@@ -186,26 +228,52 @@ def generate_and_reward(cfg: Config, m: EvalModelConfig, *, prompts: list[Select
     secs: dict[str, float] = {}
     t0 = time.perf_counter()
     with make_engine(rc, tokenizer, model_path=m.path) as engine:
-        groups = engine.generate(ids, ec.n, temperature=ec.temperature, top_p=1.0,
-                                 max_new_tokens=ec.max_new_tokens, seed=seed, progress=progress)
+        groups = engine.generate(
+            ids,
+            ec.n,
+            temperature=ec.temperature,
+            top_p=1.0,
+            max_new_tokens=ec.max_new_tokens,
+            seed=seed,
+            progress=progress,
+        )
         secs["generate"] = time.perf_counter() - t0
         model = getattr(engine, "model", None) if engine.name == "hf" else None
     comps = [c for g in groups for c in g]
     if len(comps) != len(prompts) * ec.n:
-        raise RuntimeError(f"{m.name}: engine returned {len(comps)} samples for {len(prompts)} prompts x {ec.n}")
+        raise RuntimeError(
+            f"{m.name}: engine returned {len(comps)} samples for {len(prompts)} prompts x {ec.n}"
+        )
     t0 = time.perf_counter()
     texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-    rewards = pool.map(texts, [p.reference for p in prompts for _ in range(ec.n)], progress=progress)
+    rewards = pool.map(
+        texts, [p.reference for p in prompts for _ in range(ec.n)], progress=progress
+    )
     secs["reward"] = time.perf_counter() - t0
-    out = ModelSamples(model=m, is_base=False, completions=comps,
-                       rewards=np.asarray(rewards, dtype=np.float64).reshape(len(prompts), ec.n), seconds=secs,
-                       logprobs_mode=engine.logprobs_mode)
+    out = ModelSamples(
+        model=m,
+        is_base=False,
+        completions=comps,
+        rewards=np.asarray(rewards, dtype=np.float64).reshape(len(prompts), ec.n),
+        seconds=secs,
+        logprobs_mode=engine.logprobs_mode,
+    )
     return out, model
 
 
-def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: list[SelectedPrompt], tokenizer: Any,
-                 pool: RewardPool, seed: int, base: ModelSamples | None, keep_model: bool = False,
-                 progress: bool = True) -> tuple[ModelSamples, Any]:
+def sample_model(
+    cfg: Config,
+    m: EvalModelConfig,
+    *,
+    is_base: bool,
+    prompts: list[SelectedPrompt],
+    tokenizer: Any,
+    pool: RewardPool,
+    seed: int,
+    base: ModelSamples | None,
+    keep_model: bool = False,
+    progress: bool = True,
+) -> tuple[ModelSamples, Any]:
     """Sample, reward and self-score one model (steps 1-3 of the module doc).
 
     Returns the samples and, when ``keep_model`` and the engine is hf, the loaded model (so the
@@ -215,8 +283,9 @@ def sample_model(cfg: Config, m: EvalModelConfig, *, is_base: bool, prompts: lis
     rc, ec = cfg.rollout, cfg.eval
     flat_prompts = [p.token_ids for p in prompts for _ in range(ec.n)]
     pad = int(tokenizer.pad_token_id)
-    out, model = generate_and_reward(cfg, m, prompts=prompts, tokenizer=tokenizer, pool=pool, seed=seed,
-                                     progress=progress)
+    out, model = generate_and_reward(
+        cfg, m, prompts=prompts, tokenizer=tokenizer, pool=pool, seed=seed, progress=progress
+    )
     out.is_base = is_base
     secs = out.seconds
     if ec.temperature > 0:
@@ -245,8 +314,13 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def score_kl(cfg: Config, samples: list[ModelSamples], base_model: Any, prompts: list[SelectedPrompt],
-             pad: int) -> None:
+def score_kl(
+    cfg: Config,
+    samples: list[ModelSamples],
+    base_model: Any,
+    prompts: list[SelectedPrompt],
+    pad: int,
+) -> None:
     """Step 4: the per-sequence KL(pi || pi_base) of every non-base model, in place."""
     flat_prompts = [p.token_ids for p in prompts for _ in range(cfg.eval.n)]
     for s in samples:
@@ -263,8 +337,11 @@ def apply_kl(cfg: Config, s: ModelSamples, base_lp: list[np.ndarray]) -> None:
     samples and log pi from the engine or the teacher-forced pass (``eval.kl_logprobs``)."""
     raw = s.logprobs_mode == "raw" and cfg.eval.temperature != 1.0
     if raw and cfg.eval.kl_logprobs == "engine":
-        log.warning("%s: the engine's log-probs are of the raw logits, not of the tempered "
-                    "sampling distribution; the KL uses teacher-forced log pi instead", s.model.name)
+        log.warning(
+            "%s: the engine's log-probs are of the raw logits, not of the tempered "
+            "sampling distribution; the KL uses teacher-forced log pi instead",
+            s.model.name,
+        )
     if cfg.eval.kl_logprobs == "teacher_forced" or raw:
         pi_lp, s.kl_source = s.tf_logprobs, "teacher_forced"
     else:
@@ -280,19 +357,37 @@ def build_row(cfg: Config, s: ModelSamples, base: ModelSamples, dataset: str) ->
     ntok = sum(len(c.token_ids) for c in comps)
     finish = stats.finish_counts([c.finish_reason for c in comps])
     row: dict[str, Any] = {
-        "model": s.model.name, "dataset": dataset, "is_base": s.is_base, "prompts": int(s.rewards.shape[0]),
-        "n": ec.n, **stats.accuracy_stats(s.rewards, ec.pass_k),
+        "model": s.model.name,
+        "dataset": dataset,
+        "is_base": s.is_base,
+        "prompts": int(s.rewards.shape[0]),
+        "n": ec.n,
+        **stats.accuracy_stats(s.rewards, ec.pass_k),
     }
     if s.is_base:
-        row.update({"kl_to_base": 0.0, "kl_to_base_se": 0.0, "kl_to_base_per_token": 0.0, "kl_note": BASE_KL_NOTE})
+        row.update(
+            {
+                "kl_to_base": 0.0,
+                "kl_to_base_se": 0.0,
+                "kl_to_base_per_token": 0.0,
+                "kl_note": BASE_KL_NOTE,
+            }
+        )
     elif s.kl is not None:
         row.update(stats.kl_stats(s.kl, ntok))
         row["kl_note"] = f"estimated on {len(s.kl)} samples of pi ({s.kl_source} log pi)"
     else:
-        row.update({"kl_to_base": None, "kl_to_base_se": None, "kl_to_base_per_token": None,
-                    "kl_note": "not estimated at temperature 0 (greedy samples are not draws from pi)"})
-    row["acc_gain_per_nat"] = stats.accuracy_per_nat(row["accuracy"], base.rewards.mean(), row["kl_to_base"],
-                                                     is_base=s.is_base)
+        row.update(
+            {
+                "kl_to_base": None,
+                "kl_to_base_se": None,
+                "kl_to_base_per_token": None,
+                "kl_note": "not estimated at temperature 0 (greedy samples are not draws from pi)",
+            }
+        )
+    row["acc_gain_per_nat"] = stats.accuracy_per_nat(
+        row["accuracy"], base.rewards.mean(), row["kl_to_base"], is_base=s.is_base
+    )
     row["entropy"] = stats.token_mean(s.entropy) if s.entropy is not None else None
     if s.is_base:
         row.update({"drift": 0.0, "drift_pos": 0.0, "drift_neg": 0.0})
@@ -300,37 +395,71 @@ def build_row(cfg: Config, s: ModelSamples, base: ModelSamples, dataset: str) ->
         row.update(stats.drift_stats(s.drift, base.rewards.reshape(-1)))
     else:
         row.update({"drift": None, "drift_pos": None, "drift_neg": None})
-    row.update({
-        "response_tokens_mean": ntok / max(len(comps), 1),
-        "finish_stop": finish.get("stop", 0), "finish_length": finish.get("length", 0),
-        "truncated_frac": finish.get("length", 0) / max(len(comps), 1),
-        "logprob_mismatch": stats.mean_abs_diff([np.asarray(c.logprobs) for c in comps], s.tf_logprobs)
-        if s.tf_logprobs is not None else None,
-        "entropy_method": ENTROPY_METHOD if s.entropy is not None else None,
-        "temperature": ec.temperature, "max_new_tokens": ec.max_new_tokens, "path": s.model.path,
-        "seconds": {k: round(v, 3) for k, v in s.seconds.items()},
-    })
+    row.update(
+        {
+            "response_tokens_mean": ntok / max(len(comps), 1),
+            "finish_stop": finish.get("stop", 0),
+            "finish_length": finish.get("length", 0),
+            "truncated_frac": finish.get("length", 0) / max(len(comps), 1),
+            "logprob_mismatch": stats.mean_abs_diff(
+                [np.asarray(c.logprobs) for c in comps], s.tf_logprobs
+            )
+            if s.tf_logprobs is not None
+            else None,
+            "entropy_method": ENTROPY_METHOD if s.entropy is not None else None,
+            "temperature": ec.temperature,
+            "max_new_tokens": ec.max_new_tokens,
+            "path": s.model.path,
+            "seconds": {k: round(v, 3) for k, v in s.seconds.items()},
+        }
+    )
     return row
 
 
-def evaluate_dataset(cfg: Config, dataset: str, name: str, seed: int, models: list[EvalModelConfig],
-                     tokenizer: Any, pool: RewardPool, *, progress: bool = True) -> list[dict[str, Any]]:
+def evaluate_dataset(
+    cfg: Config,
+    dataset: str,
+    name: str,
+    seed: int,
+    models: list[EvalModelConfig],
+    tokenizer: Any,
+    pool: RewardPool,
+    *,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Rows of every model on one held-out set (``models[0]`` is the base)."""
     from erpd_megatron.eval.scoring import load_causal_lm
 
     prompts = select_heldout(cfg, dataset, tokenizer)
-    log.info("eval %s: %d prompts x %d samples, %d models", name, len(prompts), cfg.eval.n, len(models))
+    log.info(
+        "eval %s: %d prompts x %d samples, %d models", name, len(prompts), cfg.eval.n, len(models)
+    )
     samples: list[ModelSamples] = []
     base_model = None
     for i, m in enumerate(models):
-        s, kept = sample_model(cfg, m, is_base=i == 0, prompts=prompts, tokenizer=tokenizer, pool=pool, seed=seed,
-                               base=samples[0] if samples else None, keep_model=i == 0 and len(models) > 1,
-                               progress=progress)
+        s, kept = sample_model(
+            cfg,
+            m,
+            is_base=i == 0,
+            prompts=prompts,
+            tokenizer=tokenizer,
+            pool=pool,
+            seed=seed,
+            base=samples[0] if samples else None,
+            keep_model=i == 0 and len(models) > 1,
+            progress=progress,
+        )
         if i == 0:
             base_model = kept
         samples.append(s)
-        log.info("eval %s / %s: avg@%d %.4f, %s", name, m.name, cfg.eval.n, float(s.rewards.mean()),
-                 ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items()))
+        log.info(
+            "eval %s / %s: avg@%d %.4f, %s",
+            name,
+            m.name,
+            cfg.eval.n,
+            float(s.rewards.mean()),
+            ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items()),
+        )
     if len(models) > 1 and cfg.eval.temperature > 0:
         if base_model is None:
             rc = cfg.rollout
@@ -383,22 +512,48 @@ def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[s
 
     backend = resolve_backend(cfg)
     if backend == "hf" and launch_world() > 1:
-        raise ConfigError(f"eval.scoring_backend=hf runs in one process, but {launch_world()} were "
-                          "launched: start one process, or score sharded with eval.scoring_backend="
-                          "megatron (or auto) and eval.models[].checkpoint")
+        raise ConfigError(
+            f"eval.scoring_backend=hf runs in one process, but {launch_world()} were "
+            "launched: start one process, or score sharded with eval.scoring_backend="
+            "megatron (or auto) and eval.models[].checkpoint"
+        )
     log.info("eval scoring backend: %s (eval.scoring_backend=%s)", backend, ec.scoring_backend)
     if backend == "megatron":
         with eval_threads(cfg):
             rows = evaluate_megatron(cfg, models, tokenizer, progress=progress)
-        log.info("evaluated %d models on %d sets in %.1fs", len(models), len(ec.datasets),
-                 time.perf_counter() - t0)
+        log.info(
+            "evaluated %d models on %d sets in %.1fs",
+            len(models),
+            len(ec.datasets),
+            time.perf_counter() - t0,
+        )
         return rows
-    with eval_threads(cfg), RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
-                                       memory_mb=rc.verifier_memory_mb) as pool:
+    with (
+        eval_threads(cfg),
+        RewardPool(
+            rc.reward_fn,
+            timeout=rc.verifier_timeout,
+            num_workers=rc.verifier_workers,
+            memory_mb=rc.verifier_memory_mb,
+        ) as pool,
+    ):
         for d, (dataset, name) in enumerate(zip(ec.datasets, dataset_names(ec.datasets))):
-            rows += evaluate_dataset(cfg, dataset, name, derive_seed(ec.seed, "eval", d), models, tokenizer,
-                                     pool, progress=progress)
-    log.info("evaluated %d models on %d sets in %.1fs", len(models), len(ec.datasets), time.perf_counter() - t0)
+            rows += evaluate_dataset(
+                cfg,
+                dataset,
+                name,
+                derive_seed(ec.seed, "eval", d),
+                models,
+                tokenizer,
+                pool,
+                progress=progress,
+            )
+    log.info(
+        "evaluated %d models on %d sets in %.1fs",
+        len(models),
+        len(ec.datasets),
+        time.perf_counter() - t0,
+    )
     return rows
 
 
@@ -416,9 +571,13 @@ def run(cfg: Config, *, curves_only: bool = False, progress: bool | None = None)
         return {}
     paths = {p.stem: p for p in plot_training_curves(files, out)}
     if rows is not None:  # results.json last: it marks a finished evaluation
-        meta = {"eval_config": to_dict(cfg.eval), "rollout_engine": cfg.rollout.engine,
-                "reward_fn": cfg.rollout.reward_fn, "prompt_template": cfg.rollout.prompt_template,
-                "metrics_files": [str(f) for f in files]}
+        meta = {
+            "eval_config": to_dict(cfg.eval),
+            "rollout_engine": cfg.rollout.engine,
+            "reward_fn": cfg.rollout.reward_fn,
+            "prompt_template": cfg.rollout.prompt_template,
+            "metrics_files": [str(f) for f in files],
+        }
         paths.update(write_report(rows, out, meta=meta))
     for key, p in paths.items():
         log.info("wrote %s: %s", key, p)
@@ -440,14 +599,22 @@ def _is_rank0() -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of `erpd evaluate`."""
-    p = argparse.ArgumentParser(prog="erpd evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="erpd evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="recipe YAML (defaults: the schema defaults)")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. eval.num_prompts=100")
-    p.add_argument("--curves-only", action="store_true", help="only plot the training curves (no sampling)")
+    p.add_argument(
+        "--curves-only", action="store_true", help="only plot the training curves (no sampling)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", help="where results.md/.csv/.json and plots go (eval.output_dir; "
-                   "default <output_dir>/eval)")
+    p.add_argument(
+        "--out",
+        help="where results.md/.csv/.json and plots go (eval.output_dir; "
+        "default <output_dir>/eval)",
+    )
     args = p.parse_intermixed_args(argv)  # options may follow the a.b=c overrides
     if args.out:
         args.overrides.append(f"eval.output_dir={args.out}")

@@ -95,7 +95,8 @@ def check_model_paths(models: list[EvalModelConfig]) -> None:
             problems.append(
                 f"eval.models.{i} ({m.name}).path {m.path} is a Megatron checkpoint; generation "
                 f"needs its HF export: `erpd convert mcore-to-hf --ckpt {m.path} --out HF_DIR`, "
-                f"then give {{name: {m.name}, path: HF_DIR, checkpoint: {m.path}}}")
+                f"then give {{name: {m.name}, path: HF_DIR, checkpoint: {m.path}}}"
+            )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -111,7 +112,8 @@ def check_megatron_models(models: list[EvalModelConfig]) -> None:
                 f"eval.models.{i} ({m.name}).checkpoint is not set: eval.scoring_backend="
                 f"megatron scores with a Megatron checkpoint of {m.path} (a stage's checkpoints "
                 f"dir, or `erpd convert hf-to-mcore --hf-dir {m.path} --out DIR`), or set "
-                "eval.scoring_backend=hf")
+                "eval.scoring_backend=hf"
+            )
             continue
         try:
             check_checkpoint_dir(m.checkpoint)
@@ -150,9 +152,15 @@ def free_engine(engine: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def score_responses_mcore(engine: Any, prompts: list[list[int]], responses: list[list[int]], *,
-                          temperature: float = 1.0, entropy: bool = True,
-                          max_tokens: int = 4096) -> TokenScores:
+def score_responses_mcore(
+    engine: Any,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    *,
+    temperature: float = 1.0,
+    entropy: bool = True,
+    max_tokens: int = 4096,
+) -> TokenScores:
     """Teacher-forced log-probs (and entropies) of ``responses[i]`` after ``prompts[i]`` under
     ``engine`` (call on every rank with the same arguments); the same on every rank.
 
@@ -171,10 +179,13 @@ def score_responses_mcore(engine: Any, prompts: list[list[int]], responses: list
     if temperature <= 0:
         raise ValueError(f"teacher-forced scores need a positive temperature, got {temperature}")
     n = len(prompts)
-    table = SampleTable(sample_ids=np.arange(n, dtype=np.int64), group_ids=np.zeros(n, np.int64),
-                        prompt_ids=[np.asarray(p, np.int64) for p in prompts],
-                        response_ids=[np.asarray(r, np.int64) for r in responses],
-                        rewards=np.zeros(n, np.float32))
+    table = SampleTable(
+        sample_ids=np.arange(n, dtype=np.int64),
+        group_ids=np.zeros(n, np.int64),
+        prompt_ids=[np.asarray(p, np.int64) for p in prompts],
+        response_ids=[np.asarray(r, np.int64) for r in responses],
+        rewards=np.zeros(n, np.float32),
+    )
     resp_len = table.response_lengths
     rows = np.flatnonzero(resp_len > 0).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(resp_len)]).astype(np.int64)
@@ -187,9 +198,16 @@ def score_responses_mcore(engine: Any, prompts: list[list[int]], responses: list
     def fn(logits: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict]:
         b, s, v = logits.shape
         pos = mb.loss_mask.reshape(-1).nonzero().flatten()  # row-major: each row's tokens in order
-        lp, ent = token_scores(logits.reshape(b * s, v), mb.targets.reshape(-1), pos,
-                               temperature=temperature, entropy=entropy, group=shard.group,
-                               vocab_start=shard.start, vocab_size=shard.vocab_size)
+        lp, ent = token_scores(
+            logits.reshape(b * s, v),
+            mb.targets.reshape(-1),
+            pos,
+            temperature=temperature,
+            entropy=entropy,
+            group=shard.group,
+            vocab_start=shard.start,
+            vocab_size=shard.vocab_size,
+        )
         out = {"lp": lp.detach()}
         if ent is not None:
             out["ent"] = ent.detach()
@@ -207,13 +225,13 @@ def score_responses_mcore(engine: Any, prompts: list[list[int]], responses: list
             k = 0
             for r in mb.rows.tolist():
                 a, b = int(offsets[r]), int(offsets[r + 1])
-                buf[a:b, 0] = lp_mb[k:k + b - a]
+                buf[a:b, 0] = lp_mb[k : k + b - a]
                 if ent_mb is not None:
-                    buf[a:b, 1] = ent_mb[k:k + b - a]
+                    buf[a:b, 1] = ent_mb[k : k + b - a]
                 k += b - a
     buf = comm.all_reduce(buf, "sum").numpy()  # one owner per row: the sum is a gather
-    lps = [buf[offsets[i]:offsets[i + 1], 0].copy() for i in range(n)]
-    ents = [buf[offsets[i]:offsets[i + 1], 1].copy() for i in range(n)] if entropy else None
+    lps = [buf[offsets[i] : offsets[i + 1], 0].copy() for i in range(n)]
+    ents = [buf[offsets[i] : offsets[i + 1], 1].copy() for i in range(n)] if entropy else None
     return TokenScores(logprobs=lps, entropy=ents)
 
 
@@ -245,12 +263,15 @@ def rank0_shares(out_dir: Path, produce: Callable[[], Any]) -> Any:
         t0 = last = time.monotonic()
         while not data.exists():
             if failed.exists():
-                raise RuntimeError(f"rank 0 failed to generate the evaluation samples ({failed}): "
-                                   f"{failed.read_text()}")
+                raise RuntimeError(
+                    f"rank 0 failed to generate the evaluation samples ({failed}): "
+                    f"{failed.read_text()}"
+                )
             if time.monotonic() - last > WAIT_LOG_SECONDS:
                 last = time.monotonic()
-                log.info("rank %d: waiting for rank 0's samples (%s) for %.0fs", rank, data,
-                         last - t0)
+                log.info(
+                    "rank %d: waiting for rank 0's samples (%s) for %.0fs", rank, data, last - t0
+                )
             time.sleep(POLL_SECONDS)
         with open(data, "rb") as f:
             obj = pickle.load(f)
@@ -260,8 +281,9 @@ def rank0_shares(out_dir: Path, produce: Callable[[], Any]) -> Any:
     return obj
 
 
-def evaluate_megatron(cfg: Config, models: list[EvalModelConfig], tokenizer: Any, *,
-                      progress: bool = True) -> list[dict[str, Any]]:
+def evaluate_megatron(
+    cfg: Config, models: list[EvalModelConfig], tokenizer: Any, *, progress: bool = True
+) -> list[dict[str, Any]]:
     """The rows of :func:`erpd_megatron.eval.evaluate.evaluate_models` with sharded scoring,
     on every rank (call on every rank). ``models[0]`` is the base. Rank 0 alone generates
     and runs the reward pool; each model's engine is built once for all held-out sets."""
@@ -275,15 +297,24 @@ def evaluate_megatron(cfg: Config, models: list[EvalModelConfig], tokenizer: Any
     check_megatron_models(models)
     init_distributed(scoring_config(cfg, str(models[0].checkpoint)))
     try:
+
         def generate_set(d: int, dataset: str, name: str, pool: Any) -> tuple[str, list, list]:
             prompts = ev.select_heldout(cfg, dataset, tokenizer)
             seed = derive_seed(ec.seed, "eval", d)
-            log.info("eval %s: %d prompts x %d samples, %d models", name, len(prompts), ec.n,
-                     len(models))
+            log.info(
+                "eval %s: %d prompts x %d samples, %d models", name, len(prompts), ec.n, len(models)
+            )
             samples = []
             for i, m in enumerate(models):
-                s, _ = ev.generate_and_reward(cfg, m, prompts=prompts, tokenizer=tokenizer,
-                                              pool=pool, seed=seed, progress=progress)
+                s, _ = ev.generate_and_reward(
+                    cfg,
+                    m,
+                    prompts=prompts,
+                    tokenizer=tokenizer,
+                    pool=pool,
+                    seed=seed,
+                    progress=progress,
+                )
                 s.is_base = i == 0
                 samples.append(s)
                 log.info("eval %s / %s: avg@%d %.4f", name, m.name, ec.n, float(s.rewards.mean()))
@@ -292,11 +323,16 @@ def evaluate_megatron(cfg: Config, models: list[EvalModelConfig], tokenizer: Any
         def generate() -> list[tuple[str, list, list]]:
             rc = cfg.rollout
             names = ev.dataset_names(ec.datasets)
-            with RewardPool(rc.reward_fn, timeout=rc.verifier_timeout,
-                            num_workers=rc.verifier_workers,
-                            memory_mb=rc.verifier_memory_mb) as pool:
-                return [generate_set(d, dataset, name, pool)
-                        for d, (dataset, name) in enumerate(zip(ec.datasets, names))]
+            with RewardPool(
+                rc.reward_fn,
+                timeout=rc.verifier_timeout,
+                num_workers=rc.verifier_workers,
+                memory_mb=rc.verifier_memory_mb,
+            ) as pool:
+                return [
+                    generate_set(d, dataset, name, pool)
+                    for d, (dataset, name) in enumerate(zip(ec.datasets, names))
+                ]
 
         sets = rank0_shares(ev.eval_output_dir(cfg), generate)
         if ec.temperature > 0:
@@ -309,8 +345,9 @@ def evaluate_megatron(cfg: Config, models: list[EvalModelConfig], tokenizer: Any
     return rows
 
 
-def _score_all(cfg: Config, models: list[EvalModelConfig], sets: list[tuple[str, list, list]],
-               stats: Any) -> None:
+def _score_all(
+    cfg: Config, models: list[EvalModelConfig], sets: list[tuple[str, list, list]], stats: Any
+) -> None:
     """Steps 3-4 of :mod:`erpd_megatron.eval.evaluate`, one engine per model (base first)."""
     from erpd_megatron.eval.evaluate import apply_kl
 
@@ -320,8 +357,14 @@ def _score_all(cfg: Config, models: list[EvalModelConfig], sets: list[tuple[str,
     for j, m in enumerate(models):
         t0 = time.perf_counter()
         engine = load_engine(cfg, str(m.checkpoint))
-        log.info("scoring with %s (%s): TP=%d DP=%d, loaded in %.1fs", m.name, m.checkpoint,
-                 engine.tp_size, engine.dp_size, time.perf_counter() - t0)
+        log.info(
+            "scoring with %s (%s): TP=%d DP=%d, loaded in %.1fs",
+            m.name,
+            m.checkpoint,
+            engine.tp_size,
+            engine.dp_size,
+            time.perf_counter() - t0,
+        )
         for name, prompts, samples in sets:
             flat = [p.token_ids for p in prompts for _ in range(ec.n)]
             s = samples[j]
@@ -332,7 +375,8 @@ def _score_all(cfg: Config, models: list[EvalModelConfig], sets: list[tuple[str,
                 for other in samples[1:]:
                     t1 = time.perf_counter()
                     base_lp[(name, other.model.name)] = score_responses_mcore(
-                        engine, flat, _ids(other), entropy=False, **kw).logprobs
+                        engine, flat, _ids(other), entropy=False, **kw
+                    ).logprobs
                     other.seconds["score_base"] = time.perf_counter() - t1
             else:
                 on_base = score_responses_mcore(engine, flat, _ids(samples[0]), entropy=False, **kw)
@@ -349,5 +393,13 @@ def _ids(s: Any) -> list[list[int]]:
     return [c.token_ids for c in s.completions]
 
 
-__all__ = ["check_megatron_models", "check_model_paths", "evaluate_megatron", "launch_world",
-           "load_engine", "rank0_shares", "resolve_backend", "score_responses_mcore"]
+__all__ = [
+    "check_megatron_models",
+    "check_model_paths",
+    "evaluate_megatron",
+    "launch_world",
+    "load_engine",
+    "rank0_shares",
+    "resolve_backend",
+    "score_responses_mcore",
+]

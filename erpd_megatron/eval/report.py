@@ -76,18 +76,44 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         sub = [r for r in rows if str(r.get("dataset", "")) == ds]
         n = sub[0].get("n", "n")
         pk = [k for k in _pass_keys(sub) if any(r.get(k) is not None for r in sub)]
-        head = ["model", f"avg@{n}", *pk, "KL to base (nats/seq)", "entropy (nats/tok)", "drift +/- (nats/seq)",
-                "length (tok)", "truncated", "acc gain / nat"]
-        lines = [f"#### {ds}: {sub[0].get('prompts', '?')} prompts x {n} samples, "
-                 f"temperature {sub[0].get('temperature', '?')}", "",
-                 "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        head = [
+            "model",
+            f"avg@{n}",
+            *pk,
+            "KL to base (nats/seq)",
+            "entropy (nats/tok)",
+            "drift +/- (nats/seq)",
+            "length (tok)",
+            "truncated",
+            "acc gain / nat",
+        ]
+        lines = [
+            f"#### {ds}: {sub[0].get('prompts', '?')} prompts x {n} samples, "
+            f"temperature {sub[0].get('temperature', '?')}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+        ]
         for r in sub:
-            kl = "0 (base)" if r.get("is_base") else _pm(r.get("kl_to_base"), r.get("kl_to_base_se"))
-            drift = "0 (base)" if r.get("is_base") else f"{_fmt(r.get('drift_pos'), 3)} / {_fmt(r.get('drift_neg'), 3)}"
-            cells = [str(r.get("model")), _pm(r.get("accuracy"), r.get("accuracy_se")),
-                     *[_fmt(r.get(k)) for k in pk], kl, _fmt(r.get("entropy")), drift,
-                     _fmt(r.get("response_tokens_mean"), 1), f"{100 * (r.get('truncated_frac') or 0):.1f}%",
-                     _fmt(r.get("acc_gain_per_nat"), 3)]
+            kl = (
+                "0 (base)" if r.get("is_base") else _pm(r.get("kl_to_base"), r.get("kl_to_base_se"))
+            )
+            drift = (
+                "0 (base)"
+                if r.get("is_base")
+                else f"{_fmt(r.get('drift_pos'), 3)} / {_fmt(r.get('drift_neg'), 3)}"
+            )
+            cells = [
+                str(r.get("model")),
+                _pm(r.get("accuracy"), r.get("accuracy_se")),
+                *[_fmt(r.get(k)) for k in pk],
+                kl,
+                _fmt(r.get("entropy")),
+                drift,
+                _fmt(r.get("response_tokens_mean"), 1),
+                f"{100 * (r.get('truncated_frac') or 0):.1f}%",
+                _fmt(r.get("acc_gain_per_nat"), 3),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
@@ -159,25 +185,39 @@ def kl_zero_warnings(rows: list[dict[str, Any]]) -> list[str]:
         if r.get("is_base") or kl is None or not math.isfinite(float(kl)):
             continue
         if abs(float(kl)) < max(KL_ZERO, 2.0 * float(se)):
-            out.append(f"- **{r.get('model')}** ({r.get('dataset', '')}) is at KL ≈ 0 to the base "
-                       f"({float(kl):.4g} ± {float(se):.2g} nats/seq): it did not move from pi_base. A teacher "
-                       "here gives Stage 2 no signal; check its Stage-1 run (rollout groups with signal, "
-                       "loss, learning rate, epochs).")
+            out.append(
+                f"- **{r.get('model')}** ({r.get('dataset', '')}) is at KL ≈ 0 to the base "
+                f"({float(kl):.4g} ± {float(se):.2g} nats/seq): it did not move from pi_base. A teacher "
+                "here gives Stage 2 no signal; check its Stage-1 run (rollout groups with signal, "
+                "loss, learning rate, epochs)."
+            )
     return out
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *,
-                 meta: dict[str, Any] | None = None) -> dict[str, Path]:
+def write_report(
+    rows: list[dict[str, Any]], out_dir: str | os.PathLike, *, meta: dict[str, Any] | None = None
+) -> dict[str, Path]:
     """Write ``results.md``, ``results.csv``, ``results.json`` and ``accuracy_vs_kl.png`` to
     ``out_dir``; returns their paths keyed ``results_md``, ``results_csv``, ``results_json``,
     ``accuracy_vs_kl``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"results_md": out / "results.md", "results_csv": out / "results.csv",
-             "results_json": out / "results.json", "accuracy_vs_kl": out / "accuracy_vs_kl.png"}
+    paths = {
+        "results_md": out / "results.md",
+        "results_csv": out / "results.csv",
+        "results_json": out / "results.json",
+        "accuracy_vs_kl": out / "accuracy_vs_kl.png",
+    }
     warn = kl_zero_warnings(rows)
     warn_md = ("Warnings\n" + "\n".join(warn) + "\n\n") if warn else ""
-    md = "# Evaluation\n\n" + format_table(rows) + "\n" + warn_md + NOTES + "\n![accuracy vs KL](accuracy_vs_kl.png)\n"
+    md = (
+        "# Evaluation\n\n"
+        + format_table(rows)
+        + "\n"
+        + warn_md
+        + NOTES
+        + "\n![accuracy vs KL](accuracy_vs_kl.png)\n"
+    )
     atomic_write_bytes(paths["results_md"], md.encode())
     atomic_write_bytes(paths["results_csv"], format_csv(rows).encode())
     plot_accuracy_vs_kl(rows, paths["accuracy_vs_kl"])
@@ -210,19 +250,37 @@ def plot_accuracy_vs_kl(rows: list[dict[str, Any]], path: str | os.PathLike) -> 
     names = list(dict.fromkeys(str(r["model"]) for r in rows))
     colors = {m: f"C{i % 10}" for i, m in enumerate(names)}
     for ax, ds in zip(axes, sets):
-        sub = [r for r in rows if str(r.get("dataset", "")) == ds and r.get("kl_to_base") is not None]
+        sub = [
+            r for r in rows if str(r.get("dataset", "")) == ds and r.get("kl_to_base") is not None
+        ]
         pts = [(float(r["kl_to_base"]), float(r["accuracy"])) for r in sub]
         xs, ys = [p[0] for p in pts] or [0.0], [p[1] for p in pts] or [0.0]
         xr, yr = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
         for i, (r, (x, y)) in enumerate(zip(sub, pts)):
             base = bool(r.get("is_base"))
-            ax.errorbar(x, y, xerr=r.get("kl_to_base_se") or 0.0, yerr=r.get("accuracy_se") or 0.0,
-                        fmt=_marker(r), color=colors[str(r["model"])], markersize=13 if base else 8,
-                        markeredgecolor="k" if base else "white", capsize=4, elinewidth=1.2,
-                        zorder=4 if base else 3, label=str(r["model"]))
+            ax.errorbar(
+                x,
+                y,
+                xerr=r.get("kl_to_base_se") or 0.0,
+                yerr=r.get("accuracy_se") or 0.0,
+                fmt=_marker(r),
+                color=colors[str(r["model"])],
+                markersize=13 if base else 8,
+                markeredgecolor="k" if base else "white",
+                capsize=4,
+                elinewidth=1.2,
+                zorder=4 if base else 3,
+                label=str(r["model"]),
+            )
             # stack the labels of points that (nearly) coincide
             near = sum(abs(x - px) / xr < 0.04 and abs(y - py) / yr < 0.04 for px, py in pts[:i])
-            ax.annotate(str(r["model"]), (x, y), xytext=(7, 5 - 12 * near), textcoords="offset points", fontsize=9)
+            ax.annotate(
+                str(r["model"]),
+                (x, y),
+                xytext=(7, 5 - 12 * near),
+                textcoords="offset points",
+                fontsize=9,
+            )
         n = sub[0]["n"] if sub else "n"
         ax.set_xlabel("KL(π ‖ π_base) per sequence [nats]")
         ax.set_ylabel(f"accuracy avg@{n} [fraction correct]")

@@ -39,10 +39,15 @@ class TokenScores:
     """Full-distribution entropy at each response position (nats); None when not asked for."""
 
 
-def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+def resolve_device_dtype(
+    device: str = "auto", dtype: str = "auto"
+) -> tuple[torch.device, torch.dtype]:
     """The hf engine's rules: "auto" is CUDA + bf16 when a GPU is present, else CPU + fp32."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda"
+        if device == "auto" and torch.cuda.is_available()
+        else ("cpu" if device == "auto" else device)
+    )
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     return dev, _DTYPES[dtype]
@@ -73,9 +78,16 @@ def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def score_responses(model: Any, prompts: list[list[int]], responses: list[list[int]], *,
-                    temperature: float = 1.0, entropy: bool = True, max_tokens: int = 4096,
-                    pad_token_id: int = 0) -> TokenScores:
+def score_responses(
+    model: Any,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    *,
+    temperature: float = 1.0,
+    entropy: bool = True,
+    max_tokens: int = 4096,
+    pad_token_id: int = 0,
+) -> TokenScores:
     """Teacher-forced log-probs (and entropies) of ``responses[i]`` after ``prompts[i]``.
 
     ``temperature`` must be positive; the scores are of ``softmax(logits / temperature)``.
@@ -97,41 +109,58 @@ def score_responses(model: Any, prompts: list[list[int]], responses: list[list[i
         ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):
-            ids[row, :lengths[i]] = torch.tensor(prompts[i] + responses[i], dtype=torch.long)
-            mask[row, :lengths[i]] = 1
+            ids[row, : lengths[i]] = torch.tensor(prompts[i] + responses[i], dtype=torch.long)
+            mask[row, : lengths[i]] = 1
         # positions start-1 .. width-2 predict every response token of the batch
         start = min(len(prompts[i]) for i in batch) - 1
         keep = torch.arange(start, width - 1)
-        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+        kwargs: dict[str, Any] = {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "use_cache": False,
+        }
         if keep_kw:
             kwargs["logits_to_keep"] = keep.to(device)
             logits = model(**kwargs).logits
         else:
-            logits = model(**kwargs).logits[:, start:width - 1]
-        targets = ids[:, start + 1:width].to(device)
+            logits = model(**kwargs).logits[:, start : width - 1]
+        targets = ids[:, start + 1 : width].to(device)
         want = torch.zeros(targets.shape, dtype=torch.bool)  # the response positions
         for row, i in enumerate(batch):
             a = len(prompts[i]) - 1 - start
-            want[row, a:a + len(responses[i])] = True
+            want[row, a : a + len(responses[i])] = True
         pos = want.reshape(-1).nonzero().flatten().to(device)
-        tok_lp, ent = token_scores(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), pos,
-                                   temperature=temperature, entropy=entropy)
+        tok_lp, ent = token_scores(
+            logits.reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            pos,
+            temperature=temperature,
+            entropy=entropy,
+        )
         tok_lp = tok_lp.double().cpu().numpy()
         ent_np = ent.double().cpu().numpy() if ent is not None else None
         k = 0
         for i in batch:
             n = len(responses[i])
-            lps[i] = tok_lp[k:k + n].copy()
+            lps[i] = tok_lp[k : k + n].copy()
             if ent_np is not None:
-                ents[i] = ent_np[k:k + n].copy()
+                ents[i] = ent_np[k : k + n].copy()
             k += n
     return TokenScores(logprobs=lps, entropy=ents if entropy else None)
 
 
-def token_scores(logits: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor, *,
-                 temperature: float = 1.0, entropy: bool = True, group: Any = None,
-                 vocab_start: int | None = None, vocab_size: int | None = None,
-                 chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_scores(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    entropy: bool = True,
+    group: Any = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``targets[positions]`` (and the entropy there) under ``softmax(logits / T)``.
 
     ``logits [N, V_local]`` (any dtype; a vocabulary shard over ``group`` as in
@@ -157,7 +186,7 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor, positions: torch.T
     positions = positions.to(logits.device)
     tgt_all = targets.to(logits.device)
     for s in range(0, int(positions.numel()), rows):
-        idx = positions[s:s + rows]
+        idx = positions[s : s + rows]
         x = logits.index_select(0, idx)  # one chunk of rows, in the logits' dtype
         if temperature != 1.0:
             x = x.float() / temperature if x.dtype != torch.float64 else x / temperature
@@ -174,5 +203,10 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor, positions: torch.T
     return lp_out, (torch.cat(ents) if ents else empty) if entropy else None
 
 
-__all__ = ["TokenScores", "load_causal_lm", "resolve_device_dtype", "score_responses",
-           "token_scores"]
+__all__ = [
+    "TokenScores",
+    "load_causal_lm",
+    "resolve_device_dtype",
+    "score_responses",
+    "token_scores",
+]

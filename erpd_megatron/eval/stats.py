@@ -50,7 +50,9 @@ def accuracy_stats(rewards: np.ndarray, pass_k: Sequence[int]) -> dict[str, floa
     n = r.shape[1]
     correct = (r > CORRECT_THRESHOLD).sum(axis=1)
     for k in pass_k:
-        out[f"pass@{k}"] = float(np.mean([pass_at_k(n, int(c), k) for c in correct])) if k <= n else None
+        out[f"pass@{k}"] = (
+            float(np.mean([pass_at_k(n, int(c), k) for c in correct])) if k <= n else None
+        )
     return out
 
 
@@ -69,8 +71,11 @@ def sequence_kl(logp: Sequence[np.ndarray], base_logp: Sequence[np.ndarray]) -> 
 def kl_stats(per_seq: np.ndarray, num_tokens: int) -> dict[str, float]:
     """``kl_to_base`` (mean per sequence), ``kl_to_base_se`` and ``kl_to_base_per_token``."""
     mean, se = mean_se(per_seq)
-    return {"kl_to_base": mean, "kl_to_base_se": se,
-            "kl_to_base_per_token": float(np.sum(per_seq) / num_tokens) if num_tokens else float("nan")}
+    return {
+        "kl_to_base": mean,
+        "kl_to_base_se": se,
+        "kl_to_base_per_token": float(np.sum(per_seq) / num_tokens) if num_tokens else float("nan"),
+    }
 
 
 def drift_stats(drift: np.ndarray, base_rewards: np.ndarray) -> dict[str, float | None]:
@@ -96,7 +101,9 @@ def mean_abs_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
     total = sum(len(x) for x in a)
     if not total:
         return float("nan")
-    return float(sum(float(np.abs(np.asarray(x) - np.asarray(y)).sum()) for x, y in zip(a, b)) / total)
+    return float(
+        sum(float(np.abs(np.asarray(x) - np.asarray(y)).sum()) for x, y in zip(a, b)) / total
+    )
 
 
 def finish_counts(reasons: Sequence[str]) -> dict[str, int]:
@@ -104,7 +111,9 @@ def finish_counts(reasons: Sequence[str]) -> dict[str, int]:
     return dict(sorted(Counter(reasons).items()))
 
 
-def accuracy_per_nat(acc: float, acc_base: float, kl: float | None, *, is_base: bool) -> float | None:
+def accuracy_per_nat(
+    acc: float, acc_base: float, kl: float | None, *, is_base: bool
+) -> float | None:
     """``(acc - acc_base) / KL``; None for the base, a missing KL or KL < :data:`KL_EPS`."""
     if is_base or kl is None or not math.isfinite(kl) or kl < KL_EPS:
         return None
@@ -112,6 +121,15 @@ def accuracy_per_nat(acc: float, acc_base: float, kl: float | None, *, is_base: 
 
 
 __all__ = [
-    "CORRECT_THRESHOLD", "KL_EPS", "accuracy_per_nat", "accuracy_stats", "drift_stats", "finish_counts", "kl_stats",
-    "mean_abs_diff", "mean_se", "sequence_kl", "token_mean",
+    "CORRECT_THRESHOLD",
+    "KL_EPS",
+    "accuracy_per_nat",
+    "accuracy_stats",
+    "drift_stats",
+    "finish_counts",
+    "kl_stats",
+    "mean_abs_diff",
+    "mean_se",
+    "sequence_kl",
+    "token_mean",
 ]

@@ -84,7 +84,9 @@ def transformer_engine_status() -> TEStatus:
     ``transformer_engine.pytorch`` itself and reads that module's ``HAVE_TE``; they must agree.
     """
     if importlib.util.find_spec("transformer_engine") is None:
-        return TEStatus(installed=False, imports=False, megatron_have_te=False, error="not installed")
+        return TEStatus(
+            installed=False, imports=False, megatron_have_te=False, error="not installed"
+        )
     import_err = err = transformer_engine_import_error()
     version = None
     if err is None:
@@ -97,12 +99,22 @@ def transformer_engine_status() -> TEStatus:
         have_te = bool(mte.HAVE_TE)
     except Exception as e:  # a non-ImportError from TE escapes megatron's try and kills its import
         have_te = False
-        err = err or f"megatron.core.extensions.transformer_engine does not import: {type(e).__name__}: {e}"
+        err = (
+            err
+            or f"megatron.core.extensions.transformer_engine does not import: {type(e).__name__}: {e}"
+        )
     if err is None and not have_te:
-        err = (f"transformer_engine.pytorch {version} imports but megatron-core's HAVE_TE is False (it failed "
-               "to import transformer_engine.pytorch.fp8: a TE version outside megatron-core's range)")
-    return TEStatus(installed=True, imports=import_err is None,
-                    megatron_have_te=have_te, version=version, error=err)
+        err = (
+            f"transformer_engine.pytorch {version} imports but megatron-core's HAVE_TE is False (it failed "
+            "to import transformer_engine.pytorch.fp8: a TE version outside megatron-core's range)"
+        )
+    return TEStatus(
+        installed=True,
+        imports=import_err is None,
+        megatron_have_te=have_te,
+        version=version,
+        error=err,
+    )
 
 
 def transformer_engine_available() -> bool:
@@ -114,7 +126,9 @@ def require_transformer_engine(why: str) -> TEStatus:
     """The TE status, or a :class:`ConfigError` naming ``why`` TE is needed and how to repair it."""
     st = transformer_engine_status()
     if not st.usable:
-        state = "is not installed" if not st.installed else f"is installed but unusable ({st.error})"
+        state = (
+            "is not installed" if not st.installed else f"is installed but unusable ({st.error})"
+        )
         raise ConfigError(f"{why} needs Transformer Engine, which {state}; {TE_REPAIR_HINT}")
     return st
 
@@ -127,8 +141,10 @@ def use_transformer_engine(cfg: Config) -> bool:
     impl, fp8 = cfg.precision.transformer_impl, cfg.precision.fp8
     if fp8 is not None:
         if impl == "local":
-            raise ConfigError(f"precision.fp8={fp8!r} needs precision.transformer_impl=transformer_engine (or "
-                              "auto): the local spec silently runs FP8 layers in full precision")
+            raise ConfigError(
+                f"precision.fp8={fp8!r} needs precision.transformer_impl=transformer_engine (or "
+                "auto): the local spec silently runs FP8 layers in full precision"
+            )
         require_transformer_engine(f"precision.fp8={fp8!r}")
         return True
     if impl == "local":
@@ -140,7 +156,9 @@ def use_transformer_engine(cfg: Config) -> bool:
         return False
     if importlib.util.find_spec("transformer_engine") is None:
         return False
-    require_transformer_engine("precision.transformer_impl=auto on a GPU with transformer_engine installed")
+    require_transformer_engine(
+        "precision.transformer_impl=auto on a GPU with transformer_engine installed"
+    )
     return True
 
 
@@ -199,8 +217,9 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
         # gradient is matched with the peer's activation receive (measured on gloo: wrong
         # activations, or a shape error with variable lengths). The unbatched path sends the
         # two directions over different groups when the PP group has 2 ranks (_p2p_ops).
-        batch_p2p_comm=not (par.virtual_pipeline_model_parallel_size
-                            and par.pipeline_model_parallel_size == 2),
+        batch_p2p_comm=not (
+            par.virtual_pipeline_model_parallel_size and par.pipeline_model_parallel_size == 2
+        ),
         recompute_granularity=par.recompute_granularity,
         recompute_method=par.recompute_method,
         recompute_num_layers=par.recompute_num_layers,
@@ -230,8 +249,11 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
         )
     from erpd_megatron.models.moe import moe_config_kwargs
 
-    kwargs.update(moe_config_kwargs(cfg, te=te, on_gpu=on_gpu,
-                                    variable_seq_lengths=overrides.get("variable_seq_lengths")))
+    kwargs.update(
+        moe_config_kwargs(
+            cfg, te=te, on_gpu=on_gpu, variable_seq_lengths=overrides.get("variable_seq_lengths")
+        )
+    )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -246,12 +268,19 @@ def layer_spec(cfg: Config, config: Any) -> Any:
         return moe_block_spec(config)
     if config.transformer_impl == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm")
+    return specs.get_gpt_layer_local_spec(
+        qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm"
+    )
 
 
 def build_gpt(
-    cfg: Config, config: Any, *, pre_process: bool = True, post_process: bool = True,
-    vocab_size: Optional[int] = None, vp_stage: Optional[int] = None,
+    cfg: Config,
+    config: Any,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vocab_size: Optional[int] = None,
+    vp_stage: Optional[int] = None,
 ) -> Any:
     """One ``GPTModel`` for the given stage flags (no wrapping, no device move); ``vp_stage``:
     the model chunk's virtual pipeline stage (its layers' global offset follows from it)."""
@@ -331,8 +360,13 @@ def float16_module_class() -> type:
 
 
 def build_model(
-    cfg: Config, *, wrap_ddp: bool = False, ddp_config: Any = None, config: Any = None,
-    forward_only: Optional[bool] = None, **config_overrides: Any,
+    cfg: Config,
+    *,
+    wrap_ddp: bool = False,
+    ddp_config: Any = None,
+    config: Any = None,
+    forward_only: Optional[bool] = None,
+    **config_overrides: Any,
 ) -> list[Any]:
     """Build this rank's model chunks: one GPTModel, or one per virtual pipeline stage with
     ``parallel.virtual_pipeline_model_parallel_size`` (the interleaved schedule).
@@ -367,7 +401,8 @@ def build_model(
         # with VPP, first/last is per chunk: chunk 0 of PP rank 0 embeds, the last chunk of
         # the last PP rank holds the output layer (parallel_state.is_pipeline_*_stage)
         model = build_gpt(
-            cfg, config,
+            cfg,
+            config,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp),
             vp_stage=vp,
@@ -398,7 +433,9 @@ def wrap_with_ddp(cfg: Config, chunks: list[Any], ddp_config: Any = None) -> lis
         )
     config = get_config(chunks[0])
     wrapped = [
-        DistributedDataParallel(config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+        )
         for i, c in enumerate(chunks)
     ]
     config.no_sync_func = wrapped[0].no_sync if len(wrapped) == 1 else [w.no_sync for w in wrapped]
@@ -408,7 +445,11 @@ def wrap_with_ddp(cfg: Config, chunks: list[Any], ddp_config: Any = None) -> lis
 
 def unwrap_model(model: Any) -> Any:
     """Strip DDP / Float16Module wrappers down to the GPTModel."""
-    while hasattr(model, "module") and not hasattr(model, "decoder") and not hasattr(model, "embedding"):
+    while (
+        hasattr(model, "module")
+        and not hasattr(model, "decoder")
+        and not hasattr(model, "embedding")
+    ):
         model = model.module
     return model
 
@@ -446,7 +487,9 @@ def _default_positions(input_ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def forward_logits(
-    model_chunks: list[Any], input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+    model_chunks: list[Any],
+    input_ids: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
     attention_mask: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """Forward pass (no grad) returning this TP rank's logits ``[batch, seq, V_padded / tp]``.
@@ -476,8 +519,13 @@ def forward_logits(
 
     # loss_func None: the schedule hands back the last stage's raw output.
     out = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter([batch]), model=model_chunks,
-        num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
+        forward_step_func=step,
+        data_iterator=iter([batch]),
+        model=model_chunks,
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=True,
     )
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None

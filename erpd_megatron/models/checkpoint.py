@@ -44,8 +44,16 @@ MODEL_CONFIG_FILE = "model_config.yaml"
 META_FILE = "checkpoint.json"
 LATEST_FILE = "latest"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "vocab.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "vocab.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
     "chat_template.json",
 )
 # Sharding type of the distributed optimizer's state in checkpoints (checkpoint.json
@@ -71,12 +79,17 @@ def _hash_part(root: Path, names: list[str]) -> dict[str, dict]:
     """Size and SHA-256 of this rank's share of ``names`` (name ``i`` goes to rank ``i % world``):
     each file is read by one rank only."""
     rank, world = _rank(), dist.get_world_size() if dist.is_initialized() else 1
-    return {n: {"bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)}
-            for i, n in enumerate(names) if i % world == rank}
+    return {
+        n: {"bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)}
+        for i, n in enumerate(names)
+        if i % world == rank
+    }
 
 
 def _file_names(root: Path) -> list[str]:
-    return sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file() and f.name != META_FILE)
+    return sorted(
+        str(f.relative_to(root)) for f in root.rglob("*") if f.is_file() and f.name != META_FILE
+    )
 
 
 def verify_checkpoint_files(path: Path) -> None:
@@ -91,17 +104,25 @@ def verify_checkpoint_files(path: Path) -> None:
     if not isinstance(files, dict):
         return
     problems = [f"{path / n}: missing" for n in files if not (path / n).is_file()]
-    problems += [f"{path / n}: {(path / n).stat().st_size} bytes, {META_FILE} records {f['bytes']} (truncated "
-                 "or rewritten)" for n, f in files.items() if (path / n).is_file()
-                 and (path / n).stat().st_size != f["bytes"]]
+    problems += [
+        f"{path / n}: {(path / n).stat().st_size} bytes, {META_FILE} records {f['bytes']} (truncated "
+        "or rewritten)"
+        for n, f in files.items()
+        if (path / n).is_file() and (path / n).stat().st_size != f["bytes"]
+    ]
     if not problems:
         found = _hash_part(path, sorted(files))
-        problems = [f"{path / n}: SHA-256 differs from the one in {path / META_FILE} (a damaged file)"
-                    for n, f in found.items() if f["sha256"] != files[n]["sha256"]]
+        problems = [
+            f"{path / n}: SHA-256 differs from the one in {path / META_FILE} (a damaged file)"
+            for n, f in found.items()
+            if f["sha256"] != files[n]["sha256"]
+        ]
     bad = comm.any_rank(bool(problems))
     if bad:
-        raise ValueError("; ".join(problems or [f"{path}: another rank found a damaged file"])
-                         + "; re-save or re-convert this checkpoint")
+        raise ValueError(
+            "; ".join(problems or [f"{path}: another rank found a damaged file"])
+            + "; re-save or re-convert this checkpoint"
+        )
 
 
 def iter_dir(root: str | Path, step: int) -> Path:
@@ -121,7 +142,9 @@ def read_latest(root: str | Path) -> Optional[int]:
         return None
     text = path.read_text().strip()
     if not text.isdigit():
-        raise ValueError(f"{path}: expected a step number, got {text!r}; delete it or fix it by hand")
+        raise ValueError(
+            f"{path}: expected a step number, got {text!r}; delete it or fix it by hand"
+        )
     step = int(text)
     if not iter_dir(root, step).is_dir():
         log.warning("%s points at step %d but %s does not exist", path, step, iter_dir(root, step))
@@ -166,9 +189,15 @@ def _model_sharded_state_dict(model_chunks: list[Any]) -> dict[str, Any]:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _sharded_state_dict(model_chunks: list[Any], optimizer: Any, opt_param_scheduler: Any,
-                        extra: Optional[dict], *, loading: bool, sharding: str = OPTIMIZER_SHARDING,
-                        ) -> dict[str, Any]:
+def _sharded_state_dict(
+    model_chunks: list[Any],
+    optimizer: Any,
+    opt_param_scheduler: Any,
+    extra: Optional[dict],
+    *,
+    loading: bool,
+    sharding: str = OPTIMIZER_SHARDING,
+) -> dict[str, Any]:
     sd = _model_sharded_state_dict(model_chunks)
     if optimizer is not None:
         model_sd = sd if len(model_chunks) > 1 else {"model": sd["model"]}
@@ -190,14 +219,24 @@ def _layout() -> dict[str, int]:
 
     if not ps.model_parallel_is_initialized():
         return {}
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size()}
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
 
 
 def save_checkpoint(
-    ckpt_dir: str | Path, model_chunks: list[Any], *, optimizer: Any = None, opt_param_scheduler: Any = None,
-    extra: Optional[dict] = None, model_cfg: Optional[ModelConfig] = None, tokenizer_dir: Optional[str | Path] = None,
-    hf_config: Optional[dict] = None, optimizer_sharding: str = OPTIMIZER_SHARDING,
+    ckpt_dir: str | Path,
+    model_chunks: list[Any],
+    *,
+    optimizer: Any = None,
+    opt_param_scheduler: Any = None,
+    extra: Optional[dict] = None,
+    model_cfg: Optional[ModelConfig] = None,
+    tokenizer_dir: Optional[str | Path] = None,
+    hf_config: Optional[dict] = None,
+    optimizer_sharding: str = OPTIMIZER_SHARDING,
 ) -> Path:
     """Save model chunks (+ optimizer, scheduler, ``extra``) to ``ckpt_dir`` atomically; all ranks call.
 
@@ -221,11 +260,19 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
     if optimizer_sharding not in OPTIMIZER_SHARDINGS:
-        raise ValueError(f"optimizer_sharding={optimizer_sharding!r}; expected one of {OPTIMIZER_SHARDINGS}")
+        raise ValueError(
+            f"optimizer_sharding={optimizer_sharding!r}; expected one of {OPTIMIZER_SHARDINGS}"
+        )
     if optimizer is not None:
         ensure_optimizer_state(optimizer)  # a never-stepped optimizer (torch Adam) has no state
-    sd = _sharded_state_dict(model_chunks, optimizer, opt_param_scheduler, extra, loading=False,
-                             sharding=optimizer_sharding)
+    sd = _sharded_state_dict(
+        model_chunks,
+        optimizer,
+        opt_param_scheduler,
+        extra,
+        loading=False,
+        sharding=optimizer_sharding,
+    )
     dist_checkpointing.save(sd, str(tmp))
     _barrier()  # every rank's files complete before they are hashed
     from erpd_megatron.runtime import comm
@@ -243,17 +290,24 @@ def save_checkpoint(
         gpt = unwrap_model(model_chunks[0])
         params = list(gpt.parameters())
         rest = [n for n in _file_names(tmp) if n not in digests]  # rank 0's own files above
-        digests.update({n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in rest})
-        atomic_write_json(tmp / META_FILE, {
-            "format": FORMAT,
-            "saved_layout": _layout(),
-            "padded_vocab_size": getattr(gpt, "vocab_size", None),
-            "params_dtype": str(params[0].dtype).removeprefix("torch.") if params else None,
-            "has_optimizer": optimizer is not None,
-            "optimizer_sharding": optimizer_sharding if optimizer is not None else None,
-            "has_scheduler": opt_param_scheduler is not None,
-            "files": dict(sorted(digests.items())),  # checked by verify_checkpoint_files at load
-        })
+        digests.update(
+            {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in rest}
+        )
+        atomic_write_json(
+            tmp / META_FILE,
+            {
+                "format": FORMAT,
+                "saved_layout": _layout(),
+                "padded_vocab_size": getattr(gpt, "vocab_size", None),
+                "params_dtype": str(params[0].dtype).removeprefix("torch.") if params else None,
+                "has_optimizer": optimizer is not None,
+                "optimizer_sharding": optimizer_sharding if optimizer is not None else None,
+                "has_scheduler": opt_param_scheduler is not None,
+                "files": dict(
+                    sorted(digests.items())
+                ),  # checked by verify_checkpoint_files at load
+            },
+        )
         old = ckpt_dir.parent / f".{ckpt_dir.name}.old"
         if ckpt_dir.exists():
             if old.exists():
@@ -273,32 +327,61 @@ def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
     if not path.is_dir():
         hint = ""
         if path.parent.is_dir() and (path.parent / LATEST_FILE).exists():
-            hint = f" ({path.parent / LATEST_FILE} exists: did you mean an iter_XXXXXXX subdirectory?)"
+            hint = (
+                f" ({path.parent / LATEST_FILE} exists: did you mean an iter_XXXXXXX subdirectory?)"
+            )
         raise FileNotFoundError(f"checkpoint directory {path} does not exist{hint}")
-    if not (path / "metadata.json").exists():  # what dist_checkpointing.check_is_distributed_checkpoint reads
+    if not (
+        path / "metadata.json"
+    ).exists():  # what dist_checkpointing.check_is_distributed_checkpoint reads
         latest = read_latest(path) if (path / LATEST_FILE).exists() else None
-        hint = f"; it has a `latest` pointer: load {iter_dir(path, latest)}" if latest is not None else ""
+        hint = (
+            f"; it has a `latest` pointer: load {iter_dir(path, latest)}"
+            if latest is not None
+            else ""
+        )
         if (path / "config.json").exists():
             hint = "; it looks like an HF checkpoint: convert it with tools/convert_checkpoint.py hf-to-mcore"
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint{hint}")
     return path
 
 
-def check_model_matches(ckpt_cfg: ModelConfig, model_cfg: Optional[ModelConfig], gpt: Any, ckpt_dir: Path) -> None:
+def check_model_matches(
+    ckpt_cfg: ModelConfig, model_cfg: Optional[ModelConfig], gpt: Any, ckpt_dir: Path
+) -> None:
     """Compare the checkpoint's architecture with the model about to receive it."""
     if model_cfg is not None:
-        fields = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                  "num_query_groups", "kv_channels", "vocab_size", "add_qkv_bias", "qk_layernorm",
-                  "tie_word_embeddings")
+        fields = (
+            "family",
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "kv_channels",
+            "vocab_size",
+            "add_qkv_bias",
+            "qk_layernorm",
+            "tie_word_embeddings",
+        )
         from erpd_megatron.config.validate import head_dim
 
         def value(mc: ModelConfig, f: str) -> Any:
-            return head_dim(mc) if f == "kv_channels" else getattr(mc, f)  # None means hidden / heads
+            return (
+                head_dim(mc) if f == "kv_channels" else getattr(mc, f)
+            )  # None means hidden / heads
 
-        diffs = [f"{f}: checkpoint {value(ckpt_cfg, f)!r} vs model {value(model_cfg, f)!r}"
-                 for f in fields if value(ckpt_cfg, f) != value(model_cfg, f)]
+        diffs = [
+            f"{f}: checkpoint {value(ckpt_cfg, f)!r} vs model {value(model_cfg, f)!r}"
+            for f in fields
+            if value(ckpt_cfg, f) != value(model_cfg, f)
+        ]
         if diffs:
-            kind = "vocabulary mismatch" if any(d.startswith("vocab_size") for d in diffs) else "architecture mismatch"
+            kind = (
+                "vocabulary mismatch"
+                if any(d.startswith("vocab_size") for d in diffs)
+                else "architecture mismatch"
+            )
             raise ConfigError(f"{ckpt_dir}: {kind}: " + "; ".join(diffs))
     padded = getattr(gpt, "vocab_size", None)
     if padded is not None and padded < ckpt_cfg.vocab_size:
@@ -309,8 +392,13 @@ def check_model_matches(ckpt_cfg: ModelConfig, model_cfg: Optional[ModelConfig],
 
 
 def load_checkpoint(
-    ckpt_dir: str | Path, model_chunks: list[Any], *, optimizer: Any = None, opt_param_scheduler: Any = None,
-    strict: bool = True, model_cfg: Optional[ModelConfig] = None,
+    ckpt_dir: str | Path,
+    model_chunks: list[Any],
+    *,
+    optimizer: Any = None,
+    opt_param_scheduler: Any = None,
+    strict: bool = True,
+    model_cfg: Optional[ModelConfig] = None,
 ) -> dict:
     """Load a checkpoint into model chunks (+ optimizer, scheduler); return its ``extra`` dict.
 
@@ -327,8 +415,10 @@ def load_checkpoint(
     check_model_matches(ckpt_cfg, model_cfg, unwrap_model(model_chunks[0]), path)
     meta = read_json(path / META_FILE) if (path / META_FILE).exists() else {}
     if optimizer is not None and not meta.get("has_optimizer", True):
-        raise ValueError(f"{path} has no optimizer state (a converted or model-only checkpoint); "
-                         "load it without optimizer= and start the optimizer fresh")
+        raise ValueError(
+            f"{path} has no optimizer state (a converted or model-only checkpoint); "
+            "load it without optimizer= and start the optimizer fresh"
+        )
     if optimizer is not None:
         _patch_torch_adam_if_needed()
         ensure_optimizer_state(optimizer)
@@ -375,12 +465,21 @@ def _drop_absent_extra_state(sd: dict, path: Path) -> None:
     present = set(load_sharded_metadata(str(path)).keys())
     for name in [k for k in sd if k.startswith("model")]:
         chunk = sd[name]
-        absent = [k for k, v in chunk.items() if isinstance(v, ShardedObject) and v.key.endswith("_extra_state")
-                  and v.unique_key not in present]
+        absent = [
+            k
+            for k, v in chunk.items()
+            if isinstance(v, ShardedObject)
+            and v.key.endswith("_extra_state")
+            and v.unique_key not in present
+        ]
         for k in absent:
             del chunk[k]
         if absent:
-            log.info("%s: %d _extra_state objects not in the checkpoint; keeping the model's own", path, len(absent))
+            log.info(
+                "%s: %d _extra_state objects not in the checkpoint; keeping the model's own",
+                path,
+                len(absent),
+            )
 
 
 def _patch_torch_adam_if_needed() -> None:
@@ -420,7 +519,9 @@ def _load_module_state(chunk: Any, state: dict, strict: bool) -> None:
     missing = [k for k in res.missing_keys if not k.endswith("_extra_state")]
     unexpected = [k for k in res.unexpected_keys if not k.endswith("_extra_state")]
     if strict and (missing or unexpected):
-        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def state_dict_on_cpu(model_chunks: list[Any]) -> dict[str, torch.Tensor]:

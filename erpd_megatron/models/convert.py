@@ -92,16 +92,26 @@ def hf_dtype_name(hf_cfg: dict) -> str:
     """The HF checkpoint's dtype name (``torch_dtype`` / ``dtype``), default bfloat16."""
     name = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "bfloat16"
     if name not in _TORCH_DTYPES:
-        raise ConfigError(f"HF dtype {name!r} is not supported; expected one of {sorted(_TORCH_DTYPES)}")
+        raise ConfigError(
+            f"HF dtype {name!r} is not supported; expected one of {sorted(_TORCH_DTYPES)}"
+        )
     return name
 
 
-def _conversion_config(mc: ModelConfig, tp: int, pp: int, dtype_name: str, ep: int = 1, etp: int = 1) -> Config:
+def _conversion_config(
+    mc: ModelConfig, tp: int, pp: int, dtype_name: str, ep: int = 1, etp: int = 1
+) -> Config:
     return Config(
         model=mc,
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
-                                num_nodes=1, gpus_per_node=tp * pp * ep * etp, use_distributed_optimizer=False),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            num_nodes=1,
+            gpus_per_node=tp * pp * ep * etp,
+            use_distributed_optimizer=False,
+        ),
         precision=PrecisionConfig(params_dtype=_DTYPE_NAMES[dtype_name], transformer_impl="local"),  # type: ignore[arg-type]
     )
 
@@ -117,34 +127,51 @@ def _bare_model(cfg: Config, *, vocab_size: Optional[int] = None) -> Any:
     from erpd_megatron.models.builder import build_gpt, transformer_config
 
     config = transformer_config(cfg, use_cpu_initialization=True, perform_initialization=False)
-    return build_gpt(cfg, config, vocab_size=vocab_size,
-                     pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-                     post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
+    return build_gpt(
+        cfg,
+        config,
+        vocab_size=vocab_size,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
+    )
 
 
-def _load_into(model: Any, state: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]) -> None:
+def _load_into(
+    model: Any, state: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]]
+) -> None:
     """Copy converted tensors into the model; ``state`` may be a lazy stream of (name, tensor)
     pairs, so only one converted tensor (e.g. one expert's fc1) is alive at a time."""
     own = model.state_dict()
     seen: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
-        for k, v in (state.items() if isinstance(state, Mapping) else state):
+        for k, v in state.items() if isinstance(state, Mapping) else state:
             if k not in own:
                 unexpected.append(k)
                 continue
             if own[k].shape != v.shape:
-                raise RuntimeError(f"{k}: converted shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}")
+                raise RuntimeError(
+                    f"{k}: converted shape {tuple(v.shape)} != model shape {tuple(own[k].shape)}"
+                )
             own[k].copy_(v)
             seen.add(k)
     missing = [k for k in own if not k.endswith("_extra_state") and k not in seen]
     if missing or unexpected:
-        raise RuntimeError(f"converted tensors do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise RuntimeError(
+            f"converted tensors do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
 
 
 def hf_to_mcore(
-    hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
-    make_vocab_size_divisible_by: int = 128, ep: int = 1, etp: int = 1,
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: Optional[str] = None,
+    make_vocab_size_divisible_by: int = 128,
+    ep: int = 1,
+    etp: int = 1,
 ) -> Path:
     """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE/Qwen2-MoE checkpoint into a megatron dist
     checkpoint for TP=tp, PP=pp, EP=ep (expert-TP etp).
@@ -177,47 +204,105 @@ def hf_to_mcore(
         first, last = env.is_first_stage, env.is_last_stage
         ep_rank = ps.get_expert_model_parallel_rank()
         stream = hf_maps.iter_hf_to_megatron(
-            lambda k: tensors[k].to(_TORCH_DTYPES[dtype]), mc, target_padded,
+            lambda k: tensors[k].to(_TORCH_DTYPES[dtype]),
+            mc,
+            target_padded,
             layers=hf_maps.stage_layers(mc, pp, env.pp_rank),
-            embedding=first or (mc.tie_word_embeddings and last), head=last,
-            experts=hf_maps.ep_experts(mc, ep, ep_rank))
-        local = _shard_stream(stream, mc, tp=tp, tp_rank=env.tp_rank, pp=pp, pp_rank=env.pp_rank, ep=ep,
-                              ep_rank=ep_rank, etp=etp)
+            embedding=first or (mc.tie_word_embeddings and last),
+            head=last,
+            experts=hf_maps.ep_experts(mc, ep, ep_rank),
+        )
+        local = _shard_stream(
+            stream,
+            mc,
+            tp=tp,
+            tp_rank=env.tp_rank,
+            pp=pp,
+            pp_rank=env.pp_rank,
+            ep=ep,
+            ep_rank=ep_rank,
+            etp=etp,
+        )
     else:  # one process: the whole model as one TP=1/PP=1 rank, embedding padded for the target TP
         cfg = _conversion_config(mc, 1, 1, dtype)
         init_distributed(cfg)
         model = _bare_model(cfg, vocab_size=target_padded)
-        local = hf_maps.iter_hf_to_megatron(lambda k: tensors[k].to(_TORCH_DTYPES[dtype]), mc, target_padded)
+        local = hf_maps.iter_hf_to_megatron(
+            lambda k: tensors[k].to(_TORCH_DTYPES[dtype]), mc, target_padded
+        )
     _load_into(model, local)
     del local
-    out = ckpt_io.save_checkpoint(out_dir, [model], model_cfg=mc, tokenizer_dir=hf_dir, hf_config=hf_cfg)
+    out = ckpt_io.save_checkpoint(
+        out_dir, [model], model_cfg=mc, tokenizer_dir=hf_dir, hf_config=hf_cfg
+    )
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta_path = out / ckpt_io.META_FILE
         meta = json.loads(meta_path.read_text())
-        layout = {"tp": tp, "pp": pp, **({"ep": ep, "etp": etp} if mc.num_experts is not None else {})}
+        layout = {
+            "tp": tp,
+            "pp": pp,
+            **({"ep": ep, "etp": etp} if mc.num_experts is not None else {}),
+        }
         meta.update(target_layout=layout, padded_vocab_size=target_padded, source=str(hf_dir))
         atomic_write_json(meta_path, meta)
-    log.info("converted %s -> %s (TP=%d PP=%d EP=%d, %s, padded vocab %d)", hf_dir, out, tp, pp, ep, dtype,
-             target_padded)
+    log.info(
+        "converted %s -> %s (TP=%d PP=%d EP=%d, %s, padded vocab %d)",
+        hf_dir,
+        out,
+        tp,
+        pp,
+        ep,
+        dtype,
+        target_padded,
+    )
     return out
 
 
-def _shard_stream(stream: Iterator[tuple[str, torch.Tensor]], mc: ModelConfig, *, tp: int, tp_rank: int,
-                  pp: int, pp_rank: int, ep: int, ep_rank: int, etp: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _shard_stream(
+    stream: Iterator[tuple[str, torch.Tensor]],
+    mc: ModelConfig,
+    *,
+    tp: int,
+    tp_rank: int,
+    pp: int,
+    pp_rank: int,
+    ep: int,
+    ep_rank: int,
+    etp: int,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """This rank's slices of a stream of full-Megatron tensors (``hf_maps.shard_tensor``), plus the
     embedding copy a tied last stage that is not first holds as its output layer."""
     first, last = pp_rank == 0, pp_rank == pp - 1
     for name, t in stream:
-        if mc.tie_word_embeddings and last and not first and name == "embedding.word_embeddings.weight":
-            yield "output_layer.weight", hf_maps.shard_tensor("output_layer.weight", t, mc, tp=tp, tp_rank=tp_rank)[1]
-        got = hf_maps.shard_tensor(name, t, mc, tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, ep=ep,
-                                   ep_rank=ep_rank, etp=etp)
+        if (
+            mc.tie_word_embeddings
+            and last
+            and not first
+            and name == "embedding.word_embeddings.weight"
+        ):
+            yield (
+                "output_layer.weight",
+                hf_maps.shard_tensor("output_layer.weight", t, mc, tp=tp, tp_rank=tp_rank)[1],
+            )
+        got = hf_maps.shard_tensor(
+            name,
+            t,
+            mc,
+            tp=tp,
+            tp_rank=tp_rank,
+            pp=pp,
+            pp_rank=pp_rank,
+            ep=ep,
+            ep_rank=ep_rank,
+            etp=etp,
+        )
         if got is not None:
             yield got
 
 
-def save_hf_safetensors(state: Mapping[str, torch.Tensor], out_dir: str | Path,
-                        max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+def save_hf_safetensors(
+    state: Mapping[str, torch.Tensor], out_dir: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> list[str]:
     """Write ``state`` as ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index."""
     from safetensors.torch import save_file
 
@@ -241,13 +326,18 @@ def save_hf_safetensors(state: Mapping[str, torch.Tensor], out_dir: str | Path,
         names.append(name)
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
-    atomic_write_json(out_dir / "model.safetensors.index.json",
-                      {"metadata": {"total_size": total}, "weight_map": weight_map})
+    atomic_write_json(
+        out_dir / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
     return names
 
 
 def mcore_to_hf(
-    ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: Optional[str] = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Export a megatron dist checkpoint (saved at any TP/PP) to an HF directory.
@@ -259,14 +349,26 @@ def mcore_to_hf(
 
     ckpt_dir = ckpt_io.check_checkpoint_dir(ckpt_dir)
     mc = ckpt_io.read_model_config(ckpt_dir)
-    base = json.loads((ckpt_dir / "hf_config.json").read_text()) if (ckpt_dir / "hf_config.json").exists() else None
-    meta = json.loads((ckpt_dir / ckpt_io.META_FILE).read_text()) if (ckpt_dir / ckpt_io.META_FILE).exists() else {}
+    base = (
+        json.loads((ckpt_dir / "hf_config.json").read_text())
+        if (ckpt_dir / "hf_config.json").exists()
+        else None
+    )
+    meta = (
+        json.loads((ckpt_dir / ckpt_io.META_FILE).read_text())
+        if (ckpt_dir / ckpt_io.META_FILE).exists()
+        else {}
+    )
     if dtype is None:
-        saved = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(meta.get("params_dtype", ""))
+        saved = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+            meta.get("params_dtype", "")
+        )
         dtype = hf_dtype_name(base) if base else (saved or "bfloat16")
     world = _world()
     # Load in the dtype the checkpoint was saved in (no upcast: half the memory for bf16).
-    load_dtype = meta.get("params_dtype") if meta.get("params_dtype") in _TORCH_DTYPES else "float32"
+    load_dtype = (
+        meta.get("params_dtype") if meta.get("params_dtype") in _TORCH_DTYPES else "float32"
+    )
     cfg = _conversion_config(mc, 1, 1, load_dtype)
     cfg.parallel.gpus_per_node = world
     init_distributed(cfg)
@@ -298,31 +400,61 @@ def main(argv: Optional[list[str]] = None) -> int:
     """CLI: ``hf-to-mcore --hf-dir D --out D --tp N --pp M`` / ``mcore-to-hf --ckpt D --out D``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="convert_checkpoint", description="HF <-> megatron checkpoint conversion")
+    p = argparse.ArgumentParser(
+        prog="convert_checkpoint", description="HF <-> megatron checkpoint conversion"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors -> megatron dist checkpoint")
     a.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
     a.add_argument("--out", required=True, help="output checkpoint directory")
-    a.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (vocabulary padding)")
+    a.add_argument(
+        "--tp", type=int, default=1, help="target tensor-parallel size (vocabulary padding)"
+    )
     a.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size")
     a.add_argument("--ep", type=int, default=1, help="target expert-parallel size (MoE models)")
-    a.add_argument("--etp", type=int, default=1, help="target expert tensor-parallel size (MoE models)")
-    a.add_argument("--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="default: the HF dtype")
+    a.add_argument(
+        "--etp", type=int, default=1, help="target expert tensor-parallel size (MoE models)"
+    )
+    a.add_argument(
+        "--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="default: the HF dtype"
+    )
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF safetensors")
-    b.add_argument("--ckpt", required=True, help="checkpoint directory (an iter_XXXXXXX dir or a converted one)")
+    b.add_argument(
+        "--ckpt",
+        required=True,
+        help="checkpoint directory (an iter_XXXXXXX dir or a converted one)",
+    )
     b.add_argument("--out", required=True, help="output HF directory")
-    b.add_argument("--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="default: the original HF dtype")
+    b.add_argument(
+        "--dtype",
+        choices=sorted(_TORCH_DTYPES),
+        default=None,
+        help="default: the original HF dtype",
+    )
     b.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1024**3)
     args = p.parse_args(argv)
     from erpd_megatron.runtime.distributed import destroy_distributed
 
     try:
         if args.cmd == "hf-to-mcore":
-            hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, ep=args.ep, etp=args.etp)
+            hf_to_mcore(
+                args.hf_dir,
+                args.out,
+                tp=args.tp,
+                pp=args.pp,
+                dtype=args.dtype,
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                ep=args.ep,
+                etp=args.etp,
+            )
         else:
-            mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+            mcore_to_hf(
+                args.ckpt,
+                args.out,
+                dtype=args.dtype,
+                max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            )
     finally:
         destroy_distributed()
     return 0

@@ -13,14 +13,23 @@ from erpd_megatron.config.loader import ConfigError
 from erpd_megatron.config.schema import ModelConfig
 from erpd_megatron.config.validate import head_dim
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
 _FAMILY_OF_MODEL_TYPE = {f: f for f in ARCHITECTURES}
 _QKV_BIAS = ("qwen2", "qwen2_moe")
 _QK_NORM = ("qwen3", "qwen3_moe")
 _MOE = ("qwen3_moe", "qwen2_moe")
 # megatron-core's llama3 RoPE scaling has these constants built in.
-_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_FIXED = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _rope(hf: dict) -> tuple[float, Optional[dict]]:
@@ -29,7 +38,10 @@ def _rope(hf: dict) -> tuple[float, Optional[dict]]:
     scaling = hf.get("rope_scaling")
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
-    if scaling is not None and (scaling.get("rope_type") or scaling.get("type")) in (None, "default"):
+    if scaling is not None and (scaling.get("rope_type") or scaling.get("type")) in (
+        None,
+        "default",
+    ):
         scaling = None
     return float(theta), scaling
 
@@ -39,9 +51,13 @@ def hf_to_model_config(hf: dict, *, make_vocab_size_divisible_by: int = 128) -> 
     model_type = hf.get("model_type")
     family = _FAMILY_OF_MODEL_TYPE.get(str(model_type))
     if family is None:
-        raise ConfigError(f"HF model_type={model_type!r} is not supported; expected one of {sorted(ARCHITECTURES)}")
+        raise ConfigError(
+            f"HF model_type={model_type!r} is not supported; expected one of {sorted(ARCHITECTURES)}"
+        )
     if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act={hf.get('hidden_act')!r}: only SwiGLU (silu) models are supported")
+        raise ConfigError(
+            f"hidden_act={hf.get('hidden_act')!r}: only SwiGLU (silu) models are supported"
+        )
     if hf.get("mlp_bias"):
         raise ConfigError("mlp_bias=true is not supported")
     if family in _QKV_BIAS and hf.get("use_sliding_window"):
@@ -56,7 +72,9 @@ def hf_to_model_config(hf: dict, *, make_vocab_size_divisible_by: int = 128) -> 
             raise ConfigError(f"rope scaling {kind!r} is not supported (only llama3)")
         for k, v in _LLAMA3_FIXED.items():
             if float(scaling.get(k, v)) != v:
-                raise ConfigError(f"llama3 rope scaling with {k}={scaling[k]}: megatron-core fixes it to {v}")
+                raise ConfigError(
+                    f"llama3 rope scaling with {k}={scaling[k]}: megatron-core fixes it to {v}"
+                )
         rope_scaling, factor = "llama3", float(scaling.get("factor", 8.0))
     heads = int(hf["num_attention_heads"])
     hd = hf.get("head_dim")
@@ -100,27 +118,37 @@ def _moe_fields(hf: dict, family: str) -> dict[str, Any]:
         moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)),
     )
     if family == "qwen2_moe":
-        out.update(shared_expert_intermediate_size=int(hf["shared_expert_intermediate_size"]),
-                   shared_expert_gate=True)
+        out.update(
+            shared_expert_intermediate_size=int(hf["shared_expert_intermediate_size"]),
+            shared_expert_gate=True,
+        )
     return out
 
 
-def model_config_to_hf(mc: ModelConfig, *, dtype: str = "bfloat16", base: Optional[dict] = None) -> dict:
+def model_config_to_hf(
+    mc: ModelConfig, *, dtype: str = "bfloat16", base: Optional[dict] = None
+) -> dict:
     """An HF ``config.json`` mapping for ``mc``.
 
     ``base`` (the original HF config, kept beside a converted checkpoint) supplies the
     fields ModelConfig does not know (token ids, ...); architecture fields are overwritten.
     """
     if mc.family in _QKV_BIAS and not mc.add_qkv_bias:
-        raise ConfigError(f"family {mc.family} needs add_qkv_bias=true (Qwen2 always has q/k/v biases)")
+        raise ConfigError(
+            f"family {mc.family} needs add_qkv_bias=true (Qwen2 always has q/k/v biases)"
+        )
     if mc.family in _QK_NORM and not mc.qk_layernorm:
         raise ConfigError(f"family {mc.family} needs qk_layernorm=true")
     if mc.family not in _QKV_BIAS and mc.add_qkv_bias:
-        raise ConfigError(f"family {mc.family} has no q/k/v bias in HF; use family qwen2 / qwen2_moe")
+        raise ConfigError(
+            f"family {mc.family} has no q/k/v bias in HF; use family qwen2 / qwen2_moe"
+        )
     if mc.family not in _QK_NORM and mc.qk_layernorm:
         raise ConfigError(f"family {mc.family} has no qk-norm in HF; use family qwen3 / qwen3_moe")
     if mc.family == "qwen2_moe" and not mc.shared_expert_gate:
-        raise ConfigError("family qwen2_moe always gates its shared expert: set shared_expert_gate=true")
+        raise ConfigError(
+            "family qwen2_moe always gates its shared expert: set shared_expert_gate=true"
+        )
     out: dict[str, Any] = dict(base or {})
     for stale in ("rope_parameters", "rope_scaling", "torch_dtype", "dtype", "_name_or_path"):
         out.pop(stale, None)
@@ -166,11 +194,14 @@ def model_config_to_hf(mc: ModelConfig, *, dtype: str = "bfloat16", base: Option
         out["max_window_layers"] = mc.num_layers
     if mc.family in _MOE:
         out.update(
-            num_experts=mc.num_experts, num_local_experts=mc.num_experts,
+            num_experts=mc.num_experts,
+            num_local_experts=mc.num_experts,
             num_experts_per_tok=mc.moe_router_topk,
             moe_intermediate_size=mc.moe_ffn_hidden_size or mc.ffn_hidden_size,
-            norm_topk_prob=mc.norm_topk_prob, decoder_sparse_step=mc.decoder_sparse_step,
-            mlp_only_layers=list(mc.mlp_only_layers), router_aux_loss_coef=mc.moe_aux_loss_coeff,
+            norm_topk_prob=mc.norm_topk_prob,
+            decoder_sparse_step=mc.decoder_sparse_step,
+            mlp_only_layers=list(mc.mlp_only_layers),
+            router_aux_loss_coef=mc.moe_aux_loss_coeff,
             output_router_logits=False,
         )
         if mc.family == "qwen2_moe":

@@ -102,7 +102,9 @@ def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, mc: ModelConfig) -> Tensor:
     """HF q/k/v projections (weights ``[out, H]`` or biases ``[out]``) -> Megatron linear_qkv."""
     _, ng, h, d = _qkv_dims(mc)
     rest = q.shape[1:]
-    fused = torch.cat([q.reshape(ng, h * d, *rest), k.reshape(ng, d, *rest), v.reshape(ng, d, *rest)], dim=1)
+    fused = torch.cat(
+        [q.reshape(ng, h * d, *rest), k.reshape(ng, d, *rest), v.reshape(ng, d, *rest)], dim=1
+    )
     return fused.reshape(-1, *rest)
 
 
@@ -112,8 +114,11 @@ def split_qkv(qkv: Tensor, mc: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
     rest = qkv.shape[1:]
     g = qkv.reshape(ng, (h + 2) * d, *rest)
     q, k, v = torch.split(g, [h * d, d, d], dim=1)
-    return (q.reshape(nh * d, *rest).contiguous(), k.reshape(ng * d, *rest).contiguous(),
-            v.reshape(ng * d, *rest).contiguous())
+    return (
+        q.reshape(nh * d, *rest).contiguous(),
+        k.reshape(ng * d, *rest).contiguous(),
+        v.reshape(ng * d, *rest).contiguous(),
+    )
 
 
 def pad_vocab(w: Tensor, padded_vocab: int) -> Tensor:
@@ -126,8 +131,13 @@ def pad_vocab(w: Tensor, padded_vocab: int) -> Tensor:
 
 
 def iter_hf_to_megatron(
-    get: Callable[[str], Tensor], mc: ModelConfig, padded_vocab: int, *,
-    layers: Optional[range] = None, embedding: bool = True, head: bool = True,
+    get: Callable[[str], Tensor],
+    mc: ModelConfig,
+    padded_vocab: int,
+    *,
+    layers: Optional[range] = None,
+    embedding: bool = True,
+    head: bool = True,
     experts: Optional[range] = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield full-Megatron (local spec) tensors from HF tensors fetched by name with ``get``.
@@ -141,42 +151,64 @@ def iter_hf_to_megatron(
     if embedding:
         emb = get("model.embed_tokens.weight")
         if emb.shape[0] != mc.vocab_size:
-            raise ValueError(f"HF embedding has {emb.shape[0]} rows but model.vocab_size={mc.vocab_size}")
+            raise ValueError(
+                f"HF embedding has {emb.shape[0]} rows but model.vocab_size={mc.vocab_size}"
+            )
         yield "embedding.word_embeddings.weight", pad_vocab(emb, padded_vocab)
     for i in layers if layers is not None else range(mc.num_layers):
         hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
         for mname, hname in _LAYER_1TO1.items():
-            if mname.startswith(("self_attention.q_layernorm", "self_attention.k_layernorm")) and not mc.qk_layernorm:
+            if (
+                mname.startswith(("self_attention.q_layernorm", "self_attention.k_layernorm"))
+                and not mc.qk_layernorm
+            ):
                 continue
             yield mp + mname, get(hp + hname)
         a = hp + "self_attn."
-        yield mp + "self_attention.linear_qkv.weight", fuse_qkv(
-            get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight"), mc)
+        yield (
+            mp + "self_attention.linear_qkv.weight",
+            fuse_qkv(
+                get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight"), mc
+            ),
+        )
         if mc.add_qkv_bias:
-            yield mp + "self_attention.linear_qkv.bias", fuse_qkv(
-                get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), mc)
+            yield (
+                mp + "self_attention.linear_qkv.bias",
+                fuse_qkv(
+                    get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), mc
+                ),
+            )
         if sparse[i]:
             yield from _iter_moe_layer(get, mc, hp, mp, experts)
             continue
         yield mp + "mlp.linear_fc2.weight", get(hp + "mlp.down_proj.weight")
-        yield mp + "mlp.linear_fc1.weight", torch.cat(
-            [get(hp + "mlp.gate_proj.weight"), get(hp + "mlp.up_proj.weight")], dim=0)
+        yield (
+            mp + "mlp.linear_fc1.weight",
+            torch.cat([get(hp + "mlp.gate_proj.weight"), get(hp + "mlp.up_proj.weight")], dim=0),
+        )
     if head:
         yield "decoder.final_layernorm.weight", get("model.norm.weight")
         if not mc.tie_word_embeddings:
             yield "output_layer.weight", pad_vocab(get("lm_head.weight"), padded_vocab)
 
 
-def _iter_moe_layer(get: Callable[[str], Tensor], mc: ModelConfig, hp: str, mp: str,
-                    experts: Optional[range]) -> Iterator[tuple[str, Tensor]]:
+def _iter_moe_layer(
+    get: Callable[[str], Tensor], mc: ModelConfig, hp: str, mp: str, experts: Optional[range]
+) -> Iterator[tuple[str, Tensor]]:
     yield mp + "mlp.router.weight", get(hp + "mlp.gate.weight")
     for j in experts if experts is not None else range(mc.num_experts or 0):
         e, x = f"{hp}mlp.experts.{j}.", f"{mp}mlp.experts.local_experts.{j}."
-        yield x + "linear_fc1.weight", torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0)
+        yield (
+            x + "linear_fc1.weight",
+            torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0),
+        )
         yield x + "linear_fc2.weight", get(e + "down_proj.weight")
     if mc.shared_expert_intermediate_size is not None:
         e, x = hp + "mlp.shared_expert.", mp + "mlp.shared_experts."
-        yield x + "linear_fc1.weight", torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0)
+        yield (
+            x + "linear_fc1.weight",
+            torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0),
+        )
         yield x + "linear_fc2.weight", get(e + "down_proj.weight")
         if mc.shared_expert_gate:
             yield x + "gate_weight", get(hp + "mlp.shared_expert_gate.weight")
@@ -186,7 +218,11 @@ def _hf_mlp_keys(mc: ModelConfig, hp: str, sparse: bool) -> list[str]:
     if not sparse:
         return [hp + f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
     keys = [hp + "mlp.gate.weight"]
-    keys += [hp + f"mlp.experts.{j}.{p}_proj.weight" for j in range(mc.num_experts or 0) for p in ("gate", "up", "down")]
+    keys += [
+        hp + f"mlp.experts.{j}.{p}_proj.weight"
+        for j in range(mc.num_experts or 0)
+        for p in ("gate", "up", "down")
+    ]
     if mc.shared_expert_intermediate_size is not None:
         keys += [hp + f"mlp.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")]
         if mc.shared_expert_gate:
@@ -194,21 +230,33 @@ def _hf_mlp_keys(mc: ModelConfig, hp: str, sparse: bool) -> list[str]:
     return keys
 
 
-def _moe_layer_to_hf(sd: Mapping[str, Tensor], mc: ModelConfig, hp: str, mp: str) -> dict[str, Tensor]:
+def _moe_layer_to_hf(
+    sd: Mapping[str, Tensor], mc: ModelConfig, hp: str, mp: str
+) -> dict[str, Tensor]:
     out = {hp + "mlp.gate.weight": sd[mp + "mlp.router.weight"]}
-    pairs = [(f"{hp}mlp.experts.{j}.", f"{mp}mlp.experts.local_experts.{j}.") for j in range(mc.num_experts or 0)]
+    pairs = [
+        (f"{hp}mlp.experts.{j}.", f"{mp}mlp.experts.local_experts.{j}.")
+        for j in range(mc.num_experts or 0)
+    ]
     if mc.shared_expert_intermediate_size is not None:
         pairs.append((hp + "mlp.shared_expert.", mp + "mlp.shared_experts."))
         if mc.shared_expert_gate:
             out[hp + "mlp.shared_expert_gate.weight"] = sd[mp + "mlp.shared_experts.gate_weight"]
     for e, x in pairs:
         gate, up = torch.chunk(sd[x + "linear_fc1.weight"], 2, dim=0)
-        out.update({e + "gate_proj.weight": gate.contiguous(), e + "up_proj.weight": up.contiguous(),
-                    e + "down_proj.weight": sd[x + "linear_fc2.weight"]})
+        out.update(
+            {
+                e + "gate_proj.weight": gate.contiguous(),
+                e + "up_proj.weight": up.contiguous(),
+                e + "down_proj.weight": sd[x + "linear_fc2.weight"],
+            }
+        )
     return out
 
 
-def hf_to_megatron(hf: Mapping[str, Tensor], mc: ModelConfig, padded_vocab: int) -> dict[str, Tensor]:
+def hf_to_megatron(
+    hf: Mapping[str, Tensor], mc: ModelConfig, padded_vocab: int
+) -> dict[str, Tensor]:
     """Full HF state dict -> full Megatron (TP=1, PP=1, local-spec names) state dict."""
     missing = [k for k in expected_hf_keys(mc) if k not in hf]
     if missing:
@@ -241,7 +289,9 @@ def megatron_to_hf(msd: Mapping[str, Tensor], mc: ModelConfig) -> dict[str, Tens
     """
     sd = to_local_names(msd)
     v = mc.vocab_size
-    out: dict[str, Tensor] = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:v].contiguous()}
+    out: dict[str, Tensor] = {
+        "model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:v].contiguous()
+    }
     sparse = moe_layer_pattern(mc)
     for i in range(mc.num_layers):
         hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
@@ -249,12 +299,22 @@ def megatron_to_hf(msd: Mapping[str, Tensor], mc: ModelConfig) -> dict[str, Tens
             if mp + mname in sd:
                 out[hp + hname] = sd[mp + mname]
         q, k, vv = split_qkv(sd[mp + "self_attention.linear_qkv.weight"], mc)
-        out.update({hp + "self_attn.q_proj.weight": q, hp + "self_attn.k_proj.weight": k,
-                    hp + "self_attn.v_proj.weight": vv})
+        out.update(
+            {
+                hp + "self_attn.q_proj.weight": q,
+                hp + "self_attn.k_proj.weight": k,
+                hp + "self_attn.v_proj.weight": vv,
+            }
+        )
         if mp + "self_attention.linear_qkv.bias" in sd:
             q, k, vv = split_qkv(sd[mp + "self_attention.linear_qkv.bias"], mc)
-            out.update({hp + "self_attn.q_proj.bias": q, hp + "self_attn.k_proj.bias": k,
-                        hp + "self_attn.v_proj.bias": vv})
+            out.update(
+                {
+                    hp + "self_attn.q_proj.bias": q,
+                    hp + "self_attn.k_proj.bias": k,
+                    hp + "self_attn.v_proj.bias": vv,
+                }
+            )
         if sparse[i]:
             out.update(_moe_layer_to_hf(sd, mc, hp, mp))
             continue
@@ -267,7 +327,9 @@ def megatron_to_hf(msd: Mapping[str, Tensor], mc: ModelConfig) -> dict[str, Tens
         out["lm_head.weight"] = sd["output_layer.weight"][:v].contiguous()
     missing = [k for k in expected_hf_keys(mc) if k not in out]
     if missing:
-        raise KeyError(f"Megatron state dict lacks tensors for {missing[:3]} ({len(missing)} in all)")
+        raise KeyError(
+            f"Megatron state dict lacks tensors for {missing[:3]} ({len(missing)} in all)"
+        )
     return out
 
 
@@ -281,7 +343,9 @@ def tp_split_kind(name: str) -> str:
         return "fc1"
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return "row"
-    if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")):
+    if name.endswith(
+        ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias")
+    ):
         return "col"
     return "rep"
 
@@ -299,7 +363,9 @@ def ep_experts(mc: ModelConfig, ep: int, ep_rank: int) -> range:
 
 def _check_etp(tp: int, etp: int) -> None:
     if etp not in (1, tp):
-        raise ValueError(f"expert_tensor_parallel_size={etp}: the HF maps support 1 or the TP size ({tp})")
+        raise ValueError(
+            f"expert_tensor_parallel_size={etp}: the HF maps support 1 or the TP size ({tp})"
+        )
 
 
 def _tp_slice(name: str, t: Tensor, tp: int, r: int) -> Tensor:
@@ -333,8 +399,17 @@ def stage_layers(mc: ModelConfig, pp: int, pp_rank: int) -> range:
 
 
 def shard_tensor(
-    name: str, t: Tensor, mc: ModelConfig, *, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
-    ep: int = 1, ep_rank: int = 0, etp: int = 1,
+    name: str,
+    t: Tensor,
+    mc: ModelConfig,
+    *,
+    tp: int = 1,
+    tp_rank: int = 0,
+    pp: int = 1,
+    pp_rank: int = 0,
+    ep: int = 1,
+    ep_rank: int = 0,
+    etp: int = 1,
 ) -> Optional[tuple[str, Tensor]]:
     """One full-Megatron tensor (local names) -> (name, slice) on rank (tp, pp, ep), or None
     when that rank does not hold it. Expert-TP rank = TP rank when ``etp == tp``."""
@@ -364,8 +439,17 @@ def shard_tensor(
 
 
 def shard_for_rank(
-    full: Mapping[str, Tensor], mc: ModelConfig, *, tp: int = 1, tp_rank: int = 0, pp: int = 1,
-    pp_rank: int = 0, te: bool = False, ep: int = 1, ep_rank: int = 0, etp: int = 1,
+    full: Mapping[str, Tensor],
+    mc: ModelConfig,
+    *,
+    tp: int = 1,
+    tp_rank: int = 0,
+    pp: int = 1,
+    pp_rank: int = 0,
+    te: bool = False,
+    ep: int = 1,
+    ep_rank: int = 0,
+    etp: int = 1,
 ) -> dict[str, Tensor]:
     """The ``GPTModel.state_dict()`` of rank (tp_rank, pp_rank, ep_rank) from a full Megatron
     state dict (:func:`shard_tensor` per tensor).
@@ -378,20 +462,36 @@ def shard_for_rank(
     full = to_local_names(full)
     out: dict[str, Tensor] = {}
     for name, t in full.items():
-        got = shard_tensor(name, t, mc, tp=tp, tp_rank=tp_rank, pp=pp, pp_rank=pp_rank, ep=ep, ep_rank=ep_rank,
-                           etp=etp)
+        got = shard_tensor(
+            name,
+            t,
+            mc,
+            tp=tp,
+            tp_rank=tp_rank,
+            pp=pp,
+            pp_rank=pp_rank,
+            ep=ep,
+            ep_rank=ep_rank,
+            etp=etp,
+        )
         if got is not None:
             out[got[0]] = got[1]
     first, last = pp_rank == 0, pp_rank == pp - 1
     if mc.tie_word_embeddings and last and not first:
-        out["output_layer.weight"] = _tp_slice("output_layer.weight", full["embedding.word_embeddings.weight"],
-                                               tp, tp_rank)
+        out["output_layer.weight"] = _tp_slice(
+            "output_layer.weight", full["embedding.word_embeddings.weight"], tp, tp_rank
+        )
     return to_te_names(out) if te else out
 
 
 def merge_ranks(
-    shards: Mapping[tuple[int, ...], Mapping[str, Tensor]], mc: ModelConfig, *, tp: int, pp: int,
-    ep: int = 1, etp: int = 1,
+    shards: Mapping[tuple[int, ...], Mapping[str, Tensor]],
+    mc: ModelConfig,
+    *,
+    tp: int,
+    pp: int,
+    ep: int = 1,
+    etp: int = 1,
 ) -> dict[str, Tensor]:
     """Inverse of :func:`shard_for_rank`: ``{(tp_rank, pp_rank): state_dict}`` (or
     ``(tp_rank, pp_rank, ep_rank)`` keys when ``ep > 1``) -> full Megatron (local names).

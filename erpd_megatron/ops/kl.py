@@ -73,7 +73,9 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, max_log_ratio: float | None = 20.0) ->
     return torch.expm1(-xe) + lin + x
 
 
-def kl_estimate(name: str, logp: Tensor, ref_logp: Tensor, max_log_ratio: float | None = 20.0) -> Tensor:
+def kl_estimate(
+    name: str, logp: Tensor, ref_logp: Tensor, max_log_ratio: float | None = 20.0
+) -> Tensor:
     """Per-token KL estimate by name (``"k1"``, ``"k2"`` or ``"k3"``)."""
     if name == "k1":
         return kl_k1(logp, ref_logp)

@@ -45,7 +45,9 @@ from erpd_megatron.ops.kl import kl_penalty
 STAGE1_LOSSES = ("pg", "sapo", "ce", "mse", "unlearned")
 
 
-def importance_ratio(logp: Tensor, anchor_logp: Tensor, max_log_ratio: float | None = 20.0) -> Tensor:
+def importance_ratio(
+    logp: Tensor, anchor_logp: Tensor, max_log_ratio: float | None = 20.0
+) -> Tensor:
     """``rho = exp(logp - anchor_logp)``, the exponent clamped to ``+-max_log_ratio``."""
     x = logp - anchor_logp
     if max_log_ratio is not None:
@@ -70,11 +72,15 @@ def clipped_pg_per_token(
     surr_clip = rho.clamp(min=lo, max=hi) * adv
     per_token = -torch.minimum(surr, surr_clip)
     clip_low = (adv < 0) & (rho < lo) if lo is not None else torch.zeros_like(rho, dtype=torch.bool)
-    clip_high = (adv > 0) & (rho > hi) if hi is not None else torch.zeros_like(rho, dtype=torch.bool)
+    clip_high = (
+        (adv > 0) & (rho > hi) if hi is not None else torch.zeros_like(rho, dtype=torch.bool)
+    )
     return per_token, clip_low, clip_high
 
 
-def _ratio_metrics(per_token: Tensor, rho: Tensor, logp: Tensor, anchor: Tensor, mask: Tensor) -> dict[str, Tensor]:
+def _ratio_metrics(
+    per_token: Tensor, rho: Tensor, logp: Tensor, anchor: Tensor, mask: Tensor
+) -> dict[str, Tensor]:
     return {
         "tokens": mcount(mask),
         "loss_sum": msum(per_token, mask),
@@ -167,10 +173,16 @@ def ce_loss(
     c, mask, nonfinite = clean_inputs(mask, **tensors)
     per_token = -c["logp"] if weight is None else -c["weight"].detach() * c["logp"]
     loss = reduce_tokens(per_token, mask, normalizer)
-    return loss, {"tokens": mcount(mask), "loss_sum": msum(per_token, mask), "nonfinite_tokens": nonfinite}
+    return loss, {
+        "tokens": mcount(mask),
+        "loss_sum": msum(per_token, mask),
+        "nonfinite_tokens": nonfinite,
+    }
 
 
-def _segment_sums(x: Tensor, mask: Tensor, segment_ids: Tensor | None, num_segments: int | None) -> Tensor:
+def _segment_sums(
+    x: Tensor, mask: Tensor, segment_ids: Tensor | None, num_segments: int | None
+) -> Tensor:
     """Sum of ``x`` over the valid tokens of each sequence: rows of a 2-D tensor or segment ids."""
     x = torch.where(mask, x, x.new_zeros(()))
     if segment_ids is None:
@@ -212,11 +224,15 @@ def mse_loss(
     n = _segment_sums(mask.to(logp.dtype), mask, segment_ids, num_segments)
     valid = n > 0
     n_safe = torch.where(valid, n, torch.ones_like(n))
-    drift = _segment_sums(c["logp"] - c["ref_logp"].detach(), mask, segment_ids, num_segments) / n_safe
+    drift = (
+        _segment_sums(c["logp"] - c["ref_logp"].detach(), mask, segment_ids, num_segments) / n_safe
+    )
     if per_seq_adv:
         a = adv.detach().to(logp.dtype).reshape(-1)
         if a.shape != n.shape:
-            raise ValueError(f"per-sequence adv has shape {tuple(adv.shape)}, expected {tuple(n.shape)}")
+            raise ValueError(
+                f"per-sequence adv has shape {tuple(adv.shape)}, expected {tuple(n.shape)}"
+            )
     else:
         a = _segment_sums(c["adv"].detach(), mask, segment_ids, num_segments) / n_safe
     per_seq = (drift - a / beta) ** 2
@@ -289,11 +305,27 @@ def stage1_loss(
     if (kind == "mse" or kl_coef > 0) and ref_logp is None:
         raise ValueError("mse and kl_coef > 0 need ref_logp (pi_r)")
     if kind == "pg":
-        loss, metrics = pg_loss(logp, anchor_logp, a, mask, eps_low=eps_low, eps_high=eps_high,
-                                normalizer=normalizer, max_log_ratio=max_log_ratio)
+        loss, metrics = pg_loss(
+            logp,
+            anchor_logp,
+            a,
+            mask,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            normalizer=normalizer,
+            max_log_ratio=max_log_ratio,
+        )
     elif kind == "sapo":
-        loss, metrics = sapo_loss(logp, anchor_logp, a, mask, normalizer=normalizer, tau_pos=tau_pos,
-                                  tau_neg=tau_neg, max_log_ratio=max_log_ratio)
+        loss, metrics = sapo_loss(
+            logp,
+            anchor_logp,
+            a,
+            mask,
+            normalizer=normalizer,
+            tau_pos=tau_pos,
+            tau_neg=tau_neg,
+            max_log_ratio=max_log_ratio,
+        )
     elif kind == "ce":
         if reward is not None:
             w = (reward != 0) if not negate else (reward == 0)
@@ -301,15 +333,26 @@ def stage1_loss(
             w = a > 0
         loss, metrics = ce_loss(logp, mask, normalizer=normalizer, weight=w.to(logp.dtype))
     else:
-        loss, metrics = mse_loss(logp, ref_logp, a, mask, beta=beta, normalizer=seq_normalizer,
-                                 segment_ids=segment_ids, num_segments=num_segments)
+        loss, metrics = mse_loss(
+            logp,
+            ref_logp,
+            a,
+            mask,
+            beta=beta,
+            normalizer=seq_normalizer,
+            segment_ids=segment_ids,
+            num_segments=num_segments,
+        )
     if kl_coef > 0:
-        kl_loss, kl_metrics = kl_penalty(logp, ref_logp, mask, coef=kl_coef, normalizer=normalizer,
-                                         max_log_ratio=max_log_ratio)
+        kl_loss, kl_metrics = kl_penalty(
+            logp, ref_logp, mask, coef=kl_coef, normalizer=normalizer, max_log_ratio=max_log_ratio
+        )
         loss = loss + kl_loss
         metrics.update({k: v for k, v in kl_metrics.items() if k.startswith("kl_")})
         metrics["kl_tokens"] = kl_metrics["tokens"]
-        metrics["nonfinite_tokens"] = torch.maximum(metrics["nonfinite_tokens"], kl_metrics["nonfinite_tokens"])
+        metrics["nonfinite_tokens"] = torch.maximum(
+            metrics["nonfinite_tokens"], kl_metrics["nonfinite_tokens"]
+        )
     return loss, metrics
 
 

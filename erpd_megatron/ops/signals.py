@@ -111,7 +111,9 @@ def outlier_mask(s: Tensor, c_out: float | None) -> Tensor:
     return s.abs() <= c_out
 
 
-def scale_and_clip(s: Tensor, *, lam: float = 1.0, clip: float | None = None) -> tuple[Tensor, Tensor]:
+def scale_and_clip(
+    s: Tensor, *, lam: float = 1.0, clip: float | None = None
+) -> tuple[Tensor, Tensor]:
     """``clip(lam * s, -clip, clip)`` and the mask of tokens the clip changed."""
     x = lam * s
     if clip is None:
@@ -172,9 +174,14 @@ def clipped_surrogate(
     :func:`erpd_megatron.ops.losses.pg_loss` (``clipped_tokens`` gives the clip fraction).
     """
     return pg_loss(
-        logp, logp_r, adv_tokens, mask,
-        eps_low=eps, eps_high=eps if eps_high is None else eps_high,
-        normalizer=normalizer, max_log_ratio=max_log_ratio,
+        logp,
+        logp_r,
+        adv_tokens,
+        mask,
+        eps_low=eps,
+        eps_high=eps if eps_high is None else eps_high,
+        normalizer=normalizer,
+        max_log_ratio=max_log_ratio,
     )
 
 
@@ -198,12 +205,20 @@ class TeacherTerm:
     clip: float | None = None
 
 
-SIGNAL_METRICS = ("signal_raw_sum", "signal_raw_sq_sum", "signal_sum", "signal_sq_sum",
-                  "signal_clipped_tokens", "signal_outlier_tokens", "nonfinite_tokens")
+SIGNAL_METRICS = (
+    "signal_raw_sum",
+    "signal_raw_sq_sum",
+    "signal_sum",
+    "signal_sq_sum",
+    "signal_clipped_tokens",
+    "signal_outlier_tokens",
+    "nonfinite_tokens",
+)
 
 
-def trust_region_mask(logp: Tensor, logp_r: Tensor, eps: float | None,
-                      max_log_ratio: float | None = 20.0) -> Tensor:
+def trust_region_mask(
+    logp: Tensor, logp_r: Tensor, eps: float | None, max_log_ratio: float | None = 20.0
+) -> Tensor:
     """Tokens whose ratio ``rho = exp(logp - logp_r)`` lies in ``[1-eps, 1+eps]`` (all when
     ``eps`` is None); a constant of the loss (computed without gradient)."""
     if eps is None:
@@ -261,8 +276,9 @@ def stage2_loss(
         if t.kind == "topk_kl":
             if t.kl is None:
                 raise ValueError(f"teacher term {i} (topk_kl) needs its per-token kl")
-            loss_i, m = token_mean_loss(t.kl, mask & in_region, normalizer=normalizer,
-                                        name=f"kl_{i}")
+            loss_i, m = token_mean_loss(
+                t.kl, mask & in_region, normalizer=normalizer, name=f"kl_{i}"
+            )
             parts.append(t.weight * loss_i)
             metrics[f"t{i}_kl_sum"] = m["loss_sum"]
             metrics[f"t{i}_kl_tokens"] = m["tokens"]
@@ -279,15 +295,17 @@ def stage2_loss(
         adv = advs[0]
         for a in advs[1:]:
             adv = adv + a
-        loss_s, m = clipped_surrogate(logp, logp_r, adv, keep_adv, eps=eps, normalizer=normalizer,
-                                      max_log_ratio=max_log_ratio)
+        loss_s, m = clipped_surrogate(
+            logp, logp_r, adv, keep_adv, eps=eps, normalizer=normalizer, max_log_ratio=max_log_ratio
+        )
         parts.append(loss_s)
         metrics["surrogate_sum"] = m["loss_sum"]
         metrics["clipped_tokens"] = m["clipped_tokens"]
         metrics["masked_tokens"] = mcount(mask) - mcount(keep_adv)
     if kl_coef > 0:
-        kl_loss, km = kl_penalty(logp, logp_r, mask, coef=kl_coef, normalizer=normalizer,
-                                 max_log_ratio=max_log_ratio)
+        kl_loss, km = kl_penalty(
+            logp, logp_r, mask, coef=kl_coef, normalizer=normalizer, max_log_ratio=max_log_ratio
+        )
         parts.append(kl_loss)
         metrics["kl_penalty_sum"] = km["kl_penalty_sum"]
     total = parts[0]
@@ -296,4 +314,3 @@ def stage2_loss(
     metrics["loss_total_sum"] = total.detach().double() * safe_normalizer(normalizer, mask)
     metrics["out_of_region_tokens"] = mcount(mask & ~in_region)
     return total, metrics
-

@@ -72,8 +72,14 @@ class _Shard:
     inplace: bool = False  # backward writes the gradient into the logits' memory
 
 
-def _shard(logits: Tensor, group: Any, vocab_start: int | None, vocab_size: int | None,
-           chunk_size: int | None, inplace: bool = False) -> _Shard:
+def _shard(
+    logits: Tensor,
+    group: Any,
+    vocab_start: int | None,
+    vocab_size: int | None,
+    chunk_size: int | None,
+    inplace: bool = False,
+) -> _Shard:
     world = 1 if group is None else dist.get_world_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     v_local = logits.shape[-1]
@@ -86,14 +92,24 @@ def _shard(logits: Tensor, group: Any, vocab_start: int | None, vocab_size: int 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     cdtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return _Shard(group if world > 1 else None, world, vocab_start, n_valid, vocab_size,
-                  chunk_size, cdtype, inplace)
+    return _Shard(
+        group if world > 1 else None,
+        world,
+        vocab_start,
+        n_valid,
+        vocab_size,
+        chunk_size,
+        cdtype,
+        inplace,
+    )
 
 
 def _all_reduce(t: Tensor, op: str, sh: _Shard) -> Tensor:
     """In-place all-reduce (``op`` "max" or "sum") over the TP group; nothing without one."""
     if sh.group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=sh.group)
+        dist.all_reduce(
+            t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=sh.group
+        )
     return t
 
 
@@ -114,7 +130,9 @@ def _to_global(m_loc: Tensor, sh: _Shard) -> tuple[Tensor, Tensor, Tensor]:
     sums of exp(z - m_loc) onto the global max, flag of NaN/+Inf rows of this shard)."""
     m = _all_reduce(m_loc.clone(), "max", sh)
     finite = torch.isfinite(m_loc)
-    scale = torch.where(finite, torch.exp(torch.where(finite, m_loc, 0.0) - torch.where(finite, m, 0.0)), 0.0)
+    scale = torch.where(
+        finite, torch.exp(torch.where(finite, m_loc, 0.0) - torch.where(finite, m, 0.0)), 0.0
+    )
     bad_loc = (torch.isnan(m_loc) | (m_loc == float("inf"))).to(m_loc.dtype)
     return m, scale, bad_loc
 
@@ -131,8 +149,10 @@ def _check_rows(name: str, values: Tensor) -> Tensor:
     """Bool mask of tokens whose statistics are not finite; raises in debug mode."""
     bad = ~torch.isfinite(values)
     if debug_nonfinite() and bool(bad.any()):
-        raise ValueError(f"{name}: logits contain NaN/Inf in {int(bad.sum())} token row(s) "
-                         "(ERPD_DEBUG_NONFINITE is on)")
+        raise ValueError(
+            f"{name}: logits contain NaN/Inf in {int(bad.sum())} token row(s) "
+            "(ERPD_DEBUG_NONFINITE is on)"
+        )
     return bad
 
 
@@ -174,7 +194,7 @@ def _new_grad(x: Tensor, sh: _Shard) -> tuple[Tensor, Tensor | None]:
     if not sh.inplace:
         _advise_huge_pages(grad)
     if sh.n_valid < x.shape[1]:
-        grad[:, sh.n_valid:] = 0
+        grad[:, sh.n_valid :] = 0
     work = None
     if x.dtype != sh.cdtype and sh.n_valid > 0:
         work = torch.empty(min(sh.chunk, x.shape[0]), sh.n_valid, dtype=sh.cdtype, device=x.device)
@@ -189,18 +209,23 @@ def _exp_store(x: Tensor, sh: _Shard, needs_grad: bool) -> Tensor | None:
         return None
     return _new_grad(x, sh)[0]
 
+
 class _LogProbEntropy(torch.autograd.Function):
     """Target log-prob and (optionally) entropy; see the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, target: Tensor, sh: _Shard, want_entropy: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, x: Tensor, target: Tensor, sh: _Shard, want_entropy: bool
+    ) -> tuple[Tensor, Tensor]:
         n, v = x.shape[0], sh.n_valid
         tgt_local, tgt_in, tgt_ok = _local_index(target, sh)
         m_loc = torch.full((n,), float("-inf"), dtype=sh.cdtype, device=x.device)
         loc = torch.zeros(n, 2, dtype=sh.cdtype, device=x.device)  # sums of e and e*(z-m_loc)
         stats = torch.zeros(n, 4, dtype=sh.cdtype, device=x.device)  # S, sum e*(z-m), z_y, bad
         if v > 0 and n > 0:
-            stats[:, 2] = torch.where(tgt_in, x.gather(1, tgt_local[:, None])[:, 0].to(sh.cdtype), 0.0)
+            stats[:, 2] = torch.where(
+                tgt_in, x.gather(1, tgt_local[:, None])[:, 0].to(sh.cdtype), 0.0
+            )
         store = _exp_store(x, sh, ctx.needs_input_grad[0])
         if v > 0 and n > 0:
             rows = min(sh.chunk, n)
@@ -251,7 +276,9 @@ class _LogProbEntropy(torch.autograd.Function):
         g_lp = torch.zeros_like(m) if g_lp is None else g_lp.to(sh.cdtype)
         neg_inv_s = -torch.exp(-log_s)  # -1/S: q_v = exp(z_v - m) / S
         fmin = torch.finfo(sh.cdtype).min
-        buf2 = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device) if use_ent else None
+        buf2 = (
+            torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device) if use_ent else None
+        )
         add_at_target = (g_lp * tgt_in)[:, None]
         if use_ent:
             # dH/dz_v = -q_v (z_v - m - log S + H): with t = z - m and e = exp(t),
@@ -282,8 +309,14 @@ class _LogProbEntropy(torch.autograd.Function):
 
 
 def vp_logprob_and_entropy(
-    logits: Tensor, target: Tensor, group: Any = None, vocab_start: int | None = None,
-    vocab_size: int | None = None, *, chunk_size: int | None = None, inplace_backward: bool = False,
+    logits: Tensor,
+    target: Tensor,
+    group: Any = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    chunk_size: int | None = None,
+    inplace_backward: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of ``target`` and token entropy in one pass, both differentiable.
 
@@ -301,8 +334,14 @@ def vp_logprob_and_entropy(
 
 
 def vp_logprob(
-    logits: Tensor, target: Tensor, group: Any = None, vocab_start: int | None = None,
-    vocab_size: int | None = None, *, chunk_size: int | None = None, inplace_backward: bool = False,
+    logits: Tensor,
+    target: Tensor,
+    group: Any = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    chunk_size: int | None = None,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Differentiable log-prob of ``target`` under vocab-parallel ``logits`` (see above)."""
     x = _flat(logits)
@@ -312,8 +351,13 @@ def vp_logprob(
 
 
 def vp_entropy(
-    logits: Tensor, group: Any = None, vocab_start: int | None = None,
-    vocab_size: int | None = None, *, chunk_size: int | None = None, inplace_backward: bool = False,
+    logits: Tensor,
+    group: Any = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    chunk_size: int | None = None,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Differentiable token entropy ``-sum_v q_v log q_v`` of vocab-parallel ``logits``."""
     x = _flat(logits)
@@ -323,7 +367,9 @@ def vp_entropy(
     return ent.view(logits.shape[:-1])
 
 
-def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard, store: Tensor | None = None) -> tuple[Tensor, ...]:
+def _bucket_stats(
+    x: Tensor, ids: Tensor, sh: _Shard, store: Tensor | None = None
+) -> tuple[Tensor, ...]:
     """Forward of the top-k buckets (``store``: see :func:`_exp_store`; its I slots are 0).
 
     Returns (log q_I, log Q_t, m, tail, local ids, in-shard mask, first occurrences, bad
@@ -337,7 +383,11 @@ def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard, store: Tensor | None = Non
     pack = torch.zeros(n, k + 2, dtype=sh.cdtype, device=x.device)  # tail sum, bad, z_I
     if v > 0 and n > 0:
         pack[:, 2:] = torch.where(in_shard, x.gather(1, local).to(sh.cdtype), 0.0)
-        buf = torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device) if store is None else None
+        buf = (
+            torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device)
+            if store is None
+            else None
+        )
         zero_at = _zero_values(in_shard, sh)
         for s, e in _chunks(n, sh):
             xc, t = x[s:e, :v], buf[: e - s] if store is None else store[s:e, :v]
@@ -357,7 +407,9 @@ def _bucket_stats(x: Tensor, ids: Tensor, sh: _Shard, store: Tensor | None = Non
     bad = _check_rows("vocab-parallel top-k buckets", m + log_s)
     bad_ids = ~in_vocab.all(dim=-1)
     if debug_nonfinite() and bool(bad_ids.any()):
-        raise ValueError(f"top-k ids outside [0, {sh.vocab_size}) in {int(bad_ids.sum())} token row(s)")
+        raise ValueError(
+            f"top-k ids outside [0, {sh.vocab_size}) in {int(bad_ids.sum())} token row(s)"
+        )
     nan = torch.tensor(float("nan"), dtype=sh.cdtype, device=x.device)
     log_q = torch.where(bad_ids[:, None], nan, (z_i - m[:, None]) - log_s[:, None])
     # log Q_t: log1p(-q(I)) while q(I) < 1/2 (tail near 1), else log(tail / S) (tail near 0)
@@ -403,6 +455,7 @@ def topk_target_logprobs(
     gets no mass (for ``0 < alpha``, ``alpha != 1``); ``alpha = 0`` returns pi_r's buckets.
     Returned in fp64 (a constant: no gradient).
     """
+
     def buckets(lp: Tensor, tail_lp: Tensor | None) -> Tensor:
         lp = lp.detach().to(torch.float64)
         if tail_lp is None:
@@ -420,13 +473,18 @@ def topk_target_logprobs(
     if alpha == 1.0:
         return target
     if ref_logprobs is None:
-        raise ValueError("alpha != 1 needs ref_logprobs (pi_r's log-probs of the teacher's top-k ids)")
+        raise ValueError(
+            "alpha != 1 needs ref_logprobs (pi_r's log-probs of the teacher's top-k ids)"
+        )
     ref = buckets(ref_logprobs, ref_tail_logprob)
     if alpha == 0.0:  # pi_r's buckets (normalised: a repeated id would count twice)
         return ref - torch.logsumexp(ref, dim=-1, keepdim=True)
     both = torch.isfinite(target) & torch.isfinite(ref)
-    mix = torch.where(both, (1.0 - alpha) * torch.where(both, ref, 0.0) + alpha * torch.where(both, target, 0.0),
-                      float("-inf"))
+    mix = torch.where(
+        both,
+        (1.0 - alpha) * torch.where(both, ref, 0.0) + alpha * torch.where(both, target, 0.0),
+        float("-inf"),
+    )
     return mix - torch.logsumexp(mix, dim=-1, keepdim=True)
 
 
@@ -436,7 +494,9 @@ class _TopKKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, ids: Tensor, target_lp: Tensor, sh: _Shard) -> Tensor:
         store = _exp_store(x, sh, ctx.needs_input_grad[0])
-        log_q, log_qt, m, tail, local, in_shard, first, bad, scale = _bucket_stats(x, ids, sh, store)
+        log_q, log_qt, m, tail, local, in_shard, first, bad, scale = _bucket_stats(
+            x, ids, sh, store
+        )
         p = torch.exp(target_lp)
         lq = torch.cat([log_q, log_qt[:, None]], dim=1)
         terms = torch.where(p > 0, p * (target_lp - lq), torch.zeros_like(p))
@@ -504,17 +564,25 @@ def vp_topk_kl(
     sh = _shard(x, group, vocab_start, vocab_size, chunk_size, inplace_backward)
     k = teacher_ids.shape[-1]
     ids = teacher_ids.reshape(-1, k).long()
-    target = topk_target_logprobs(teacher_logprobs.reshape(-1, k), alpha=alpha,
-                                  ref_logprobs=None if ref_logprobs is None else ref_logprobs.reshape(-1, k),
-                                  ref_tail_logprob=None if ref_tail_logprob is None else ref_tail_logprob.reshape(-1),
-                                  vocab_size=sh.vocab_size).to(sh.cdtype)
+    target = topk_target_logprobs(
+        teacher_logprobs.reshape(-1, k),
+        alpha=alpha,
+        ref_logprobs=None if ref_logprobs is None else ref_logprobs.reshape(-1, k),
+        ref_tail_logprob=None if ref_tail_logprob is None else ref_tail_logprob.reshape(-1),
+        vocab_size=sh.vocab_size,
+    ).to(sh.cdtype)
     return _TopKKL.apply(x, ids, target, sh).view(logits.shape[:-1])
 
 
 @torch.no_grad()
 def vp_bucket_logprobs(
-    logits: Tensor, ids: Tensor, group: Any = None, vocab_start: int | None = None,
-    vocab_size: int | None = None, *, chunk_size: int | None = None,
+    logits: Tensor,
+    ids: Tensor,
+    group: Any = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of given ids and of the mass outside them (forward only).
 
@@ -535,8 +603,12 @@ def _topk_lowest_ids(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of each row, sorted by (value desc, column asc); ties at the k-th value go to
     the lowest columns, so the result does not depend on the TP layout or the kernel."""
     tv, ti = x.topk(min(k + 1, x.shape[1]), dim=-1)  # the (k+1)-th shows a tie at the k-th
-    fix = (tv[:, k] == tv[:, k - 1]).nonzero().flatten() if tv.shape[1] > k else tv.new_zeros(0).long()
-    tv, ti, tau = tv[:, :k], ti[:, :k], tv[:, k - 1: k]
+    fix = (
+        (tv[:, k] == tv[:, k - 1]).nonzero().flatten()
+        if tv.shape[1] > k
+        else tv.new_zeros(0).long()
+    )
+    tv, ti, tau = tv[:, :k], ti[:, :k], tv[:, k - 1 : k]
     if fix.numel():  # the k-th value may be tied beyond the selection: take the lowest columns
         xf, tf = x[fix], tau[fix]
         col = torch.arange(x.shape[1], device=x.device, dtype=torch.float64)
@@ -551,8 +623,13 @@ def _topk_lowest_ids(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def vp_topk(
-    logits: Tensor, k: int, group: Any = None, vocab_start: int | None = None,
-    vocab_size: int | None = None, *, chunk_size: int | None = None,
+    logits: Tensor,
+    k: int,
+    group: Any = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-k over the full real vocabulary: ``(ids [..., k] int64 global, logprobs [..., k])``.
 

@@ -33,9 +33,18 @@ RECIPE = ROOT / "configs" / "recipes" / "demo-cpu.yaml"
 # is barely trained (few correct samples), so it always boxes its answer and its teacher is
 # the re-anchored pg run (which also learns from the wrong samples).
 QUICK = [
-    "demo.train_problems=400", "demo.pretrain_epochs=3", "demo.unboxed_fraction=0", "rollout.num_prompts=32", "rollout.samples_per_prompt=4",
-    "stage1.loss=pg", "stage1.anchor=epoch", "stage1.epochs=8", "stage1.save_epochs=[2]", "eval.num_prompts=24",
-    "eval.n=2", "eval.pass_k=[1,2]",
+    "demo.train_problems=400",
+    "demo.pretrain_epochs=3",
+    "demo.unboxed_fraction=0",
+    "rollout.num_prompts=32",
+    "rollout.samples_per_prompt=4",
+    "stage1.loss=pg",
+    "stage1.anchor=epoch",
+    "stage1.epochs=8",
+    "stage1.save_epochs=[2]",
+    "eval.num_prompts=24",
+    "eval.n=2",
+    "eval.pass_k=[1,2]",
     "round.teachers=[{name: t_ep2, run: pg, epoch: 2}, {name: t_ep8, run: pg},"
     " {name: unlearned, run: unlearned, topk: false, evaluate: false}]",
     "round.students=[{name: student, overrides: ['stage2.teachers=[{model: t_ep8, signal: topk_kl, alpha: 0.5}]']},"
@@ -58,29 +67,78 @@ def prepare(config: str, overrides: list[str]) -> Path:
     runner = Runner(config, overrides, 1)
 
     def make_task() -> None:
-        paths = toy.write_splits(data, train=d.train_problems, heldout=d.heldout_problems, seed=cfg.seed)
+        paths = toy.write_splits(
+            data, train=d.train_problems, heldout=d.heldout_problems, seed=cfg.seed
+        )
         tok = toy.build_tokenizer(tok_dir)
         from erpd_megatron.data.rollouts import write_rollout_set
 
-        write_rollout_set(out / "sft", toy.sft_records(paths["train"], tok, unboxed_fraction=d.unboxed_fraction, seed=cfg.seed),
-                          prompts_per_shard=1000)
+        write_rollout_set(
+            out / "sft",
+            toy.sft_records(
+                paths["train"], tok, unboxed_fraction=d.unboxed_fraction, seed=cfg.seed
+            ),
+            prompts_per_shard=1000,
+        )
 
-    _step("task: splits, tokenizer, supervised data", (out / "sft" / "manifest.json").exists(), make_task)
+    _step(
+        "task: splits, tokenizer, supervised data",
+        (out / "sft" / "manifest.json").exists(),
+        make_task,
+    )
     init = out / "base_init"
-    _step("base: random initialisation", (init / "model_config.yaml").exists(),
-          lambda: runner.run([sys.executable, "-m", "erpd_megatron.pipeline.init_checkpoint", "--config", config,
-                              *overrides, "--out", str(init), "--tokenizer-dir", str(tok_dir)]))
+    _step(
+        "base: random initialisation",
+        (init / "model_config.yaml").exists(),
+        lambda: runner.run(
+            [
+                sys.executable,
+                "-m",
+                "erpd_megatron.pipeline.init_checkpoint",
+                "--config",
+                config,
+                *overrides,
+                "--out",
+                str(init),
+                "--tokenizer-dir",
+                str(tok_dir),
+            ]
+        ),
+    )
     pre = out / "base_sft"
-    _step("base: supervised training from scratch", (pre / "stage1/checkpoints/manifest.json").exists(),
-          lambda: runner.module("erpd_megatron.stage1", [
-              f"data.rollout_dir={out / 'sft'}", f"checkpoint.load={init}", f"output_dir={pre}",
-              "checkpoint.save=null", "stage1.loss=ce", f"stage1.epochs={d.pretrain_epochs}",
-              f"optimizer.lr={d.pretrain_lr}", "optimizer.lr_warmup_steps=10", "optimizer.lr_decay_style=cosine",
-              "stage1.save_epochs=[]", "stage1.eval_every_epochs=0"]))
+    _step(
+        "base: supervised training from scratch",
+        (pre / "stage1/checkpoints/manifest.json").exists(),
+        lambda: runner.module(
+            "erpd_megatron.stage1",
+            [
+                f"data.rollout_dir={out / 'sft'}",
+                f"checkpoint.load={init}",
+                f"output_dir={pre}",
+                "checkpoint.save=null",
+                "stage1.loss=ce",
+                f"stage1.epochs={d.pretrain_epochs}",
+                f"optimizer.lr={d.pretrain_lr}",
+                "optimizer.lr_warmup_steps=10",
+                "optimizer.lr_decay_style=cosine",
+                "stage1.save_epochs=[]",
+                "stage1.eval_every_epochs=0",
+            ],
+        ),
+    )
     base_hf = out / "base_hf"
-    _step("base: export to HF", (base_hf / "config.json").exists(),
-          lambda: runner.run([sys.executable, "-m", "erpd_megatron.pipeline.export",
-                              f"{pre / 'stage1/checkpoints/final'}={base_hf}"]))
+    _step(
+        "base: export to HF",
+        (base_hf / "config.json").exists(),
+        lambda: runner.run(
+            [
+                sys.executable,
+                "-m",
+                "erpd_megatron.pipeline.export",
+                f"{pre / 'stage1/checkpoints/final'}={base_hf}",
+            ]
+        ),
+    )
     return base_hf
 
 
@@ -95,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     # the task files are made by prepare(); every step (Stage-1 held-out evaluation included) reads them
     data = Path(load_config(args.config, overrides, validate=False).output_dir) / "data"
-    overrides = [f"rollout.dataset={data / 'train.jsonl'}", f"eval.datasets=[{data / 'heldout.jsonl'}]"] + overrides
+    overrides = [
+        f"rollout.dataset={data / 'train.jsonl'}",
+        f"eval.datasets=[{data / 'heldout.jsonl'}]",
+    ] + overrides
     try:
         base_hf = prepare(args.config, overrides)
         report: dict = {}

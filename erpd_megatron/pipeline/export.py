@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv)]
     bad = [a for a in pairs if len(a) != 2]
     if bad or not pairs:
-        print("usage: python -m erpd_megatron.pipeline.export SRC=DST [SRC=DST ...]", file=sys.stderr)
+        print(
+            "usage: python -m erpd_megatron.pipeline.export SRC=DST [SRC=DST ...]", file=sys.stderr
+        )
         return 2
     try:
         for src, dst in pairs:

@@ -80,8 +80,14 @@ class RoundRun:
         return out
 
 
-def run_round(cmd: Sequence[str], env: dict, cwd: Path, log_path: Path,
-              kill: tuple[str, float] | None = None, timeout: float = 1800) -> RoundRun:
+def run_round(
+    cmd: Sequence[str],
+    env: dict,
+    cwd: Path,
+    log_path: Path,
+    kill: tuple[str, float] | None = None,
+    timeout: float = 1800,
+) -> RoundRun:
     """Run ``cmd`` in a new process group; with ``kill=(kind, delay)`` SIGKILL the group
     ``delay`` seconds after the step of ``kind`` starts (or as soon as it has finished, if
     it finishes earlier: the kill then lands in whatever runs next)."""
@@ -89,8 +95,15 @@ def run_round(cmd: Sequence[str], env: dict, cwd: Path, log_path: Path,
     events: list[tuple[float, str, str]] = []
     tail: list[str] = []
     with open(log_path, "a") as logf:
-        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            list(cmd),
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
         def reader() -> None:
             for line in proc.stdout:
@@ -118,7 +131,12 @@ def run_round(cmd: Sequence[str], env: dict, cwd: Path, log_path: Path,
                     hit, at = "between", 0.0
                     if running and running[-1][1] == "run":
                         hit, at = running[-1][2], now - running[-1][0]
-                    killed = {"kind": kind, "hit": hit, "at_s": round(at, 2), "planned_s": round(delay, 2)}
+                    killed = {
+                        "kind": kind,
+                        "hit": hit,
+                        "at_s": round(at, 2),
+                        "planned_s": round(delay, 2),
+                    }
             time.sleep(0.05)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -181,7 +199,9 @@ def eval_rows(round_dir: Path) -> list | None:
         return None
     rows = json.loads(p.read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows] + sorted(os.listdir(p.parent))
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows] + sorted(
+        os.listdir(p.parent)
+    )
 
 
 def seed_prefix(ref_round: Path, run_round_dir: Path, kind: str) -> list[str]:
@@ -198,12 +218,23 @@ def seed_prefix(ref_round: Path, run_round_dir: Path, kind: str) -> list[str]:
             if (ref_round / o).exists():
                 shutil.copytree(ref_round / o, run_round_dir / o, symlinks=True)
         names.append(name)
-    (run_round_dir / "round_state.json").write_text(json.dumps({"steps": {n: state[n] for n in names}}))
+    (run_round_dir / "round_state.json").write_text(
+        json.dumps({"steps": {n: state[n] for n in names}})
+    )
     return names
 
 
-def kill_campaign(work: Path, cmd: Sequence[str], env: dict, cwd: Path, *, k: int, seed: int,
-                  kinds: Sequence[str] = KINDS, report: Callable[[str], None] = print) -> dict:
+def kill_campaign(
+    work: Path,
+    cmd: Sequence[str],
+    env: dict,
+    cwd: Path,
+    *,
+    k: int,
+    seed: int,
+    kinds: Sequence[str] = KINDS,
+    report: Callable[[str], None] = print,
+) -> dict:
     """Reference round in ``work/run`` (moved to ``work/ref``), then ``k`` kill-and-rerun trials
     (step kinds in turn, seeded uniform moments). ``cmd`` must write to ``work/run``.
     Returns the figures: per trial the kind planned, the step hit and bit-identity."""
@@ -225,8 +256,10 @@ def kill_campaign(work: Path, cmd: Sequence[str], env: dict, cwd: Path, *, k: in
         dur = ref.durations()
         run_dir.rename(ref_dir)
         ref_json.write_text(json.dumps({"step_s": dur, "cmd": list(cmd)}))
-    report(f"reference round: {time.time() - t0:.0f}s; step seconds "
-           + ", ".join(f"{k_}={v:.1f}" for k_, v in dur.items()))
+    report(
+        f"reference round: {time.time() - t0:.0f}s; step seconds "
+        + ", ".join(f"{k_}={v:.1f}" for k_, v in dur.items())
+    )
     ref_round = ref_dir / "round_0"
     rng = random.Random(seed)
     report(f"kill seed {seed}, K={k}")
@@ -244,14 +277,23 @@ def kill_campaign(work: Path, cmd: Sequence[str], env: dict, cwd: Path, *, k: in
             delay = u * first.durations()[kind]
             shutil.rmtree(run_dir)
         second = run_round(cmd, env, cwd, work / f"trial{i:02d}.log")
-        rec = {"trial": i, "kind": kind, "planned_s": round(delay, 2), "killed": first.killed,
-               "first_rc": first.returncode, "rerun_rc": second.returncode,
-               "rerun_ran": [kd for _, w, kd in second.events if w == "run"], "missed": missed}
+        rec = {
+            "trial": i,
+            "kind": kind,
+            "planned_s": round(delay, 2),
+            "killed": first.killed,
+            "first_rc": first.returncode,
+            "rerun_rc": second.returncode,
+            "rerun_ran": [kd for _, w, kd in second.events if w == "run"],
+            "missed": missed,
+        }
         if second.returncode == 0:
             keep = work / "trials" / f"{i:02d}"
             shutil.copytree(run_dir / "round_0" / STUDENT_FINAL, keep / "final")
-            rec["hf_identical"] = all(hf_digests(run_dir / "round_0/hf" / m) == hf_digests(ref_round / "hf" / m)
-                                      for m in os.listdir(ref_round / "hf"))
+            rec["hf_identical"] = all(
+                hf_digests(run_dir / "round_0/hf" / m) == hf_digests(ref_round / "hf" / m)
+                for m in os.listdir(ref_round / "hf")
+            )
             rec["eval_identical"] = eval_rows(run_dir / "round_0") == eval_rows(ref_round)
             if (run_dir / "round_0/eval/results.json").exists():
                 shutil.copy(run_dir / "round_0/eval/results.json", keep / "results.json")
@@ -261,12 +303,15 @@ def kill_campaign(work: Path, cmd: Sequence[str], env: dict, cwd: Path, *, k: in
         trials.append(rec)
         with open(work / "trials.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        report(f"trial {i}: kill planned in {kind} at {delay:.1f}s, hit {first.killed and first.killed['hit']}"
-               f" at {first.killed and first.killed['at_s']}s (rc {first.returncode}); rerun rc "
-               f"{second.returncode}, ran {rec['rerun_ran']} ({rec['seconds']}s)")
+        report(
+            f"trial {i}: kill planned in {kind} at {delay:.1f}s, hit {first.killed and first.killed['hit']}"
+            f" at {first.killed and first.killed['at_s']}s (rc {first.returncode}); rerun rc "
+            f"{second.returncode}, ran {rec['rerun_ran']} ({rec['seconds']}s)"
+        )
         shutil.rmtree(run_dir)
-    finals = [ref_round / STUDENT_FINAL] + [work / "trials" / f"{t['trial']:02d}/final" for t in trials
-                                           if t["rerun_rc"] == 0]
+    finals = [ref_round / STUDENT_FINAL] + [
+        work / "trials" / f"{t['trial']:02d}/final" for t in trials if t["rerun_rc"] == 0
+    ]
     digests = checkpoint_digests(finals)
     it = iter(digests[1:])
     for t in trials:
@@ -278,9 +323,17 @@ def kill_campaign(work: Path, cmd: Sequence[str], env: dict, cwd: Path, *, k: in
         else:
             t["weights_identical"] = False
     n_ok = sum(t["weights_identical"] and t.get("hf_identical", False) for t in trials)
-    return {"K": k, "seed": seed, "identical": n_ok, "reference_step_s": dur,
-            "hits": {kd: sum(1 for t in trials if t["killed"] and t["killed"]["hit"] == kd) for kd in KINDS},
-            "trials": trials, "minutes": round((time.time() - t0) / 60, 1)}
+    return {
+        "K": k,
+        "seed": seed,
+        "identical": n_ok,
+        "reference_step_s": dur,
+        "hits": {
+            kd: sum(1 for t in trials if t["killed"] and t["killed"]["hit"] == kd) for kd in KINDS
+        },
+        "trials": trials,
+        "minutes": round((time.time() - t0) / 60, 1),
+    }
 
 
 # ---- corruption --------------------------------------------------------------------------
@@ -291,18 +344,37 @@ ARTEFACTS: list[tuple[str, str, str]] = [
     ("rollout manifest", "rollouts/manifest.json", "rollouts"),
     ("cache shard", "cache/rank00000-00000.erpdc", "cache"),
     ("cache manifest", "cache/manifest.json", "cache"),
-    ("checkpoint data", "s1_teacher/stage1/checkpoints/final/__0_0.distcp", "s1_teacher/stage1/checkpoints/final"),
-    ("checkpoint metadata", "s1_teacher/stage1/checkpoints/final/.metadata", "s1_teacher/stage1/checkpoints/final"),
-    ("checkpoint common.pt", "s1_teacher/stage1/checkpoints/final/common.pt", "s1_teacher/stage1/checkpoints/final"),
-    ("model_config.yaml", "s1_teacher/stage1/checkpoints/final/model_config.yaml",
-     "s1_teacher/stage1/checkpoints/final"),
-    ("checkpoint.json", "s1_teacher/stage1/checkpoints/final/checkpoint.json",
-     "s1_teacher/stage1/checkpoints/final"),
+    (
+        "checkpoint data",
+        "s1_teacher/stage1/checkpoints/final/__0_0.distcp",
+        "s1_teacher/stage1/checkpoints/final",
+    ),
+    (
+        "checkpoint metadata",
+        "s1_teacher/stage1/checkpoints/final/.metadata",
+        "s1_teacher/stage1/checkpoints/final",
+    ),
+    (
+        "checkpoint common.pt",
+        "s1_teacher/stage1/checkpoints/final/common.pt",
+        "s1_teacher/stage1/checkpoints/final",
+    ),
+    (
+        "model_config.yaml",
+        "s1_teacher/stage1/checkpoints/final/model_config.yaml",
+        "s1_teacher/stage1/checkpoints/final",
+    ),
+    (
+        "checkpoint.json",
+        "s1_teacher/stage1/checkpoints/final/checkpoint.json",
+        "s1_teacher/stage1/checkpoints/final",
+    ),
 ]
 
 
-def corruptions(data: bytes, rng: random.Random, flips: int = 5, truncations: int = 2,
-                digits: int = 2) -> list[tuple[str, int]]:
+def corruptions(
+    data: bytes, rng: random.Random, flips: int = 5, truncations: int = 2, digits: int = 2
+) -> list[tuple[str, int]]:
     """("flip", pos): every bit of the first, the last and seeded bytes; ("truncate", size):
     cut at half and at one byte short; ("digit", pos): a seeded ASCII digit changed to another
     digit (a damaged text file that still parses: JSON / YAML numbers and hashes)."""
@@ -349,8 +421,11 @@ def cache_expectations(rollouts: Path, vocab: int) -> dict:
     from erpd_megatron.data.rollouts import RolloutSet
 
     rs = RolloutSet.open(rollouts)
-    return {"expect_vocab_size": vocab, "expect_rollout_fingerprint": rs.fingerprint,
-            "expect_token_counts": {int(r.sample_id): len(r.response_token_ids) for r in rs}}
+    return {
+        "expect_vocab_size": vocab,
+        "expect_rollout_fingerprint": rs.fingerprint,
+        "expect_token_counts": {int(r.sample_id): len(r.response_token_ids) for r in rs},
+    }
 
 
 def _open_cache(d: Path, expect: dict) -> None:
@@ -387,9 +462,17 @@ def _load_checkpoints(ref: str, copies: list[str]) -> list[str | None]:
     return out
 
 
-def corruption_campaign(ref_round: Path, work: Path, *, seed: int = 0, flips: int = 5, truncations: int = 2,
-                        digits: int = 2, kinds: Sequence[str] | None = None,
-                        cache_expect: dict | None = None) -> dict:
+def corruption_campaign(
+    ref_round: Path,
+    work: Path,
+    *,
+    seed: int = 0,
+    flips: int = 5,
+    truncations: int = 2,
+    digits: int = 2,
+    kinds: Sequence[str] | None = None,
+    cache_expect: dict | None = None,
+) -> dict:
     """Damage each artefact of ``ref_round`` (one fresh copy per damage) and run its consumer's
     open / check (the pristine artefacts first: they must pass). ``cache_expect``: what the
     cache is checked against (default: :func:`cache_expectations` of the round's rollouts).
@@ -405,8 +488,10 @@ def corruption_campaign(ref_round: Path, work: Path, *, seed: int = 0, flips: in
     if cache_expect is None:
         vocab = read_model_config(ref_round / "policy_mcore").vocab_size  # the student's
         cache_expect = cache_expectations(ref_round / "rollouts", vocab)
-    for check, what in ((lambda: _open_rollouts(ref_round / "rollouts"), "rollouts"),
-                        (lambda: _open_cache(ref_round / "cache", cache_expect), "cache")):
+    for check, what in (
+        (lambda: _open_rollouts(ref_round / "rollouts"), "rollouts"),
+        (lambda: _open_cache(ref_round / "cache", cache_expect), "cache"),
+    ):
         err = _error(check)
         if err:
             raise RuntimeError(f"the pristine {what} fail their check: {err}")
@@ -418,8 +503,9 @@ def corruption_campaign(ref_round: Path, work: Path, *, seed: int = 0, flips: in
             continue
         src = ref_round / rel
         text = src.suffix in (".json", ".yaml")
-        for j, (how, at) in enumerate(corruptions(src.read_bytes(), rng, flips, truncations,
-                                                  digits if text else 0)):
+        for j, (how, at) in enumerate(
+            corruptions(src.read_bytes(), rng, flips, truncations, digits if text else 0)
+        ):
             dst_dir = work / f"{kind.replace(' ', '_')}-{j}" / dir_rel
             shutil.copytree(ref_round / dir_rel, dst_dir)
             target = dst_dir / Path(rel).relative_to(dir_rel)
@@ -438,7 +524,9 @@ def corruption_campaign(ref_round: Path, work: Path, *, seed: int = 0, flips: in
             cases.append(case)
     if pending:
         with mp.get_context("spawn").Pool(1) as pool:
-            errors = pool.apply(_load_checkpoints, (str(ref_round / ckpt_dir), [str(d) for _, d in pending]))
+            errors = pool.apply(
+                _load_checkpoints, (str(ref_round / ckpt_dir), [str(d) for _, d in pending])
+            )
         if errors[0] is not None:
             raise RuntimeError(f"the pristine checkpoint fails to load: {errors[0]}")
         for (case, _), err in zip(pending[1:], errors[1:]):
@@ -446,7 +534,9 @@ def corruption_campaign(ref_round: Path, work: Path, *, seed: int = 0, flips: in
     counts: dict[str, dict[str, int]] = {}
     for c in cases:
         c.setdefault("outcome", classify(c["error"], Path(c["target"])))
-        counts.setdefault(c["kind"], {"named": 0, "unnamed": 0, "silent": 0, "no-op": 0})[c["outcome"]] += 1
+        counts.setdefault(c["kind"], {"named": 0, "unnamed": 0, "silent": 0, "no-op": 0})[
+            c["outcome"]
+        ] += 1
     return {"seed": seed, "counts": counts, "cases": cases}
 
 

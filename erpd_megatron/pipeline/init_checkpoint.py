@@ -20,8 +20,13 @@ def init_checkpoint(cfg: Config, out: str | Path, tokenizer_dir: str | Path | No
     from erpd_megatron.models.checkpoint import save_checkpoint
 
     model = build_model(cfg)
-    return save_checkpoint(out, model, model_cfg=cfg.model, tokenizer_dir=tokenizer_dir,
-                           extra={"init": "random", "seed": cfg.seed})
+    return save_checkpoint(
+        out,
+        model,
+        model_cfg=cfg.model,
+        tokenizer_dir=tokenizer_dir,
+        extra={"init": "random", "seed": cfg.seed},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,8 +94,16 @@ class Runner:
     def module(self, module: str, step_overrides: list[str], *, distributed: bool = True) -> None:
         """``python -m module --config RECIPE overrides...`` (under torchrun when distributed)."""
         if distributed and self.nproc > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                   str(self.nproc), "-m", module]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(self.nproc),
+                "-m",
+                module,
+            ]
         else:
             cmd = [sys.executable, "-m", module]
         self.run(cmd + ["--config", self.config, *self.overrides, *step_overrides])
@@ -137,8 +145,9 @@ def export_hf(runner: Runner, pairs: list[tuple[Path, Path]]) -> None:
     """Export Megatron checkpoints to HF in one process (skipping finished exports)."""
     todo = [(s, d) for s, d in pairs if not (d / "config.json").exists()]
     if todo:
-        runner.run([sys.executable, "-m", "erpd_megatron.pipeline.export",
-                    *[f"{s}={d}" for s, d in todo]])
+        runner.run(
+            [sys.executable, "-m", "erpd_megatron.pipeline.export", *[f"{s}={d}" for s, d in todo]]
+        )
 
 
 @dataclass
@@ -160,12 +169,31 @@ def _sections(cfg: Config, *names: str, drop: tuple[str, ...] = ()) -> dict:
 
 
 TRAIN_SECTIONS = ("model", "data", "optimizer", "precision", "seed")
-PATH_KEYS = ("stage1.force", "data.rollout_dir", "rollout.output_dir", "rollout.model_path", "cache.dir", "cache.models",
-             "stage2.cache_dir", "eval.models", "eval.output_dir", "eval.metrics_files")
+PATH_KEYS = (
+    "stage1.force",
+    "data.rollout_dir",
+    "rollout.output_dir",
+    "rollout.model_path",
+    "cache.dir",
+    "cache.models",
+    "stage2.cache_dir",
+    "eval.models",
+    "eval.output_dir",
+    "eval.metrics_files",
+)
 
 
-def plan_round(config: str, overrides: list[str], cfg: Config, runner: Runner, r: int, policy_hf: Path,
-               policy_mcore: Path | None, base_hf: Path, policy_fp: str = "") -> tuple[list[Step], Path, Path, str]:
+def plan_round(
+    config: str,
+    overrides: list[str],
+    cfg: Config,
+    runner: Runner,
+    r: int,
+    policy_hf: Path,
+    policy_mcore: Path | None,
+    base_hf: Path,
+    policy_fp: str = "",
+) -> tuple[list[Step], Path, Path, str]:
     """The steps of round ``r`` in order, with their inputs (nothing runs); returns them and
     the next policy as (HF dir, Megatron checkpoint, name of the step that makes it).
     ``policy_fp``: fingerprint of the step that made pi_r (the previous round's student)."""
@@ -176,10 +204,19 @@ def plan_round(config: str, overrides: list[str], cfg: Config, runner: Runner, r
 
     fps: dict[str, str] = {}
 
-    def add(name: str, title: str, inputs: dict, outputs: list[Path], done: bool, upstream: list[str],
-            fn: Callable[[], None]) -> None:
+    def add(
+        name: str,
+        title: str,
+        inputs: dict,
+        outputs: list[Path],
+        done: bool,
+        upstream: list[str],
+        fn: Callable[[], None],
+    ) -> None:
         # the fingerprints of the steps read from are inputs too: a change propagates downstream
-        inputs = inputs | {f"upstream.{u}": fps[u] for u in upstream} | {"upstream.policy": policy_fp}
+        inputs = (
+            inputs | {f"upstream.{u}": fps[u] for u in upstream} | {"upstream.policy": policy_fp}
+        )
         plan = StepPlan(name, inputs, outputs, done, list(upstream))
         fps[name] = plan.fingerprint
         steps.append(Step(plan, prefix + title, fn))
@@ -187,79 +224,169 @@ def plan_round(config: str, overrides: list[str], cfg: Config, runner: Runner, r
     ups: list[str] = []
     if policy_mcore is None:
         policy_mcore = paths.policy_mcore
-        cmd = [sys.executable, "-m", "erpd_megatron.cli", "convert", "hf-to-mcore", "--hf-dir", str(policy_hf),
-               "--out", str(policy_mcore), "--tp", str(cfg.parallel.tensor_model_parallel_size),
-               "--make-vocab-size-divisible-by", str(cfg.model.make_vocab_size_divisible_by)]
-        add("policy_mcore", "convert pi_r to Megatron",
-            {"policy_hf": str(policy_hf), "tp": cfg.parallel.tensor_model_parallel_size,
-             "divisible_by": cfg.model.make_vocab_size_divisible_by},
-            [policy_mcore], _done(policy_mcore / "model_config.yaml"), ups, lambda: runner.run(cmd))
+        cmd = [
+            sys.executable,
+            "-m",
+            "erpd_megatron.cli",
+            "convert",
+            "hf-to-mcore",
+            "--hf-dir",
+            str(policy_hf),
+            "--out",
+            str(policy_mcore),
+            "--tp",
+            str(cfg.parallel.tensor_model_parallel_size),
+            "--make-vocab-size-divisible-by",
+            str(cfg.model.make_vocab_size_divisible_by),
+        ]
+        add(
+            "policy_mcore",
+            "convert pi_r to Megatron",
+            {
+                "policy_hf": str(policy_hf),
+                "tp": cfg.parallel.tensor_model_parallel_size,
+                "divisible_by": cfg.model.make_vocab_size_divisible_by,
+            },
+            [policy_mcore],
+            _done(policy_mcore / "model_config.yaml"),
+            ups,
+            lambda: runner.run(cmd),
+        )
         ups = ["policy_mcore"]
     common = [f"checkpoint.load={policy_mcore}", f"data.rollout_dir={paths.rollouts}"]
     seed = cfg.rollout.seed + r
-    add("rollouts", "rollouts from pi_r",
-        _sections(cfg, "rollout", drop=PATH_KEYS) | {"rollout.model_path": str(policy_hf), "rollout.seed": seed},
-        [paths.rollouts], _done(paths.rollouts / "manifest.json"), [],
-        lambda: runner.module("erpd_megatron.rollout.generate",
-                              [f"rollout.model_path={policy_hf}", f"rollout.output_dir={paths.rollouts}",
-                               f"rollout.seed={seed}"], distributed=False))
+    add(
+        "rollouts",
+        "rollouts from pi_r",
+        _sections(cfg, "rollout", drop=PATH_KEYS)
+        | {"rollout.model_path": str(policy_hf), "rollout.seed": seed},
+        [paths.rollouts],
+        _done(paths.rollouts / "manifest.json"),
+        [],
+        lambda: runner.module(
+            "erpd_megatron.rollout.generate",
+            [
+                f"rollout.model_path={policy_hf}",
+                f"rollout.output_dir={paths.rollouts}",
+                f"rollout.seed={seed}",
+            ],
+            distributed=False,
+        ),
+    )
     data_ups = ups + ["rollouts"]
     for run in rc.stage1_runs:
         out = paths.stage1(run.name)
         run_cfg = load_config(config, overrides + run.overrides)
-        add(f"s1_{run.name}", f"stage 1 '{run.name}'",
-            _sections(run_cfg, "stage1", *TRAIN_SECTIONS, drop=PATH_KEYS), [out],
-            _done(out / "stage1/checkpoints/manifest.json"), data_ups,
-            lambda run=run, out=out: runner.module("erpd_megatron.stage1",
-                                                   common + [f"output_dir={out}", "checkpoint.save=null",
-                                                             *run.overrides]))
+        add(
+            f"s1_{run.name}",
+            f"stage 1 '{run.name}'",
+            _sections(run_cfg, "stage1", *TRAIN_SECTIONS, drop=PATH_KEYS),
+            [out],
+            _done(out / "stage1/checkpoints/manifest.json"),
+            data_ups,
+            lambda run=run, out=out: runner.module(
+                "erpd_megatron.stage1",
+                common + [f"output_dir={out}", "checkpoint.save=null", *run.overrides],
+            ),
+        )
     models = ", ".join(
         f"{{name: {t.name}, checkpoint: {teacher_checkpoint(paths, t.run, t.epoch)}, topk: {str(t.topk).lower()}}}"
-        for t in rc.teachers)
+        for t in rc.teachers
+    )
     cache_models = f"cache.models=[{models}]"
-    add("cache", "teacher cache",
-        _sections(cfg, "cache", drop=PATH_KEYS) | {"round.teachers": to_dict(rc.teachers)}, [paths.cache],
-        _done(paths.cache / "manifest.json"), data_ups + sorted({f"s1_{t.run}" for t in rc.teachers}),
-        lambda: runner.module("erpd_megatron.cache.tool", common + [f"cache.dir={paths.cache}", cache_models,
-                                                                   f"output_dir={paths.root}"]))
+    add(
+        "cache",
+        "teacher cache",
+        _sections(cfg, "cache", drop=PATH_KEYS) | {"round.teachers": to_dict(rc.teachers)},
+        [paths.cache],
+        _done(paths.cache / "manifest.json"),
+        data_ups + sorted({f"s1_{t.run}" for t in rc.teachers}),
+        lambda: runner.module(
+            "erpd_megatron.cache.tool",
+            common + [f"cache.dir={paths.cache}", cache_models, f"output_dir={paths.root}"],
+        ),
+    )
     for st in rc.students:
         out = paths.stage2(st.name)
         st_cfg = load_config(config, overrides + st.overrides)
-        add(f"s2_{st.name}", f"stage 2 '{st.name}'",
-            _sections(st_cfg, "stage2", *TRAIN_SECTIONS, drop=PATH_KEYS), [out],
-            _done(out / "stage2/checkpoints/manifest.json"), data_ups + ["cache"],
-            lambda st=st, out=out: runner.module("erpd_megatron.stage2",
-                                                 common + [f"output_dir={out}", "checkpoint.save=null",
-                                                           f"stage2.cache_dir={paths.cache}", cache_models,
-                                                           *st.overrides]))
-    exports = [(teacher_checkpoint(paths, t.run, t.epoch), paths.hf(t.name)) for t in rc.teachers if t.evaluate]
-    exports += [(paths.stage2(s.name) / "stage2/checkpoints/final", paths.hf(s.name)) for s in rc.students]
-    add("export", "export models to HF", {"exports": [f"{s}={d}" for s, d in exports]}, [d for _, d in exports],
+        add(
+            f"s2_{st.name}",
+            f"stage 2 '{st.name}'",
+            _sections(st_cfg, "stage2", *TRAIN_SECTIONS, drop=PATH_KEYS),
+            [out],
+            _done(out / "stage2/checkpoints/manifest.json"),
+            data_ups + ["cache"],
+            lambda st=st, out=out: runner.module(
+                "erpd_megatron.stage2",
+                common
+                + [
+                    f"output_dir={out}",
+                    "checkpoint.save=null",
+                    f"stage2.cache_dir={paths.cache}",
+                    cache_models,
+                    *st.overrides,
+                ],
+            ),
+        )
+    exports = [
+        (teacher_checkpoint(paths, t.run, t.epoch), paths.hf(t.name))
+        for t in rc.teachers
+        if t.evaluate
+    ]
+    exports += [
+        (paths.stage2(s.name) / "stage2/checkpoints/final", paths.hf(s.name)) for s in rc.students
+    ]
+    add(
+        "export",
+        "export models to HF",
+        {"exports": [f"{s}={d}" for s, d in exports]},
+        [d for _, d in exports],
         all((d / "config.json").exists() for _, d in exports),
-        sorted({f"s1_{t.run}" for t in rc.teachers if t.evaluate}) + [f"s2_{s.name}" for s in rc.students],
-        lambda: export_hf(runner, exports))
+        sorted({f"s1_{t.run}" for t in rc.teachers if t.evaluate})
+        + [f"s2_{s.name}" for s in rc.students],
+        lambda: export_hf(runner, exports),
+    )
     if rc.evaluate:
         # KL is always to the round-0 base; from round 1 on, this round's pi_r is a row too
         names = [("base", base_hf)] + ([(f"pi_{r}", policy_hf)] if policy_hf != base_hf else [])
         names += [(p.name, p) for _, p in exports]
         models_ov = "eval.models=[" + ", ".join(f"{{name: {n}, path: {p}}}" for n, p in names) + "]"
-        metrics = [str(paths.stage1(x.name) / "stage1/stage1_metrics.jsonl") for x in rc.stage1_runs]
+        metrics = [
+            str(paths.stage1(x.name) / "stage1/stage1_metrics.jsonl") for x in rc.stage1_runs
+        ]
         metrics += [str(paths.stage2(s.name) / "stage2/stage2_metrics.jsonl") for s in rc.students]
-        add("eval", "evaluate",
-            _sections(cfg, "eval", drop=PATH_KEYS) | {"models": [f"{n}={p}" for n, p in names],
-                                                     "rollout.reward_fn": cfg.rollout.reward_fn},
-            [paths.eval], _done(paths.eval / "results.json"), ["export"],
-            lambda: runner.module("erpd_megatron.eval.evaluate",
-                                  [models_ov, f"eval.output_dir={paths.eval}",
-                                   "eval.metrics_files=[" + ", ".join(metrics) + "]"], distributed=False))
+        add(
+            "eval",
+            "evaluate",
+            _sections(cfg, "eval", drop=PATH_KEYS)
+            | {
+                "models": [f"{n}={p}" for n, p in names],
+                "rollout.reward_fn": cfg.rollout.reward_fn,
+            },
+            [paths.eval],
+            _done(paths.eval / "results.json"),
+            ["export"],
+            lambda: runner.module(
+                "erpd_megatron.eval.evaluate",
+                [
+                    models_ov,
+                    f"eval.output_dir={paths.eval}",
+                    "eval.metrics_files=[" + ", ".join(metrics) + "]",
+                ],
+                distributed=False,
+            ),
+        )
     nxt = rc.next_policy or rc.students[0].name
     return steps, paths.hf(nxt), paths.stage2(nxt) / "stage2/checkpoints/final", f"s2_{nxt}"
 
 
 def _looks_local(name: str) -> bool:
     """A path rather than a hub dataset name (``org/name``)."""
-    return name.startswith((".", "/", "~")) or Path(name).suffix in (".parquet", ".jsonl", ".json", ".csv",
-                                                                       ".arrow") or name.count("/") > 1
+    return (
+        name.startswith((".", "/", "~"))
+        or Path(name).suffix in (".parquet", ".jsonl", ".json", ".csv", ".arrow")
+        or name.count("/") > 1
+    )
 
 
 def round_problems(config: str, overrides: list[str], cfg: Config) -> list[str]:
@@ -279,17 +406,25 @@ def round_problems(config: str, overrides: list[str], cfg: Config) -> list[str]:
         problems.append(f"rollout.dataset={ds}: no such file or directory")
     if rc.evaluate:
         if not cfg.eval.datasets:
-            problems.append("eval.datasets is empty: the held-out sets of the round's evaluation "
-                            "(or round.evaluate=false)")
-        problems += [f"eval.datasets: {d}: no such file or directory" for d in cfg.eval.datasets
-                     if _looks_local(d) and not Path(d).exists()]
+            problems.append(
+                "eval.datasets is empty: the held-out sets of the round's evaluation "
+                "(or round.evaluate=false)"
+            )
+        problems += [
+            f"eval.datasets: {d}: no such file or directory"
+            for d in cfg.eval.datasets
+            if _looks_local(d) and not Path(d).exists()
+        ]
         from erpd_megatron.config.schema import EvalModelConfig
 
         probe = load_config(config, overrides, validate=False)  # the base's positions, the recipe's
         probe.eval.models = [EvalModelConfig(name="base", path=rc.base_hf)] if rc.base_hf else []
         problems += eval_length_problems(probe)
-    for what, items in (("round.stage1_runs", rc.stage1_runs), ("round.teachers", rc.teachers),
-                        ("round.students", rc.students)):
+    for what, items in (
+        ("round.stage1_runs", rc.stage1_runs),
+        ("round.teachers", rc.teachers),
+        ("round.students", rc.students),
+    ):
         names = [x.name for x in items]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -306,18 +441,25 @@ def round_problems(config: str, overrides: list[str], cfg: Config) -> list[str]:
         if t.name == "base":
             problems.append("round.teachers: the name 'base' is reserved for pi_r")
         if t.run not in {r.name for r in rc.stage1_runs}:
-            problems.append(f"round.teachers '{t.name}': run '{t.run}' is not in round.stage1_runs "
-                            f"{sorted(r.name for r in rc.stage1_runs)}")
+            problems.append(
+                f"round.teachers '{t.name}': run '{t.run}' is not in round.stage1_runs "
+                f"{sorted(r.name for r in rc.stage1_runs)}"
+            )
         elif t.epoch is not None and t.run in runs:
             s1 = runs[t.run].stage1
             if t.epoch not in s1.save_epochs or t.epoch >= s1.epochs:
-                problems.append(f"round.teachers '{t.name}': epoch {t.epoch} is not a snapshot of run '{t.run}' "
-                                f"(stage1.save_epochs={s1.save_epochs}, epochs={s1.epochs})")
+                problems.append(
+                    f"round.teachers '{t.name}': epoch {t.epoch} is not a snapshot of run '{t.run}' "
+                    f"(stage1.save_epochs={s1.save_epochs}, epochs={s1.epochs})"
+                )
     cached = [t.name for t in rc.teachers]
     for s in rc.students:
         try:
-            check_stage2_teachers(load_config(config, overrides + s.overrides), cached,
-                                  where=f"round.students '{s.name}': stage2.teachers")
+            check_stage2_teachers(
+                load_config(config, overrides + s.overrides),
+                cached,
+                where=f"round.students '{s.name}': stage2.teachers",
+            )
         except ConfigError as e:
             problems.append(str(e))
     if rc.next_policy and rc.next_policy not in {s.name for s in rc.students}:
@@ -332,29 +474,40 @@ def check_round(config: str, overrides: list[str], cfg: Config) -> None:
     raise_problems(round_problems(config, overrides, cfg), "the round")
 
 
-def plan_rounds(config: str, overrides: list[str], cfg: Config, runner: Runner,
-                rounds: int) -> list[tuple[RoundState, list[Step]]]:
+def plan_rounds(
+    config: str, overrides: list[str], cfg: Config, runner: Runner, rounds: int
+) -> list[tuple[RoundState, list[Step]]]:
     """Every round's steps with their decisions (see round_state.decide); runs nothing."""
     base_hf = Path(cfg.round.base_hf)
     policy_hf, policy_mcore, policy_fp, policy_again = base_hf, None, "", False
     out = []
     for r in range(rounds):
-        steps, policy_hf, policy_mcore, nxt = plan_round(config, overrides, cfg, runner, r, policy_hf,
-                                                         policy_mcore, base_hf, policy_fp)
+        steps, policy_hf, policy_mcore, nxt = plan_round(
+            config, overrides, cfg, runner, r, policy_hf, policy_mcore, base_hf, policy_fp
+        )
         state = RoundState(Path(cfg.output_dir) / f"round_{r}")
         decide([s.plan for s in steps], state)
         if policy_again:  # this round's pi_r is made again: every finished step of it is stale
             for s in steps:
                 if s.plan.done:
-                    s.plan.decision, s.plan.why = "changed", [f"round {r - 1}'s pi_{r} ('{nxt}') runs again"]
+                    s.plan.decision, s.plan.why = (
+                        "changed",
+                        [f"round {r - 1}'s pi_{r} ('{nxt}') runs again"],
+                    )
         made = next(s.plan for s in steps if s.plan.name == nxt)
         policy_fp, policy_again = made.fingerprint, made.decision in ("run", "changed")
         out.append((state, steps))
     return out
 
 
-def run_rounds(config: str, overrides: list[str], rounds: int | None = None, *,
-               rerun_changed: bool = False, report: dict | None = None) -> Path:
+def run_rounds(
+    config: str,
+    overrides: list[str],
+    rounds: int | None = None,
+    *,
+    rerun_changed: bool = False,
+    report: dict | None = None,
+) -> Path:
     """Run ``rounds`` rounds (default ``round.rounds``); returns the last round's directory.
     ``report["evaluated"]`` (when given) says whether an evaluation step ran in this call."""
     cfg = load_config(config, overrides)
@@ -370,8 +523,12 @@ def run_rounds(config: str, overrides: list[str], rounds: int | None = None, *,
         for s in steps:
             p = s.plan
             if p.decision == "changed":
-                log.warning("[redo] %s: inputs changed (%s); deleting %s", s.title, "; ".join(p.why[:3]),
-                            ", ".join(map(str, p.outputs)))
+                log.warning(
+                    "[redo] %s: inputs changed (%s); deleting %s",
+                    s.title,
+                    "; ".join(p.why[:3]),
+                    ", ".join(map(str, p.outputs)),
+                )
                 for o in p.outputs:
                     shutil.rmtree(o, ignore_errors=True)
             elif p.decision == "adopt":
@@ -391,20 +548,31 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="erpd round", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
     p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--rerun-changed", action="store_true",
-                   help="redo finished steps whose inputs changed (their outputs are deleted first)")
+    p.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="redo finished steps whose inputs changed (their outputs are deleted first)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)  # options may follow the a.b=c overrides
     try:
         report: dict = {}
-        last = run_rounds(args.config, args.overrides, args.rounds, rerun_changed=args.rerun_changed, report=report)
+        last = run_rounds(
+            args.config,
+            args.overrides,
+            args.rounds,
+            rerun_changed=args.rerun_changed,
+            report=report,
+        )
     except ConfigError as e:
         return print_config_error("round", e)
     except StepFailed as e:
         log.error("%s\nfix the cause and rerun the same command: finished steps are skipped", e)
         return 1
     table = last / "eval" / "results.md"
-    if table.exists() and not report.get("evaluated"):  # the evaluation step printed it already when it ran
+    if table.exists() and not report.get(
+        "evaluated"
+    ):  # the evaluation step printed it already when it ran
         print(table.read_text())
     elif table.exists():
         log.info("round finished; table and plots in %s", table.parent)

@@ -91,7 +91,9 @@ def decide(steps: list[StepPlan], state: RoundState) -> list[StepPlan]:
     """Fill each step's ``decision`` (steps in execution order; ``upstream`` names earlier ones)."""
     by_name: dict[str, StepPlan] = {}
     for s in steps:
-        rerun_up = [u for u in s.upstream if u in by_name and by_name[u].decision in ("run", "changed")]
+        rerun_up = [
+            u for u in s.upstream if u in by_name and by_name[u].decision in ("run", "changed")
+        ]
         rec = state.steps.get(s.name)
         if not s.done:
             s.decision = "run"
@@ -110,8 +112,14 @@ def changed_message(steps: list[StepPlan]) -> str | None:
     bad = [s for s in steps if s.decision == "changed"]
     if not bad:
         return None
-    lines = [f"'{s.name}' ({', '.join(str(p) for p in s.outputs)}): " + "; ".join(s.why[:6])
-             + (f"; and {len(s.why) - 6} more" if len(s.why) > 6 else "") for s in bad]
-    return ("these finished steps ran with other inputs than now, so their outputs do not match "
-            "this command: " + " | ".join(lines) + ". Rerun with --rerun-changed to delete their "
-            "outputs and redo them, restore the old overrides, or choose a new output_dir")
+    lines = [
+        f"'{s.name}' ({', '.join(str(p) for p in s.outputs)}): "
+        + "; ".join(s.why[:6])
+        + (f"; and {len(s.why) - 6} more" if len(s.why) > 6 else "")
+        for s in bad
+    ]
+    return (
+        "these finished steps ran with other inputs than now, so their outputs do not match "
+        "this command: " + " | ".join(lines) + ". Rerun with --rerun-changed to delete their "
+        "outputs and redo them, restore the old overrides, or choose a new output_dir"
+    )

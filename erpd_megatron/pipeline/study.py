@@ -59,9 +59,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUND_SH = ROOT / "scripts" / "slurm" / "erpd_round.sh"
 JOBS_FILE = "study_jobs.json"
 LOCAL_FILE = "study_local.json"
-SLURM_STEP = {"erpd_megatron.rollout.generate": "rollout finalize", "erpd_megatron.stage1": "stage1",
-              "erpd_megatron.cache.tool": "cache", "erpd_megatron.stage2": "stage2",
-              "erpd_megatron.eval.evaluate": "evaluate"}
+SLURM_STEP = {
+    "erpd_megatron.rollout.generate": "rollout finalize",
+    "erpd_megatron.stage1": "stage1",
+    "erpd_megatron.cache.tool": "cache",
+    "erpd_megatron.stage2": "stage2",
+    "erpd_megatron.eval.evaluate": "evaluate",
+}
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
@@ -109,9 +113,14 @@ def demo_base(study: Study, point: Point) -> tuple[Point, Path | None, list[str]
     fp = fingerprint({k: d[k] for k in ("model", "demo", "seed", "data", "precision", "optimizer")})
     m = cfg.model
     root = study.output_dir / "bases" / f"L{m.num_layers}-H{m.hidden_size}-{fp[:10]}"
-    task = [f"rollout.dataset={root / 'data/train.jsonl'}", f"eval.datasets=[{root / 'data/heldout.jsonl'}]"]
+    task = [
+        f"rollout.dataset={root / 'data/train.jsonl'}",
+        f"eval.datasets=[{root / 'data/heldout.jsonl'}]",
+    ]
     make = [*point.overrides, *task, f"output_dir={root}"]
-    point = dataclasses.replace(point, overrides=[*point.overrides, *task, f"round.base_hf={root / 'base_hf'}"])
+    point = dataclasses.replace(
+        point, overrides=[*point.overrides, *task, f"round.base_hf={root / 'base_hf'}"]
+    )
     return point, root, make
 
 
@@ -139,8 +148,9 @@ def plan_study(study: Study, *, check: bool = True) -> list[PointPlan]:
     return [plan_point(study, p, check=check) for p in study_points(study)]
 
 
-def owners(plans: list[PointPlan], *, require_done: bool,
-           replace_stale: bool = False) -> dict[tuple[str, int, str], tuple[str, Path]]:
+def owners(
+    plans: list[PointPlan], *, require_done: bool, replace_stale: bool = False
+) -> dict[tuple[str, int, str], tuple[str, Path]]:
     """For each (point, round, step) whose fingerprint an earlier point has: that point's
     name and output folder. Steps with several outputs (the exports, whose inputs name the
     point's own paths) are never shared; ``require_done``: only owners whose step finished.
@@ -171,7 +181,9 @@ def owners(plans: list[PointPlan], *, require_done: bool,
     return out
 
 
-def link_shared(shared: dict[tuple[str, int, str], tuple[str, Path]], plans: list[PointPlan]) -> int:
+def link_shared(
+    shared: dict[tuple[str, int, str], tuple[str, Path]], plans: list[PointPlan]
+) -> int:
     """Make each shared step's output folder a relative link to its owner's; returns how many
     links were made."""
     made = 0
@@ -186,12 +198,18 @@ def link_shared(shared: dict[tuple[str, int, str], tuple[str, Path]], plans: lis
                     continue
                 path.unlink()
             elif path.exists():  # stale own output (owners(replace_stale=True))
-                log.warning("%s: %s made with other inputs; deleting it for the shared one of %s",
-                            pp.point.name, path, own[0])
+                log.warning(
+                    "%s: %s made with other inputs; deleting it for the shared one of %s",
+                    pp.point.name,
+                    path,
+                    own[0],
+                )
                 shutil.rmtree(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.symlink_to(os.path.relpath(own[1], path.parent), target_is_directory=True)
-            log.info("%s: %s shared with point %s (same fingerprint)", pp.point.name, s.plan.name, own[0])
+            log.info(
+                "%s: %s shared with point %s (same fingerprint)", pp.point.name, s.plan.name, own[0]
+            )
             made += 1
     return made
 
@@ -222,7 +240,9 @@ def run_local(study: Study, *, rerun_changed: bool = False) -> dict[str, str]:
             plans = [plan_point(study, p, check=False) for p in points[: i + 1]]
             drop_dangling(plans[-1:])
             link_shared(owners(plans, require_done=True, replace_stale=rerun_changed), plans)
-            run_rounds(str(point.recipe), point.overrides, study.rounds, rerun_changed=rerun_changed)
+            run_rounds(
+                str(point.recipe), point.overrides, study.rounds, rerun_changed=rerun_changed
+            )
             outcome[point.name] = "done"
         except (ConfigError, StepFailed) as e:
             log.error("point %s failed: %s", point.name, e)
@@ -253,15 +273,21 @@ def _read_jobs(study: Study) -> dict[str, dict]:
     return json.loads(p.read_text()).get("jobs", {}) if p.exists() else {}
 
 
-def _sbatch_round(cfg: Config, recipe: str, steps: str, after: list[str], overrides: list[str]) -> str:
+def _sbatch_round(
+    cfg: Config, recipe: str, steps: str, after: list[str], overrides: list[str]
+) -> str:
     """Submit ``steps`` through erpd_round.sh; returns the job id of the last one."""
     env = dict(os.environ, CONFIG=recipe, STEPS=steps, AFTER=":".join(after))
     env.setdefault("NODES", str(cfg.parallel.num_nodes))
     if not after:
         env.pop("AFTER")
-    p = subprocess.run(["bash", str(ROUND_SH), *overrides], capture_output=True, text=True, env=env, cwd=ROOT)
+    p = subprocess.run(
+        ["bash", str(ROUND_SH), *overrides], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if p.returncode != 0:
-        raise StepFailed(f"erpd_round.sh STEPS='{steps}' failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+        raise StepFailed(
+            f"erpd_round.sh STEPS='{steps}' failed ({p.returncode}): {p.stderr.strip()[-2000:]}"
+        )
     ids = [line.split()[1] for line in p.stdout.splitlines() if len(line.split()) == 2]
     if not ids:
         raise StepFailed(f"erpd_round.sh STEPS='{steps}' printed no job id: {p.stdout!r}")
@@ -274,15 +300,30 @@ def _sbatch_wrap(name: str, cmd: list[str], after: list[str]) -> str:
 
     log_dir = Path(os.environ.get("LOG_DIR", "logs"))
     (ROOT / log_dir).mkdir(parents=True, exist_ok=True)
-    args = ["sbatch", "--parsable", f"--job-name=erpd-{name}", "--nodes=1", "--ntasks=1",
-            f"--output={log_dir}/%x-%j.out", "--kill-on-invalid-dep=yes",
-            *os.environ.get("SBATCH_ARGS", "").split()]
+    args = [
+        "sbatch",
+        "--parsable",
+        f"--job-name=erpd-{name}",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--output={log_dir}/%x-%j.out",
+        "--kill-on-invalid-dep=yes",
+        *os.environ.get("SBATCH_ARGS", "").split(),
+    ]
     if after:
         args.append(f"--dependency=afterok:{':'.join(after)}")
     py = os.environ.get("PYTHON", sys.executable)
-    line = " ".join(shlex.quote(x) for x in [py, *cmd[1:]]) if cmd[0] == sys.executable else shlex.join(cmd)
-    p = subprocess.run([*args, f"--wrap=cd {shlex.quote(str(ROOT))} && {line}"], capture_output=True, text=True,
-                       cwd=ROOT)
+    line = (
+        " ".join(shlex.quote(x) for x in [py, *cmd[1:]])
+        if cmd[0] == sys.executable
+        else shlex.join(cmd)
+    )
+    p = subprocess.run(
+        [*args, f"--wrap=cd {shlex.quote(str(ROOT))} && {line}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if p.returncode != 0:
         raise StepFailed(f"sbatch of '{name}' failed: {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]
@@ -339,12 +380,26 @@ def submit_slurm(study: Study, *, rerun_changed: bool = False) -> dict[str, dict
                     s.fn()
                     kind, module, args = pp.runner.calls[-1]
                     if kind == "module" and module in SLURM_STEP:
-                        jid = _sbatch_round(pp.cfg, str(pp.point.recipe), SLURM_STEP[module], after, args)
+                        jid = _sbatch_round(
+                            pp.cfg, str(pp.point.recipe), SLURM_STEP[module], after, args
+                        )
                     else:
                         jid = _sbatch_wrap(f"{p.name}", args, after)
-                    jobs[fp] = {"job": jid, "point": pp.point.name, "round": r, "step": p.name,
-                                "outputs": [str(o) for o in p.outputs]}
-                    log.info("%s round %d %s: job %s (after %s)", pp.point.name, r, p.name, jid, after or "-")
+                    jobs[fp] = {
+                        "job": jid,
+                        "point": pp.point.name,
+                        "round": r,
+                        "step": p.name,
+                        "outputs": [str(o) for o in p.outputs],
+                    }
+                    log.info(
+                        "%s round %d %s: job %s (after %s)",
+                        pp.point.name,
+                        r,
+                        p.name,
+                        jid,
+                        after or "-",
+                    )
                 by_fp[fp] = jid
                 ids[(r, p.name)] = jid
                 row[p.name] = jid
@@ -360,7 +415,11 @@ def status_rows(study: Study) -> tuple[list[str], list[dict[str, str]]]:
     changed / todo."""
     plans = plan_study(study, check=False)
     jobs = _read_jobs(study)
-    states = job_states(sorted({j["job"] for j in jobs.values()})) if jobs and shutil.which("scontrol") else {}
+    states = (
+        job_states(sorted({j["job"] for j in jobs.values()}))
+        if jobs and shutil.which("scontrol")
+        else {}
+    )
     cols: list[str] = []
     rows = []
     for pp in plans:
@@ -407,19 +466,38 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     action = argv.pop(0) if argv and argv[0] in ("run", "status", "report", "plan") else "run"
-    p = argparse.ArgumentParser(prog=f"erpd study{'' if action == 'run' else ' ' + action}",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog=f"erpd study{'' if action == 'run' else ' ' + action}",
+        description=__doc__.splitlines()[0],
+    )
     p.add_argument("--config", required=True, help="the study YAML (configs/studies/*.yaml)")
     if action == "run":
-        p.add_argument("--slurm", action="store_true", help="submit the steps through scripts/slurm/erpd_round.sh")
-        p.add_argument("--rerun-changed", action="store_true",
-                       help="redo finished steps whose inputs changed (their outputs are deleted first)")
+        p.add_argument(
+            "--slurm",
+            action="store_true",
+            help="submit the steps through scripts/slurm/erpd_round.sh",
+        )
+        p.add_argument(
+            "--rerun-changed",
+            action="store_true",
+            help="redo finished steps whose inputs changed (their outputs are deleted first)",
+        )
     if action == "plan":
-        p.add_argument("--mfu", type=float, default=0.35, help="model-FLOPs utilisation of training/scoring")
-        p.add_argument("--rollout-mfu", type=float, default=0.05,
-                       help="model-FLOPs utilisation of generation (decode is memory-bound)")
-        p.add_argument("--peak-tflops", type=float, default=989.0,
-                       help="dense bf16 peak per GPU (H100/H200 SXM: 989)")
+        p.add_argument(
+            "--mfu", type=float, default=0.35, help="model-FLOPs utilisation of training/scoring"
+        )
+        p.add_argument(
+            "--rollout-mfu",
+            type=float,
+            default=0.05,
+            help="model-FLOPs utilisation of generation (decode is memory-bound)",
+        )
+        p.add_argument(
+            "--peak-tflops",
+            type=float,
+            default=989.0,
+            help="dense bf16 peak per GPU (H100/H200 SXM: 989)",
+        )
     args = p.parse_args(argv)
     try:
         study = load_study(args.config)
@@ -435,9 +513,19 @@ def main(argv: list[str] | None = None) -> int:
         if action == "plan":
             from erpd_megatron.pipeline.study_plan import format_plan, plan_rows
 
-            print(format_plan(plan_rows(study, mfu=args.mfu, rollout_mfu=args.rollout_mfu,
-                                        peak_tflops=args.peak_tflops), mfu=args.mfu,
-                              rollout_mfu=args.rollout_mfu, peak_tflops=args.peak_tflops))
+            print(
+                format_plan(
+                    plan_rows(
+                        study,
+                        mfu=args.mfu,
+                        rollout_mfu=args.rollout_mfu,
+                        peak_tflops=args.peak_tflops,
+                    ),
+                    mfu=args.mfu,
+                    rollout_mfu=args.rollout_mfu,
+                    peak_tflops=args.peak_tflops,
+                )
+            )
             return 0
         if args.slurm:
             summary = submit_slurm(study, rerun_changed=args.rerun_changed)

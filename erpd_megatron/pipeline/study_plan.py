@@ -31,7 +31,9 @@ def _seq_tokens(cfg: Config) -> int:
     return min(seq, cfg.data.max_seq_length) if cfg.data.max_seq_length else seq
 
 
-def step_flops(kind: str, cfg: Config, run_cfg: Config | None = None, *, models: int = 1) -> tuple[float, bool]:
+def step_flops(
+    kind: str, cfg: Config, run_cfg: Config | None = None, *, models: int = 1
+) -> tuple[float, bool]:
     """(model FLOPs, is generation) of one step of a round with resolved config ``cfg``
     (``run_cfg``: the Stage-1 run's or student's own config)."""
     _, n = param_counts(cfg)
@@ -51,8 +53,9 @@ def step_flops(kind: str, cfg: Config, run_cfg: Config | None = None, *, models:
     return 0.0, False
 
 
-def plan_rows(study: Study, *, mfu: float = 0.35, rollout_mfu: float = 0.05,
-              peak_tflops: float = 989.0) -> list[dict[str, Any]]:
+def plan_rows(
+    study: Study, *, mfu: float = 0.35, rollout_mfu: float = 0.05, peak_tflops: float = 989.0
+) -> list[dict[str, Any]]:
     """One row per point: layout, memory per GPU, fits, GPU-hours per step kind and total."""
     from erpd_megatron.config.dryrun import report_dict
     from erpd_megatron.pipeline.study import owners, plan_study
@@ -68,11 +71,20 @@ def plan_rows(study: Study, *, mfu: float = 0.35, rollout_mfu: float = 0.05,
         cfg = pp.cfg
         try:
             d = report_dict(cfg)
-            row.update(memory_gib=d["total_gib"], budget_gib=d["budget_gib"], fits=d["fits"],
-                       gpus=d["world_size"], layout=f"TP{d['tp']} PP{d['pp']} DP{d['dp']}")
+            row.update(
+                memory_gib=d["total_gib"],
+                budget_gib=d["budget_gib"],
+                fits=d["fits"],
+                gpus=d["world_size"],
+                layout=f"TP{d['tp']} PP{d['pp']} DP{d['dp']}",
+            )
         except Exception as e:  # noqa: BLE001 - a layout the dry run rejects is a row, not a crash
-            row.update(memory_gib=None, fits=False, gpus=cfg.parallel.num_nodes * cfg.parallel.gpus_per_node,
-                       layout=f"dry run failed: {e}")
+            row.update(
+                memory_gib=None,
+                fits=False,
+                gpus=cfg.parallel.num_nodes * cfg.parallel.gpus_per_node,
+                layout=f"dry run failed: {e}",
+            )
         total, active = param_counts(cfg)
         row.update(params_b=total / 1e9, active_params_b=active / 1e9)
         hours: dict[str, float] = {}
@@ -81,17 +93,24 @@ def plan_rows(study: Study, *, mfu: float = 0.35, rollout_mfu: float = 0.05,
             name = s.plan.name
             if (pp.point.name, r, name) in shared:
                 continue
-            kind = name if name in ("rollouts", "cache", "eval") else {"s1": "stage1", "s2": "stage2"}.get(
-                name.split("_", 1)[0])
+            kind = (
+                name
+                if name in ("rollouts", "cache", "eval")
+                else {"s1": "stage1", "s2": "stage2"}.get(name.split("_", 1)[0])
+            )
             if kind is None:
                 continue
             run_cfg, models = None, 1
             if kind == "stage1":
                 run = next(x for x in rc.stage1_runs if f"s1_{x.name}" == name)
-                run_cfg = load_config(str(pp.point.recipe), pp.point.overrides + run.overrides, validate=False)
+                run_cfg = load_config(
+                    str(pp.point.recipe), pp.point.overrides + run.overrides, validate=False
+                )
             elif kind == "stage2":
                 st = next(x for x in rc.students if f"s2_{x.name}" == name)
-                run_cfg = load_config(str(pp.point.recipe), pp.point.overrides + st.overrides, validate=False)
+                run_cfg = load_config(
+                    str(pp.point.recipe), pp.point.overrides + st.overrides, validate=False
+                )
             elif kind == "cache":
                 models = 1 + len(rc.teachers)
             elif kind == "eval":
@@ -106,26 +125,50 @@ def plan_rows(study: Study, *, mfu: float = 0.35, rollout_mfu: float = 0.05,
     return rows
 
 
-def format_plan(rows: list[dict[str, Any]], *, mfu: float, rollout_mfu: float, peak_tflops: float) -> str:
+def format_plan(
+    rows: list[dict[str, Any]], *, mfu: float, rollout_mfu: float, peak_tflops: float
+) -> str:
     """The plan as Markdown: one row per point, the throughput assumption, the total."""
     kinds = ["rollouts", "stage1", "cache", "stage2", "eval"]
-    head = ["point", "params (B, active)", "GPUs", "layout", "memory / GPU (GiB)", *[f"GPU-h {k}" for k in kinds],
-            "GPU-h total", "wall h"]
+    head = [
+        "point",
+        "params (B, active)",
+        "GPUs",
+        "layout",
+        "memory / GPU (GiB)",
+        *[f"GPU-h {k}" for k in kinds],
+        "GPU-h total",
+        "wall h",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['point']} | config error: {r['error']} |")
             continue
-        mem = "?" if r.get("memory_gib") is None else (
-            f"{r['memory_gib']:.1f} of {r['budget_gib']:.0f} ({'fits' if r['fits'] else 'DOES NOT FIT'})")
-        cells = [r["point"], f"{r['params_b']:.2f} ({r['active_params_b']:.2f})", str(r["gpus"]), r["layout"], mem]
+        mem = (
+            "?"
+            if r.get("memory_gib") is None
+            else (
+                f"{r['memory_gib']:.1f} of {r['budget_gib']:.0f} ({'fits' if r['fits'] else 'DOES NOT FIT'})"
+            )
+        )
+        cells = [
+            r["point"],
+            f"{r['params_b']:.2f} ({r['active_params_b']:.2f})",
+            str(r["gpus"]),
+            r["layout"],
+            mem,
+        ]
         cells += [f"{r.get(f'gpu_h_{k}', 0.0):.3g}" for k in kinds]
         cells += [f"{r['gpu_hours']:.3g}", f"{r['wall_hours']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     total = sum(r.get("gpu_hours", 0.0) for r in rows)
-    lines += ["", f"total: {total:.1f} GPU-hours over {len(rows)} points (shared steps counted once)",
-              f"assumption: {peak_tflops:g} TFLOP/s peak per GPU x MFU {mfu:g} for training and scoring, "
-              f"x {rollout_mfu:g} for generation; 6 N FLOPs per trained token, 2 N per scored or generated "
-              "token (N = active parameters); every sequence at max_prompt_tokens + max_new_tokens "
-              "(an upper bound)"]
+    lines += [
+        "",
+        f"total: {total:.1f} GPU-hours over {len(rows)} points (shared steps counted once)",
+        f"assumption: {peak_tflops:g} TFLOP/s peak per GPU x MFU {mfu:g} for training and scoring, "
+        f"x {rollout_mfu:g} for generation; 6 N FLOPs per trained token, 2 N per scored or generated "
+        "token (N = active parameters); every sequence at max_prompt_tokens + max_new_tokens "
+        "(an upper bound)",
+    ]
     return "\n".join(lines)

@@ -69,7 +69,11 @@ def collect(study: Study) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     plans = plan_study(study, check=False)
     jobs = _read(study.output_dir / JOBS_FILE).get("jobs", {})
     local = _read(study.output_dir / LOCAL_FILE).get("outcome", {})
-    states = job_states(sorted({j["job"] for j in jobs.values()})) if jobs and shutil.which("scontrol") else {}
+    states = (
+        job_states(sorted({j["job"] for j in jobs.values()}))
+        if jobs and shutil.which("scontrol")
+        else {}
+    )
     rows, comp = [], []
     for pp in plans:
         base = {"point": pp.point.name, **pp.point.axes}
@@ -83,7 +87,13 @@ def collect(study: Study) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             out = s.plan.outputs[0] if s.plan.outputs else None
             j = jobs.get(s.plan.fingerprint)
             st = states.get(j["job"]) if j else None
-            if not s.plan.done and st in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if not s.plan.done and st in (
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+            ):
                 why.append(f"{s.plan.name}: job {j['job']} {st}")
             if out is None:
                 continue
@@ -92,11 +102,21 @@ def collect(study: Study) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                 continue
             shared = out.is_symlink()
             h = gpu_hours(rec)
-            comp.append({"point": pp.point.name, "round": r, "step": s.plan.name, "shared": shared,
-                         "trained_tokens": rec.get("trained_tokens"), "scored_tokens": rec.get("scored_tokens"),
-                         "wall_s": rec.get("wall_s"), "gpus": rec.get("gpus"),
-                         "model_flops": rec.get("model_flops"), "gpu_hours": h,
-                         "tflops_per_gpu": tflops_per_gpu(rec)})
+            comp.append(
+                {
+                    "point": pp.point.name,
+                    "round": r,
+                    "step": s.plan.name,
+                    "shared": shared,
+                    "trained_tokens": rec.get("trained_tokens"),
+                    "scored_tokens": rec.get("scored_tokens"),
+                    "wall_s": rec.get("wall_s"),
+                    "gpus": rec.get("gpus"),
+                    "model_flops": rec.get("model_flops"),
+                    "gpu_hours": h,
+                    "tflops_per_gpu": tflops_per_gpu(rec),
+                }
+            )
             if not shared:
                 point_h += h
         base["gpu_hours"] = point_h
@@ -107,19 +127,37 @@ def collect(study: Study) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             if str(local.get(pp.point.name, "")).startswith("failed"):
                 why.append(local[pp.point.name][:300])
             status = "failed" if why or _failed_marker(pp.point.output_dir) else "missing"
-            rows.append(base | {"status": status, "why": "; ".join(why) or "no eval/results.json yet"})
+            rows.append(
+                base | {"status": status, "why": "; ".join(why) or "no eval/results.json yet"}
+            )
             continue
         for row in res["rows"]:
-            rows.append(base | {"status": "ok", "model": row.get("model"), "dataset": row.get("dataset"),
-                                "is_base": bool(row.get("is_base")), "eval_epoch": _model_epoch(pp.cfg, row),
-                                **{k: row.get(k) for k in METRICS}})
-        base_acc = {r["dataset"]: r["accuracy"] for r in rows if r["point"] == pp.point.name and r.get("is_base")}
+            rows.append(
+                base
+                | {
+                    "status": "ok",
+                    "model": row.get("model"),
+                    "dataset": row.get("dataset"),
+                    "is_base": bool(row.get("is_base")),
+                    "eval_epoch": _model_epoch(pp.cfg, row),
+                    **{k: row.get(k) for k in METRICS},
+                }
+            )
+        base_acc = {
+            r["dataset"]: r["accuracy"]
+            for r in rows
+            if r["point"] == pp.point.name and r.get("is_base")
+        }
         for r_ in rows:
             if r_["point"] == pp.point.name and r_.get("status") == "ok" and not r_.get("is_base"):
                 b = base_acc.get(r_["dataset"])
-                gain = (r_["accuracy"] - b) if (b is not None and r_["accuracy"] is not None) else None
+                gain = (
+                    (r_["accuracy"] - b) if (b is not None and r_["accuracy"] is not None) else None
+                )
                 r_["acc_gain"] = gain
-                r_["acc_gain_per_gpu_hour"] = gain / point_h if gain is not None and point_h > 0 else None
+                r_["acc_gain_per_gpu_hour"] = (
+                    gain / point_h if gain is not None and point_h > 0 else None
+                )
     return rows, comp
 
 
@@ -157,7 +195,11 @@ def seed_rows(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [r[m] for r in rs if isinstance(r.get(m), (int, float))]
             if vals:
                 mu = sum(vals) / len(vals)
-                sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+                sd = (
+                    math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1))
+                    if len(vals) > 1
+                    else 0.0
+                )
                 row[m], row[f"{m}_seed_se"] = mu, sd / math.sqrt(len(vals))
         out.append(row)
     return out
@@ -230,10 +272,20 @@ def plot_accuracy_vs_kl(rows: list[dict], path: Path) -> Path:
         color = f"C{i}"
         rs = [r for r in ok if _size_label(r) == size]
         for r in rs:
-            ax.errorbar(r["kl_to_base"], r["accuracy"], yerr=r.get("accuracy_se") or 0, fmt="o" if not r["is_base"]
-                        else "*", color=color, ms=6 if not r["is_base"] else 11, alpha=0.8, capsize=2)
+            ax.errorbar(
+                r["kl_to_base"],
+                r["accuracy"],
+                yerr=r.get("accuracy_se") or 0,
+                fmt="o" if not r["is_base"] else "*",
+                color=color,
+                ms=6 if not r["is_base"] else 11,
+                alpha=0.8,
+                capsize=2,
+            )
         front = _frontier([(r["kl_to_base"], r["accuracy"]) for r in rs])
-        ax.plot([x for x, _ in front], [y for _, y in front], "-", color=color, label=f"{size} frontier")
+        ax.plot(
+            [x for x, _ in front], [y for _, y in front], "-", color=color, label=f"{size} frontier"
+        )
     missing = sorted({r["point"] for r in rows if r.get("status") != "ok"})
     title = "accuracy vs KL to the base (* = base)"
     if missing:
@@ -261,15 +313,26 @@ def plot_accuracy_vs_epochs(rows: list[dict], path: Path) -> Path:
         xs = sorted(pts)
         mu = [sum(pts[x]) / len(pts[x]) for x in xs]
         se = [_se(pts[x]) for x in xs]
-        ax.errorbar(xs, mu, yerr=se, fmt="-o" if role == "student" else "--^", capsize=3,
-                    color=f"C{sizes.index(size)}", label=f"{size} {role}s")
+        ax.errorbar(
+            xs,
+            mu,
+            yerr=se,
+            fmt="-o" if role == "student" else "--^",
+            capsize=3,
+            color=f"C{sizes.index(size)}",
+            label=f"{size} {role}s",
+        )
     bases: dict[str, list[float]] = {}
     for r in rows:
         if r.get("status") == "ok" and r.get("is_base") and r.get("accuracy") is not None:
             bases.setdefault(_size_label(r), []).append(r["accuracy"])
     for size, accs in sorted(bases.items()):  # one dotted line per size's base
-        ax.axhline(sum(accs) / len(accs), color=f"C{sizes.index(size)}" if size in sizes else "grey", ls=":",
-                   label=f"{size} base")
+        ax.axhline(
+            sum(accs) / len(accs),
+            color=f"C{sizes.index(size)}" if size in sizes else "grey",
+            ls=":",
+            label=f"{size} base",
+        )
     ax.set(xlabel="Stage-1 epochs", ylabel="accuracy (avg@n)", title="accuracy vs Stage-1 epochs")
     if series:
         ax.legend(fontsize=8)
@@ -290,22 +353,40 @@ def plot_gain_per_axis(study: Study, rows: list[dict], path: Path) -> Path:
     results are marked ``missing`` on the axis."""
     axes = _axes(study) or ["point"]
     fig, axs = _figure(4.2, 3.4, ncols=len(axes), nrows=2)
-    ok = [r for r in rows if r.get("status") == "ok" and not r.get("is_base") and r.get("eval_epoch") is None]
+    ok = [
+        r
+        for r in rows
+        if r.get("status") == "ok" and not r.get("is_base") and r.get("eval_epoch") is None
+    ]
     for j, a in enumerate(axes):
         labels = []
         for r in rows:
             if str(r.get(a)) not in labels:
                 labels.append(str(r.get(a)))
-        for i, (metric, ylabel) in enumerate((("acc_gain_per_nat", "accuracy gain per nat"),
-                                              ("acc_gain_per_gpu_hour", "accuracy gain per GPU-hour"))):
+        for i, (metric, ylabel) in enumerate(
+            (
+                ("acc_gain_per_nat", "accuracy gain per nat"),
+                ("acc_gain_per_gpu_hour", "accuracy gain per GPU-hour"),
+            )
+        ):
             ax = axs[i][j]
             mus, ses, names = [], [], []
             for lab in labels:
-                v = [r[metric] for r in ok if str(r.get(a)) == lab and isinstance(r.get(metric), (int, float))]
+                v = [
+                    r[metric]
+                    for r in ok
+                    if str(r.get(a)) == lab and isinstance(r.get(metric), (int, float))
+                ]
                 names.append(lab if v else f"{lab}\n(missing)")
                 mus.append(sum(v) / len(v) if v else 0.0)
                 ses.append(_se(v))
-            ax.bar(range(len(labels)), mus, yerr=ses, capsize=3, color=[f"C{k}" for k in range(len(labels))])
+            ax.bar(
+                range(len(labels)),
+                mus,
+                yerr=ses,
+                capsize=3,
+                color=[f"C{k}" for k in range(len(labels))],
+            )
             ax.set_xticks(range(len(labels)), names, fontsize=8)
             ax.set(xlabel=a, ylabel=ylabel)
             ax.axhline(0, color="black", lw=0.6)
@@ -326,8 +407,16 @@ def _wandb_runs(study: Study, rows: list[dict]) -> None:
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     for p in study.points():
         rs = [r for r in rows if r["point"] == p.name]
-        run = wandb.init(project=study.wandb_project, group=study.name, name=p.name, config=p.axes,
-                         mode=mode, dir=str(p.output_dir), reinit=True, job_type="study-point")
+        run = wandb.init(
+            project=study.wandb_project,
+            group=study.name,
+            name=p.name,
+            config=p.axes,
+            mode=mode,
+            dir=str(p.output_dir),
+            reinit=True,
+            job_type="study-point",
+        )
         summary = {"status": rs[0].get("status") if rs else "missing"}
         for r in rs:
             if r.get("status") == "ok":
@@ -345,15 +434,54 @@ def write_study_report(study: Study) -> dict[str, Path]:
     out = study.output_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     axes = _axes(study)
-    cols = ["point", *axes, "status", "model", "dataset", "accuracy", "accuracy_se", "kl_to_base",
-            "acc_gain", "acc_gain_per_nat", "acc_gain_per_gpu_hour", "entropy", "gpu_hours", "params_b", "why"]
+    cols = [
+        "point",
+        *axes,
+        "status",
+        "model",
+        "dataset",
+        "accuracy",
+        "accuracy_se",
+        "kl_to_base",
+        "acc_gain",
+        "acc_gain_per_nat",
+        "acc_gain_per_gpu_hour",
+        "entropy",
+        "gpu_hours",
+        "params_b",
+        "why",
+    ]
     seeds = seed_rows(study, rows)
-    scols = [a for a in axes if a != "seed"] + ["model", "dataset", "seeds", "accuracy", "accuracy_seed_se",
-                                                 "kl_to_base", "kl_to_base_seed_se", "acc_gain", "acc_gain_seed_se"]
-    ccols = ["point", "round", "step", "shared", "trained_tokens", "scored_tokens", "wall_s", "gpus",
-             "model_flops", "gpu_hours", "tflops_per_gpu"]
-    paths = {"md": out / "study.md", "csv": out / "study.csv", "json": out / "study.json",
-             "compute_csv": out / "compute.csv"}
+    scols = [a for a in axes if a != "seed"] + [
+        "model",
+        "dataset",
+        "seeds",
+        "accuracy",
+        "accuracy_seed_se",
+        "kl_to_base",
+        "kl_to_base_seed_se",
+        "acc_gain",
+        "acc_gain_seed_se",
+    ]
+    ccols = [
+        "point",
+        "round",
+        "step",
+        "shared",
+        "trained_tokens",
+        "scored_tokens",
+        "wall_s",
+        "gpus",
+        "model_flops",
+        "gpu_hours",
+        "tflops_per_gpu",
+    ]
+    paths = {
+        "md": out / "study.md",
+        "csv": out / "study.csv",
+        "json": out / "study.json",
+        "compute_csv": out / "compute.csv",
+    }
     paths["accuracy_vs_kl"] = plot_accuracy_vs_kl(rows, out / "accuracy_vs_kl.png")
     paths["accuracy_vs_epochs"] = plot_accuracy_vs_epochs(rows, out / "accuracy_vs_epochs.png")
     paths["gain_per_axis"] = plot_gain_per_axis(study, rows, out / "gain_per_axis.png")
@@ -362,11 +490,20 @@ def write_study_report(study: Study) -> dict[str, Path]:
     md = [f"# Study {study.name}", "", f"{n_ok} of {n} points evaluated.", "", _md(rows, cols), ""]
     if seeds:
         md += ["## Over seeds (mean, standard error over seeds)", "", _md(seeds, scols), ""]
-    md += ["## Compute per step", "", "GPU-hours = GPUs x wall time of the steps' optimizer/scoring loops; "
-           "TFLOP/s per GPU from model FLOPs (6 N per trained token, 2 N per scored token). Rollouts and "
-           "evaluation record no compute block.", "", _md(comp, ccols), "",
-           "![accuracy vs KL](accuracy_vs_kl.png)", "![accuracy vs epochs](accuracy_vs_epochs.png)",
-           "![gain per axis](gain_per_axis.png)", ""]
+    md += [
+        "## Compute per step",
+        "",
+        "GPU-hours = GPUs x wall time of the steps' optimizer/scoring loops; "
+        "TFLOP/s per GPU from model FLOPs (6 N per trained token, 2 N per scored token). Rollouts and "
+        "evaluation record no compute block.",
+        "",
+        _md(comp, ccols),
+        "",
+        "![accuracy vs KL](accuracy_vs_kl.png)",
+        "![accuracy vs epochs](accuracy_vs_epochs.png)",
+        "![gain per axis](gain_per_axis.png)",
+        "",
+    ]
     atomic_write_bytes(paths["md"], "\n".join(md).encode())
     atomic_write_bytes(paths["csv"], _csv(rows, cols).encode())
     atomic_write_bytes(paths["compute_csv"], _csv(comp, ccols).encode())

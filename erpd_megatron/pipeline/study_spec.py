@@ -38,8 +38,19 @@ import yaml
 
 from erpd_megatron.config.loader import ConfigError
 
-KEYS = ("name", "recipe", "output_dir", "overrides", "axes", "zip", "seeds", "seed_keys", "wandb_project",
-        "rounds", "prepare")
+KEYS = (
+    "name",
+    "recipe",
+    "output_dir",
+    "overrides",
+    "axes",
+    "zip",
+    "seeds",
+    "seed_keys",
+    "wandb_project",
+    "rounds",
+    "prepare",
+)
 AXIS_KEYS = ("name", "key", "values")
 RECIPE_KEY = "\0recipe="  # an axis with ``key: recipe`` picks the point's base recipe
 
@@ -104,13 +115,17 @@ class Study:
                 parts.append(f"{a.name}-{a.labels[i]}")
                 for o in a.overrides[i]:
                     if o.startswith(RECIPE_KEY):
-                        recipe = Path(o[len(RECIPE_KEY):])
+                        recipe = Path(o[len(RECIPE_KEY) :])
                     else:
                         ov.append(o)
                 axes[a.name] = a.values[i]
             name = "__".join(parts) or "point"
             d = self.output_dir / name
-            ov += [f"output_dir={d}", f"logging.wandb_group={self.name}", f"logging.run_name={self.name}-{name}"]
+            ov += [
+                f"output_dir={d}",
+                f"logging.wandb_group={self.name}",
+                f"logging.run_name={self.name}-{name}",
+            ]
             if self.wandb_project:
                 ov.append(f"logging.wandb_project={self.wandb_project}")
             out.append(Point(name, axes, ov, d, recipe))
@@ -134,45 +149,71 @@ def _str_list(v: Any, where: str, src: Path) -> list[str]:
 def _axis(raw: Any, i: int, src: Path) -> Axis:
     where = f"axes.{i}"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: {where} must be a mapping with name, values (and key), got {raw!r}")
+        raise ConfigError(
+            f"{src}: {where} must be a mapping with name, values (and key), got {raw!r}"
+        )
     unknown = sorted(set(raw) - set(AXIS_KEYS))
     if unknown:
-        raise ConfigError(f"{src}: {where}: unknown key(s) {unknown} (an axis has {list(AXIS_KEYS)})")
+        raise ConfigError(
+            f"{src}: {where}: unknown key(s) {unknown} (an axis has {list(AXIS_KEYS)})"
+        )
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
-        raise ConfigError(f"{src}: {where}.name must be an identifier (letters, digits, _), got {name!r}")
+        raise ConfigError(
+            f"{src}: {where}.name must be an identifier (letters, digits, _), got {name!r}"
+        )
     where = f"axes.{i} ('{name}')"
     vals, key = raw.get("values"), raw.get("key")
     if isinstance(vals, dict):
         if key is not None:
-            raise ConfigError(f"{src}: {where}: key is for a list of values; labelled override lists take none")
+            raise ConfigError(
+                f"{src}: {where}: key is for a list of values; labelled override lists take none"
+            )
         labels = [_label(k) for k in vals]
         ovs = [_str_list(v, f"{where}.values.{k}", src) for k, v in vals.items()]
         values: list[Any] = [str(k) for k in vals]
     elif isinstance(vals, list) and vals:
         if all(isinstance(v, list) for v in vals):
             if key is not None:
-                raise ConfigError(f"{src}: {where}: key is for a list of values, not of override lists")
+                raise ConfigError(
+                    f"{src}: {where}: key is for a list of values, not of override lists"
+                )
             ovs = [_str_list(v, f"{where}.values.{j}", src) for j, v in enumerate(vals)]
             labels, values = [str(j) for j in range(len(vals))], [str(j) for j in range(len(vals))]
         else:
             if not isinstance(key, str) or not key:
-                raise ConfigError(f"{src}: {where}: a list of values needs key: the dotted config key they set")
+                raise ConfigError(
+                    f"{src}: {where}: a list of values needs key: the dotted config key they set"
+                )
             if any(isinstance(v, (list, dict)) for v in vals):
-                raise ConfigError(f"{src}: {where}.values: mix of scalars and lists; use override lists")
+                raise ConfigError(
+                    f"{src}: {where}.values: mix of scalars and lists; use override lists"
+                )
             if key == "recipe":
                 paths = [_recipe_path(str(v), src, f"{where}.values") for v in vals]
-                return Axis(name, [_label(Path(str(v)).stem) for v in vals], [[RECIPE_KEY + str(x)] for x in paths],
-                            [Path(str(v)).stem for v in vals])
-            ovs = [[f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"]
-                   for v in vals]
+                return Axis(
+                    name,
+                    [_label(Path(str(v)).stem) for v in vals],
+                    [[RECIPE_KEY + str(x)] for x in paths],
+                    [Path(str(v)).stem for v in vals],
+                )
+            ovs = [
+                [
+                    f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                ]
+                for v in vals
+            ]
             labels, values = [_label(v) for v in vals], list(vals)
     else:
-        raise ConfigError(f"{src}: {where}.values must be a non-empty list or a mapping label -> overrides, "
-                          f"got {vals!r}")
+        raise ConfigError(
+            f"{src}: {where}.values must be a non-empty list or a mapping label -> overrides, "
+            f"got {vals!r}"
+        )
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
-        raise ConfigError(f"{src}: {where}: values give the same point name {dup}: make their labels differ")
+        raise ConfigError(
+            f"{src}: {where}: values give the same point name {dup}: make their labels differ"
+        )
     return Axis(name, labels, ovs, values)
 
 
@@ -180,8 +221,10 @@ def _recipe_path(rec: str, src: Path, where: str) -> Path:
     """A recipe path relative to the study file, else to the working directory."""
     p = (src.parent / rec) if (src.parent / rec).exists() else Path(rec)
     if not p.exists():
-        raise ConfigError(f"{src}: {where}: recipe {rec}: no such file (relative to {src.parent} or "
-                          "the working dir)")
+        raise ConfigError(
+            f"{src}: {where}: recipe {rec}: no such file (relative to {src.parent} or "
+            "the working dir)"
+        )
     return p
 
 
@@ -200,19 +243,26 @@ def load_study(path: str | Path) -> Study:
     if unknown:
         import difflib
 
-        hints = [f"'{u}'" + (f" (did you mean '{c[0]}'?)" if (c := difflib.get_close_matches(u, KEYS, 1)) else "")
-                 for u in unknown]
+        hints = [
+            f"'{u}'"
+            + (f" (did you mean '{c[0]}'?)" if (c := difflib.get_close_matches(u, KEYS, 1)) else "")
+            for u in unknown
+        ]
         raise ConfigError(f"{src}: unknown key(s) {', '.join(hints)}; a study has {list(KEYS)}")
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ConfigError(f"{src}: name must be a folder-safe string (letters, digits, . _ -), got {name!r}")
+        raise ConfigError(
+            f"{src}: name must be a folder-safe string (letters, digits, . _ -), got {name!r}"
+        )
     rec = raw.get("recipe")
     by_axis = any(isinstance(a, dict) and a.get("key") == "recipe" for a in raw.get("axes") or [])
     if rec is None and by_axis:
         recipe = None
     elif not isinstance(rec, str):
-        raise ConfigError(f"{src}: recipe must be the path of the base recipe YAML (or an axis with "
-                          f"key: recipe), got {rec!r}")
+        raise ConfigError(
+            f"{src}: recipe must be the path of the base recipe YAML (or an axis with "
+            f"key: recipe), got {rec!r}"
+        )
     else:
         recipe = _recipe_path(rec, src, "recipe")
     out = raw.get("output_dir") or f"runs/studies/{name}"
@@ -225,13 +275,23 @@ def load_study(path: str | Path) -> Study:
     axes = [_axis(a, i, src) for i, a in enumerate(axes_raw)]
     seeds = raw.get("seeds")
     if seeds is not None:
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                                for s in seeds):
+        if (
+            not isinstance(seeds, list)
+            or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        ):
             raise ConfigError(f"{src}: seeds must be a non-empty list of integers, got {seeds!r}")
         keys = raw.get("seed_keys", ["seed"])
         if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
             raise ConfigError(f"{src}: seed_keys must be a list of dotted keys, got {keys!r}")
-        axes.append(Axis("seed", [str(s) for s in seeds], [[f"{k}={s}" for k in keys] for s in seeds], list(seeds)))
+        axes.append(
+            Axis(
+                "seed",
+                [str(s) for s in seeds],
+                [[f"{k}={s}" for k in keys] for s in seeds],
+                list(seeds),
+            )
+        )
     elif "seed_keys" in raw:
         raise ConfigError(f"{src}: seed_keys without seeds")
     names = [a.name for a in axes]
@@ -240,7 +300,9 @@ def load_study(path: str | Path) -> Study:
         raise ConfigError(f"{src}: axes: duplicate names {dup} (seeds make an axis named 'seed')")
     zips = raw.get("zip") or []
     if not isinstance(zips, list) or not all(isinstance(z, list) and len(z) >= 2 for z in zips):
-        raise ConfigError(f"{src}: zip must be a list of lists of at least two axis names, got {zips!r}")
+        raise ConfigError(
+            f"{src}: zip must be a list of lists of at least two axis names, got {zips!r}"
+        )
     seen: set[str] = set()
     by = {a.name: a for a in axes}
     for j, z in enumerate(zips):
@@ -261,5 +323,7 @@ def load_study(path: str | Path) -> Study:
         raise ConfigError(f"{src}: rounds must be a positive integer, got {rounds!r}")
     prep = raw.get("prepare")
     if prep not in (None, "demo"):
-        raise ConfigError(f"{src}: prepare must be null or 'demo' (the embedded task's base), got {prep!r}")
+        raise ConfigError(
+            f"{src}: prepare must be null or 'demo' (the embedded task's base), got {prep!r}"
+        )
     return Study(src, name, recipe, Path(out), overrides, axes, zips, wp, rounds, prep)

@@ -60,8 +60,14 @@ class Problem:
         return ";".join(steps) + f";{BOXED}{v}}}"
 
 
-def make_problems(n: int, *, seed: int, max_term: int = 20, num_terms: tuple[int, int] = (2, 3),
-                  exclude: set[str] | None = None) -> list[Problem]:
+def make_problems(
+    n: int,
+    *,
+    seed: int,
+    max_term: int = 20,
+    num_terms: tuple[int, int] = (2, 3),
+    exclude: set[str] | None = None,
+) -> list[Problem]:
     """``n`` distinct problems with non-negative intermediate values (the tokenizer has no
     minus sign for negative numbers), none whose prompt is in ``exclude``."""
     rng = random.Random(seed)
@@ -92,8 +98,13 @@ def write_splits(out_dir: str | Path, *, train: int, heldout: int, seed: int) ->
     paths = {}
     for name, probs in (("train", tr), ("heldout", held)):
         path = out / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"problem": p.prompt, "answer": str(p.answer),
-                                            "solution": p.solution}) + "\n" for p in probs))
+        path.write_text(
+            "".join(
+                json.dumps({"problem": p.prompt, "answer": str(p.answer), "solution": p.solution})
+                + "\n"
+                for p in probs
+            )
+        )
         paths[name] = path
     return paths
 
@@ -107,9 +118,16 @@ def char_tokenizer(chars: list[str], specials: list[str] = SPECIALS):
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def build_tokenizer(out_dir: str | Path | None = None):
@@ -129,7 +147,9 @@ def unboxed(solution: str) -> str:
     return head + tail.rstrip("}")
 
 
-def sft_records(problems_file: str | Path, tokenizer, *, unboxed_fraction: float = 0.0, seed: int = 0) -> list:
+def sft_records(
+    problems_file: str | Path, tokenizer, *, unboxed_fraction: float = 0.0, seed: int = 0
+) -> list:
     """The supervised data of the base as rollout records: reference solutions with reward 1
     (Stage 1's ``ce`` loss trains on reward-1 responses: supervised fine-tuning).
 
@@ -145,9 +165,20 @@ def sft_records(problems_file: str | Path, tokenizer, *, unboxed_fraction: float
         text = unboxed(row["solution"]) if rng.random() < unboxed_fraction else row["solution"]
         prompt = tokenizer(row["problem"])["input_ids"]
         resp = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        recs.append(RolloutRecord(
-            sample_id=i, prompt_id=i, group_index=i, sample_index=0, prompt_token_ids=prompt,
-            response_token_ids=resp, reward=1.0, finish_reason="stop", engine_logprobs=[0.0] * len(resp),
-            prompt_text=row["problem"], response_text=text, reference=row["answer"],
-        ))
+        recs.append(
+            RolloutRecord(
+                sample_id=i,
+                prompt_id=i,
+                group_index=i,
+                sample_index=0,
+                prompt_token_ids=prompt,
+                response_token_ids=resp,
+                reward=1.0,
+                finish_reason="stop",
+                engine_logprobs=[0.0] * len(resp),
+                prompt_text=row["problem"],
+                response_text=text,
+                reference=row["answer"],
+            )
+        )
     return recs

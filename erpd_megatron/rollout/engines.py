@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from erpd_megatron.config.schema import RolloutConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 
@@ -59,9 +65,17 @@ class RolloutEngine(ABC):
     "raw": of the model's logits (vLLM V1 default). They coincide at temperature 1, top_p 1."""
 
     @abstractmethod
-    def generate(self, prompt_token_ids: list[list[int]], n: int, *, temperature: float = 1.0,
-                 top_p: float = 1.0, max_new_tokens: int = 1024, seed: int = 0,
-                 progress: bool = True) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 1024,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> list[list[Completion]]:
         """Sample ``n`` completions per prompt; returns one list of ``n`` per prompt, in order.
 
         ``temperature=0`` is greedy decoding (log-probs then of the raw distribution).
@@ -90,7 +104,9 @@ def check_hf_checkpoint(path: str | None) -> None:
     """Raise :class:`CheckpointError` unless ``path`` is a local HF model directory with
     ``config.json`` and weights (hub names are left to transformers / vLLM)."""
     if not path:
-        raise CheckpointError("rollout.model_path is not set: give an HF-format checkpoint directory")
+        raise CheckpointError(
+            "rollout.model_path is not set: give an HF-format checkpoint directory"
+        )
     p = Path(path).expanduser()
     if not p.exists():
         if path.startswith((".", "/", "~")) or path.count("/") != 1:
@@ -99,8 +115,10 @@ def check_hf_checkpoint(path: str | None) -> None:
     if not p.is_dir():
         raise CheckpointError(f"rollout.model_path {path}: not a directory")
     if not (p / "config.json").exists():
-        raise CheckpointError(f"{path}: no config.json; is this an HF-format checkpoint (save_pretrained)? "
-                              "Megatron checkpoints must be converted with tools/convert_checkpoint.py first")
+        raise CheckpointError(
+            f"{path}: no config.json; is this an HF-format checkpoint (save_pretrained)? "
+            "Megatron checkpoints must be converted with tools/convert_checkpoint.py first"
+        )
     if not any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS):
         raise CheckpointError(f"{path}: no weight files ({', '.join(WEIGHT_PATTERNS)})")
 
@@ -116,11 +134,14 @@ def load_tokenizer(path: str) -> Any:
     if p.is_dir() and not any((p / f).exists() for f in TOKENIZER_FILES):
         raise CheckpointError(
             f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save one with "
-            f"tokenizer.save_pretrained('{path}') or set rollout.tokenizer_path")
+            f"tokenizer.save_pretrained('{path}') or set rollout.tokenizer_path"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(p) if p.exists() else path)
     except Exception as e:
-        raise CheckpointError(f"{path}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{path}: the tokenizer cannot be loaded ({type(e).__name__}: {e})"
+        ) from e
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise CheckpointError(f"{path}: the tokenizer has neither a pad nor an EOS token")
@@ -143,11 +164,15 @@ def eos_token_ids(model_path: str, tokenizer: Any) -> list[int]:
             if v is not None and int(v) not in ids:
                 ids.append(int(v))
     if not ids:
-        raise CheckpointError(f"{model_path}: no EOS token in the tokenizer or generation_config.json")
+        raise CheckpointError(
+            f"{model_path}: no EOS token in the tokenizer or generation_config.json"
+        )
     return ids
 
 
-def model_fingerprint(path: str, *, full_hash_below: int = 64 << 20, edge_bytes: int = 4 << 20) -> str:
+def model_fingerprint(
+    path: str, *, full_hash_below: int = 64 << 20, edge_bytes: int = 4 << 20
+) -> str:
     """A quick content fingerprint of a checkpoint directory
     (:func:`erpd_megatron.utils.files.dir_fingerprint`); a hub id gives ``"hub:<id>"``."""
     from erpd_megatron.utils.files import dir_fingerprint
@@ -161,7 +186,9 @@ def model_fingerprint(path: str, *, full_hash_below: int = 64 << 20, edge_bytes:
 # ---------------------------------------------------------------------------- factory
 
 
-def make_engine(rc: RolloutConfig, tokenizer: Any, *, model_path: str | None = None) -> RolloutEngine:
+def make_engine(
+    rc: RolloutConfig, tokenizer: Any, *, model_path: str | None = None
+) -> RolloutEngine:
     """Build the engine ``rc.engine`` for ``rc.model_path`` (or ``model_path``)."""
     path = model_path or rc.model_path
     check_hf_checkpoint(path)
@@ -170,19 +197,39 @@ def make_engine(rc: RolloutConfig, tokenizer: Any, *, model_path: str | None = N
     if rc.engine == "hf":
         from erpd_megatron.rollout.hf_engine import HFEngine
 
-        return HFEngine(path, eos_token_ids=stops, pad_token_id=int(tokenizer.pad_token_id),
-                        batch_size=rc.batch_size, device=rc.hf_device, dtype=rc.hf_dtype)
+        return HFEngine(
+            path,
+            eos_token_ids=stops,
+            pad_token_id=int(tokenizer.pad_token_id),
+            batch_size=rc.batch_size,
+            device=rc.hf_device,
+            dtype=rc.hf_dtype,
+        )
     if rc.engine == "vllm":
         from erpd_megatron.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(path, eos_token_ids=stops, tokenizer_path=rc.tokenizer_path,
-                          tensor_parallel_size=rc.vllm_tensor_parallel_size,
-                          gpu_memory_utilization=rc.vllm_gpu_memory_utilization, dtype=rc.vllm_dtype,
-                          max_model_len=rc.max_prompt_tokens + rc.max_new_tokens, seed=rc.seed)
+        return VLLMEngine(
+            path,
+            eos_token_ids=stops,
+            tokenizer_path=rc.tokenizer_path,
+            tensor_parallel_size=rc.vllm_tensor_parallel_size,
+            gpu_memory_utilization=rc.vllm_gpu_memory_utilization,
+            dtype=rc.vllm_dtype,
+            max_model_len=rc.max_prompt_tokens + rc.max_new_tokens,
+            seed=rc.seed,
+        )
     raise ValueError(f"unknown rollout.engine '{rc.engine}' (hf or vllm)")
 
 
 __all__ = [
-    "CheckpointError", "Completion", "EngineError", "RolloutEngine", "check_hf_checkpoint", "derive_seed", "eos_token_ids",
-    "load_tokenizer", "make_engine", "model_fingerprint",
+    "CheckpointError",
+    "Completion",
+    "EngineError",
+    "RolloutEngine",
+    "check_hf_checkpoint",
+    "derive_seed",
+    "eos_token_ids",
+    "load_tokenizer",
+    "make_engine",
+    "model_fingerprint",
 ]

@@ -63,12 +63,23 @@ log = get_logger(__name__)
 
 PLAN = "plan.json"
 TIMING_DIR = "timing"
-USER_ERRORS = (ConfigError, PromptDataError, CheckpointError, EngineError, RolloutDataError, RewardFnError,
-               RewardPoolError, ImportError)
+USER_ERRORS = (
+    ConfigError,
+    PromptDataError,
+    CheckpointError,
+    EngineError,
+    RolloutDataError,
+    RewardFnError,
+    RewardPoolError,
+    ImportError,
+)
 
 
-def fleet_slot(shard_index: int | None = None, num_shards: int | None = None,
-               env: Mapping[str, str] | None = None) -> tuple[int, int]:
+def fleet_slot(
+    shard_index: int | None = None,
+    num_shards: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[int, int]:
     """(this process's slot, number of slots) from the flags, else Slurm's environment.
 
     In a job array the slot is the array task id itself and the fleet has ``ERPD_FLEET_SIZE``
@@ -83,7 +94,9 @@ def fleet_slot(shard_index: int | None = None, num_shards: int | None = None,
         if shard_index is None or num_shards is None:
             raise ConfigError("--shard-index and --num-shards go together")
         if num_shards < 1 or not 0 <= shard_index < num_shards:
-            raise ConfigError(f"--shard-index {shard_index} must be in [0, --num-shards={num_shards})")
+            raise ConfigError(
+                f"--shard-index {shard_index} must be in [0, --num-shards={num_shards})"
+            )
         return shard_index, num_shards
     a, na, source = 0, 1, ""
     if env.get("SLURM_ARRAY_TASK_ID"):
@@ -94,12 +107,16 @@ def fleet_slot(shard_index: int | None = None, num_shards: int | None = None,
             na = int(env.get("SLURM_ARRAY_TASK_MAX") or a) + 1
             source = f"SLURM_ARRAY_TASK_MAX={na - 1}"
         if not 0 <= a < na:
-            raise ConfigError(f"array task {a} is outside the fleet of {na} slots ({source}): submit "
-                              f"--array within 0-{na - 1} or set FLEET_SIZE (ERPD_FLEET_SIZE) to the fleet size")
+            raise ConfigError(
+                f"array task {a} is outside the fleet of {na} slots ({source}): submit "
+                f"--array within 0-{na - 1} or set FLEET_SIZE (ERPD_FLEET_SIZE) to the fleet size"
+            )
     p, np_ = int(env.get("SLURM_PROCID", "0") or 0), int(env.get("SLURM_NTASKS", "1") or 1)
     slot, n = a * np_ + p, na * np_
     if not 0 <= slot < n:
-        raise ConfigError(f"Slurm environment gives slot {slot} of {n}; check SLURM_ARRAY_TASK_* / SLURM_PROCID")
+        raise ConfigError(
+            f"Slurm environment gives slot {slot} of {n}; check SLURM_ARRAY_TASK_* / SLURM_PROCID"
+        )
     return slot, n
 
 
@@ -110,8 +127,14 @@ def output_dir(cfg: Config) -> Path:
 
 def _check_settings(rc: RolloutConfig) -> None:
     problems = []
-    for name in ("num_prompts", "samples_per_prompt", "max_new_tokens", "max_prompt_tokens", "prompts_per_shard",
-                 "batch_size"):
+    for name in (
+        "num_prompts",
+        "samples_per_prompt",
+        "max_new_tokens",
+        "max_prompt_tokens",
+        "prompts_per_shard",
+        "batch_size",
+    ):
         if getattr(rc, name) <= 0:
             problems.append(f"rollout.{name} must be positive (got {getattr(rc, name)})")
     if rc.temperature < 0:
@@ -121,8 +144,12 @@ def _check_settings(rc: RolloutConfig) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
     if rc.temperature != 1.0 or rc.top_p != 1.0:
-        log.warning("rollout.temperature=%s, top_p=%s: engine log-probs are of the sampling distribution, "
-                    "not of pi_r itself (ERPD assumes temperature 1, top_p 1)", rc.temperature, rc.top_p)
+        log.warning(
+            "rollout.temperature=%s, top_p=%s: engine log-probs are of the sampling distribution, "
+            "not of pi_r itself (ERPD assumes temperature 1, top_p 1)",
+            rc.temperature,
+            rc.top_p,
+        )
 
 
 @dataclass
@@ -144,40 +171,66 @@ class RolloutPlan:
     def shard_prompts(self, s: int) -> list[SelectedPrompt]:
         """The prompts of shard ``s``."""
         pps = int(self.info["prompts_per_shard"])
-        return self.prompts[s * pps:(s + 1) * pps]
+        return self.prompts[s * pps : (s + 1) * pps]
 
 
 def make_plan(cfg: Config, tokenizer: Any) -> RolloutPlan:
     """Select the prompts and fix everything that determines the samples."""
     rc = cfg.rollout
     sel = load_prompt_set(
-        rc.dataset or "", tokenizer, split=rc.dataset_split, config_name=rc.dataset_config,
-        num_prompts=rc.num_prompts, seed=rc.seed, max_prompt_tokens=rc.max_prompt_tokens,
-        prompt_format=rc.prompt_format, question_key=rc.question_key, answer_key=rc.answer_key,
-        template=rc.prompt_template, use_chat_template=rc.use_chat_template)
+        rc.dataset or "",
+        tokenizer,
+        split=rc.dataset_split,
+        config_name=rc.dataset_config,
+        num_prompts=rc.num_prompts,
+        seed=rc.seed,
+        max_prompt_tokens=rc.max_prompt_tokens,
+        prompt_format=rc.prompt_format,
+        question_key=rc.question_key,
+        answer_key=rc.answer_key,
+        template=rc.prompt_template,
+        use_chat_template=rc.use_chat_template,
+    )
     h = hashlib.sha256()
     for p in sel.prompts:
         h.update(json.dumps([p.prompt_id, p.token_ids, p.reference]).encode())
     determining = {
-        "prompts_sha256": h.hexdigest(), "num_prompts": len(sel.prompts), "samples_per_prompt": rc.samples_per_prompt,
-        "prompts_per_shard": rc.prompts_per_shard, "engine": rc.engine,
+        "prompts_sha256": h.hexdigest(),
+        "num_prompts": len(sel.prompts),
+        "samples_per_prompt": rc.samples_per_prompt,
+        "prompts_per_shard": rc.prompts_per_shard,
+        "engine": rc.engine,
         "model_fingerprint": model_fingerprint(rc.model_path or ""),
-        "sampling": {"temperature": rc.temperature, "top_p": rc.top_p, "max_new_tokens": rc.max_new_tokens,
-                     "n": rc.samples_per_prompt},
-        "seed": rc.seed, "reward_fn": rc.reward_fn,
+        "sampling": {
+            "temperature": rc.temperature,
+            "top_p": rc.top_p,
+            "max_new_tokens": rc.max_new_tokens,
+            "n": rc.samples_per_prompt,
+        },
+        "seed": rc.seed,
+        "reward_fn": rc.reward_fn,
     }
     plan_hash = hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()
     info = {
         **determining,
         "num_shards": math.ceil(len(sel.prompts) / rc.prompts_per_shard),
-        "model_path": rc.model_path, "tokenizer_path": rc.tokenizer_path or rc.model_path,
-        "tokenizer_vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+        "model_path": rc.model_path,
+        "tokenizer_path": rc.tokenizer_path or rc.model_path,
+        "tokenizer_vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
         "seeds": {"prompt_selection": rc.seed, "generation": f"derive_seed({rc.seed}, 'shard', s)"},
-        "prompts": {"dataset": rc.dataset, "split": rc.dataset_split, "config": rc.dataset_config,
-                    "template": rc.prompt_template, "use_chat_template": rc.use_chat_template,
-                    "max_prompt_tokens": rc.max_prompt_tokens, **sel.summary()},
+        "prompts": {
+            "dataset": rc.dataset,
+            "split": rc.dataset_split,
+            "config": rc.dataset_config,
+            "template": rc.prompt_template,
+            "use_chat_template": rc.use_chat_template,
+            "max_prompt_tokens": rc.max_prompt_tokens,
+            **sel.summary(),
+        },
         "prompt_ids": [p.prompt_id for p in sel.prompts],
-        "rollout_config": to_dict(rc), "plan_hash": plan_hash,
+        "rollout_config": to_dict(rc),
+        "plan_hash": plan_hash,
     }
     return RolloutPlan(prompts=sel.prompts, info=info, hash=plan_hash)
 
@@ -189,38 +242,79 @@ def write_or_check_plan(directory: Path, plan: RolloutPlan) -> None:
     if path.exists():
         old = read_json(path)
         if old.get("plan_hash") != plan.hash:
-            keys = ("prompts_sha256", "num_prompts", "samples_per_prompt", "prompts_per_shard", "engine",
-                    "model_fingerprint", "sampling", "seed", "reward_fn")
+            keys = (
+                "prompts_sha256",
+                "num_prompts",
+                "samples_per_prompt",
+                "prompts_per_shard",
+                "engine",
+                "model_fingerprint",
+                "sampling",
+                "seed",
+                "reward_fn",
+            )
             diff = [k for k in keys if old.get(k) != plan.info.get(k)]
             raise RolloutDataError(
                 f"{directory}: holds rollouts of another plan (differs in: {', '.join(diff) or 'unknown'}); "
-                "use a new rollout.output_dir, or delete the directory to start over")
+                "use a new rollout.output_dir, or delete the directory to start over"
+            )
         return
     atomic_write_json(path, plan.info)
 
 
-def _shard_records(prompts: list[SelectedPrompt], groups: list[list[Any]], texts: list[str],
-                   rewards: list[float], g: int) -> list[RolloutRecord]:
+def _shard_records(
+    prompts: list[SelectedPrompt],
+    groups: list[list[Any]],
+    texts: list[str],
+    rewards: list[float],
+    g: int,
+) -> list[RolloutRecord]:
     records, k = [], 0
     for p, comps in zip(prompts, groups):
         for j, c in enumerate(comps):
-            records.append(RolloutRecord(
-                sample_id=p.group_index * g + j, prompt_id=p.prompt_id, group_index=p.group_index, sample_index=j,
-                prompt_token_ids=p.token_ids, response_token_ids=c.token_ids, reward=rewards[k],
-                finish_reason=c.finish_reason, engine_logprobs=c.logprobs, prompt_text=p.text,
-                response_text=texts[k], reference=p.reference))
+            records.append(
+                RolloutRecord(
+                    sample_id=p.group_index * g + j,
+                    prompt_id=p.prompt_id,
+                    group_index=p.group_index,
+                    sample_index=j,
+                    prompt_token_ids=p.token_ids,
+                    response_token_ids=c.token_ids,
+                    reward=rewards[k],
+                    finish_reason=c.finish_reason,
+                    engine_logprobs=c.logprobs,
+                    prompt_text=p.text,
+                    response_text=texts[k],
+                    reference=p.reference,
+                )
+            )
             k += 1
     return records
 
 
-def generate_shard(s: int, plan: RolloutPlan, rc: RolloutConfig, engine: RolloutEngine, pool: RewardPool,
-                   tokenizer: Any, directory: Path, *, progress: bool = True) -> Path:
+def generate_shard(
+    s: int,
+    plan: RolloutPlan,
+    rc: RolloutConfig,
+    engine: RolloutEngine,
+    pool: RewardPool,
+    tokenizer: Any,
+    directory: Path,
+    *,
+    progress: bool = True,
+) -> Path:
     """Generate, score and write shard ``s``; returns its path."""
     prompts, g = plan.shard_prompts(s), rc.samples_per_prompt
     t0 = time.perf_counter()
-    groups = engine.generate([p.token_ids for p in prompts], g, temperature=rc.temperature, top_p=rc.top_p,
-                             max_new_tokens=rc.max_new_tokens, seed=derive_seed(rc.seed, "shard", s),
-                             progress=progress)
+    groups = engine.generate(
+        [p.token_ids for p in prompts],
+        g,
+        temperature=rc.temperature,
+        top_p=rc.top_p,
+        max_new_tokens=rc.max_new_tokens,
+        seed=derive_seed(rc.seed, "shard", s),
+        progress=progress,
+    )
     gen_s = time.perf_counter() - t0
     flat = [c for comps in groups for c in comps]
     if len(flat) != len(prompts) * g:
@@ -233,17 +327,39 @@ def generate_shard(s: int, plan: RolloutPlan, rc: RolloutConfig, engine: Rollout
     tokens = sum(len(c.token_ids) for c in flat)
     # Only facts about the content go into the shard (its bytes, hence the fingerprint, must
     # not depend on timing); timings go to a sidecar that the manifest sums.
-    stats = {"generated_tokens": tokens,
-             **{f"reward_{k}": pool.stats[k] - before[k] for k in ("timeouts", "errors", "crashes")}}
+    stats = {
+        "generated_tokens": tokens,
+        **{f"reward_{k}": pool.stats[k] - before[k] for k in ("timeouts", "errors", "crashes")},
+    }
     path = directory / shard_name(s)
-    write_shard(path, _shard_records(prompts, groups, texts, rewards, g), {
-        "shard_index": s, "first_group": prompts[0].group_index, "num_groups": len(prompts),
-        "samples_per_prompt": g, "plan_hash": plan.hash, "engine": engine.name,
-        "logprobs_mode": engine.logprobs_mode, "stats": stats})
-    atomic_write_json(directory / TIMING_DIR / f"{shard_name(s)}.json",
-                      {"generation_seconds": gen_s, "verify_seconds": ver_s, "generated_tokens": tokens})
-    log.info("shard %d: %d samples, %d tokens in %.1fs (%.0f tok/s), reward mean %.3f, verified in %.1fs",
-             s, len(flat), tokens, gen_s, tokens / max(gen_s, 1e-9), sum(rewards) / max(len(rewards), 1), ver_s)
+    write_shard(
+        path,
+        _shard_records(prompts, groups, texts, rewards, g),
+        {
+            "shard_index": s,
+            "first_group": prompts[0].group_index,
+            "num_groups": len(prompts),
+            "samples_per_prompt": g,
+            "plan_hash": plan.hash,
+            "engine": engine.name,
+            "logprobs_mode": engine.logprobs_mode,
+            "stats": stats,
+        },
+    )
+    atomic_write_json(
+        directory / TIMING_DIR / f"{shard_name(s)}.json",
+        {"generation_seconds": gen_s, "verify_seconds": ver_s, "generated_tokens": tokens},
+    )
+    log.info(
+        "shard %d: %d samples, %d tokens in %.1fs (%.0f tok/s), reward mean %.3f, verified in %.1fs",
+        s,
+        len(flat),
+        tokens,
+        gen_s,
+        tokens / max(gen_s, 1e-9),
+        sum(rewards) / max(len(rewards), 1),
+        ver_s,
+    )
     return path
 
 
@@ -254,28 +370,53 @@ def finalize(directory: str | os.PathLike) -> dict[str, Any]:
         raise RolloutDataError(f"{directory}: no {PLAN}; nothing was generated there")
     info = read_json(directory / PLAN)
     n = int(info["num_shards"])
-    missing = [shard_name(s) for s in range(n) if not shard_is_complete(directory / shard_name(s), info["plan_hash"])]
+    missing = [
+        shard_name(s)
+        for s in range(n)
+        if not shard_is_complete(directory / shard_name(s), info["plan_hash"])
+    ]
     if missing:
-        raise RolloutDataError(f"{directory}: {len(missing)} of {n} shards missing ({', '.join(missing[:5])}"
-                               f"{', ...' if len(missing) > 5 else ''}); run the remaining fleet slots first")
-    modes = sorted({read_shard_metadata(directory / shard_name(s)).get("logprobs_mode", "?") for s in range(n)})
+        raise RolloutDataError(
+            f"{directory}: {len(missing)} of {n} shards missing ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); run the remaining fleet slots first"
+        )
+    modes = sorted(
+        {read_shard_metadata(directory / shard_name(s)).get("logprobs_mode", "?") for s in range(n)}
+    )
     extra = {k: v for k, v in info.items() if k not in ("num_shards",)}
     extra["engine_logprobs_mode"] = modes[0] if len(modes) == 1 else "mixed:" + ",".join(modes)
     extra["created_by"] = "erpd_megatron.rollout.generate"
     timing = [read_json(p) for p in sorted((directory / TIMING_DIR).glob("*.json"))]
     if timing:
-        secs, toks = sum(t["generation_seconds"] for t in timing), sum(t["generated_tokens"] for t in timing)
-        extra["timing"] = {"generation_seconds": round(secs, 3), "verify_seconds":
-                           round(sum(t["verify_seconds"] for t in timing), 3),
-                           "tokens_per_second": round(toks / max(secs, 1e-9), 1), "shards_timed": len(timing)}
+        secs, toks = (
+            sum(t["generation_seconds"] for t in timing),
+            sum(t["generated_tokens"] for t in timing),
+        )
+        extra["timing"] = {
+            "generation_seconds": round(secs, 3),
+            "verify_seconds": round(sum(t["verify_seconds"] for t in timing), 3),
+            "tokens_per_second": round(toks / max(secs, 1e-9), 1),
+            "shards_timed": len(timing),
+        }
     manifest = finalize_manifest(directory, n, extra)
-    log.info("wrote %s: %d samples, reward mean %.4f, fingerprint %s", directory / MANIFEST,
-             manifest["num_samples"], manifest["reward_mean"] or 0.0, manifest["fingerprint"][:16])
+    log.info(
+        "wrote %s: %d samples, reward mean %.4f, fingerprint %s",
+        directory / MANIFEST,
+        manifest["num_samples"],
+        manifest["reward_mean"] or 0.0,
+        manifest["fingerprint"][:16],
+    )
     return manifest
 
 
-def run_rollouts(cfg: Config, *, slot: int = 0, num_slots: int = 1, finalize_only: bool = False,
-                 progress: bool | None = None) -> dict[str, Any] | None:
+def run_rollouts(
+    cfg: Config,
+    *,
+    slot: int = 0,
+    num_slots: int = 1,
+    finalize_only: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any] | None:
     """Generate this slot's shards (see module doc); returns the manifest when it was written."""
     directory = output_dir(cfg)
     if finalize_only:
@@ -291,14 +432,35 @@ def run_rollouts(cfg: Config, *, slot: int = 0, num_slots: int = 1, finalize_onl
     mine = list(range(slot, plan.num_shards, num_slots))
     todo = [s for s in mine if not shard_is_complete(directory / shard_name(s), plan.hash)]
     manifest_path = directory / MANIFEST
-    if manifest_path.exists() and not all((directory / shard_name(s)).exists() for s in range(plan.num_shards)):
-        log.warning("%s lists shards that are gone; removing it until the set is complete again", manifest_path)
+    if manifest_path.exists() and not all(
+        (directory / shard_name(s)).exists() for s in range(plan.num_shards)
+    ):
+        log.warning(
+            "%s lists shards that are gone; removing it until the set is complete again",
+            manifest_path,
+        )
         manifest_path.unlink(missing_ok=True)
-    log.info("rollout: %d prompts x %d samples in %d shards -> %s; slot %d/%d owns %d shards, %d to generate",
-             len(plan.prompts), rc.samples_per_prompt, plan.num_shards, directory, slot, num_slots, len(mine), len(todo))
+    log.info(
+        "rollout: %d prompts x %d samples in %d shards -> %s; slot %d/%d owns %d shards, %d to generate",
+        len(plan.prompts),
+        rc.samples_per_prompt,
+        plan.num_shards,
+        directory,
+        slot,
+        num_slots,
+        len(mine),
+        len(todo),
+    )
     if todo:
-        with RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
-                        memory_mb=rc.verifier_memory_mb) as pool, make_engine(rc, tokenizer) as engine:
+        with (
+            RewardPool(
+                rc.reward_fn,
+                timeout=rc.verifier_timeout,
+                num_workers=rc.verifier_workers,
+                memory_mb=rc.verifier_memory_mb,
+            ) as pool,
+            make_engine(rc, tokenizer) as engine,
+        ):
             for s in todo:
                 generate_shard(s, plan, rc, engine, pool, tokenizer, directory, progress=progress)
     if all((directory / shard_name(s)).exists() for s in range(plan.num_shards)):
@@ -307,21 +469,35 @@ def run_rollouts(cfg: Config, *, slot: int = 0, num_slots: int = 1, finalize_onl
             return read_json(manifest_path)
         return finalize(directory)
     left = sum(not (directory / shard_name(s)).exists() for s in range(plan.num_shards))
-    log.info("%d shards still missing (other fleet slots); the last slot to finish writes the manifest, "
-             "or run with --finalize", left)
+    log.info(
+        "%d shards still missing (other fleet slots); the last slot to finish writes the manifest, "
+        "or run with --finalize",
+        left,
+    )
     return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line of `erpd rollout`."""
-    p = argparse.ArgumentParser(prog="erpd rollout", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="erpd rollout",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="recipe YAML (defaults: the schema defaults)")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. rollout.num_prompts=64")
-    p.add_argument("--shard-index", type=int, help="this process's fleet slot: it generates the shards s with "
-                   "s %% num_shards == shard_index (default: from Slurm, else 0)")
-    p.add_argument("--num-shards", type=int, help="number of fleet slots (default: from Slurm, else 1)")
-    p.add_argument("--finalize", action="store_true", help="only write manifest.json (all shards must exist)")
+    p.add_argument(
+        "--shard-index",
+        type=int,
+        help="this process's fleet slot: it generates the shards s with "
+        "s %% num_shards == shard_index (default: from Slurm, else 0)",
+    )
+    p.add_argument(
+        "--num-shards", type=int, help="number of fleet slots (default: from Slurm, else 1)"
+    )
+    p.add_argument(
+        "--finalize", action="store_true", help="only write manifest.json (all shards must exist)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -332,8 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         slot, n = fleet_slot(args.shard_index, args.num_shards)
-        run_rollouts(cfg, slot=slot, num_slots=n, finalize_only=args.finalize,
-                     progress=False if args.no_progress else None)
+        run_rollouts(
+            cfg,
+            slot=slot,
+            num_slots=n,
+            finalize_only=args.finalize,
+            progress=False if args.no_progress else None,
+        )
     except USER_ERRORS as e:
         log.error("%s", e)
         print(f"erpd rollout: error: {e}", file=sys.stderr)

@@ -47,8 +47,9 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def sample_step(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_step(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row from ``logits`` ([B, V]); returns (tokens, their log-probs
     under the sampling distribution). ``temperature=0`` is greedy (log-prob of the raw logits)."""
     logits = logits.float()
@@ -70,12 +71,24 @@ class HFEngine(RolloutEngine):
     name = "hf"
     logprobs_mode = "processed"
 
-    def __init__(self, model_path: str, *, eos_token_ids: list[int], pad_token_id: int, batch_size: int = 32,
-                 device: str = "auto", dtype: str = "auto", model: Any = None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        batch_size: int = 32,
+        device: str = "auto",
+        dtype: str = "auto",
+        model: Any = None,
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else ("cpu" if device == "auto" else device)
+        )
         if dtype == "auto":
             torch_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
@@ -98,16 +111,31 @@ class HFEngine(RolloutEngine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self._cache_kw: cache,
-                  "use_cache": True}
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+    ) -> torch.Tensor:
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": pos,
+            self._cache_kw: cache,
+            "use_cache": True,
+        }
         if self._keep_kw:
             kwargs[self._keep_kw] = 1
         return self.model(**kwargs).logits[:, -1, :]
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], counts: list[int], *, temperature: float, top_p: float,
-                        max_new_tokens: int, generator: torch.Generator | None) -> list[Completion]:
+    def _generate_batch(
+        self,
+        prompts: list[list[int]],
+        counts: list[int],
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        generator: torch.Generator | None,
+    ) -> list[Completion]:
         """Sample ``counts[i]`` completions of ``prompts[i]``; returns them prompt-major."""
         from transformers import DynamicCache
 
@@ -115,8 +143,8 @@ class HFEngine(RolloutEngine):
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
@@ -124,8 +152,9 @@ class HFEngine(RolloutEngine):
         except TypeError:  # transformers < 4.56
             cache = DynamicCache()
         logits = self._forward(ids, mask, pos, cache)
-        rows = torch.repeat_interleave(torch.arange(len(prompts), device=self.device),
-                                       torch.tensor(counts, device=self.device))
+        rows = torch.repeat_interleave(
+            torch.arange(len(prompts), device=self.device), torch.tensor(counts, device=self.device)
+        )
         cache.batch_select_indices(rows)
         logits, mask, last_pos = logits[rows], mask[rows], pos[rows, -1]
         total = len(rows)
@@ -152,16 +181,29 @@ class HFEngine(RolloutEngine):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last_pos = last_pos + 1
             logits = self._forward(tokens[:, None], mask, last_pos[:, None], cache)
-        return [Completion(out_tokens[r], out_lps[r], "stop" if stopped[r] else "length") for r in range(total)]
+        return [
+            Completion(out_tokens[r], out_lps[r], "stop" if stopped[r] else "length")
+            for r in range(total)
+        ]
 
-    def generate(self, prompt_token_ids: list[list[int]], n: int, *, temperature: float = 1.0,
-                 top_p: float = 1.0, max_new_tokens: int = 1024, seed: int = 0,
-                 progress: bool = True) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 1024,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> list[list[Completion]]:
         """See :meth:`RolloutEngine.generate`."""
         if self.model is None:
             raise RuntimeError("engine is closed")
         if n <= 0 or max_new_tokens <= 0:
-            raise ValueError(f"n and max_new_tokens must be positive (n={n}, max_new_tokens={max_new_tokens})")
+            raise ValueError(
+                f"n and max_new_tokens must be positive (n={n}, max_new_tokens={max_new_tokens})"
+            )
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("empty prompt (no token ids)")
         # Work items (prompt, samples) in prompt-length order; a prompt's n samples may span batches.
@@ -187,17 +229,24 @@ class HFEngine(RolloutEngine):
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(prompt_token_ids) * n, desc="generate (hf)", unit="seq", leave=False)
+            bar = tqdm(
+                total=len(prompt_token_ids) * n, desc="generate (hf)", unit="seq", leave=False
+            )
         t0, new_tokens = time.perf_counter(), 0
         for b, batch in enumerate(batches):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(derive_seed(seed, "batch", b))
-            comps = self._generate_batch([prompt_token_ids[i] for i, _ in batch], [c for _, c in batch],
-                                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                         generator=gen)
+            comps = self._generate_batch(
+                [prompt_token_ids[i] for i, _ in batch],
+                [c for _, c in batch],
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                generator=gen,
+            )
             k = 0
             for i, c in batch:
-                results[i].extend(comps[k:k + c])
+                results[i].extend(comps[k : k + c])
                 k += c
             new_tokens += sum(len(c.token_ids) for c in comps)
             if bar is not None:

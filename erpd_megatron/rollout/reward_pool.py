@@ -102,8 +102,15 @@ class RewardPool:
     answer in seconds; ``num_workers=0`` means ``min(8, cpu count)``.
     """
 
-    def __init__(self, reward_fn: str, *, timeout: float = 5.0, num_workers: int = 0,
-                 memory_mb: int = 4096, start_method: str | None = None) -> None:
+    def __init__(
+        self,
+        reward_fn: str,
+        *,
+        timeout: float = 5.0,
+        num_workers: int = 0,
+        memory_mb: int = 4096,
+        start_method: str | None = None,
+    ) -> None:
         resolve_reward_fn(reward_fn)  # fail fast, in the parent, with a clear message
         if timeout <= 0:
             raise ValueError(f"verifier timeout must be positive, got {timeout}")
@@ -114,8 +121,14 @@ class RewardPool:
         if start_method is None:
             self._ctx = _default_context()
             if self._ctx.get_start_method() == "forkserver":
-                module = reward_fn.partition(":")[0] if ":" in reward_fn else reward_fn.rpartition(".")[0]
-                self._ctx.set_forkserver_preload(["math_verify", "erpd_megatron.rollout.verifier", module])
+                module = (
+                    reward_fn.partition(":")[0]
+                    if ":" in reward_fn
+                    else reward_fn.rpartition(".")[0]
+                )
+                self._ctx.set_forkserver_preload(
+                    ["math_verify", "erpd_megatron.rollout.verifier", module]
+                )
         else:
             self._ctx = mp.get_context(start_method)
         self.stats = {"calls": 0, "timeouts": 0, "errors": 0, "crashes": 0, "restarts": 0}
@@ -127,8 +140,12 @@ class RewardPool:
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.reward_fn, self.memory_mb),
-                                 daemon=True, name="erpd-reward")
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(child, self.reward_fn, self.memory_mb),
+            daemon=True,
+            name="erpd-reward",
+        )
         proc.start()
         child.close()
         return _Worker(proc=proc, conn=parent)
@@ -166,7 +183,9 @@ class RewardPool:
 
     # ------------------------------------------------------------------ scoring
 
-    def map(self, responses: Sequence[str], references: Sequence[str], *, progress: bool = False) -> list[float]:
+    def map(
+        self, responses: Sequence[str], references: Sequence[str], *, progress: bool = False
+    ) -> list[float]:
         """Rewards of ``responses[i]`` against ``references[i]``, in order.
 
         Never raises for a bad answer: a timeout, a crash or an exception gives 0.0 (counted in
@@ -210,7 +229,12 @@ class RewardPool:
                     tid, _, start = w.task
                     results[tid], durations[tid] = 0.0, now - start
                     self.stats["timeouts"] += 1
-                    log.debug("reward task %d timed out after %.1fs; replacing worker %d", tid, now - start, w.proc.pid)
+                    log.debug(
+                        "reward task %d timed out after %.1fs; replacing worker %d",
+                        tid,
+                        now - start,
+                        w.proc.pid,
+                    )
                     self._replace(w)
                     done += 1
             if bar is not None and done != bar.n:
@@ -256,13 +280,20 @@ class RewardPool:
                 if self._start_failures > 3:
                     raise RewardPoolError(
                         f"reward workers keep dying at start-up (exit code {w.proc.exitcode}); "
-                        f"check rollout.reward_fn '{self.reward_fn}' and verifier memory")
+                        f"check rollout.reward_fn '{self.reward_fn}' and verifier memory"
+                    )
             self._replace(w)
         return finished
 
 
-def score(reward_fn: str, responses: Sequence[str], references: Sequence[str], *, timeout: float = 5.0,
-          num_workers: int = 0) -> list[float]:
+def score(
+    reward_fn: str,
+    responses: Sequence[str],
+    references: Sequence[str],
+    *,
+    timeout: float = 5.0,
+    num_workers: int = 0,
+) -> list[float]:
     """One-shot helper: start a pool, score, stop it."""
     with RewardPool(reward_fn, timeout=timeout, num_workers=num_workers) as pool:
         return pool.map(responses, references)

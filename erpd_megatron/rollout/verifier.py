@@ -76,8 +76,12 @@ def answers_match(reference: str, answer: str) -> bool:
 
 
 def _guarded(answer: str | None) -> bool:
-    return (answer is not None and answer.strip() != "" and len(answer) <= MAX_ANSWER_CHARS
-            and brace_depth(answer) <= MAX_BRACE_DEPTH)
+    return (
+        answer is not None
+        and answer.strip() != ""
+        and len(answer) <= MAX_ANSWER_CHARS
+        and brace_depth(answer) <= MAX_BRACE_DEPTH
+    )
 
 
 def math_reward(response_text: str, reference: str) -> float:
@@ -134,7 +138,9 @@ def resolve_reward_fn(path: str) -> Callable[[str, str], float]:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:
-        raise RewardFnError(f"reward_fn '{path}': module '{module_name}' cannot be imported ({type(e).__name__}: {e})") from e
+        raise RewardFnError(
+            f"reward_fn '{path}': module '{module_name}' cannot be imported ({type(e).__name__}: {e})"
+        ) from e
     fn = getattr(module, attr, None)
     if fn is None:
         raise RewardFnError(f"reward_fn '{path}': module '{module_name}' has no attribute '{attr}'")
@@ -144,6 +150,12 @@ def resolve_reward_fn(path: str) -> Callable[[str, str], float]:
 
 
 __all__ = [
-    "MAX_ANSWER_CHARS", "MAX_BRACE_DEPTH", "RewardFnError", "answers_match", "brace_depth", "math_reward",
-    "math_reward_lenient", "resolve_reward_fn",
+    "MAX_ANSWER_CHARS",
+    "MAX_BRACE_DEPTH",
+    "RewardFnError",
+    "answers_match",
+    "brace_depth",
+    "math_reward",
+    "math_reward_lenient",
+    "resolve_reward_fn",
 ]

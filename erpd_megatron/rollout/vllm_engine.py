@@ -39,8 +39,10 @@ from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
 
-GPU_EXTRA_HINT = ("install vLLM in its own venv: `make install-vllm` (creates .venv-vllm; set ERPD_VLLM_PYTHON "
-                  "to use another interpreter)")
+GPU_EXTRA_HINT = (
+    "install vLLM in its own venv: `make install-vllm` (creates .venv-vllm; set ERPD_VLLM_PYTHON "
+    "to use another interpreter)"
+)
 VLLM_PYTHON_ENV = "ERPD_VLLM_PYTHON"
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -79,30 +81,53 @@ class VLLMEngine(RolloutEngine):
 
     name = "vllm"
 
-    def __init__(self, model_path: str, *, eos_token_ids: list[int], tokenizer_path: str | None = None,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85, dtype: str = "bfloat16",
-                 max_model_len: int | None = None, seed: int = 0, python: str | None = None,
-                 start_timeout: float = 1800.0) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        eos_token_ids: list[int],
+        tokenizer_path: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        dtype: str = "bfloat16",
+        max_model_len: int | None = None,
+        seed: int = 0,
+        python: str | None = None,
+        start_timeout: float = 1800.0,
+    ) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise EngineError("rollout.engine=vllm needs a CUDA GPU and none is visible; use rollout.engine=hf")
+            raise EngineError(
+                "rollout.engine=vllm needs a CUDA GPU and none is visible; use rollout.engine=hf"
+            )
         if torch.cuda.device_count() < tensor_parallel_size:
-            raise EngineError(f"rollout.vllm_tensor_parallel_size={tensor_parallel_size} but only "
-                              f"{torch.cuda.device_count()} GPUs are visible")
+            raise EngineError(
+                f"rollout.vllm_tensor_parallel_size={tensor_parallel_size} but only "
+                f"{torch.cuda.device_count()} GPUs are visible"
+            )
         self.eos_token_ids = list(eos_token_ids)
         self.python = python or vllm_python()
         self.proc: subprocess.Popen | None = None
-        kwargs = dict(model=model_path, tokenizer=tokenizer_path or model_path,
-                      tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                      dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      logprobs_mode="processed_logprobs", generation_config="vllm")
+        kwargs = dict(
+            model=model_path,
+            tokenizer=tokenizer_path or model_path,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+        )
         self._start(kwargs)
         reply = self._request({"cmd": "init", "kwargs": kwargs}, timeout=start_timeout)
         self.logprobs_mode = reply["logprobs_mode"]
         if self.logprobs_mode == "raw":
-            log.warning("this vLLM has no logprobs_mode; recorded log-probs are of the raw logits "
-                        "(equal to the sampling distribution only at temperature 1, top_p 1)")
+            log.warning(
+                "this vLLM has no logprobs_mode; recorded log-probs are of the raw logits "
+                "(equal to the sampling distribution only at temperature 1, top_p 1)"
+            )
 
     # ---- the worker process ------------------------------------------------------------
     def _start(self, kwargs: dict[str, Any]) -> None:
@@ -111,12 +136,19 @@ class VLLMEngine(RolloutEngine):
         env.setdefault("PYTHONPATH", "")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env["PYTHONPATH"]) if p)
         try:
-            self.proc = subprocess.Popen([self.python, "-m", "erpd_megatron.rollout.vllm_worker"],
-                                         stdin=subprocess.PIPE, env=env, pass_fds=(wfd,), start_new_session=True)
+            self.proc = subprocess.Popen(
+                [self.python, "-m", "erpd_megatron.rollout.vllm_worker"],
+                stdin=subprocess.PIPE,
+                env=env,
+                pass_fds=(wfd,),
+                start_new_session=True,
+            )
         except OSError as e:
             os.close(rfd)
-            raise ImportError(f"rollout.engine=vllm: cannot run the vLLM interpreter {self.python} ({e}); "
-                              f"{GPU_EXTRA_HINT}") from e
+            raise ImportError(
+                f"rollout.engine=vllm: cannot run the vLLM interpreter {self.python} ({e}); "
+                f"{GPU_EXTRA_HINT}"
+            ) from e
         finally:
             os.close(wfd)
         self._replies = os.fdopen(rfd, "rb")
@@ -136,8 +168,10 @@ class VLLMEngine(RolloutEngine):
         if "error" in reply:
             self._kill()
             if reply.get("kind") == "import":
-                raise ImportError(f"rollout.engine=vllm needs vLLM, which {self.python} cannot import "
-                                  f"({reply['error']}); {GPU_EXTRA_HINT}, or use rollout.engine=hf")
+                raise ImportError(
+                    f"rollout.engine=vllm needs vLLM, which {self.python} cannot import "
+                    f"({reply['error']}); {GPU_EXTRA_HINT}, or use rollout.engine=hf"
+                )
             raise RuntimeError(f"vLLM worker: {reply['error']}")
         return reply
 
@@ -169,15 +203,34 @@ class VLLMEngine(RolloutEngine):
             log.warning("vLLM worker did not exit cleanly (%s); killing its process group", e)
         self._kill()
 
-    def generate(self, prompt_token_ids: list[list[int]], n: int, *, temperature: float = 1.0,
-                 top_p: float = 1.0, max_new_tokens: int = 1024, seed: int = 0,
-                 progress: bool = True) -> list[list[Completion]]:
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 1024,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> list[list[Completion]]:
         """See :meth:`RolloutEngine.generate`."""
-        reply = self._request({"cmd": "generate", "prompts": [list(map(int, p)) for p in prompt_token_ids],
-                               "n": n, "temperature": temperature, "top_p": top_p,
-                               "max_new_tokens": max_new_tokens, "seed": seed, "progress": progress,
-                               "stop_token_ids": self.eos_token_ids})
-        return [[Completion(list(t), list(lp), r) for t, lp, r in group] for group in reply["groups"]]
+        reply = self._request(
+            {
+                "cmd": "generate",
+                "prompts": [list(map(int, p)) for p in prompt_token_ids],
+                "n": n,
+                "temperature": temperature,
+                "top_p": top_p,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+                "progress": progress,
+                "stop_token_ids": self.eos_token_ids,
+            }
+        )
+        return [
+            [Completion(list(t), list(lp), r) for t, lp, r in group] for group in reply["groups"]
+        ]
 
 
 __all__ = ["GPU_EXTRA_HINT", "VLLMEngine", "read_message", "send_message", "vllm_python"]

@@ -22,7 +22,9 @@ from erpd_megatron.rollout.engines import derive_seed
 from erpd_megatron.rollout.vllm_engine import read_message, send_message
 
 
-def construct(factory: Any, kwargs: dict[str, Any], optional: tuple[str, ...]) -> tuple[Any, set[str]]:
+def construct(
+    factory: Any, kwargs: dict[str, Any], optional: tuple[str, ...]
+) -> tuple[Any, set[str]]:
     """Call ``factory(**kwargs)``, dropping optional keywords an older vLLM rejects."""
     dropped: set[str] = set()
     while True:
@@ -82,19 +84,32 @@ def serve(requests: Any, replies: Any) -> int:
                 except ImportError as e:
                     send_message(replies, {"error": f"{type(e).__name__}: {e}", "kind": "import"})
                     return 1
-                llm, dropped = construct(vllm.LLM, msg["kwargs"], ("logprobs_mode", "generation_config"))
-                send_message(replies, {"logprobs_mode": "raw" if "logprobs_mode" in dropped else "processed"})
+                llm, dropped = construct(
+                    vllm.LLM, msg["kwargs"], ("logprobs_mode", "generation_config")
+                )
+                send_message(
+                    replies, {"logprobs_mode": "raw" if "logprobs_mode" in dropped else "processed"}
+                )
             elif cmd == "generate":
                 params = []
                 for i in range(len(msg["prompts"])):
-                    kw = dict(n=msg["n"], temperature=msg["temperature"], top_p=msg["top_p"],
-                              max_tokens=msg["max_new_tokens"], logprobs=0,
-                              seed=derive_seed(msg["seed"], "prompt", i) % (2**31),
-                              stop_token_ids=msg["stop_token_ids"], detokenize=False)
+                    kw = dict(
+                        n=msg["n"],
+                        temperature=msg["temperature"],
+                        top_p=msg["top_p"],
+                        max_tokens=msg["max_new_tokens"],
+                        logprobs=0,
+                        seed=derive_seed(msg["seed"], "prompt", i) % (2**31),
+                        stop_token_ids=msg["stop_token_ids"],
+                        detokenize=False,
+                    )
                     params.append(construct(vllm.SamplingParams, kw, ("detokenize",))[0])
                 prompts = [{"prompt_token_ids": p} for p in msg["prompts"]]
                 outputs = llm.generate(prompts, params, use_tqdm=msg["progress"])
-                send_message(replies, {"groups": [[completion_tuple(c) for c in out.outputs] for out in outputs]})
+                send_message(
+                    replies,
+                    {"groups": [[completion_tuple(c) for c in out.outputs] for out in outputs]},
+                )
             elif cmd == "close":
                 if llm is not None:
                     shutdown(llm)

@@ -72,13 +72,13 @@ def _is_cuda_device(dev: Any) -> bool:
 def _cuda_type_name(name: str) -> str:
     """``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``."""
     if name.startswith("torch.") and not name.startswith("torch.cuda."):
-        return "torch.cuda." + name[len("torch."):]
+        return "torch.cuda." + name[len("torch.") :]
     return name
 
 
 def _cpu_type_name(name: Any) -> Any:
     if isinstance(name, str) and name.startswith("torch.cuda."):
-        return "torch." + name[len("torch.cuda."):]
+        return "torch." + name[len("torch.cuda.") :]
     return name
 
 
@@ -191,7 +191,9 @@ def _patch_megatron() -> None:
     """Megatron's own CUDA RNG helpers (imported by name in several modules)."""
     from megatron.core.tensor_parallel import random as mrandom
 
-    def get_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    def get_state(
+        device: Any = "cuda", clone: bool = False, graph_safe: bool = False
+    ) -> torch.Tensor:
         state = torch.get_rng_state()
         return state.clone() if clone else state
 
@@ -273,10 +275,22 @@ def _patch_moe() -> None:
     if getattr(orig, "_erpd_patched", False):
         return
 
-    def all_to_all_single(output: torch.Tensor, input: torch.Tensor, output_split_sizes: Any = None,
-                          input_split_sizes: Any = None, group: Any = None, async_op: bool = False) -> Any:
-        return orig(output, input, _split_list(output_split_sizes), _split_list(input_split_sizes),
-                    group=group, async_op=async_op)
+    def all_to_all_single(
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: Any = None,
+        input_split_sizes: Any = None,
+        group: Any = None,
+        async_op: bool = False,
+    ) -> Any:
+        return orig(
+            output,
+            input,
+            _split_list(output_split_sizes),
+            _split_list(input_split_sizes),
+            group=group,
+            async_op=async_op,
+        )
 
     all_to_all_single._erpd_patched = True  # type: ignore[attr-defined]
     dist.all_to_all_single = all_to_all_single
@@ -307,8 +321,9 @@ def _patch_sequence_parallel() -> None:
             return orig(klass, config, hidden_size, eps, **kwargs)
         import dataclasses
 
-        norm = orig(klass, dataclasses.replace(config, sequence_parallel=False), hidden_size, eps,
-                    **kwargs)
+        norm = orig(
+            klass, dataclasses.replace(config, sequence_parallel=False), hidden_size, eps, **kwargs
+        )
         for p in norm.parameters():
             p.sequence_parallel = True
         return norm
@@ -342,8 +357,10 @@ def patch_torch_adam_distributed_optimizer() -> None:
             state = self.optimizer.state[main_param]
             # "step" comes from the param groups (dp_reshardable hands back the *current*
             # step as a non-persistent object, which would reset it): keep the state's own.
-            tensors = {**{k: v for k, v in tensors.items() if k != "step"},
-                       **{k: v for k, v in state.items() if k == "step" or k not in tensors}}
+            tensors = {
+                **{k: v for k, v in tensors.items() if k != "step"},
+                **{k: v for k, v in state.items() if k == "step" or k not in tensors},
+            }
         with torch.no_grad():
             orig(self, model_param, tensors)
 
@@ -373,7 +390,9 @@ def install_cpu_harness() -> None:
         if _INSTALLED:
             return
         if torch.cuda.is_available():
-            raise RuntimeError("install_cpu_harness() called on a machine with a GPU; it is for CPU runs only")
+            raise RuntimeError(
+                "install_cpu_harness() called on a machine with a GPU; it is for CPU runs only"
+            )
         _patch_torch_cuda()
         _patch_megatron()
         _patch_moe()

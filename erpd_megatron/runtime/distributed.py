@@ -129,7 +129,11 @@ def first_slurm_host(nodelist: str) -> str:
     if shutil.which("scontrol"):
         try:
             out = subprocess.run(
-                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+                ["scontrol", "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
             ).stdout.split()
             if out:
                 return out[0]
@@ -157,10 +161,12 @@ def parse_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(
-            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
             local_rank=int(env.get("LOCAL_RANK", "0")),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")), launcher="torchrun",
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher="torchrun",
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -168,14 +174,24 @@ def parse_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
         ours = bool(job) and env.get("ERPD_MASTER_JOB") == job
         addr = env.get("ERPD_MASTER_ADDR") or (env.get("MASTER_ADDR") if ours else None)
         port_s = env.get("ERPD_MASTER_PORT") or (env.get("MASTER_PORT") if ours else None)
-        if not ours and ("MASTER_ADDR" in env or "MASTER_PORT" in env) and env["SLURM_PROCID"] == "0":
-            log.warning("ignoring MASTER_ADDR=%s MASTER_PORT=%s: not set for Slurm job %s (inherited from "
-                        "the submit shell?); set ERPD_MASTER_ADDR / ERPD_MASTER_PORT to choose the master",
-                        env.get("MASTER_ADDR"), env.get("MASTER_PORT"), job or "?")
+        if (
+            not ours
+            and ("MASTER_ADDR" in env or "MASTER_PORT" in env)
+            and env["SLURM_PROCID"] == "0"
+        ):
+            log.warning(
+                "ignoring MASTER_ADDR=%s MASTER_PORT=%s: not set for Slurm job %s (inherited from "
+                "the submit shell?); set ERPD_MASTER_ADDR / ERPD_MASTER_PORT to choose the master",
+                env.get("MASTER_ADDR"),
+                env.get("MASTER_PORT"),
+                job or "?",
+            )
         if not addr:
             if not nodelist:
-                raise RuntimeError("Slurm launch without SLURM_JOB_NODELIST or ERPD_MASTER_ADDR: cannot find "
-                                   "the master")
+                raise RuntimeError(
+                    "Slurm launch without SLURM_JOB_NODELIST or ERPD_MASTER_ADDR: cannot find "
+                    "the master"
+                )
             addr = first_slurm_host(nodelist)
         if port_s:
             port = int(port_s)
@@ -183,12 +199,21 @@ def parse_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
             port = 20000 + (int(job) + 7919 * restart) % 10000 if job.isdigit() else 29500
         return LaunchEnv(
-            rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", "0")), master_addr=addr, master_port=port,
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=addr,
+            master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                     master_port=free_port(), launcher="single")
+    return LaunchEnv(
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+        launcher="single",
+    )
 
 
 ALLOW_CPU_ENV = "ERPD_ALLOW_CPU"
@@ -246,12 +271,20 @@ def _init_process_group(launch: LaunchEnv, timeout_minutes: int) -> str:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device_index(launch.local_rank, torch.cuda.device_count()))
     dist.init_process_group(
-        backend=backend, rank=launch.rank, world_size=launch.world_size,
+        backend=backend,
+        rank=launch.rank,
+        world_size=launch.world_size,
         timeout=timedelta(minutes=timeout_minutes),
     )
     _OWNS_PROCESS_GROUP = True
-    log.info("torch.distributed up: %s backend, world %d (%s launch, master %s:%d)",
-             backend, launch.world_size, launch.launcher, launch.master_addr, launch.master_port)
+    log.info(
+        "torch.distributed up: %s backend, world %d (%s launch, master %s:%d)",
+        backend,
+        launch.world_size,
+        launch.launcher,
+        launch.master_addr,
+        launch.master_port,
+    )
     return backend
 
 
@@ -272,7 +305,10 @@ def seed_everything(seed: int) -> None:
 
 
 def init_distributed(
-    cfg: Config, *, world_size_hint: Optional[int] = None, timeout_minutes: Optional[int] = None,
+    cfg: Config,
+    *,
+    world_size_hint: Optional[int] = None,
+    timeout_minutes: Optional[int] = None,
     env: Optional[Mapping[str, str]] = None,
 ) -> DistEnv:
     """Initialise torch.distributed and megatron's model-parallel groups for ``cfg.parallel``.
@@ -294,7 +330,9 @@ def init_distributed(
 
         install_cpu_harness()
     launch = parse_launch_env(env)
-    timeout_minutes = timeout_minutes or cfg.parallel.distributed_timeout_minutes  # None: the config's
+    timeout_minutes = (
+        timeout_minutes or cfg.parallel.distributed_timeout_minutes
+    )  # None: the config's
     if dist.is_initialized():
         backend = dist.get_backend()
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -305,37 +343,58 @@ def init_distributed(
         backend = _init_process_group(launch, timeout_minutes)
         rank, world, local_rank = launch.rank, launch.world_size, launch.local_rank
     if world_size_hint is not None and world_size_hint != world:
-        raise ConfigError(f"expected world size {world_size_hint} but the launcher started {world} processes")
+        raise ConfigError(
+            f"expected world size {world_size_hint} but the launcher started {world} processes"
+        )
     validate_layout(cfg.model, cfg.parallel, world)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     ep = cfg.parallel.expert_model_parallel_size
     if ps.model_parallel_is_initialized():
-        same = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                ps.get_expert_model_parallel_world_size(),
-                ps.get_expert_tensor_parallel_world_size(),
-                ps.get_virtual_pipeline_model_parallel_world_size(),
-                ps.get_context_parallel_world_size()) == (
-                    tp, pp, ep, cfg.parallel.expert_tensor_parallel_size,
-                    cfg.parallel.virtual_pipeline_model_parallel_size,
-                    cfg.parallel.context_parallel_size)
+        same = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size(),
+            ps.get_expert_tensor_parallel_world_size(),
+            ps.get_virtual_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(),
+        ) == (
+            tp,
+            pp,
+            ep,
+            cfg.parallel.expert_tensor_parallel_size,
+            cfg.parallel.virtual_pipeline_model_parallel_size,
+            cfg.parallel.context_parallel_size,
+        )
         if not same:
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            expert_model_parallel_size=ep, distributed_timeout_minutes=timeout_minutes,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            distributed_timeout_minutes=timeout_minutes,
             expert_tensor_parallel_size=cfg.parallel.expert_tensor_parallel_size,
             virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size,
             context_parallel_size=cfg.parallel.context_parallel_size,
         )
     seed_everything(cfg.seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if not harness else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if not harness else torch.device("cpu")
+    )
     out = DistEnv(
-        rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
-        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp,
-        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp,
-        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-        launcher=launch.launcher if launch.world_size == world else "external", cpu_harness=harness,
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=tp,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=pp,
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        launcher=launch.launcher if launch.world_size == world else "external",
+        cpu_harness=harness,
     )
     log.info("parallel layout: TP=%d PP=%d DP=%d on %s", tp, pp, out.dp_size, device)
     return out

@@ -24,8 +24,9 @@ from erpd_megatron.utils.log import get_logger
 log = get_logger(__name__)
 
 
-def logits_logprob_entropy(logits: torch.Tensor, mb: MicroBatch, shard: VocabShard, *,
-                           sole_consumer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def logits_logprob_entropy(
+    logits: torch.Tensor, mb: MicroBatch, shard: VocabShard, *, sole_consumer: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target tokens ([b, s], differentiable) and token entropy ([b, s],
     detached) from vocab-parallel logits [b, s, V/tp]. ``sole_consumer``: nothing else
     differentiates through ``logits``, so the backward may write the gradient into their
@@ -33,9 +34,14 @@ def logits_logprob_entropy(logits: torch.Tensor, mb: MicroBatch, shard: VocabSha
     from erpd_megatron.ops.vocab_parallel import vp_logprob_and_entropy
 
     b, s, v = logits.shape
-    lp, ent = vp_logprob_and_entropy(logits.reshape(b * s, v), mb.targets.to(logits.device).reshape(-1),
-                                     group=shard.group, vocab_start=shard.start, vocab_size=shard.vocab_size,
-                                     inplace_backward=sole_consumer)
+    lp, ent = vp_logprob_and_entropy(
+        logits.reshape(b * s, v),
+        mb.targets.to(logits.device).reshape(-1),
+        group=shard.group,
+        vocab_start=shard.start,
+        vocab_size=shard.vocab_size,
+        inplace_backward=sole_consumer,
+    )
     # one pass over the logits for both; the entropy is a metric, so its backward never runs
     return lp.reshape(b, s), ent.detach().reshape(b, s)
 
@@ -47,8 +53,10 @@ def check_initial_checkpoint(cfg: Config) -> None:
     """``checkpoint.load`` must name an existing Megatron checkpoint of pi_r."""
     load = cfg.checkpoint.load
     if not load:
-        raise ValueError("checkpoint.load is not set: the Megatron checkpoint of pi_r "
-                         "(convert an HF model with tools/convert_checkpoint.py hf-to-mcore)")
+        raise ValueError(
+            "checkpoint.load is not set: the Megatron checkpoint of pi_r "
+            "(convert an HF model with tools/convert_checkpoint.py hf-to-mcore)"
+        )
     if not Path(load).exists():
         raise FileNotFoundError(f"checkpoint.load={load}: no such checkpoint directory")
 
@@ -69,7 +77,9 @@ class StageRun:
         self.out_dir = Path(cfg.output_dir) / stage
         check_initial_checkpoint(cfg)
         if cfg.data.rollout_dir is None:
-            raise ValueError("data.rollout_dir is not set: point it at the rollout Parquet directory")
+            raise ValueError(
+                "data.rollout_dir is not set: point it at the rollout Parquet directory"
+            )
         self.table, self.data_fingerprint = load_sample_table(cfg)
         if stage == "stage1":  # no gradient at all on this data: refuse (stage1.force overrides)
             check_stage1_signal(cfg, self.table)
@@ -108,10 +118,20 @@ class StageRun:
         out = base / key[:24]
         stale = sorted(p for p in base.iterdir() if p != out) if base.is_dir() else []
         if stale:
-            log.info("%s: scores cached for other weights, data or config (%s) are not reused; "
-                     "scoring again (key %s)", base, ", ".join(p.name for p in stale), key[:24])
-        scores = score_logprobs(self.engine, self.table, out,
-                                max_tokens=self.cfg.data.max_tokens_per_microbatch, desc=tag)
+            log.info(
+                "%s: scores cached for other weights, data or config (%s) are not reused; "
+                "scoring again (key %s)",
+                base,
+                ", ".join(p.name for p in stale),
+                key[:24],
+            )
+        scores = score_logprobs(
+            self.engine,
+            self.table,
+            out,
+            max_tokens=self.cfg.data.max_tokens_per_microbatch,
+            desc=tag,
+        )
         if stale and (not dist.is_initialized() or dist.get_rank() == 0):
             for p in stale:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -131,11 +151,17 @@ class StageRun:
 
             key = [None]
             if not dist.is_initialized() or dist.get_rank() == 0:
-                parts = {"weights": dir_fingerprint(self.cfg.checkpoint.load), "data": self.data_fingerprint,
-                         "model": dataclasses.asdict(self.cfg.model)}
+                parts = {
+                    "weights": dir_fingerprint(self.cfg.checkpoint.load),
+                    "data": self.data_fingerprint,
+                    "model": dataclasses.asdict(self.cfg.model),
+                }
                 if trained:
-                    parts["train"] = {k: v for k, v in dataclasses.asdict(self.cfg).items()
-                                      if k not in ("output_dir", "logging")}
+                    parts["train"] = {
+                        k: v
+                        for k, v in dataclasses.asdict(self.cfg).items()
+                        if k not in ("output_dir", "logging")
+                    }
                 blob = json.dumps(parts, sort_keys=True, default=str).encode()
                 key = [hashlib.sha256(blob).hexdigest()]
             from erpd_megatron.runtime import comm
@@ -150,27 +176,43 @@ class StageRun:
         if eng is None:
             return {}
         a = np.concatenate([np.asarray(x, np.float64) for x in eng]) if eng else np.zeros(0)
-        b = np.concatenate([np.asarray(x, np.float64) for x in trainer_logprobs]) if trainer_logprobs else np.zeros(0)
+        b = (
+            np.concatenate([np.asarray(x, np.float64) for x in trainer_logprobs])
+            if trainer_logprobs
+            else np.zeros(0)
+        )
         if len(a) != len(b) or len(a) == 0:
             return {}
         d = b - a
-        out = {"mismatch/mean_abs_logprob_diff": float(np.abs(d).mean()),
-               "mismatch/max_abs_logprob_diff": float(np.abs(d).max()),
-               "mismatch/k3_engine_to_trainer": float(np.mean(np.expm1(-d) + d))}
-        log.info("rollout engine vs trainer log-probs: mean |diff| %.3g, max %.3g, k3 %.3g",
-                 *out.values())
+        out = {
+            "mismatch/mean_abs_logprob_diff": float(np.abs(d).mean()),
+            "mismatch/max_abs_logprob_diff": float(np.abs(d).max()),
+            "mismatch/k3_engine_to_trainer": float(np.mean(np.expm1(-d) + d)),
+        }
+        log.info(
+            "rollout engine vs trainer log-probs: mean |diff| %.3g, max %.3g, k3 %.3g",
+            *out.values(),
+        )
         return out
 
     @staticmethod
-    def launch(stage: str, config: str, overrides: list[str],
-               build_spec: Callable[[Config, StageRun], StageSpec], precheck: Precheck | None = None) -> int:
+    def launch(
+        stage: str,
+        config: str,
+        overrides: list[str],
+        build_spec: Callable[[Config, StageRun], StageSpec],
+        precheck: Precheck | None = None,
+    ) -> int:
         """Load the config, start the run, train, tear down; returns the exit code."""
         from erpd_megatron.runtime.distributed import destroy_distributed
 
         try:  # every input checked before compute; all problems in one line, no traceback
             cfg = load_config(config, overrides, validate=False)
-            validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
-                            check_runtime=True)
+            validate_config(
+                cfg,
+                world_size=int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))),
+                check_runtime=True,
+            )
             check_stage_inputs(cfg, stage)
         except ConfigError as e:
             return print_config_error(stage, e)

@@ -84,18 +84,33 @@ class Engine:
         o = self.cfg.optimizer
         dtype = _unwrapped(self.model[0]).config.params_dtype
         ocfg = OptimizerConfig(
-            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-            params_dtype=dtype, use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            params_dtype=dtype,
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
         )
         optimizer = get_megatron_optimizer(ocfg, self.model)
         decay_steps = max(1, total_steps)
         scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0 if o.lr_warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.lr_warmup_steps, lr_decay_steps=decay_steps,
-            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=decay_steps, wd_incr_style="constant",
+            optimizer,
+            init_lr=0.0 if o.lr_warmup_steps else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_steps,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
         )
         return optimizer, scheduler
 
@@ -107,10 +122,14 @@ class Engine:
         padded = padded_vocab_size(self.cfg.model, self.tp_size)
         rank = self.ps.get_tensor_model_parallel_rank()
         group = self.ps.get_tensor_model_parallel_group() if self.tp_size > 1 else None
-        return VocabShard(group=group, start=rank * padded // self.tp_size, vocab_size=self.cfg.model.vocab_size)
+        return VocabShard(
+            group=group, start=rank * padded // self.tp_size, vocab_size=self.cfg.model.vocab_size
+        )
 
     # ---- running --------------------------------------------------------------------------
-    def run(self, microbatches: list[MicroBatch], loss_fn: LossFn, *, forward_only: bool) -> list[dict]:
+    def run(
+        self, microbatches: list[MicroBatch], loss_fn: LossFn, *, forward_only: bool
+    ) -> list[dict]:
         """Run ``microbatches`` through the pipeline schedule.
 
         Returns the per-micro-batch metric dicts of ``loss_fn`` on the last pipeline stage
@@ -127,8 +146,12 @@ class Engine:
         # interleaved schedule runs padded copies and the loss gets the logits cropped back
         pairs = [(mb, mb) for mb in microbatches]
         if interleaved and microbatches:
-            padded = _pad_for_interleaving(microbatches, self.ps.get_pipeline_model_parallel_world_size())
-            pairs = [(p, microbatches[i] if i < len(microbatches) else p) for i, p in enumerate(padded)]
+            padded = _pad_for_interleaving(
+                microbatches, self.ps.get_pipeline_model_parallel_world_size()
+            )
+            pairs = [
+                (p, microbatches[i] if i < len(microbatches) else p) for i, p in enumerate(padded)
+            ]
             microbatches = padded
         n = len(microbatches)
         if n == 0:
@@ -142,7 +165,9 @@ class Engine:
             for m in self.model:
                 m.zero_grad_buffer()
             self.optimizer.zero_grad()
-        on_device = [(run.to(device), seen if seen is run else seen.to(device)) for run, seen in pairs]
+        on_device = [
+            (run.to(device), seen if seen is run else seen.to(device)) for run, seen in pairs
+        ]
         # the interleaved schedule takes one iterator per model chunk and pulls every
         # micro-batch from each (core_v0.16.1 pipeline_parallel/schedules.py,
         # forward_backward_pipelining_with_interleaving: data_iterator[model_chunk_id])
@@ -178,9 +203,13 @@ class Engine:
             _unwrapped(m).config.variable_seq_lengths = not interleaved
         fb = get_forward_backward_func()
         out = fb(
-            forward_step_func=forward_step, data_iterator=it,
+            forward_step_func=forward_step,
+            data_iterator=it,
             model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=n, seq_length=seq, micro_batch_size=mbs, forward_only=forward_only,
+            num_microbatches=n,
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
         )
         if not self.is_last_stage:
             return []
@@ -261,8 +290,13 @@ def packed_inputs(mb: MicroBatch, *, te: bool) -> tuple[torch.Tensor | None, Any
 
     cu, longest = packed_cu_seqlens(mb.segments)
     return None, PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-        cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest,
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu,
+        cu_seqlens_kv_padded=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
     )
 
 
@@ -302,11 +336,17 @@ def cp_micro_batch(mb: MicroBatch, cp_size: int, cp_rank: int) -> MicroBatch:
         return cp_split(t, idx, dim=1)
 
     return MicroBatch(
-        rows=mb.rows, input_ids=cut(mb.input_ids), position_ids=cut(mb.position_ids),
-        targets=cut(mb.targets), loss_mask=cut(mb.loss_mask), advantages=cut(mb.advantages),
-        rewards=mb.rewards, seq_index=cut(mb.seq_index),
+        rows=mb.rows,
+        input_ids=cut(mb.input_ids),
+        position_ids=cut(mb.position_ids),
+        targets=cut(mb.targets),
+        loss_mask=cut(mb.loss_mask),
+        advantages=cut(mb.advantages),
+        rewards=mb.rewards,
+        seq_index=cut(mb.seq_index),
         token_arrays={k: cut(v) for k, v in mb.token_arrays.items()},
-        segments=None if mb.segments is None else cut(mb.segments), seq_owned=owned,
+        segments=None if mb.segments is None else cut(mb.segments),
+        seq_owned=owned,
     )
 
 
@@ -340,9 +380,14 @@ def _pad_shape(mb: MicroBatch, b: int, s: int) -> MicroBatch:
         return F.pad(t, widths, value=value)
 
     return MicroBatch(
-        rows=mb.rows, input_ids=pad(mb.input_ids), position_ids=pad(mb.position_ids),
-        targets=pad(mb.targets), loss_mask=pad(mb.loss_mask), advantages=pad(mb.advantages),
-        rewards=F.pad(mb.rewards, [0, db]), seq_index=pad(mb.seq_index, -1),
+        rows=mb.rows,
+        input_ids=pad(mb.input_ids),
+        position_ids=pad(mb.position_ids),
+        targets=pad(mb.targets),
+        loss_mask=pad(mb.loss_mask),
+        advantages=pad(mb.advantages),
+        rewards=F.pad(mb.rewards, [0, db]),
+        seq_index=pad(mb.seq_index, -1),
         token_arrays={k: pad(v) for k, v in mb.token_arrays.items()},
         segments=None if mb.segments is None else pad(mb.segments, -1),
     )
@@ -355,10 +400,16 @@ def _unwrapped(m: torch.nn.Module) -> torch.nn.Module:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
-def reduce_metrics(metric_dicts: list[dict], keys: list[str], *, src_is_owner: bool) -> dict[str, float]:
+def reduce_metrics(
+    metric_dicts: list[dict], keys: list[str], *, src_is_owner: bool
+) -> dict[str, float]:
     """Sum per-micro-batch metric sums locally, then over the whole world, counting each
     value once: only ranks with ``src_is_owner`` (last pipeline stage, TP rank 0) contribute.
     Every rank gets the totals (so rank 0 can log them)."""
@@ -367,5 +418,9 @@ def reduce_metrics(metric_dicts: list[dict], keys: list[str], *, src_is_owner: b
         for d in metric_dicts:
             for i, k in enumerate(keys):
                 if k in d:
-                    vec[i] += float(d[k].detach().double().sum()) if torch.is_tensor(d[k]) else float(d[k])
+                    vec[i] += (
+                        float(d[k].detach().double().sum())
+                        if torch.is_tensor(d[k])
+                        else float(d[k])
+                    )
     return dict(zip(keys, comm.all_reduce(vec).tolist()))

@@ -46,14 +46,31 @@ log = get_logger(__name__)
 
 # a launcher's variables: the child is a single process, not a member of the training job
 # (with torchrun's TORCHELASTIC_USE_AGENT_STORE left set, its store would wait for a server forever)
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-                "SLURM_NTASKS", "SLURM_LOCALID")
+_LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+)
 
 
 def child_env() -> dict[str, str]:
     """This process's environment without the launcher's rank/rendezvous variables."""
-    return {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCH_VARS and not k.startswith("TORCHELASTIC_")
+    }
 
 
 def heldout_metrics(cfg: Config, hf_dir: str | Path, *, progress: bool = False) -> dict[str, float]:
@@ -74,17 +91,32 @@ def heldout_metrics(cfg: Config, hf_dir: str | Path, *, progress: bool = False) 
     model = EvalModelConfig(name="heldout", path=str(hf_dir))
     out: dict[str, float] = {}
     names = dataset_names(ec.datasets)
-    with eval_threads(cfg), RewardPool(rc.reward_fn, timeout=rc.verifier_timeout, num_workers=rc.verifier_workers,
-                                       memory_mb=rc.verifier_memory_mb) as pool:
+    with (
+        eval_threads(cfg),
+        RewardPool(
+            rc.reward_fn,
+            timeout=rc.verifier_timeout,
+            num_workers=rc.verifier_workers,
+            memory_mb=rc.verifier_memory_mb,
+        ) as pool,
+    ):
         for d, (dataset, name) in enumerate(zip(ec.datasets, names)):
             prompts = select_heldout(cfg, dataset, tokenizer)
-            s, _ = generate_and_reward(cfg, model, prompts=prompts, tokenizer=tokenizer, pool=pool,
-                                       seed=derive_seed(ec.seed, "eval", d), progress=progress)
+            s, _ = generate_and_reward(
+                cfg,
+                model,
+                prompts=prompts,
+                tokenizer=tokenizer,
+                pool=pool,
+                seed=derive_seed(ec.seed, "eval", d),
+                progress=progress,
+            )
             prefix = "" if len(names) == 1 else f"{name}/"
             acc = stats.accuracy_stats(s.rewards, ec.pass_k)
             out.update({f"{prefix}{k}": float(v) for k, v in acc.items() if v is not None})
-            out[f"{prefix}response_length"] = float(sum(len(c.token_ids) for c in s.completions)
-                                                    / max(len(s.completions), 1))
+            out[f"{prefix}response_length"] = float(
+                sum(len(c.token_ids) for c in s.completions) / max(len(s.completions), 1)
+            )
     return out
 
 
@@ -96,10 +128,12 @@ def heldout_engine_problem(engine: str, eval_every_epochs: int, on_gpu: bool) ->
     *whole* GPU and refuses to start when that much is not free, so a vLLM engine there either
     fails or competes with the trainer. The hf engine allocates only what it uses."""
     if eval_every_epochs and engine == "vllm" and on_gpu:
-        return ("stage1.eval_every_epochs with rollout.engine=vllm would start a vLLM engine on GPUs whose "
-                "memory the trainer holds: set stage1.eval_every_epochs=0 and evaluate the epoch snapshots "
-                "(stage1.save_epochs, converted with tools/convert_checkpoint.py mcore-to-hf) offline with "
-                "`erpd evaluate` as its own job, or set rollout.engine=hf for the in-training eval")
+        return (
+            "stage1.eval_every_epochs with rollout.engine=vllm would start a vLLM engine on GPUs whose "
+            "memory the trainer holds: set stage1.eval_every_epochs=0 and evaluate the epoch snapshots "
+            "(stage1.save_epochs, converted with tools/convert_checkpoint.py mcore-to-hf) offline with "
+            "`erpd evaluate` as its own job, or set rollout.engine=hf for the in-training eval"
+        )
     return None
 
 
@@ -109,7 +143,9 @@ def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str
     Raises RuntimeError with the child's exit code when it fails (the log is in ``work_dir``), and
     :class:`ConfigError` before starting one that would run vLLM next to the trainer
     (:func:`heldout_engine_problem`; the first evaluation runs before the first step)."""
-    problem = heldout_engine_problem(cfg.rollout.engine, max(cfg.stage1.eval_every_epochs, 1), _has_cuda())
+    problem = heldout_engine_problem(
+        cfg.rollout.engine, max(cfg.stage1.eval_every_epochs, 1), _has_cuda()
+    )
     if problem:
         raise ConfigError(problem)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -123,15 +159,34 @@ def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str
     logfile = work_dir / "heldout.log"
     t0 = time.perf_counter()
     with open(logfile, "a") as f:
-        code = subprocess.call([sys.executable, "-m", "erpd_megatron.train.heldout", "--config", str(resolved),
-                                "--checkpoint", str(checkpoint), "--out", str(result)],
-                               env=env, stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "erpd_megatron.train.heldout",
+                "--config",
+                str(resolved),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(result),
+            ],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if code != 0 or not result.exists():
-        raise RuntimeError(f"held-out evaluation of {checkpoint} failed (exit code {code}); see {logfile}. "
-                           "Fix the eval/rollout settings or set stage1.eval_every_epochs=0, then resume.")
+        raise RuntimeError(
+            f"held-out evaluation of {checkpoint} failed (exit code {code}); see {logfile}. "
+            "Fix the eval/rollout settings or set stage1.eval_every_epochs=0, then resume."
+        )
     metrics = json.loads(result.read_text())
-    log.info("held-out accuracy of %s: %s (%.0fs)", checkpoint.name,
-             ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), time.perf_counter() - t0)
+    log.info(
+        "held-out accuracy of %s: %s (%.0fs)",
+        checkpoint.name,
+        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+        time.perf_counter() - t0,
+    )
     return metrics
 
 
@@ -140,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     from erpd_megatron.models.convert import mcore_to_hf
     from erpd_megatron.runtime.distributed import destroy_distributed
 
-    p = argparse.ArgumentParser(prog="python -m erpd_megatron.train.heldout", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m erpd_megatron.train.heldout", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--config", required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)

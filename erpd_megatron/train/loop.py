@@ -141,15 +141,20 @@ def add_epoch_sums(epoch_sums: dict[str, float], sums: dict[str, float], applied
 class TrainLoop:
     """Runs a :class:`StageSpec` on an :class:`Engine`."""
 
-    def __init__(self, cfg: Config, engine: Engine, spec: StageSpec, out_dir: str | os.PathLike) -> None:
+    def __init__(
+        self, cfg: Config, engine: Engine, spec: StageSpec, out_dir: str | os.PathLike
+    ) -> None:
         self.cfg, self.engine, self.spec = cfg, engine, spec
         self.out_dir = Path(out_dir)
         self.save_root = Path(cfg.checkpoint.save or self.out_dir / "checkpoints")
         self.state = LoopState()
         self.lengths = spec.table.lengths
         self.metrics = MetricsLogger(
-            self.out_dir / f"{spec.name}_metrics.jsonl", enabled=_rank() == 0, wandb_cfg=cfg.logging,
-            run_name=cfg.logging.run_name or f"{cfg.name}-{spec.name}", config=to_dict(cfg),
+            self.out_dir / f"{spec.name}_metrics.jsonl",
+            enabled=_rank() == 0,
+            wandb_cfg=cfg.logging,
+            run_name=cfg.logging.run_name or f"{cfg.name}-{spec.name}",
+            config=to_dict(cfg),
         )
         self.timing_path = self.out_dir / f"{spec.name}_timing.jsonl"
         self.signals = _Signals()
@@ -166,7 +171,9 @@ class TrainLoop:
         """Optimizer steps of the whole stage."""
         return sum(len(self.batches(e)) for e in range(self.spec.epochs))
 
-    def micro_batches(self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]) -> list[MicroBatch]:
+    def micro_batches(
+        self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]
+    ) -> list[MicroBatch]:
         """This rank's micro-batches of one global batch, padded with zero-loss dummies to the
         count of the DP rank with the most (computed from the global picture, no collective),
         so that every DP rank runs the same schedule (see :mod:`erpd_megatron.train.engine`)."""
@@ -178,8 +185,12 @@ class TrainLoop:
         """Train to the end (or a stop); returns the process exit code."""
         self._resume()
         total = self.total_steps()
-        bar = progress_bar(total, enabled=_rank() == 0 and self.cfg.logging.progress_bar,
-                           desc=self.spec.name, initial=self.state.global_step)
+        bar = progress_bar(
+            total,
+            enabled=_rank() == 0 and self.cfg.logging.progress_bar,
+            desc=self.spec.name,
+            initial=self.state.global_step,
+        )
         try:
             if self.spec.heldout_every and self.state.global_step == 0:
                 self._heldout()  # pi_r, the curve's starting point
@@ -208,36 +219,52 @@ class TrainLoop:
             add_epoch_sums(epoch_sums, sums, applied)
             values = spec.finalize_metrics(sums)
             record = {f"{spec.name}/{k}": v for k, v in values.items()}
-            record.update({f"{spec.name}/grad_norm": grad_norm, f"{spec.name}/lr": self.engine.current_lr(),
-                           f"{spec.name}/skipped_steps": st.skipped_steps, "epoch": st.epoch,
-                           f"{spec.name}/update_applied": int(applied)})
+            record.update(
+                {
+                    f"{spec.name}/grad_norm": grad_norm,
+                    f"{spec.name}/lr": self.engine.current_lr(),
+                    f"{spec.name}/skipped_steps": st.skipped_steps,
+                    "epoch": st.epoch,
+                    f"{spec.name}/update_applied": int(applied),
+                }
+            )
             self.metrics.log(record, st.global_step)
             tokens = sums.get("pm_tokens", sums.get("tokens", 0.0))  # pm_: counted by every stage
             self._log_timing(dt, tokens)
             bar.update(1)
-            bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", tok_s=f"{tokens / max(dt, 1e-9):.0f}")
+            bar.set_postfix(
+                loss=f"{values.get('loss', float('nan')):.4f}",
+                tok_s=f"{tokens / max(dt, 1e-9):.0f}",
+            )
             if spec.should_stop(values, st.global_step):
                 st.stopped_early = True
                 log.info("%s: stop condition met at step %d", spec.name, st.global_step)
                 return None
             if self.signals.agreed():
                 self._save_iter()
-                log.warning("signal received: checkpointed at step %d, exiting with code %d",
-                            st.global_step, self.cfg.checkpoint.exit_code_on_signal)
+                log.warning(
+                    "signal received: checkpointed at step %d, exiting with code %d",
+                    st.global_step,
+                    self.cfg.checkpoint.exit_code_on_signal,
+                )
                 return self.cfg.checkpoint.exit_code_on_signal
             interval = self.cfg.checkpoint.save_interval
             if interval and st.global_step % interval == 0:
                 self._save_iter()
         values = spec.finalize_metrics(epoch_sums)
-        self.metrics.log({f"{spec.name}/epoch/{k}": v for k, v in values.items()} | {"epoch": st.epoch},
-                         st.global_step)
+        self.metrics.log(
+            {f"{spec.name}/epoch/{k}": v for k, v in values.items()} | {"epoch": st.epoch},
+            st.global_step,
+        )
         st.epoch += 1
         st.step_in_epoch = 0
         st.epoch_sums = {}
         if st.epoch in spec.snapshot_epochs:
             self._save_model_only(self.save_root / f"epoch_{st.epoch:04d}")
         every = spec.heldout_every
-        if every and st.epoch % every == 0 and st.epoch < spec.epochs:  # the last: on `final` (_finish)
+        if (
+            every and st.epoch % every == 0 and st.epoch < spec.epochs
+        ):  # the last: on `final` (_finish)
             self._heldout()
         return None
 
@@ -255,14 +282,20 @@ class TrainLoop:
             self._save_model_only(ckpt)
         metrics: dict[str, float] = {}
         if _rank() == 0:
-            metrics = run_heldout_child(self.cfg, ckpt, self.out_dir / "heldout" / f"epoch_{st.epoch:04d}")
-            self.metrics.log({f"{self.spec.name}/eval/{k}": v for k, v in metrics.items()} | {"epoch": st.epoch},
-                             st.global_step)
+            metrics = run_heldout_child(
+                self.cfg, ckpt, self.out_dir / "heldout" / f"epoch_{st.epoch:04d}"
+            )
+            self.metrics.log(
+                {f"{self.spec.name}/eval/{k}": v for k, v in metrics.items()} | {"epoch": st.epoch},
+                st.global_step,
+            )
         _barrier()
         if temporary and _rank() == 0:
             shutil.rmtree(ckpt, ignore_errors=True)
 
-    def _step(self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]) -> tuple[dict[str, float], float, bool]:
+    def _step(
+        self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]
+    ) -> tuple[dict[str, float], float, bool]:
         e, st = self.engine, self.state
         mbs = self.micro_batches(rows, arrays)
         outs = e.run(mbs, self.spec.make_loss(rows), forward_only=False)
@@ -273,8 +306,11 @@ class TrainLoop:
             st.skipped_steps += 1
             st.consecutive_nonfinite += 1
             e.optimizer.zero_grad()
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                        st.global_step + 1, st.consecutive_nonfinite)
+            log.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                st.global_step + 1,
+                st.consecutive_nonfinite,
+            )
             if st.consecutive_nonfinite >= self.cfg.optimizer.max_nonfinite_steps:
                 raise NonFiniteAbort(
                     f"{self.spec.name}: {st.consecutive_nonfinite} consecutive steps with a non-finite loss or "
@@ -295,8 +331,17 @@ class TrainLoop:
         import json
 
         with open(self.timing_path, "a") as f:
-            f.write(json.dumps({"step": self.state.global_step, "seconds": dt, "tokens": tokens,
-                                "tokens_per_s": tokens / max(dt, 1e-9)}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": self.state.global_step,
+                        "seconds": dt,
+                        "tokens": tokens,
+                        "tokens_per_s": tokens / max(dt, 1e-9),
+                    }
+                )
+                + "\n"
+            )
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _state_dict(self) -> dict:
@@ -310,9 +355,15 @@ class TrainLoop:
         step = self.state.global_step
         path = iter_dir(self.save_root, step)
         extra = {"loop": self._state_dict(), "stage": self.spec.name}
-        save_checkpoint(path, self.engine.model, optimizer=self.engine.optimizer,
-                        opt_param_scheduler=self.engine.scheduler, extra=extra, model_cfg=self.cfg.model,
-                        optimizer_sharding=self.cfg.checkpoint.optimizer_sharding)
+        save_checkpoint(
+            path,
+            self.engine.model,
+            optimizer=self.engine.optimizer,
+            opt_param_scheduler=self.engine.scheduler,
+            extra=extra,
+            model_cfg=self.cfg.model,
+            optimizer_sharding=self.cfg.checkpoint.optimizer_sharding,
+        )
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
         torch.save(rng, path / f"rng_rank{_rank():05d}.pt")
         _barrier()
@@ -336,11 +387,20 @@ class TrainLoop:
                 shutil.rmtree(path)
             _barrier()
         load = Path(self.cfg.checkpoint.load) if self.cfg.checkpoint.load else None
-        hf_config = read_json(load / "hf_config.json") if load and (load / "hf_config.json").exists() else None
+        hf_config = (
+            read_json(load / "hf_config.json")
+            if load and (load / "hf_config.json").exists()
+            else None
+        )
         # the tokenizer files and the original HF config travel with every model the stage outputs
-        save_checkpoint(path, self.engine.model, extra={"stage": self.spec.name, "loop": self._state_dict()},
-                        model_cfg=self.cfg.model, tokenizer_dir=load if load and load.exists() else None,
-                        hf_config=hf_config)
+        save_checkpoint(
+            path,
+            self.engine.model,
+            extra={"stage": self.spec.name, "loop": self._state_dict()},
+            model_cfg=self.cfg.model,
+            tokenizer_dir=load if load and load.exists() else None,
+            hf_config=hf_config,
+        )
 
     def _resume(self) -> None:
         from erpd_megatron.models.checkpoint import iter_dir, load_checkpoint, read_latest
@@ -349,13 +409,19 @@ class TrainLoop:
         latest = read_latest(self.save_root) if mode != "never" else None
         if latest is None:
             if mode == "must":
-                raise FileNotFoundError(f"checkpoint.resume=must but {self.save_root} has no checkpoint")
+                raise FileNotFoundError(
+                    f"checkpoint.resume=must but {self.save_root} has no checkpoint"
+                )
             self.metrics.truncate_after(0)
             truncate_jsonl(self.timing_path, 0) if _rank() == 0 else None
             return
         path = iter_dir(self.save_root, latest)
-        extra = load_checkpoint(path, self.engine.model, optimizer=self.engine.optimizer,
-                                opt_param_scheduler=self.engine.scheduler)
+        extra = load_checkpoint(
+            path,
+            self.engine.model,
+            optimizer=self.engine.optimizer,
+            opt_param_scheduler=self.engine.scheduler,
+        )
         self.state = LoopState(**extra["loop"])
         rng_file = path / f"rng_rank{_rank():05d}.pt"
         if rng_file.exists():
@@ -364,15 +430,24 @@ class TrainLoop:
             np.random.set_state(rng["numpy"])
         self.metrics.truncate_after(self.state.global_step)
         truncate_jsonl(self.timing_path, self.state.global_step) if _rank() == 0 else None
-        log.info("%s: resumed from %s (epoch %d, step %d)", self.spec.name, path, self.state.epoch,
-                 self.state.global_step)
+        log.info(
+            "%s: resumed from %s (epoch %d, step %d)",
+            self.spec.name,
+            path,
+            self.state.epoch,
+            self.state.global_step,
+        )
 
     def _compute(self) -> dict:
         return _loop_compute(self)
 
     def _finish(self) -> None:
         final = self.save_root / "final"
-        chosen = self.spec.choose_final(self.save_root) if (self.state.stopped_early and self.spec.choose_final) else None
+        chosen = (
+            self.spec.choose_final(self.save_root)
+            if (self.state.stopped_early and self.spec.choose_final)
+            else None
+        )
         if chosen is not None:
             # publish the chosen checkpoint's weights, model-only like every other final
             from erpd_megatron.models.checkpoint import load_checkpoint
@@ -382,14 +457,21 @@ class TrainLoop:
         if self.spec.heldout_every:
             self._heldout(final)  # before the manifest: a rerun after a kill evaluates again
         if _rank() == 0:
-            atomic_write_json(self.save_root / "manifest.json", {
-                "status": "complete", "stage": self.spec.name, "steps": self.state.global_step,
-                "epochs_done": self.state.epoch, "stopped_early": self.state.stopped_early,
-                "skipped_steps": self.state.skipped_steps, "final": str(final),
-                "snapshots": sorted(str(p) for p in self.save_root.glob("epoch_*")),
-                "published_from": str(chosen) if chosen else None,
-                "compute": self._compute(),
-            })
+            atomic_write_json(
+                self.save_root / "manifest.json",
+                {
+                    "status": "complete",
+                    "stage": self.spec.name,
+                    "steps": self.state.global_step,
+                    "epochs_done": self.state.epoch,
+                    "stopped_early": self.state.stopped_early,
+                    "skipped_steps": self.state.skipped_steps,
+                    "final": str(final),
+                    "snapshots": sorted(str(p) for p in self.save_root.glob("epoch_*")),
+                    "published_from": str(chosen) if chosen else None,
+                    "compute": self._compute(),
+                },
+            )
         self.metrics.close()
         _barrier()
 
@@ -406,7 +488,7 @@ def _loop_compute(loop: TrainLoop) -> dict:
     per_epoch = int(lengths.sum())
     tokens = per_epoch * min(st.epoch, loop.spec.epochs)
     if st.stopped_early and st.epoch < loop.spec.epochs:
-        tokens += sum(int(lengths[b].sum()) for b in loop.batches(st.epoch)[:st.step_in_epoch])
+        tokens += sum(int(lengths[b].sum()) for b in loop.batches(st.epoch)[: st.step_in_epoch])
     step_s = 0.0
     if loop.timing_path.exists():
         for line in loop.timing_path.read_text().splitlines():
@@ -415,8 +497,13 @@ def _loop_compute(loop: TrainLoop) -> dict:
             except ValueError:
                 continue
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return compute_record(loop.cfg, trained_tokens=tokens, wall_s=step_s, gpus=world,
-                          process_wall_s=round(time.time() - loop.t_start, 3))
+    return compute_record(
+        loop.cfg,
+        trained_tokens=tokens,
+        wall_s=step_s,
+        gpus=world,
+        process_wall_s=round(time.time() - loop.t_start, 3),
+    )
 
 
 def stage_complete(save_root: str | os.PathLike) -> bool:

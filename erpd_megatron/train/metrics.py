@@ -46,8 +46,15 @@ class MetricsLogger:
     file of a resumed run is identical to an uninterrupted one.
     """
 
-    def __init__(self, path: str | os.PathLike, *, enabled: bool, wandb_cfg: Any = None,
-                 run_name: str | None = None, config: dict | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        enabled: bool,
+        wandb_cfg: Any = None,
+        run_name: str | None = None,
+        config: dict | None = None,
+    ) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self.run: Any = NullRun()
@@ -85,8 +92,15 @@ def _start_wandb(cfg: Any, run_name: str | None, config: dict | None, out_dir: P
     mode = cfg.wandb_mode
     if mode == "auto":
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project=cfg.wandb_project, name=run_name, config=config, mode=mode, dir=str(out_dir),
-                      resume="allow", group=getattr(cfg, "wandb_group", None))
+    return wandb.init(
+        project=cfg.wandb_project,
+        name=run_name,
+        config=config,
+        mode=mode,
+        dir=str(out_dir),
+        resume="allow",
+        group=getattr(cfg, "wandb_group", None),
+    )
 
 
 def truncate_jsonl(path: str | os.PathLike, step: int) -> None:
@@ -110,7 +124,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-def progress_bar(total: int, *, enabled: bool, desc: str, initial: int = 0, unit: str = "it") -> Any:
+def progress_bar(
+    total: int, *, enabled: bool, desc: str, initial: int = 0, unit: str = "it"
+) -> Any:
     """A tqdm bar with ETA on rank 0 when stderr is a terminal; a :class:`LineProgress` (plain
     log lines, no carriage returns) when stderr goes to a file or pipe; a no-op elsewhere."""
     if not enabled:
@@ -119,7 +135,9 @@ def progress_bar(total: int, *, enabled: bool, desc: str, initial: int = 0, unit
         return LineProgress(total, desc=desc, initial=initial, unit=unit)
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0, unit=unit)
+    return tqdm(
+        total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0, unit=unit
+    )
 
 
 class LineProgress:
@@ -127,11 +145,20 @@ class LineProgress:
     one line per ``interval`` seconds (``ERPD_PROGRESS_INTERVAL``, default 60) and one at the
     end, each with the count, rate, ETA and the last postfix."""
 
-    def __init__(self, total: int, *, desc: str, initial: int = 0, unit: str = "it",
-                 interval: float | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        desc: str,
+        initial: int = 0,
+        unit: str = "it",
+        interval: float | None = None,
+    ) -> None:
         self.total, self.desc, self.n, self.unit = total, desc, initial, unit
         self.start_n = initial
-        self.interval = float(os.environ.get("ERPD_PROGRESS_INTERVAL", "60")) if interval is None else interval
+        self.interval = (
+            float(os.environ.get("ERPD_PROGRESS_INTERVAL", "60")) if interval is None else interval
+        )
         self.t0 = self.last = time.monotonic()
         self.postfix = ""
         self.closed = False
@@ -142,8 +169,10 @@ class LineProgress:
         eta = (self.total - self.n) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.n / self.total if self.total else 100.0
         tail = f", {self.postfix}" if self.postfix else ""
-        return (f"{self.desc}: {self.n}/{self.total} ({pct:.0f}%) {dt:.0f}s, {rate:.2f} {self.unit}/s, "
-                f"eta {eta:.0f}s{tail}")
+        return (
+            f"{self.desc}: {self.n}/{self.total} ({pct:.0f}%) {dt:.0f}s, {rate:.2f} {self.unit}/s, "
+            f"eta {eta:.0f}s{tail}"
+        )
 
     def update(self, n: int = 1) -> None:  # noqa: D102
         self.n += n

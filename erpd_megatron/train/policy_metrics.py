@@ -21,8 +21,15 @@ import torch
 from erpd_megatron.data.batching import MicroBatch
 
 POLICY_KEYS = [
-    "pm_tokens", "pm_sequences", "pm_entropy_sum", "pm_k1_sum", "pm_k3_sum",
-    "pm_drift_pos_sum", "pm_pos_sequences", "pm_drift_neg_sum", "pm_neg_sequences",
+    "pm_tokens",
+    "pm_sequences",
+    "pm_entropy_sum",
+    "pm_k1_sum",
+    "pm_k3_sum",
+    "pm_drift_pos_sum",
+    "pm_pos_sequences",
+    "pm_drift_neg_sum",
+    "pm_neg_sequences",
 ]
 
 
@@ -32,8 +39,9 @@ def reverse_k3(y: torch.Tensor, max_log_ratio: float = 20.0) -> torch.Tensor:
     return torch.expm1(y.clamp(max=max_log_ratio)) - y
 
 
-def policy_metric_sums(logp: torch.Tensor, ref_logp: torch.Tensor, entropy: torch.Tensor | None,
-                       mb: MicroBatch) -> dict[str, torch.Tensor]:
+def policy_metric_sums(
+    logp: torch.Tensor, ref_logp: torch.Tensor, entropy: torch.Tensor | None, mb: MicroBatch
+) -> dict[str, torch.Tensor]:
     """Sums over one micro-batch ([b, s] tensors, ``mb.loss_mask`` selects response tokens;
     per-sequence sums go through ``mb.seq_index``, so packed rows count each sequence)."""
     with torch.no_grad():
@@ -55,11 +63,14 @@ def policy_metric_sums(logp: torch.Tensor, ref_logp: torch.Tensor, entropy: torc
             "pm_tokens": mask.sum().double(),
             "pm_sequences": counted.sum().double(),
             "pm_entropy_sum": torch.where(mask, entropy.detach().double(), 0.0).sum()
-            if entropy is not None else torch.zeros((), dtype=torch.float64),
+            if entropy is not None
+            else torch.zeros((), dtype=torch.float64),
             "pm_k1_sum": torch.where(mask, ref - lp, 0.0).sum(),
             "pm_k3_sum": torch.where(mask, reverse_k3(lp - ref), 0.0).sum(),
-            "pm_drift_pos_sum": drift[pos].sum(), "pm_pos_sequences": (pos & counted).sum().double(),
-            "pm_drift_neg_sum": drift[neg].sum(), "pm_neg_sequences": (neg & counted).sum().double(),
+            "pm_drift_pos_sum": drift[pos].sum(),
+            "pm_pos_sequences": (pos & counted).sum().double(),
+            "pm_drift_neg_sum": drift[neg].sum(),
+            "pm_neg_sequences": (neg & counted).sum().double(),
         }
     return out
 

@@ -35,8 +35,14 @@ def _barrier() -> None:
     comm.barrier()
 
 
-def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLike, *,
-                   max_tokens: int, desc: str = "scoring") -> list[np.ndarray]:
+def score_logprobs(
+    engine: Engine,
+    table: SampleTable,
+    out_dir: str | os.PathLike,
+    *,
+    max_tokens: int,
+    desc: str = "scoring",
+) -> list[np.ndarray]:
     """Log-probs of every response token of ``table`` under ``engine``'s current weights.
 
     Returns a list aligned with the table's rows (float32 arrays, one value per response
@@ -50,13 +56,24 @@ def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLik
         shard = engine.vocab_shard()
         # every DP rank runs the same number of forwards (FP8's amax reduction spans TP x DP);
         # packed like training when data.packing is on
-        mbs = build_micro_batches(engine.cfg, table, np.arange(len(table)), engine.dp_rank,
-                                  engine.dp_size, max_tokens=max_tokens)
+        mbs = build_micro_batches(
+            engine.cfg,
+            table,
+            np.arange(len(table)),
+            engine.dp_rank,
+            engine.dp_size,
+            max_tokens=max_tokens,
+        )
 
         def fn(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
             b, s, v = logits.shape
-            lp = vp_logprob(logits.reshape(b * s, v), mb.targets.reshape(-1), group=shard.group,
-                            vocab_start=shard.start, vocab_size=shard.vocab_size).reshape(b, s)
+            lp = vp_logprob(
+                logits.reshape(b * s, v),
+                mb.targets.reshape(-1),
+                group=shard.group,
+                vocab_start=shard.start,
+                vocab_size=shard.vocab_size,
+            ).reshape(b, s)
             return logits.sum() * 0.0, {"logprobs": lp.detach() * mb.loss_mask}
 
         with torch.no_grad():
@@ -70,8 +87,11 @@ def score_logprobs(engine: Engine, table: SampleTable, out_dir: str | os.PathLik
                     ids.append(int(row))
                     vals.append(v)
                     offs.append(offs[-1] + len(v))
-            buf = _npz_bytes(rows=np.array(ids, np.int64), offsets=np.array(offs, np.int64),
-                             values=np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32))
+            buf = _npz_bytes(
+                rows=np.array(ids, np.int64),
+                offsets=np.array(offs, np.int64),
+                values=np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32),
+            )
             atomic_write_bytes(out_dir / f"dp{engine.dp_rank:05d}.npz", buf)
         _barrier()
         if not comm.is_distributed() or dist.get_rank() == 0:
@@ -90,8 +110,10 @@ def load_scores(out_dir: str | os.PathLike, num_rows: int) -> list[np.ndarray]:
             out[int(r)] = vals[offs[k] : offs[k + 1]]
     missing = [i for i, v in enumerate(out) if v is None]
     if missing:
-        raise RuntimeError(f"{out_dir}: scores missing for {len(missing)} rows (e.g. row {missing[0]}); "
-                           "delete the directory and rerun")
+        raise RuntimeError(
+            f"{out_dir}: scores missing for {len(missing)} rows (e.g. row {missing[0]}); "
+            "delete the directory and rerun"
+        )
     return out  # type: ignore[return-value]
 
 

@@ -31,17 +31,35 @@ log = get_logger(__name__)
 
 def _loss_kwargs(cfg: Config) -> dict:
     s = cfg.stage1
-    return dict(base=s.unlearned_base, eps_low=s.eps_low, eps_high=s.eps_high, tau_pos=s.sapo_tau_pos,
-                tau_neg=s.sapo_tau_neg, beta=s.mse_beta, kl_coef=s.kl_coef)
+    return dict(
+        base=s.unlearned_base,
+        eps_low=s.eps_low,
+        eps_high=s.eps_high,
+        tau_pos=s.sapo_tau_pos,
+        tau_neg=s.sapo_tau_neg,
+        beta=s.mse_beta,
+        kl_coef=s.kl_coef,
+    )
 
 
 def stage1_metric_keys(cfg: Config) -> list[str]:
     """The metric sums the configured loss returns (found by calling it on a dummy batch,
     so that ranks without logits know the keys too), plus the policy metrics."""
     z = torch.zeros(1, 2)
-    _, m = stage1_loss(cfg.stage1.loss, logp=z, adv=z, mask=torch.ones(1, 2), normalizer=1.0, anchor_logp=z,
-                       ref_logp=z, reward=z, seq_normalizer=1.0, segment_ids=torch.zeros(1, 2, dtype=torch.long),
-                       num_segments=1, **_loss_kwargs(cfg))
+    _, m = stage1_loss(
+        cfg.stage1.loss,
+        logp=z,
+        adv=z,
+        mask=torch.ones(1, 2),
+        normalizer=1.0,
+        anchor_logp=z,
+        ref_logp=z,
+        reward=z,
+        seq_normalizer=1.0,
+        segment_ids=torch.zeros(1, 2, dtype=torch.long),
+        num_segments=1,
+        **_loss_kwargs(cfg),
+    )
     return sorted(m) + POLICY_KEYS
 
 
@@ -62,9 +80,17 @@ def make_stage1_loss(cfg: Config, run: StageRun, table: SampleTable, rows: np.nd
         # per sequence through seq_index: a packed row holds several sequences
         reward = mb.per_token(mb.rewards.to(lp.device))
         loss, m = stage1_loss(
-            cfg.stage1.loss, logp=lp, adv=mb.advantages.to(lp.device), mask=mb.loss_mask.to(lp.device),
-            normalizer=tokens, anchor_logp=anchor, ref_logp=ref, reward=reward, seq_normalizer=seqs,
-            segment_ids=mb.seq_index.clamp(min=0).to(lp.device), num_segments=int(mb.rewards.shape[0]),
+            cfg.stage1.loss,
+            logp=lp,
+            adv=mb.advantages.to(lp.device),
+            mask=mb.loss_mask.to(lp.device),
+            normalizer=tokens,
+            anchor_logp=anchor,
+            ref_logp=ref,
+            reward=reward,
+            seq_normalizer=seqs,
+            segment_ids=mb.seq_index.clamp(min=0).to(lp.device),
+            num_segments=int(mb.rewards.shape[0]),
             **kwargs,
         )
         m.update(policy_metric_sums(lp, ref, ent, mb))
@@ -84,7 +110,9 @@ def finalize_stage1_metrics(cfg: Config):
     ``clip_frac``, ``ratio_mean`` are per token of the loss (``tokens``: for ``ce`` the
     imitated tokens); ``kl_penalty`` per response token.
     """
-    seq_loss = cfg.stage1.loss == "mse" or (cfg.stage1.loss == "unlearned" and cfg.stage1.unlearned_base == "mse")
+    seq_loss = cfg.stage1.loss == "mse" or (
+        cfg.stage1.loss == "unlearned" and cfg.stage1.unlearned_base == "mse"
+    )
 
     def fin(s: dict[str, float]) -> dict[str, float]:
         out = finalize_policy_metrics(s)
@@ -117,7 +145,9 @@ def build_spec(cfg: Config, run: StageRun) -> StageSpec:
 
     def on_epoch_start(epoch: int) -> None:
         if cfg.stage1.anchor == "epoch":
-            anchors[epoch] = ref if epoch == 0 else run.score(f"anchors/epoch_{epoch:04d}", trained=True)
+            anchors[epoch] = (
+                ref if epoch == 0 else run.score(f"anchors/epoch_{epoch:04d}", trained=True)
+            )
 
     def token_arrays(epoch: int) -> dict[str, list[np.ndarray]]:
         arrays = {"ref_logp": ref}
@@ -126,10 +156,14 @@ def build_spec(cfg: Config, run: StageRun) -> StageSpec:
         return arrays
 
     return StageSpec(
-        name="stage1", table=table, epochs=cfg.stage1.epochs,
+        name="stage1",
+        table=table,
+        epochs=cfg.stage1.epochs,
         make_loss=lambda rows: make_stage1_loss(cfg, run, table, rows),
-        metric_keys=stage1_metric_keys(cfg), finalize_metrics=finalize_stage1_metrics(cfg),
-        token_arrays=token_arrays, on_epoch_start=on_epoch_start,
+        metric_keys=stage1_metric_keys(cfg),
+        finalize_metrics=finalize_stage1_metrics(cfg),
+        token_arrays=token_arrays,
+        on_epoch_start=on_epoch_start,
         snapshot_epochs=[e for e in cfg.stage1.save_epochs if e < cfg.stage1.epochs],
         heldout_every=cfg.stage1.eval_every_epochs,
     )
@@ -140,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="erpd stage1", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="recipe YAML")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides")
-    p.add_argument("--force", action="store_true", help="train even on data without signal (stage1.force=true)")
+    p.add_argument(
+        "--force", action="store_true", help="train even on data without signal (stage1.force=true)"
+    )
     args = p.parse_intermixed_args(argv)  # --force may follow the a.b=c overrides
     overrides = args.overrides + (["stage1.force=true"] if args.force else [])
     return StageRun.launch("stage1", args.config, overrides, build_spec)

@@ -49,8 +49,16 @@ class CacheColumn:
     by memory-mapped records; the records of recent rows are kept in a small LRU so that
     the several columns of one sample decode it once."""
 
-    def __init__(self, cache, sample_ids: np.ndarray, field: str, model: str, lru: OrderedDict) -> None:
-        self.cache, self.sample_ids, self.field, self.model, self.lru = cache, sample_ids, field, model, lru
+    def __init__(
+        self, cache, sample_ids: np.ndarray, field: str, model: str, lru: OrderedDict
+    ) -> None:
+        self.cache, self.sample_ids, self.field, self.model, self.lru = (
+            cache,
+            sample_ids,
+            field,
+            model,
+            lru,
+        )
 
     def __getitem__(self, row: int) -> np.ndarray:
         sid = int(self.sample_ids[row])
@@ -70,28 +78,42 @@ def open_cache(cfg: Config, table: SampleTable, data_fingerprint: str):
     from erpd_megatron.cache.reader import TeacherCache
 
     if not cfg.stage2.cache_dir:
-        raise ValueError("stage2.cache_dir is not set: the teacher cache from tools/cache_teacher_logprobs.py")
+        raise ValueError(
+            "stage2.cache_dir is not set: the teacher cache from tools/cache_teacher_logprobs.py"
+        )
     counts = {int(s): int(n) for s, n in zip(table.sample_ids, table.response_lengths)}
     # each rank hashes its part of the shards (every shard once per job); all ranks run this
     # before torch.distributed starts, so a corrupt shard stops the job before any step
     part = _launch_rank()
-    cache = TeacherCache.open(cfg.stage2.cache_dir, expect_vocab_size=cfg.model.vocab_size,
-                              expect_rollout_fingerprint=data_fingerprint, expect_token_counts=counts,
-                              verify_part=part)
+    cache = TeacherCache.open(
+        cfg.stage2.cache_dir,
+        expect_vocab_size=cfg.model.vocab_size,
+        expect_rollout_fingerprint=data_fingerprint,
+        expect_token_counts=counts,
+        verify_part=part,
+    )
     sampled = set(cache.sampled_models)
     if "base" not in sampled:
         raise ValueError(f"{cfg.stage2.cache_dir}: the cache has no 'base' (pi_r) log-probs")
     for i, t in enumerate(cfg.stage2.teachers):
         if t.model not in sampled:
-            raise ValueError(f"stage2.teachers.{i}.model='{t.model}' is not in the cache {cfg.stage2.cache_dir} "
-                             f"(it has {sorted(sampled)})")
+            raise ValueError(
+                f"stage2.teachers.{i}.model='{t.model}' is not in the cache {cfg.stage2.cache_dir} "
+                f"(it has {sorted(sampled)})"
+            )
         if t.signal == "topk_kl" and t.model not in cache.teachers:
-            raise ValueError(f"stage2.teachers.{i}: topk_kl needs the top-k of '{t.model}', which the cache "
-                             "does not hold (cache.models[].topk was false)")
+            raise ValueError(
+                f"stage2.teachers.{i}: topk_kl needs the top-k of '{t.model}', which the cache "
+                "does not hold (cache.models[].topk was false)"
+            )
         if t.signal == "topk_kl" and t.alpha != 1.0 and t.model not in cache.ref_teachers:
-            raise ValueError(f"stage2.teachers.{i}: alpha != 1 needs pi_r's log-probs at the teacher's top-k")
+            raise ValueError(
+                f"stage2.teachers.{i}: alpha != 1 needs pi_r's log-probs at the teacher's top-k"
+            )
         if t.signal == "contrast" and t.contrast_model not in sampled:
-            raise ValueError(f"stage2.teachers.{i}.contrast_model='{t.contrast_model}' is not in the cache")
+            raise ValueError(
+                f"stage2.teachers.{i}.contrast_model='{t.contrast_model}' is not in the cache"
+            )
     try:
         check_base_fingerprint(cfg, cache)
     except BaseException:
@@ -164,19 +186,32 @@ def make_stage2_loss(cfg: Config, run: StageRun, rows: np.ndarray):
                 kl = _topk_kl(logits, arr, t, shard, inplace=inplace_kl).reshape(b, s)
                 terms.append(TeacherTerm("topk_kl", weight=t.weight, kl=kl))
             else:
-                raw = teacher_signal(t.signal, arr[f"lp:{t.model}"], lp_r=ref,
-                                     lp_unlearned=arr.get(f"lp:{t.contrast_model}"), adv=adv,
-                                     gate_mode=t.gate_mode, gate_alpha=t.alpha)
-                terms.append(TeacherTerm(t.signal, weight=t.weight, raw=raw, lam=t.lam, clip=t.clip))
-        total, metrics = stage2_loss(lp, ref, mask, terms, normalizer=tokens, eps=s2.eps,
-                                     c_out=s2.c_out, kl_coef=s2.kl_coef)
+                raw = teacher_signal(
+                    t.signal,
+                    arr[f"lp:{t.model}"],
+                    lp_r=ref,
+                    lp_unlearned=arr.get(f"lp:{t.contrast_model}"),
+                    adv=adv,
+                    gate_mode=t.gate_mode,
+                    gate_alpha=t.alpha,
+                )
+                terms.append(
+                    TeacherTerm(t.signal, weight=t.weight, raw=raw, lam=t.lam, clip=t.clip)
+                )
+        total, metrics = stage2_loss(
+            lp, ref, mask, terms, normalizer=tokens, eps=s2.eps, c_out=s2.c_out, kl_coef=s2.kl_coef
+        )
         metrics.update(policy_metric_sums(lp, ref, ent, mb))
-        return total, {k: v.detach().double() if torch.is_tensor(v) else v for k, v in metrics.items()}
+        return total, {
+            k: v.detach().double() if torch.is_tensor(v) else v for k, v in metrics.items()
+        }
 
     return loss_fn
 
 
-def _topk_kl(logits: torch.Tensor, arr: dict[str, torch.Tensor], t, shard, *, inplace: bool = False) -> torch.Tensor:
+def _topk_kl(
+    logits: torch.Tensor, arr: dict[str, torch.Tensor], t, shard, *, inplace: bool = False
+) -> torch.Tensor:
     from erpd_megatron.ops.vocab_parallel import vp_topk_kl
 
     b, s, v = logits.shape
@@ -185,9 +220,17 @@ def _topk_kl(logits: torch.Tensor, arr: dict[str, torch.Tensor], t, shard, *, in
     ids = arr[f"ids:{t.model}"].reshape(b * s, k)
     lps = arr[f"topk:{t.model}"].reshape(b * s, k)
     # padded positions carry id 0 and log-prob 0 (a full-mass bucket): harmless, masked later
-    return vp_topk_kl(logits.reshape(b * s, v), ids, lps, group=shard.group, vocab_start=shard.start,
-                      vocab_size=shard.vocab_size, alpha=t.alpha,
-                      ref_logprobs=None if ref_lp is None else ref_lp.reshape(b * s, k), inplace_backward=inplace)
+    return vp_topk_kl(
+        logits.reshape(b * s, v),
+        ids,
+        lps,
+        group=shard.group,
+        vocab_start=shard.start,
+        vocab_size=shard.vocab_size,
+        alpha=t.alpha,
+        ref_logprobs=None if ref_lp is None else ref_lp.reshape(b * s, k),
+        inplace_backward=inplace,
+    )
 
 
 def stage2_metric_keys(cfg: Config) -> list[str]:
@@ -222,15 +265,23 @@ def finalize_stage2_metrics(cfg: Config):
         nonfinite = 0.0
         for i, te in enumerate(cfg.stage2.teachers):
             if te.signal == "topk_kl":
-                out[f"teacher{i}/topk_kl"] = s.get(f"t{i}_kl_sum", 0.0) / max(s.get(f"t{i}_kl_tokens", 0.0), 1.0)
+                out[f"teacher{i}/topk_kl"] = s.get(f"t{i}_kl_sum", 0.0) / max(
+                    s.get(f"t{i}_kl_tokens", 0.0), 1.0
+                )
                 nonfinite += s.get(f"t{i}_nonfinite", 0.0)
             else:
                 n = t
                 mean = s.get(f"t{i}_signal_raw_sum", 0.0) / n
                 out[f"teacher{i}/signal_mean"] = mean
-                out[f"teacher{i}/signal_std"] = max(s.get(f"t{i}_signal_raw_sq_sum", 0.0) / n - mean * mean, 0.0) ** 0.5
-                out[f"teacher{i}/signal_clipped_frac"] = s.get(f"t{i}_signal_clipped_tokens", 0.0) / n
-                out[f"teacher{i}/signal_masked_frac"] = s.get(f"t{i}_signal_outlier_tokens", 0.0) / n
+                out[f"teacher{i}/signal_std"] = (
+                    max(s.get(f"t{i}_signal_raw_sq_sum", 0.0) / n - mean * mean, 0.0) ** 0.5
+                )
+                out[f"teacher{i}/signal_clipped_frac"] = (
+                    s.get(f"t{i}_signal_clipped_tokens", 0.0) / n
+                )
+                out[f"teacher{i}/signal_masked_frac"] = (
+                    s.get(f"t{i}_signal_outlier_tokens", 0.0) / n
+                )
                 nonfinite += s.get(f"t{i}_nonfinite_tokens", 0.0)
         out["nonfinite_tokens"] = nonfinite
         return out
@@ -247,12 +298,16 @@ def build_spec(cfg: Config, run: StageRun) -> StageSpec:
     for t in cfg.stage2.teachers:
         arrays[f"lp:{t.model}"] = CacheColumn(cache, sids, "sampled", t.model, lru)
         if t.signal == "contrast":
-            arrays[f"lp:{t.contrast_model}"] = CacheColumn(cache, sids, "sampled", t.contrast_model, lru)
+            arrays[f"lp:{t.contrast_model}"] = CacheColumn(
+                cache, sids, "sampled", t.contrast_model, lru
+            )
         if t.signal == "topk_kl":
             arrays[f"ids:{t.model}"] = CacheColumn(cache, sids, "topk_ids", t.model, lru)
             arrays[f"topk:{t.model}"] = CacheColumn(cache, sids, "topk_logprobs", t.model, lru)
             if t.alpha != 1.0:
-                arrays[f"reftopk:{t.model}"] = CacheColumn(cache, sids, "ref_topk_logprobs", t.model, lru)
+                arrays[f"reftopk:{t.model}"] = CacheColumn(
+                    cache, sids, "ref_topk_logprobs", t.model, lru
+                )
     budget = cfg.stage2.kl_budget
     save_root = Path(cfg.checkpoint.save or Path(cfg.output_dir) / "stage2" / "checkpoints")
     kl_log = save_root / "kl_by_step.json"
@@ -278,14 +333,21 @@ def build_spec(cfg: Config, run: StageRun) -> StageSpec:
             p = root / f"iter_{step:07d}"
             if p.exists():
                 return p
-        log.warning("stage2: no saved checkpoint lies inside the KL budget %.4g; publishing pi_r", budget)
+        log.warning(
+            "stage2: no saved checkpoint lies inside the KL budget %.4g; publishing pi_r", budget
+        )
         return Path(cfg.checkpoint.load)
 
     return StageSpec(
-        name="stage2", table=run.table, epochs=cfg.stage2.epochs,
+        name="stage2",
+        table=run.table,
+        epochs=cfg.stage2.epochs,
         make_loss=lambda rows: make_stage2_loss(cfg, run, rows),
-        metric_keys=stage2_metric_keys(cfg), finalize_metrics=finalize_stage2_metrics(cfg),
-        token_arrays=lambda epoch: arrays, should_stop=should_stop, choose_final=choose_final,
+        metric_keys=stage2_metric_keys(cfg),
+        finalize_metrics=finalize_stage2_metrics(cfg),
+        token_arrays=lambda epoch: arrays,
+        should_stop=should_stop,
+        choose_final=choose_final,
     )
 
 

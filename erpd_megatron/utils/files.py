@@ -21,7 +21,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; shared clusters need group/other read
+        os.chmod(
+            tmp, 0o666 & ~_umask()
+        )  # mkstemp creates 0600; shared clusters need group/other read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -37,7 +39,9 @@ def _umask() -> int:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    )
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -48,7 +52,9 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a damaged byte may not be UTF-8
-        raise ValueError(f"{path}: not valid JSON ({e}); delete it and rerun the step that writes it") from e
+        raise ValueError(
+            f"{path}: not valid JSON ({e}); delete it and rerun the step that writes it"
+        ) from e
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -60,8 +66,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def dir_fingerprint(path: str | os.PathLike, *, full_hash_below: int = 64 << 20,
-                    edge_bytes: int = 4 << 20) -> str:
+def dir_fingerprint(
+    path: str | os.PathLike, *, full_hash_below: int = 64 << 20, edge_bytes: int = 4 << 20
+) -> str:
     """A quick content fingerprint of a directory (a checkpoint): hex SHA-256.
 
     Over every file's relative path and size (hidden files excluded), the full bytes of files

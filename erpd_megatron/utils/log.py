@@ -14,7 +14,9 @@ import sys
 import warnings
 
 _CONFIGURED = False
-FALLBACK_WARNING = re.compile(r"(Transformer Engine|Apex)( and Apex)? (is|are) not installed", re.IGNORECASE)
+FALLBACK_WARNING = re.compile(
+    r"(Transformer Engine|Apex)( and Apex)? (is|are) not installed", re.IGNORECASE
+)
 """Messages of megatron-core's optional-dependency fallbacks (expected on CPU)."""
 _fallback_seen = False
 _showwarning = warnings.showwarning
@@ -28,7 +30,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
             _fallback_seen = True
             get_logger("erpd.runtime").info(
                 "Transformer Engine / Apex not installed: megatron-core uses its local and torch "
-                "fallbacks (expected on CPU; further fallback warnings are not shown)")
+                "fallbacks (expected on CPU; further fallback warnings are not shown)"
+            )
         return
     _showwarning(message, category, filename, lineno, file, line)
 
@@ -65,7 +68,9 @@ def get_logger(name: str = "erpd") -> logging.Logger:
         rank = _rank()
         prefix = f"[rank{rank}] " if rank else ""
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+            logging.Formatter(
+                f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+            )
         )
         root.addHandler(handler)
         level = os.environ.get("ERPD_LOG_LEVEL", "INFO").upper()

@@ -78,15 +78,30 @@ def build_cache(
     """Write a cache with ``world_size`` writer objects (one per simulated rank), finalize it,
     and return the samples written, by id."""
     data = {
-        sid: make_sample(sid, vocab_size=vocab_size, k=k, id_low=id_low, sampled=sampled,
-                         teachers=teachers, ref_teachers=ref_teachers)
+        sid: make_sample(
+            sid,
+            vocab_size=vocab_size,
+            k=k,
+            id_low=id_low,
+            sampled=sampled,
+            teachers=teachers,
+            ref_teachers=ref_teachers,
+        )
         for sid in sample_ids
     }
     for rank, mine in enumerate(split(sample_ids, world_size)):
         with CacheWriter(
-            cache_dir, rank=rank, sample_ids=mine, vocab_size=vocab_size, k=k,
-            sampled_models=sampled, teachers=teachers, ref_teachers=ref_teachers,
-            value_dtype=value_dtype, max_shard_bytes=max_shard_bytes, fsync=False,
+            cache_dir,
+            rank=rank,
+            sample_ids=mine,
+            vocab_size=vocab_size,
+            k=k,
+            sampled_models=sampled,
+            teachers=teachers,
+            ref_teachers=ref_teachers,
+            value_dtype=value_dtype,
+            max_shard_bytes=max_shard_bytes,
+            fsync=False,
         ) as w:
             for sid in w.pending():
                 w.write_sample(sid, **data[sid])

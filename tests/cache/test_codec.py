@@ -12,14 +12,28 @@ from erpd_megatron.cache.codec import decode_logprobs, quantize_reference
 def reference_pack(ids: np.ndarray, bits: int) -> np.ndarray:
     """The documented bit order, written the slow obvious way: bit j of id i is stream bit
     i*bits + j, stream bit s is bit s % 8 of byte s // 8."""
-    bitmat = ((ids.astype(np.uint64)[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    bitmat = (
+        (ids.astype(np.uint64)[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)
+    ).astype(np.uint8)
     return np.packbits(bitmat.reshape(-1), bitorder="little")
 
 
 @pytest.mark.parametrize(
     "vocab,bits",
-    [(1, 1), (2, 1), (3, 2), (7, 3), (8, 3), (9, 4), (131072, 17), (131073, 18), (151936, 18),
-     (262144, 18), (262145, 19), (1 << 32, 32)],
+    [
+        (1, 1),
+        (2, 1),
+        (3, 2),
+        (7, 3),
+        (8, 3),
+        (9, 4),
+        (131072, 17),
+        (131073, 18),
+        (151936, 18),
+        (262144, 18),
+        (262145, 19),
+        (1 << 32, 32),
+    ],
 )
 def test_bits_per_id_is_ceil_log2(vocab: int, bits: int) -> None:
     assert bits_per_id(vocab) == bits
@@ -63,7 +77,9 @@ def test_fp16_fp32_values_exact_to_dtype(value_dtype: str, np_dtype: type) -> No
 def test_bf16_rounds_to_nearest_even_like_torch() -> None:
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
-    x = np.concatenate([-rng.exponential(5.0, size=20000), -rng.uniform(0, 1e-3, size=1000)]).astype(np.float32)
+    x = np.concatenate(
+        [-rng.exponential(5.0, size=20000), -rng.uniform(0, 1e-3, size=1000)]
+    ).astype(np.float32)
     x[:4] = [-1.00390625, -1.01171875, -3.0078125, -0.0]  # exact ties at bf16 precision
     got = decode_logprobs(encode_logprobs(x, "bf16"), "bf16")
     want = torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
@@ -72,7 +88,9 @@ def test_bf16_rounds_to_nearest_even_like_torch() -> None:
 
 @pytest.mark.parametrize("value_dtype", ["fp16", "bf16", "fp32"])
 def test_clamping_to_floor_and_zero(value_dtype: str) -> None:
-    x = np.array([-np.inf, -1e30, -1e5, -65504.0, LOGPROB_FLOOR, -8191.9, -1.5, -0.0, 0.0, 1e-6, 1e-2])
+    x = np.array(
+        [-np.inf, -1e30, -1e5, -65504.0, LOGPROB_FLOOR, -8191.9, -1.5, -0.0, 0.0, 1e-6, 1e-2]
+    )
     got = quantize_reference(x, value_dtype)
     assert not np.isnan(got).any()
     assert got.min() == LOGPROB_FLOOR and got.max() == 0.0
@@ -80,7 +98,10 @@ def test_clamping_to_floor_and_zero(value_dtype: str) -> None:
     assert got[6] == -1.5 and np.all(got[7:] == 0.0)
     # the floor is exact in every dtype
     assert float(np.float16(LOGPROB_FLOOR)) == LOGPROB_FLOOR
-    assert decode_logprobs(encode_logprobs(np.array([LOGPROB_FLOOR]), "bf16"), "bf16")[0] == LOGPROB_FLOOR
+    assert (
+        decode_logprobs(encode_logprobs(np.array([LOGPROB_FLOOR]), "bf16"), "bf16")[0]
+        == LOGPROB_FLOOR
+    )
 
 
 @pytest.mark.parametrize("bad,match", [(np.nan, "NaN"), (np.inf, "<= 0"), (5.0, "logits")])

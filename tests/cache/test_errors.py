@@ -69,7 +69,9 @@ def test_corrupt_ids_without_checksums_name_shard_and_sample(cache_dir: Path) ->
     data[offset : offset + 3] = b"\xff\xff\xff"  # first id: all 18 bits set = 262143 >= 151936
     path.write_bytes(bytes(data))
     cache = TeacherCache.open(cache_dir, verify_checksums=False)
-    with pytest.raises(CacheError, match=f"sample {sid}, teacher 'teacher0': id 262143 >= vocab_size 151936") as e:
+    with pytest.raises(
+        CacheError, match=f"sample {sid}, teacher 'teacher0': id 262143 >= vocab_size 151936"
+    ) as e:
         cache.get(sid)
     assert str(path) in str(e.value)
 
@@ -111,7 +113,10 @@ def test_missing_and_replaced_shards(cache_dir: Path) -> None:
 
 
 def test_manifest_of_another_rollout_set(cache_dir: Path) -> None:
-    with pytest.raises(CacheError, match=f"written for rollout set {FINGERPRINT}, the data is rollouts-sha256:2222.*cache_teacher_logprobs"):
+    with pytest.raises(
+        CacheError,
+        match=f"written for rollout set {FINGERPRINT}, the data is rollouts-sha256:2222.*cache_teacher_logprobs",
+    ):
         TeacherCache.open(cache_dir, expect_rollout_fingerprint="rollouts-sha256:2222")
     TeacherCache.open(cache_dir, expect_rollout_fingerprint=FINGERPRINT).close()
 
@@ -126,9 +131,14 @@ def test_token_counts_against_rollout_data(cache_dir: Path) -> None:
     TeacherCache.open(cache_dir, expect_token_counts=counts).close()
     wrong = dict(counts)
     wrong[105] += 1
-    with pytest.raises(CacheError, match=rf"sample 105 in {cache_dir}/rank0000\d-\d+\.erpdc: {counts[105]} tokens cached, the rollout data has {counts[105] + 1}"):
+    with pytest.raises(
+        CacheError,
+        match=rf"sample 105 in {cache_dir}/rank0000\d-\d+\.erpdc: {counts[105]} tokens cached, the rollout data has {counts[105] + 1}",
+    ):
         TeacherCache.open(cache_dir, expect_token_counts=wrong)
-    with pytest.raises(CacheError, match=r"2 sample\(s\) of the rollout data are not in the cache, e.g. \[7, 8\]"):
+    with pytest.raises(
+        CacheError, match=r"2 sample\(s\) of the rollout data are not in the cache, e.g. \[7, 8\]"
+    ):
         TeacherCache.open(cache_dir, expect_token_counts={**counts, 7: 3, 8: 1})
 
 
@@ -136,10 +146,21 @@ def test_unfinished_cache(tmp_path: Path) -> None:
     build_cache(tmp_path, IDS, world_size=2, finalize=False)
     with pytest.raises(CacheError, match="manifest.json: not found: the cache is incomplete"):
         TeacherCache.open(tmp_path)
-    with pytest.raises(CacheError, match=r"rank 2 has not finished writing \(no rank00002.done.json\)"):
+    with pytest.raises(
+        CacheError, match=r"rank 2 has not finished writing \(no rank00002.done.json\)"
+    ):
         finalize_manifest(tmp_path, 3, meta())
     with pytest.raises(CacheError, match=r"lacks \['unlearned'\]"):
-        finalize_manifest(tmp_path, 2, {**meta(), "models": {n: {"path": "p", "fingerprint": "f"} for n in ("base", "teacher0", "teacher1")}})
+        finalize_manifest(
+            tmp_path,
+            2,
+            {
+                **meta(),
+                "models": {
+                    n: {"path": "p", "fingerprint": "f"} for n in ("base", "teacher0", "teacher1")
+                },
+            },
+        )
     with pytest.raises(CacheError, match="rollout_fingerprint"):
         finalize_manifest(tmp_path, 2, {"models": meta()["models"]})
     with pytest.raises(CacheError, match=r"rank00001-00000.erpdc: not part of this 1-rank cache"):
@@ -148,18 +169,37 @@ def test_unfinished_cache(tmp_path: Path) -> None:
 
 def test_sample_written_by_two_ranks(tmp_path: Path) -> None:
     for rank in range(2):
-        with CacheWriter(tmp_path, rank=rank, sample_ids=[rank, 9], vocab_size=10, k=1,
-                         sampled_models=["base"], teachers=[], fsync=False) as w:
+        with CacheWriter(
+            tmp_path,
+            rank=rank,
+            sample_ids=[rank, 9],
+            vocab_size=10,
+            k=1,
+            sampled_models=["base"],
+            teachers=[],
+            fsync=False,
+        ) as w:
             for sid in w.pending():
                 w.write_sample(sid, sampled={"base": np.zeros(2)}, topk={})
-    with pytest.raises(CacheError, match=r"sample 9 was written twice, in \['rank00000-00000.erpdc', 'rank00001-00000.erpdc'\]"):
+    with pytest.raises(
+        CacheError,
+        match=r"sample 9 was written twice, in \['rank00000-00000.erpdc', 'rank00001-00000.erpdc'\]",
+    ):
         finalize_manifest(tmp_path, 2, meta(names=("base",)))
 
 
 def writer(tmp_path: Path, ids: list[int]) -> CacheWriter:
-    return CacheWriter(tmp_path, rank=3, sample_ids=ids, vocab_size=151936, k=8,
-                       sampled_models=["base", "teacher0", "teacher1", "unlearned"],
-                       teachers=["teacher0", "teacher1"], ref_teachers=["teacher0"], fsync=False)
+    return CacheWriter(
+        tmp_path,
+        rank=3,
+        sample_ids=ids,
+        vocab_size=151936,
+        k=8,
+        sampled_models=["base", "teacher0", "teacher1", "unlearned"],
+        teachers=["teacher0", "teacher1"],
+        ref_teachers=["teacher0"],
+        fsync=False,
+    )
 
 
 def test_writer_rejects_bad_input_naming_the_sample(tmp_path: Path) -> None:
@@ -179,13 +219,36 @@ def test_writer_rejects_bad_input_naming_the_sample(tmp_path: Path) -> None:
         s["sampled"]["unlearned"][0] = np.nan
 
     cases = [
-        (bad(set_id), r"rank 3, sample 5: topk\['teacher1'\] id 151936 at token \d+, rank 2 is outside the vocabulary \[0, 151936\)"),
+        (
+            bad(set_id),
+            r"rank 3, sample 5: topk\['teacher1'\] id 151936 at token \d+, rank 2 is outside the vocabulary \[0, 151936\)",
+        ),
         (bad(set_nan), r"rank 3, sample 5: sampled\['unlearned'\]: log-probs contain NaN"),
         (bad(lambda s: s["sampled"].pop("base")), r"missing \['base'\]"),
-        (bad(lambda s: s["topk"].update(teacher2=s["topk"]["teacher1"])), r"unexpected \['teacher2'\]"),
-        (bad(lambda s: s["topk"].update(teacher0=s["topk"]["teacher0"][:2])), "teacher 'teacher0' needs ref_logprobs"),
-        (bad(lambda s: s["topk"].update(teacher1=(*s["topk"]["teacher1"], s["topk"]["teacher1"][1]))), "teacher 'teacher1' must not have ref_logprobs"),
-        (bad(lambda s: s["topk"].update(teacher1=(s["topk"]["teacher1"][0][:, :4], s["topk"]["teacher1"][1]))), rf"ids has shape \({t}, 4\), expected \({t}, 8\)"),
+        (
+            bad(lambda s: s["topk"].update(teacher2=s["topk"]["teacher1"])),
+            r"unexpected \['teacher2'\]",
+        ),
+        (
+            bad(lambda s: s["topk"].update(teacher0=s["topk"]["teacher0"][:2])),
+            "teacher 'teacher0' needs ref_logprobs",
+        ),
+        (
+            bad(
+                lambda s: s["topk"].update(
+                    teacher1=(*s["topk"]["teacher1"], s["topk"]["teacher1"][1])
+                )
+            ),
+            "teacher 'teacher1' must not have ref_logprobs",
+        ),
+        (
+            bad(
+                lambda s: s["topk"].update(
+                    teacher1=(s["topk"]["teacher1"][0][:, :4], s["topk"]["teacher1"][1])
+                )
+            ),
+            rf"ids has shape \({t}, 4\), expected \({t}, 8\)",
+        ),
     ]
     for sample, match in cases:
         with pytest.raises(CacheError, match=match):

@@ -47,9 +47,18 @@ w.close()
 def run_rank(cache_dir: Path, rank: int, *, stop_after: int | None = None) -> int:
     """Write (the rest of) one rank in this process; returns how many samples it computed."""
     computed = 0
-    with CacheWriter(cache_dir, rank=rank, sample_ids=split(IDS, 2)[rank], vocab_size=151936, k=8,
-                     sampled_models=SAMPLED, teachers=TEACHERS, ref_teachers=REF_TEACHERS,
-                     max_shard_bytes=BOUND, fsync=False) as w:
+    with CacheWriter(
+        cache_dir,
+        rank=rank,
+        sample_ids=split(IDS, 2)[rank],
+        vocab_size=151936,
+        k=8,
+        sampled_models=SAMPLED,
+        teachers=TEACHERS,
+        ref_teachers=REF_TEACHERS,
+        max_shard_bytes=BOUND,
+        fsync=False,
+    ) as w:
         for sid in w.pending():
             if stop_after is not None and computed == stop_after:
                 raise RuntimeError("simulated crash")
@@ -64,11 +73,18 @@ def reference(tmp_path: Path) -> dict[str, bytes]:
     return snapshot(tmp_path / "ref")
 
 
-def test_sigkilled_writer_rerun_is_byte_identical(tmp_path: Path, reference: dict[str, bytes]) -> None:
+def test_sigkilled_writer_rerun_is_byte_identical(
+    tmp_path: Path, reference: dict[str, bytes]
+) -> None:
     cache_dir = tmp_path / "c"
     run_rank(cache_dir, 0)
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(cache_dir), "1", "23"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(cache_dir), "1", "23"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     complete = sorted(p.name for p in cache_dir.glob("rank00001-*.erpdc"))
     assert complete and not (cache_dir / "rank00001.done.json").exists()
@@ -86,7 +102,9 @@ def test_exception_midway_then_rerun(tmp_path: Path, reference: dict[str, bytes]
     for stop in (4, 17):  # crash twice, at different points
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_rank(cache_dir, 0, stop_after=stop)
-    (cache_dir / ".rank00000-00009.erpdc.abc.tmp").write_bytes(b"partial")  # a writer died mid-rename
+    (cache_dir / ".rank00000-00009.erpdc.abc.tmp").write_bytes(
+        b"partial"
+    )  # a writer died mid-rename
     run_rank(cache_dir, 0)
     run_rank(cache_dir, 1)
     finalize_manifest(cache_dir, 2, meta())
@@ -108,7 +126,9 @@ def test_corrupt_complete_shard_is_recomputed(tmp_path: Path, reference: dict[st
     assert snapshot(cache_dir) == reference
 
 
-def test_rerun_of_finished_cache_changes_nothing(tmp_path: Path, reference: dict[str, bytes]) -> None:
+def test_rerun_of_finished_cache_changes_nothing(
+    tmp_path: Path, reference: dict[str, bytes]
+) -> None:
     cache_dir = tmp_path / "ref"
     assert run_rank(cache_dir, 0) == 0 and run_rank(cache_dir, 1) == 0
     finalize_manifest(cache_dir, 2, meta())
@@ -119,11 +139,30 @@ def test_rerun_of_finished_cache_changes_nothing(tmp_path: Path, reference: dict
 def test_rerun_with_other_settings_or_order_is_refused(tmp_path: Path) -> None:
     cache_dir = tmp_path / "ref"
     build_cache(cache_dir, IDS, world_size=2, max_shard_bytes=BOUND)
-    kwargs = dict(vocab_size=151936, k=8, sampled_models=SAMPLED, teachers=TEACHERS, ref_teachers=REF_TEACHERS, fsync=False)
-    with pytest.raises(CacheError, match="rank00000-00000.erpdc: written with .* use the same settings"):
-        CacheWriter(cache_dir, rank=0, sample_ids=split(IDS, 2)[0], max_shard_bytes=BOUND, **{**kwargs, "k": 4})
-    with pytest.raises(CacheError, match="rank00000-00000.erpdc: holds samples .* the rank's sample list changed"):
-        CacheWriter(cache_dir, rank=0, sample_ids=split(IDS, 2)[0][::-1], max_shard_bytes=BOUND, **kwargs)
+    kwargs = dict(
+        vocab_size=151936,
+        k=8,
+        sampled_models=SAMPLED,
+        teachers=TEACHERS,
+        ref_teachers=REF_TEACHERS,
+        fsync=False,
+    )
+    with pytest.raises(
+        CacheError, match="rank00000-00000.erpdc: written with .* use the same settings"
+    ):
+        CacheWriter(
+            cache_dir,
+            rank=0,
+            sample_ids=split(IDS, 2)[0],
+            max_shard_bytes=BOUND,
+            **{**kwargs, "k": 4},
+        )
+    with pytest.raises(
+        CacheError, match="rank00000-00000.erpdc: holds samples .* the rank's sample list changed"
+    ):
+        CacheWriter(
+            cache_dir, rank=0, sample_ids=split(IDS, 2)[0][::-1], max_shard_bytes=BOUND, **kwargs
+        )
 
 
 def test_grown_sample_list_rewrites_the_last_shard(tmp_path: Path) -> None:
@@ -134,4 +173,7 @@ def test_grown_sample_list_rewrites_the_last_shard(tmp_path: Path) -> None:
     build_cache(a, IDS, max_shard_bytes=BOUND)
     build_cache(b, IDS, max_shard_bytes=BOUND)
     assert snapshot(a) == snapshot(b)
-    assert np.array_equal(TeacherCache.open(a).get(IDS[-1]).topk_ids["teacher0"], make_sample(IDS[-1], vocab_size=151936, k=8)["topk"]["teacher0"][0])
+    assert np.array_equal(
+        TeacherCache.open(a).get(IDS[-1]).topk_ids["teacher0"],
+        make_sample(IDS[-1], vocab_size=151936, k=8)["topk"]["teacher0"][0],
+    )

@@ -33,9 +33,14 @@ def assert_record_matches(cache: TeacherCache, sid: int, sample: dict, value_dty
     for name, entry in sample["topk"].items():
         ids, lps = entry[0], entry[1]
         assert rec.topk_ids[name].dtype == np.int64 and np.array_equal(rec.topk_ids[name], ids)
-        assert np.array_equal(np.asarray(rec.topk_logprobs[name], np.float32), quantize_reference(lps, value_dtype))
+        assert np.array_equal(
+            np.asarray(rec.topk_logprobs[name], np.float32), quantize_reference(lps, value_dtype)
+        )
         if len(entry) == 3:
-            assert np.array_equal(np.asarray(rec.ref_topk_logprobs[name], np.float32), quantize_reference(entry[2], value_dtype))
+            assert np.array_equal(
+                np.asarray(rec.ref_topk_logprobs[name], np.float32),
+                quantize_reference(entry[2], value_dtype),
+            )
         else:
             assert name not in rec.ref_topk_logprobs
 
@@ -52,21 +57,41 @@ def assert_record_matches(cache: TeacherCache, sid: int, sample: dict, value_dty
         (7, 64, "fp32", 0),
     ],
 )
-def test_round_trip_exact(tmp_path: Path, vocab: int, k: int, value_dtype: str, id_low: int) -> None:
+def test_round_trip_exact(
+    tmp_path: Path, vocab: int, k: int, value_dtype: str, id_low: int
+) -> None:
     ids = list(range(1000, 1024))
-    data = build_cache(tmp_path, ids, vocab_size=vocab, k=k, value_dtype=value_dtype, id_low=id_low,
-                       max_shard_bytes=40_000)
-    with TeacherCache.open(tmp_path, expect_vocab_size=vocab, expect_rollout_fingerprint=FINGERPRINT,
-                           expect_token_counts=token_counts(data)) as cache:
+    data = build_cache(
+        tmp_path,
+        ids,
+        vocab_size=vocab,
+        k=k,
+        value_dtype=value_dtype,
+        id_low=id_low,
+        max_shard_bytes=40_000,
+    )
+    with TeacherCache.open(
+        tmp_path,
+        expect_vocab_size=vocab,
+        expect_rollout_fingerprint=FINGERPRINT,
+        expect_token_counts=token_counts(data),
+    ) as cache:
         assert cache.k == k and cache.value_dtype == value_dtype and len(cache) == len(ids)
-        assert cache.teachers == TEACHERS and cache.sampled_models == SAMPLED and cache.ref_teachers == REF_TEACHERS
+        assert (
+            cache.teachers == TEACHERS
+            and cache.sampled_models == SAMPLED
+            and cache.ref_teachers == REF_TEACHERS
+        )
         assert cache.models["teacher0"]["fingerprint"] == "weights-teacher0"
         for sid in reversed(ids):
             assert_record_matches(cache, sid, data[sid], value_dtype)
         if value_dtype == "fp16":  # zero-copy view of the mapped file
             rec = cache.get(ids[1])
             assert rec.topk_logprobs["teacher0"].dtype == np.float16
-            assert not rec.topk_logprobs["teacher0"].flags.owndata and not rec.topk_logprobs["teacher0"].flags.writeable
+            assert (
+                not rec.topk_logprobs["teacher0"].flags.owndata
+                and not rec.topk_logprobs["teacher0"].flags.writeable
+            )
 
 
 def test_ranks_and_reader_layout_are_independent(tmp_path: Path) -> None:
@@ -124,7 +149,9 @@ def test_empty_samples_and_teacher_without_ref(tmp_path: Path) -> None:
     cache = TeacherCache.open(tmp_path)
     for sid in ids:
         assert_record_matches(cache, sid, data[sid], "fp16")
-    assert cache.get(0).topk_ids["teacher1"].shape == (0, 8) and cache.get(0).ref_topk_logprobs == {}
+    assert (
+        cache.get(0).topk_ids["teacher1"].shape == (0, 8) and cache.get(0).ref_topk_logprobs == {}
+    )
 
 
 def test_shards_respect_bound_and_boundaries_are_deterministic(tmp_path: Path) -> None:
@@ -148,8 +175,16 @@ def test_oversized_sample_gets_its_own_shard(tmp_path: Path) -> None:
 
 def test_rank_with_no_samples(tmp_path: Path) -> None:
     for rank, mine in enumerate([[1, 2], []]):
-        with CacheWriter(tmp_path, rank=rank, sample_ids=mine, vocab_size=100, k=2,
-                         sampled_models=["base"], teachers=[], fsync=False) as w:
+        with CacheWriter(
+            tmp_path,
+            rank=rank,
+            sample_ids=mine,
+            vocab_size=100,
+            k=2,
+            sampled_models=["base"],
+            teachers=[],
+            fsync=False,
+        ) as w:
             for sid in w.pending():
                 w.write_sample(sid, sampled={"base": np.zeros(3)}, topk={})
     m = finalize_manifest(tmp_path, 2, meta(names=("base",)))

@@ -37,8 +37,9 @@ def _tail(lp: torch.Tensor, in_ids: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.where(in_ids, 0.0, lp.exp()).sum(-1))
 
 
-@pytest.mark.parametrize("dtype,top1", [("fp16", 0.9), ("fp16", 0.999), ("fp16", 0.9999),
-                                        ("bf16", 0.999)])
+@pytest.mark.parametrize(
+    "dtype,top1", [("fp16", 0.9), ("fp16", 0.999), ("fp16", 0.9999), ("bf16", 0.999)]
+)
 def test_mixture_target_error_below_1e4_nats_on_peaked_distributions(dtype, top1):
     print(f"seed={SEED}")
     gen = torch.Generator().manual_seed(SEED)
@@ -61,11 +62,18 @@ def test_mixture_target_error_below_1e4_nats_on_peaked_distributions(dtype, top1
             # tail derived from the stored values, as Stage 2 does
             cached = topk_target_logprobs(q_t, alpha=alpha, ref_logprobs=q_r, vocab_size=V)
             # pi_r's tail stored in fp32 instead
-            stored_tail = topk_target_logprobs(q_t, alpha=alpha, ref_logprobs=q_r, vocab_size=V,
-                                               ref_tail_logprob=r_tail.float().double())
+            stored_tail = topk_target_logprobs(
+                q_t,
+                alpha=alpha,
+                ref_logprobs=q_r,
+                vocab_size=V,
+                ref_tail_logprob=r_tail.float().double(),
+            )
             worst = max(worst, _kl(exact, cached).max().item())
             worst_tail = max(worst_tail, _kl(stored_tail, cached).max().item())
-    print(f"{dtype} top1={top1}: max KL(exact || cached target) {worst:.2e} nats, "
-          f"tail's part {worst_tail:.2e}")
+    print(
+        f"{dtype} top1={top1}: max KL(exact || cached target) {worst:.2e} nats, "
+        f"tail's part {worst_tail:.2e}"
+    )
     assert worst < 1e-4
     assert worst_tail < 1e-5

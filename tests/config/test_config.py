@@ -51,7 +51,9 @@ def test_every_field_has_a_docstring():
             tp = f.type if not isinstance(f.type, str) else None
             del tp
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
             if dataclasses.is_dataclass(default):
                 walk(type(default))
             if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
@@ -61,10 +63,18 @@ def test_every_field_has_a_docstring():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, [
-        "model.num_layers=6", "optimizer.lr=3e-4", "stage1.eps_high=null", "data.advantage_std_normalize=true",
-        "stage1.save_epochs=[1,2]", "stage2.teachers.0.alpha=1.5", "name=x",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.num_layers=6",
+            "optimizer.lr=3e-4",
+            "stage1.eps_high=null",
+            "data.advantage_std_normalize=true",
+            "stage1.save_epochs=[1,2]",
+            "stage2.teachers.0.alpha=1.5",
+            "name=x",
+        ],
+    )
     assert cfg.model.num_layers == 6 and isinstance(cfg.model.num_layers, int)
     assert cfg.optimizer.lr == 3e-4
     assert cfg.stage1.eps_high is None
@@ -74,8 +84,12 @@ def test_overrides_are_typed():
 
 
 def test_inheritance_and_own_keys_win(tmp_path):
-    (tmp_path / "base.yaml").write_text("optimizer: {lr: 1.0e-3, clip_grad: 0.5}\nstage1: {epochs: 3}\n")
-    (tmp_path / "child.yaml").write_text("defaults: [base, {model: llama3-tiny}]\noptimizer: {lr: 2.0e-3}\n")
+    (tmp_path / "base.yaml").write_text(
+        "optimizer: {lr: 1.0e-3, clip_grad: 0.5}\nstage1: {epochs: 3}\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "defaults: [base, {model: llama3-tiny}]\noptimizer: {lr: 2.0e-3}\n"
+    )
     cfg = load_config(tmp_path / "child.yaml")
     assert cfg.optimizer.lr == 2e-3 and cfg.optimizer.clip_grad == 0.5 and cfg.stage1.epochs == 3
     assert cfg.model.family == "llama" and cfg.model.num_layers == 4
@@ -97,7 +111,9 @@ def test_unknown_key_in_inherited_file_names_that_file(tmp_path):
 
 
 def test_unknown_override_names_override_and_closest_key():
-    with pytest.raises(ConfigError, match=r"override 'stage2\.kl_budjet=1'.*did you mean 'kl_budget'"):
+    with pytest.raises(
+        ConfigError, match=r"override 'stage2\.kl_budjet=1'.*did you mean 'kl_budget'"
+    ):
         load_config(None, ["stage2.kl_budjet=1"])
 
 
@@ -113,12 +129,24 @@ def test_bad_literal_and_type_errors():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["parallel.tensor_model_parallel_size=3", "model.num_attention_heads=4"], "must divide model.num_attention_heads=4"),
-        (["parallel.tensor_model_parallel_size=4", "model.num_query_groups=2"], "must divide model.num_query_groups=2"),
-        (["parallel.pipeline_model_parallel_size=3", "model.num_layers=4"], "must divide model.num_layers=4"),
+        (
+            ["parallel.tensor_model_parallel_size=3", "model.num_attention_heads=4"],
+            "must divide model.num_attention_heads=4",
+        ),
+        (
+            ["parallel.tensor_model_parallel_size=4", "model.num_query_groups=2"],
+            "must divide model.num_query_groups=2",
+        ),
+        (
+            ["parallel.pipeline_model_parallel_size=3", "model.num_layers=4"],
+            "must divide model.num_layers=4",
+        ),
         (["model.make_vocab_size_divisible_by=0"], "make_vocab_size_divisible_by must be >= 1"),
         (["model.num_query_groups=3"], "num_query_groups=3 must divide"),
-        (["precision.fp8=hybrid", "precision.transformer_impl=local"], "needs precision.transformer_impl"),
+        (
+            ["precision.fp8=hybrid", "precision.transformer_impl=local"],
+            "needs precision.transformer_impl",
+        ),
     ],
 )
 def test_impossible_layouts_are_named(overrides, message):
@@ -152,8 +180,14 @@ def test_dryrun_estimates_and_flags(capsys):
     est = estimate(cfg)
     assert 69e9 < est.params_total < 72e9  # Llama-3.1-70B has 70.6 B parameters
     assert est.dp == 2
-    code = dryrun_main(["--config", str(ROOT / "configs/recipes/llama3-70b-8node.yaml"),
-                        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"])
+    code = dryrun_main(
+        [
+            "--config",
+            str(ROOT / "configs/recipes/llama3-70b-8node.yaml"),
+            "parallel.tensor_model_parallel_size=1",
+            "parallel.pipeline_model_parallel_size=1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 3 and "DOES NOT FIT" in out
 

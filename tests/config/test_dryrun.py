@@ -48,22 +48,30 @@ GPU_RECIPES = [p for p in RECIPES if _is_gpu(p)]
 # layer's term (PP == 1) is returned apart, since the dry run counts logits on its own at the
 # precision the ERPD ops use (fp32).
 
+
 def megatron_weight_and_optimizer(args) -> float:
     query_projection_size = args.kv_channels * args.num_attention_heads
     query_projection_to_hidden_size_ratio = query_projection_size / args.hidden_size
     gated_linear_multiplier = 3 / 2 if args.swiglu else 1
     norm_size = 1  # RMSNorm
-    self_attn_term = (2 * args.hidden_size * args.hidden_size
-                      * ((1 + (args.num_query_groups / args.num_attention_heads))
-                         * query_projection_to_hidden_size_ratio))
+    self_attn_term = (
+        2
+        * args.hidden_size
+        * args.hidden_size
+        * (
+            (1 + (args.num_query_groups / args.num_attention_heads))
+            * query_projection_to_hidden_size_ratio
+        )
+    )
     embedding_size = args.hidden_size * args.padded_vocab_size
     final_layernorm = norm_size * args.hidden_size
     dense_mlp_params = 2 * args.hidden_size * args.ffn_hidden_size * gated_linear_multiplier
     layernorm_params = 2 * args.hidden_size * norm_size
     tp_sharded = (self_attn_term + dense_mlp_params) * args.num_layers
     replicated = layernorm_params * args.num_layers + final_layernorm
-    tp_on_most_loaded = (tp_sharded / args.pipeline_model_parallel_size
-                         + embedding_size) / args.tensor_model_parallel_size
+    tp_on_most_loaded = (
+        tp_sharded / args.pipeline_model_parallel_size + embedding_size
+    ) / args.tensor_model_parallel_size
     replicated_on_most_loaded = replicated / args.pipeline_model_parallel_size
     if args.untie_embeddings_and_output_weights and args.pipeline_model_parallel_size == 1:
         tp_on_most_loaded += embedding_size / args.tensor_model_parallel_size
@@ -73,19 +81,32 @@ def megatron_weight_and_optimizer(args) -> float:
 
 def megatron_activations_sp(args) -> tuple[float, float]:
     """compute_activation_memory (SP + selective recompute): (layers + embedding, output)."""
-    act = (args.seq_length * args.micro_batch_size * args.hidden_size
-           * (18 + (4 * (args.ffn_hidden_size / args.hidden_size))))
+    act = (
+        args.seq_length
+        * args.micro_batch_size
+        * args.hidden_size
+        * (18 + (4 * (args.ffn_hidden_size / args.hidden_size)))
+    )
     act *= args.num_layers
     act += 8 * args.seq_length * args.micro_batch_size * args.pipeline_model_parallel_size
-    act += (args.seq_length * args.micro_batch_size * args.hidden_size
-            * args.pipeline_model_parallel_size)
+    act += (
+        args.seq_length
+        * args.micro_batch_size
+        * args.hidden_size
+        * args.pipeline_model_parallel_size
+    )
     if args.virtual_pipeline_model_parallel_size is not None:
         pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
         act *= 1 + ((pp - 1) / (pp * vpp))
     out = 0.0
     if args.pipeline_model_parallel_size == 1:
-        out = (args.seq_length * args.micro_batch_size * args.hidden_size * 4
-               * (1 + (args.padded_vocab_size / args.hidden_size)))
+        out = (
+            args.seq_length
+            * args.micro_batch_size
+            * args.hidden_size
+            * 4
+            * (1 + (args.padded_vocab_size / args.hidden_size))
+        )
     return act / args.tensor_model_parallel_size, out / args.tensor_model_parallel_size
 
 
@@ -95,8 +116,12 @@ def megatron_activations_without_sp(args) -> tuple[float, float]:
     act = args.seq_length * args.micro_batch_size * args.hidden_size * (10 + (24 / t))
     act *= args.num_layers
     act += 8 * args.seq_length * args.micro_batch_size * args.pipeline_model_parallel_size
-    act += (args.seq_length * args.micro_batch_size * args.hidden_size
-            * args.pipeline_model_parallel_size)
+    act += (
+        args.seq_length
+        * args.micro_batch_size
+        * args.hidden_size
+        * args.pipeline_model_parallel_size
+    )
     if args.virtual_pipeline_model_parallel_size is not None:
         pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
         act *= 1 + ((pp - 1) / (pp * vpp))
@@ -110,14 +135,22 @@ def megatron_activations_without_sp(args) -> tuple[float, float]:
 def megatron_args(cfg, lay, tokens: int, ffn: int | None = None):
     m = cfg.model
     return SimpleNamespace(
-        kv_channels=head_dim(m), num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups, hidden_size=m.hidden_size, swiglu=True,
-        ffn_hidden_size=ffn or m.ffn_hidden_size, num_layers=m.num_layers,
+        kv_channels=head_dim(m),
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        hidden_size=m.hidden_size,
+        swiglu=True,
+        ffn_hidden_size=ffn or m.ffn_hidden_size,
+        num_layers=m.num_layers,
         padded_vocab_size=padded_vocab_size(m, lay.tp),
         untie_embeddings_and_output_weights=not m.tie_word_embeddings,
-        tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp,
-        virtual_pipeline_model_parallel_size=lay.vpp, data_parallel_size=lay.dp,
-        use_distributed_optimizer=True, seq_length=tokens, micro_batch_size=1,
+        tensor_model_parallel_size=lay.tp,
+        pipeline_model_parallel_size=lay.pp,
+        virtual_pipeline_model_parallel_size=lay.vpp,
+        data_parallel_size=lay.dp,
+        use_distributed_optimizer=True,
+        seq_length=tokens,
+        micro_batch_size=1,
     )
 
 
@@ -128,9 +161,13 @@ def megatron_shaped(cfg):
     m = cfg.model
     h = m.hidden_size
     ffn = round(8 * h / 3 / 256) * 256
-    model = dataclasses.replace(m, num_query_groups=m.num_attention_heads,
-                                kv_channels=h // m.num_attention_heads, qk_layernorm=False,
-                                ffn_hidden_size=ffn)
+    model = dataclasses.replace(
+        m,
+        num_query_groups=m.num_attention_heads,
+        kv_channels=h // m.num_attention_heads,
+        qk_layernorm=False,
+        ffn_hidden_size=ffn,
+    )
     return dataclasses.replace(cfg, model=model), ffn
 
 
@@ -155,8 +192,15 @@ def test_activations_agree_with_megatron_in_its_setting(path):
     tokens = microbatch_tokens(base)
     # (the formula has no recompute or CP and this row no SP: the long-response recipes turn
     # them on, so compare without them; the SP row below sets its own)
-    lay = dataclasses.replace(layout_of(base), dropout=True, recompute=None, recompute_method=None,
-                              recompute_num_layers=None, sp=False, cp=1)
+    lay = dataclasses.replace(
+        layout_of(base),
+        dropout=True,
+        recompute=None,
+        recompute_method=None,
+        recompute_num_layers=None,
+        sp=False,
+        cp=1,
+    )
     stage = "first" if lay.pp > 1 else "only"
     ours = activation_bytes(cfg, lay, tokens, tokens, stage)
     if lay.pp == 1:  # Megatron keeps the final norm's output in its output term: drop ours
@@ -177,9 +221,18 @@ def test_gpu_recipe_fits_rolls_out_with_vllm_and_checkpoints(path, capsys):
     cfg = load_config(path)
     assert dryrun_main(["--config", str(path), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    for key in ("params_total", "params_per_rank", "weights_gib", "grads_gib", "optimizer_gib",
-                "activations_gib", "logits_gib", "total_gib", "fits",
-                "max_tokens_per_microbatch_that_fits"):
+    for key in (
+        "params_total",
+        "params_per_rank",
+        "weights_gib",
+        "grads_gib",
+        "optimizer_gib",
+        "activations_gib",
+        "logits_gib",
+        "total_gib",
+        "fits",
+        "max_tokens_per_microbatch_that_fits",
+    ):
         assert key in d, key
     assert d["fits"] is True and d["total_gib"] <= 0.9 * cfg.parallel.gpu_memory_gb * 1e9 / GIB
     assert d["max_tokens_per_microbatch_that_fits"] >= microbatch_tokens(cfg)
@@ -232,8 +285,8 @@ def test_layout_knobs_scale_activations_as_korthikanti():
     local = dataclasses.replace(lay, flash=False)
     a = cfg.model.num_attention_heads
     assert activation_bytes(cfg, local, t, t) - activation_bytes(
-        cfg, dataclasses.replace(local, recompute="selective"), t, t) == pytest.approx(
-        a * t * t * 2 * L / lay.tp, rel=1e-9)
+        cfg, dataclasses.replace(local, recompute="selective"), t, t
+    ) == pytest.approx(a * t * t * 2 * L / lay.tp, rel=1e-9)
 
 
 def test_full_recompute_methods():
@@ -244,8 +297,9 @@ def test_full_recompute_methods():
     layer = (activation_bytes(cfg, dataclasses.replace(lay, recompute=None), t, t) - rest) / 36
     uniform4 = activation_bytes(cfg, dataclasses.replace(lay, recompute_num_layers=4), t, t)
     assert uniform4 == pytest.approx(9 * h * t * 2 + 4 * layer + rest, rel=1e-9)
-    block10 = activation_bytes(cfg, dataclasses.replace(lay, recompute_method="block",
-                                                         recompute_num_layers=10), t, t)
+    block10 = activation_bytes(
+        cfg, dataclasses.replace(lay, recompute_method="block", recompute_num_layers=10), t, t
+    )
     assert block10 == pytest.approx(10 * h * t * 2 + 26 * layer + layer + rest, rel=1e-9)
 
 
@@ -265,7 +319,8 @@ def test_moe_experts_spread_over_ep_and_expert_dp():
     expert = m.num_layers * mlp * 8 / 4
     edp = 16 // (1 * 4 * 1)
     assert est.optimizer_gib * GIB == pytest.approx(
-        (est.params_per_rank - expert) * 12 / lay.dp + expert * 12 / edp, rel=1e-6)
+        (est.params_per_rank - expert) * 12 / lay.dp + expert * 12 / edp, rel=1e-6
+    )
     # the routed part of the activations is per routed copy of each token (top-k)
     assert est.activations_gib > dense.activations_gib
 
@@ -280,9 +335,13 @@ def test_estimate_matches_a_measured_cpu_forward():
     """benchmarks/bench_dryrun_memory.py at one small size: the activation estimate for the
     CPU setting (fp32, local spec, materialised scores) against the saved tensors and the
     resident-memory growth of a real megatron-core forward."""
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_dryrun_memory.py"),
-                          "--sizes", "512x256"], capture_output=True, text=True, timeout=300,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_dryrun_memory.py"), "--sizes", "512x256"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     num = r"([\d.]+)\.\.([\d.]+)"
     m = re.search(rf"RESULT ratio_saved={num} ratio_rss={num}", out.stdout)
@@ -298,5 +357,4 @@ def test_readme_table_is_what_the_dry_run_prints(capsys):
     printed = capsys.readouterr().out.strip()
     readme = (ROOT / "README.md").read_text()
     start = readme.index(printed.splitlines()[0])
-    assert readme[start:start + len(printed)] == printed, "regenerate the README table"
-
+    assert readme[start : start + len(printed)] == printed, "regenerate the README table"

@@ -32,8 +32,13 @@ def make_table(n=24, group=4, seed=0):
     prompts = [rng.integers(1, 50, rng.integers(2, 6)) for _ in range(n)]
     resps = [rng.integers(1, 50, rng.integers(1, 12)) for _ in range(n)]
     rewards = rng.integers(0, 2, n).astype(np.float32)
-    t = SampleTable(sample_ids=np.arange(n) * 7, group_ids=np.arange(n) // group, prompt_ids=prompts,
-                    response_ids=resps, rewards=rewards)
+    t = SampleTable(
+        sample_ids=np.arange(n) * 7,
+        group_ids=np.arange(n) // group,
+        prompt_ids=prompts,
+        response_ids=resps,
+        rewards=rewards,
+    )
     t.advantages = group_advantages(t.rewards, t.group_ids)
     return t
 
@@ -151,7 +156,7 @@ def test_equal_micro_batch_counts_with_empty_shard():
         padded = [pad_micro_batches([collate(t, m) for m in o], count) for o in own]
         assert [len(p) for p in padded] == [count, count]
         for o, p in zip(own, padded):
-            assert all(mb.loss_mask.sum() == 0 and len(mb.rows) == 0 for mb in p[len(o):])
+            assert all(mb.loss_mask.sum() == 0 and len(mb.rows) == 0 for mb in p[len(o) :])
     assert dp_micro_batch_count(np.array([5]), t.lengths, 2, 64) == 1
     assert dp_micro_batch_count(np.zeros(0, np.int64), t.lengths, 4, 64) == 0
     with pytest.raises(ValueError, match="DP-wide count"):
@@ -167,7 +172,6 @@ def test_dummy_micro_batch_has_zero_loss_tensors_of_the_right_shape():
     assert ids.shape == (1, 16, 4) and ids.dtype == torch.int32
     assert mb.token_arrays["lp"].dtype == torch.float16 and mb.num_tokens == 0
 
-
     class Column:  # row-indexable without len(), like Stage 2's cache columns
         def __getitem__(self, row):
             return np.zeros((5, 2), np.int64)
@@ -176,16 +180,24 @@ def test_dummy_micro_batch_has_zero_loss_tensors_of_the_right_shape():
 
 
 def _cfg(fp8=None, recipe="delayed", sp=False, tp=1):
-    return SimpleNamespace(precision=SimpleNamespace(fp8=fp8, fp8_recipe=recipe),
-                           parallel=SimpleNamespace(sequence_parallel=sp,
-                                                    tensor_model_parallel_size=tp))
+    return SimpleNamespace(
+        precision=SimpleNamespace(fp8=fp8, fp8_recipe=recipe),
+        parallel=SimpleNamespace(sequence_parallel=sp, tensor_model_parallel_size=tp),
+    )
 
 
-@pytest.mark.parametrize("cfg, want", [
-    (_cfg(), 1), (_cfg(fp8="hybrid"), 8), (_cfg(fp8="e4m3", recipe="mxfp8"), 32),
-    (_cfg(sp=True, tp=4), 4), (_cfg(sp=True, tp=1), 1), (_cfg(sp=False, tp=4), 1),
-    (_cfg(fp8="hybrid", sp=True, tp=2), 16),
-])
+@pytest.mark.parametrize(
+    "cfg, want",
+    [
+        (_cfg(), 1),
+        (_cfg(fp8="hybrid"), 8),
+        (_cfg(fp8="e4m3", recipe="mxfp8"), 32),
+        (_cfg(sp=True, tp=4), 4),
+        (_cfg(sp=True, tp=1), 1),
+        (_cfg(sp=False, tp=4), 1),
+        (_cfg(fp8="hybrid", sp=True, tp=2), 16),
+    ],
+)
 def test_pad_multiple(cfg, want):
     assert pad_multiple(cfg) == want
 

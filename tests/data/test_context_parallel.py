@@ -47,10 +47,17 @@ def _losses(logits, targets, ids, lps, mask, n_tokens, *, cp_group=None, cp_size
     from erpd_megatron.ops.vocab_parallel import vp_logprob, vp_topk_kl
 
     b, s, v = logits.shape
-    lp = vp_logprob(logits.reshape(b * s, v), targets.reshape(-1), group=None, vocab_start=0,
-                    vocab_size=v).reshape(b, s)
-    kl = vp_topk_kl(logits.reshape(b * s, v), ids.reshape(b * s, -1), lps.reshape(b * s, -1),
-                    group=None, vocab_start=0, vocab_size=v).reshape(b, s)
+    lp = vp_logprob(
+        logits.reshape(b * s, v), targets.reshape(-1), group=None, vocab_start=0, vocab_size=v
+    ).reshape(b, s)
+    kl = vp_topk_kl(
+        logits.reshape(b * s, v),
+        ids.reshape(b * s, -1),
+        lps.reshape(b * s, -1),
+        group=None,
+        vocab_start=0,
+        vocab_size=v,
+    ).reshape(b, s)
     token = (-(lp * mask).sum() + (kl * mask).sum()) / n_tokens
     seq_sum = cp_all_reduce((lp * mask).sum(dim=1), cp_group)  # full-sequence sums
     seq = cp_share(((seq_sum / n_tokens) ** 2).sum(), cp_size)
@@ -69,9 +76,16 @@ def _rank(rank, world, seed):
     mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.float64)
     idx = cp_chunk_indices(s, world, rank)
     local = cp_split(logits, idx).clone().requires_grad_(True)
-    token, seq = _losses(local, cp_split(targets, idx), cp_split(ids, idx), cp_split(lps, idx),
-                         cp_split(mask, idx), float(mask.sum()), cp_group=dist.group.WORLD,
-                         cp_size=world)
+    token, seq = _losses(
+        local,
+        cp_split(targets, idx),
+        cp_split(ids, idx),
+        cp_split(lps, idx),
+        cp_split(mask, idx),
+        float(mask.sum()),
+        cp_group=dist.group.WORLD,
+        cp_size=world,
+    )
     (token + seq).backward()
     return idx.numpy(), float(token.detach()), float(seq.detach()), local.grad.numpy()
 
@@ -106,15 +120,19 @@ def test_cp_micro_batch_split_keeps_sums_and_counts_each_sequence_once():
     rows = np.arange(6)
     for mb in (collate(t, rows, pad_to=4), collate_packed(t, rows, pad_to=4, seq_multiple=4)):
         g = torch.Generator().manual_seed(1)
-        lp, ref, ent = (torch.randn(mb.loss_mask.shape, generator=g, dtype=torch.float64)
-                        for _ in range(3))
+        lp, ref, ent = (
+            torch.randn(mb.loss_mask.shape, generator=g, dtype=torch.float64) for _ in range(3)
+        )
         whole = policy_metric_sums(lp, ref, ent, mb)
         s = int(mb.input_ids.shape[1])
         parts, owned = [], []
         for r in range(2):
             sub = cp_micro_batch(mb, 2, r)
-            i = (cp_packed_indices(packed_cu_seqlens(mb.segments)[0], 2, r)
-                 if mb.segments is not None else cp_chunk_indices(s, 2, r))
+            i = (
+                cp_packed_indices(packed_cu_seqlens(mb.segments)[0], 2, r)
+                if mb.segments is not None
+                else cp_chunk_indices(s, 2, r)
+            )
             assert torch.equal(sub.loss_mask, mb.loss_mask[:, i])
             assert torch.equal(sub.seq_index, mb.seq_index[:, i])
             parts.append(policy_metric_sums(lp[:, i], ref[:, i], ent[:, i], sub))

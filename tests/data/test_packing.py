@@ -25,9 +25,13 @@ def _table(n: int = 9, seed: int = 4) -> SampleTable:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, 50, rng.integers(2, 6)) for _ in range(n)]
     responses = [rng.integers(1, 50, rng.integers(1, 12)) for _ in range(n)]
-    t = SampleTable(sample_ids=np.arange(100, 100 + n), group_ids=np.arange(n) // 3,
-                    prompt_ids=prompts, response_ids=responses,
-                    rewards=(rng.random(n) > 0.5).astype(np.float32))
+    t = SampleTable(
+        sample_ids=np.arange(100, 100 + n),
+        group_ids=np.arange(n) // 3,
+        prompt_ids=prompts,
+        response_ids=responses,
+        rewards=(rng.random(n) > 0.5).astype(np.float32),
+    )
     t.advantages = rng.standard_normal(n).astype(np.float32)
     return t
 
@@ -42,8 +46,9 @@ def test_first_fit_decreasing_fills_bins_within_budget_deterministically():
     assert sorted(np.concatenate(bins).tolist()) == list(range(len(lengths)))
     # a sequence over the budget sits alone; alignment counts in the budget
     assert [b.tolist() for b in pack_rows(np.arange(3), np.array([20, 3, 3]), 8)] == [[0], [1, 2]]
-    assert [b.tolist() for b in pack_rows(np.arange(3), np.array([20, 3, 3]), 8, seq_multiple=8)] == [
-        [0], [1], [2]]
+    assert [
+        b.tolist() for b in pack_rows(np.arange(3), np.array([20, 3, 3]), 8, seq_multiple=8)
+    ] == [[0], [1], [2]]
     assert [b.tolist() for b in pack_in_order_packed([4, 1, 2], lengths, 10)] == [[4, 1], [2]]
     # every DP rank gets the same count from the global picture
     mine0, c0 = dp_micro_batches(rows, lengths, 0, 2, 12, packing=True)
@@ -55,8 +60,10 @@ def test_first_fit_decreasing_fills_bins_within_budget_deterministically():
 def test_packed_row_matches_the_padded_rows_sequence_by_sequence():
     t = _table()
     rows = np.array([3, 0, 7, 5])
-    arrays = {"x": [np.arange(len(r), dtype=np.float32) + 10 * i for i, r in enumerate(t.response_ids)],
-              "ids": [np.tile(np.arange(len(r))[:, None], (1, 3)) for r in t.response_ids]}
+    arrays = {
+        "x": [np.arange(len(r), dtype=np.float32) + 10 * i for i, r in enumerate(t.response_ids)],
+        "ids": [np.tile(np.arange(len(r))[:, None], (1, 3)) for r in t.response_ids],
+    }
     pad, pk = collate(t, rows, arrays), collate_packed(t, rows, arrays, pad_to=8, seq_multiple=4)
     assert pk.input_ids.shape[0] == 1 and pk.input_ids.shape[1] % 8 == 0
     assert pk.num_sequences == pad.num_sequences == 4
@@ -64,7 +71,10 @@ def test_packed_row_matches_the_padded_rows_sequence_by_sequence():
         a, b = sequence_values(pad, getattr(pad, key)), sequence_values(pk, getattr(pk, key))
         assert all(torch.equal(x, y) for x, y in zip(a, b)), key
     for key in arrays:
-        a, b = sequence_values(pad, pad.token_arrays[key]), sequence_values(pk, pk.token_arrays[key])
+        a, b = (
+            sequence_values(pad, pad.token_arrays[key]),
+            sequence_values(pk, pk.token_arrays[key]),
+        )
         assert all(torch.equal(x, y) for x, y in zip(a, b)), key
         assert [len(v) for v in b] == [len(t.response_ids[i]) for i in rows]
     # per-sequence positions restart at 0; alignment padding belongs to its sequence
@@ -72,11 +82,17 @@ def test_packed_row_matches_the_padded_rows_sequence_by_sequence():
     for k, i in enumerate(rows):
         where = torch.nonzero(segs == k).reshape(-1)
         n = len(t.prompt_ids[i]) + len(t.response_ids[i])
-        assert len(where) == -(-n // 4) * 4 and torch.equal(pk.position_ids[0, where], torch.arange(len(where)))
-        assert torch.equal(pk.input_ids[0, where[:n]], torch.from_numpy(
-            np.concatenate([t.prompt_ids[i], t.response_ids[i]])))
-    assert torch.equal(pk.per_token(pk.rewards)[pk.seq_index >= 0],
-                       torch.from_numpy(t.rewards[rows][pk.seq_index[pk.seq_index >= 0].numpy()]))
+        assert len(where) == -(-n // 4) * 4 and torch.equal(
+            pk.position_ids[0, where], torch.arange(len(where))
+        )
+        assert torch.equal(
+            pk.input_ids[0, where[:n]],
+            torch.from_numpy(np.concatenate([t.prompt_ids[i], t.response_ids[i]])),
+        )
+    assert torch.equal(
+        pk.per_token(pk.rewards)[pk.seq_index >= 0],
+        torch.from_numpy(t.rewards[rows][pk.seq_index[pk.seq_index >= 0].numpy()]),
+    )
 
 
 def test_block_diagonal_causal_mask_and_thd_boundaries():

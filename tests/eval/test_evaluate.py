@@ -27,13 +27,23 @@ from .test_curves import write_synthetic_metrics
 REWARD = "tests.rollout.rewards:has_digit"  # both outcomes on random text
 
 
-def eval_overrides(models: dict[str, Path], datasets: list[Path], out: Path, **extra: object) -> list[str]:
+def eval_overrides(
+    models: dict[str, Path], datasets: list[Path], out: Path, **extra: object
+) -> list[str]:
     spec = ", ".join(f"{{name: {k}, path: {v}}}" for k, v in models.items())
     base = {
-        "eval.models": f"[{spec}]", "eval.datasets": "[" + ", ".join(map(str, datasets)) + "]",
-        "eval.num_prompts": 10, "eval.n": 4, "eval.pass_k": "[1, 2, 4]", "eval.max_new_tokens": 12,
-        "eval.output_dir": str(out), "eval.cpu_threads": 1, "rollout.reward_fn": REWARD,
-        "rollout.verifier_workers": 1, "rollout.max_prompt_tokens": 64, "logging.progress_bar": False,
+        "eval.models": f"[{spec}]",
+        "eval.datasets": "[" + ", ".join(map(str, datasets)) + "]",
+        "eval.num_prompts": 10,
+        "eval.n": 4,
+        "eval.pass_k": "[1, 2, 4]",
+        "eval.max_new_tokens": 12,
+        "eval.output_dir": str(out),
+        "eval.cpu_threads": 1,
+        "rollout.reward_fn": REWARD,
+        "rollout.verifier_workers": 1,
+        "rollout.max_prompt_tokens": 64,
+        "logging.progress_bar": False,
         "output_dir": str(out / "run"),
     }
     base.update(extra)
@@ -52,9 +62,18 @@ def report(tiny_pair, heldout_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-out")
     small = heldout_file.parent / "small.jsonl"
     small.write_text("".join(heldout_file.read_text().splitlines(keepends=True)[:6]))
-    metrics = write_synthetic_metrics(out / "run" / "teacher" / "stage1" / "stage1_metrics.jsonl", "stage1")
-    argv = ["evaluate", *eval_overrides({"base": a, "same": a, "teacher": b}, [heldout_file, small], out,
-                                        **{"eval.metrics_files": f"[{metrics}]"})]
+    metrics = write_synthetic_metrics(
+        out / "run" / "teacher" / "stage1" / "stage1_metrics.jsonl", "stage1"
+    )
+    argv = [
+        "evaluate",
+        *eval_overrides(
+            {"base": a, "same": a, "teacher": b},
+            [heldout_file, small],
+            out,
+            **{"eval.metrics_files": f"[{metrics}]"},
+        ),
+    ]
     assert erpd_main(argv) == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -69,11 +88,14 @@ def test_same_model_has_zero_kl_and_other_model_positive_kl(report):
         assert base["acc_gain_per_nat"] is None and base["prompts"] == prompts and base["n"] == 4
         # same checkpoint, same seed: the same samples; KL only from engine-vs-teacher-forced numerics
         assert abs(same["kl_to_base"]) < 1e-4 and same["kl_to_base_se"] < 1e-4
-        assert same["accuracy"] == base["accuracy"] and same["entropy"] == pytest.approx(base["entropy"], abs=1e-6)
+        assert same["accuracy"] == base["accuracy"] and same["entropy"] == pytest.approx(
+            base["entropy"], abs=1e-6
+        )
         assert same["acc_gain_per_nat"] is None and abs(same["drift"]) < 1e-4
         assert other["kl_to_base"] > 10 * other["kl_to_base_se"] > 0
         assert other["acc_gain_per_nat"] == pytest.approx(
-            (other["accuracy"] - base["accuracy"]) / other["kl_to_base"])
+            (other["accuracy"] - base["accuracy"]) / other["kl_to_base"]
+        )
         assert other["drift"] < 0  # = -KL(base || other) estimate
         for r in (base, same, other):
             assert 0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1
@@ -86,8 +108,18 @@ def test_same_model_has_zero_kl_and_other_model_positive_kl(report):
 def test_report_files(report):
     out, doc = report
     md = (out / "results.md").read_text()
-    for text in ("#### heldout: 10 prompts x 4 samples", "#### small: 6 prompts", "| base |", "| same |",
-                 "| teacher |", "avg@4", "pass@4", "KL to base (nats/seq)", "0 by construction", "accuracy_vs_kl.png"):
+    for text in (
+        "#### heldout: 10 prompts x 4 samples",
+        "#### small: 6 prompts",
+        "| base |",
+        "| same |",
+        "| teacher |",
+        "avg@4",
+        "pass@4",
+        "KL to base (nats/seq)",
+        "0 by construction",
+        "accuracy_vs_kl.png",
+    ):
         assert text in md, text
     teacher_line = next(line for line in md.splitlines() if line.startswith("| teacher |"))
     assert " ± " in teacher_line
@@ -100,7 +132,9 @@ def test_report_files(report):
     assert csv_rows[0]["acc_gain_per_nat"] == ""
     assert doc["meta"]["eval_config"]["n"] == 4 and "kl_to_base" in doc["columns"]
     w, h = png_size(out / "accuracy_vs_kl.png")
-    assert w > 1000 and h > 400 and (out / "accuracy_vs_kl.png").stat().st_size > 20_000  # two panels
+    assert (
+        w > 1000 and h > 400 and (out / "accuracy_vs_kl.png").stat().st_size > 20_000
+    )  # two panels
     w, h = png_size(out / "stage1_curves.png")
     assert w > 1000 and h > 800 and (out / "stage1_curves.png").stat().st_size > 50_000
 
@@ -108,23 +142,49 @@ def test_report_files(report):
 def test_kl_entropy_drift_match_direct_computation(tiny_pair, heldout_file):
     """Per-sequence KL(pi || base), entropy and drift of the pipeline vs one unbatched forward per sequence."""
     a, b = tiny_pair
-    cfg = load_config(None, eval_overrides({"base": a, "pi": b}, [heldout_file], Path("/nonexistent"),
-                                           **{"eval.num_prompts": 3, "eval.n": 2, "eval.score_max_tokens": 64}))
+    cfg = load_config(
+        None,
+        eval_overrides(
+            {"base": a, "pi": b},
+            [heldout_file],
+            Path("/nonexistent"),
+            **{"eval.num_prompts": 3, "eval.n": 2, "eval.score_max_tokens": 64},
+        ),
+    )
     models, _ = check_eval_config(cfg)
     tok = load_tokenizer(str(a))
     prompts = select_heldout(cfg, str(heldout_file), tok)
     with RewardPool(REWARD, timeout=5.0, num_workers=1) as pool:
-        base, kept = sample_model(cfg, models[0], is_base=True, prompts=prompts, tokenizer=tok, pool=pool, seed=3,
-                                  base=None, keep_model=True, progress=False)
-        pi, _ = sample_model(cfg, models[1], is_base=False, prompts=prompts, tokenizer=tok, pool=pool, seed=3,
-                             base=base, progress=False)
+        base, kept = sample_model(
+            cfg,
+            models[0],
+            is_base=True,
+            prompts=prompts,
+            tokenizer=tok,
+            pool=pool,
+            seed=3,
+            base=None,
+            keep_model=True,
+            progress=False,
+        )
+        pi, _ = sample_model(
+            cfg,
+            models[1],
+            is_base=False,
+            prompts=prompts,
+            tokenizer=tok,
+            pool=pool,
+            seed=3,
+            base=base,
+            progress=False,
+        )
     assert kept is not None  # the base model is kept from its hf engine, not loaded again
     score_kl(cfg, [base, pi], kept, prompts, tok.pad_token_id)
     m_base, m_pi = load_causal_lm(str(a)), load_causal_lm(str(b))
 
     def direct(model, prompt, resp):
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + resp])).logits[0, len(prompt) - 1:-1].double()
+            logits = model(torch.tensor([prompt + resp])).logits[0, len(prompt) - 1 : -1].double()
         lsm = torch.log_softmax(logits, -1)
         return lsm.gather(-1, torch.tensor(resp)[:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
 
@@ -139,7 +199,9 @@ def test_kl_entropy_drift_match_direct_computation(tiny_pair, heldout_file):
         assert np.allclose(pi.tf_logprobs[i], lp_pi.numpy(), atol=1e-5)
     for i, (p, c) in enumerate(zip(flat, base.completions)):
         assert pi.drift[i] == pytest.approx(
-            float((direct(m_pi, p, c.token_ids)[0] - direct(m_base, p, c.token_ids)[0]).sum()), abs=1e-4)
+            float((direct(m_pi, p, c.token_ids)[0] - direct(m_base, p, c.token_ids)[0]).sum()),
+            abs=1e-4,
+        )
     assert float(np.abs(pi.kl).sum()) > 1.0 and pi.kl_source == "engine"
     engine_kl = pi.kl.copy()
     cfg.eval = dataclasses.replace(cfg.eval, kl_logprobs="teacher_forced")
@@ -160,9 +222,11 @@ def test_score_responses_batched_equals_unbatched_at_a_temperature(tiny_pair):
         if not r:
             continue
         with torch.no_grad():
-            z = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1].double() / 0.7
+            z = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1].double() / 0.7
         lsm = torch.log_softmax(z, -1)
-        assert np.allclose(lp, lsm.gather(-1, torch.tensor(r)[:, None]).squeeze(-1).numpy(), atol=1e-5)
+        assert np.allclose(
+            lp, lsm.gather(-1, torch.tensor(r)[:, None]).squeeze(-1).numpy(), atol=1e-5
+        )
         assert np.allclose(ent, -(lsm.exp() * lsm).sum(-1).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="positive temperature"):
         score_responses(model, prompts, resps, temperature=0.0)
@@ -172,8 +236,12 @@ def test_config_errors(tiny_pair, heldout_file, tmp_path, capsys):
     a, _ = tiny_pair
     with pytest.raises(ConfigError, match="eval.models is empty"):
         check_eval_config(load_config(None, ["eval.datasets=[x.jsonl]"]))
-    cfg = load_config(None, eval_overrides({"base": a, "x": a}, [heldout_file], tmp_path,
-                                           **{"eval.base_name": "nope", "eval.n": 0}))
+    cfg = load_config(
+        None,
+        eval_overrides(
+            {"base": a, "x": a}, [heldout_file], tmp_path, **{"eval.base_name": "nope", "eval.n": 0}
+        ),
+    )
     with pytest.raises(ConfigError, match="eval.n must be positive.*base_name 'nope'"):
         check_eval_config(cfg)
     bad = eval_overrides({"base": a, "x": tmp_path / "missing"}, [heldout_file], tmp_path)

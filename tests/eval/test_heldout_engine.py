@@ -17,15 +17,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_heldout_engine_problem():
     msg = heldout_engine_problem("vllm", 2, True)
-    assert msg and "erpd evaluate" in msg and "stage1.eval_every_epochs=0" in msg and "rollout.engine=hf" in msg
+    assert (
+        msg
+        and "erpd evaluate" in msg
+        and "stage1.eval_every_epochs=0" in msg
+        and "rollout.engine=hf" in msg
+    )
     assert heldout_engine_problem("hf", 2, True) is None
     assert heldout_engine_problem("vllm", 2, False) is None  # no GPU: no vLLM anyway
     assert heldout_engine_problem("vllm", 0, True) is None
 
 
 def test_run_heldout_child_refuses_vllm_on_gpu_before_starting_it(tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", ["rollout.engine=vllm", "stage1.eval_every_epochs=2"],
-                      validate=False)
+    cfg = load_config(
+        ROOT / "configs/recipes/tiny-cpu.yaml",
+        ["rollout.engine=vllm", "stage1.eval_every_epochs=2"],
+        validate=False,
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     started = []
     monkeypatch.setattr(heldout.subprocess, "call", lambda *a, **k: started.append(a) or 1)

@@ -15,16 +15,58 @@ from erpd_megatron.eval.report import format_csv, format_table, write_report
 
 
 def synthetic_rows() -> list[dict]:
-    common = {"dataset": "math500", "prompts": 100, "n": 4, "temperature": 1.0, "pass@1": 0.3, "pass@4": 0.5,
-              "pass@8": None, "accuracy_se": 0.04, "finish_stop": 390, "finish_length": 10,
-              "truncated_frac": 0.025, "response_tokens_mean": 31.5, "seconds": {"generate": 1.5}}
+    common = {
+        "dataset": "math500",
+        "prompts": 100,
+        "n": 4,
+        "temperature": 1.0,
+        "pass@1": 0.3,
+        "pass@4": 0.5,
+        "pass@8": None,
+        "accuracy_se": 0.04,
+        "finish_stop": 390,
+        "finish_length": 10,
+        "truncated_frac": 0.025,
+        "response_tokens_mean": 31.5,
+        "seconds": {"generate": 1.5},
+    }
     return [
-        {"model": "base", "is_base": True, "accuracy": 0.30, "kl_to_base": 0.0, "kl_to_base_se": 0.0,
-         "entropy": 1.2, "drift_pos": 0.0, "drift_neg": 0.0, "acc_gain_per_nat": None, **common},
-        {"model": "teacher_e8", "is_base": False, "accuracy": 0.45, "kl_to_base": 12.0, "kl_to_base_se": 0.8,
-         "entropy": 0.4, "drift_pos": 2.5, "drift_neg": -9.0, "acc_gain_per_nat": 0.0125, **common},
-        {"model": "student", "is_base": False, "accuracy": 0.47, "kl_to_base": 1.5, "kl_to_base_se": 0.1,
-         "entropy": float("nan"), "drift_pos": 0.3, "drift_neg": None, "acc_gain_per_nat": 0.11333, **common},
+        {
+            "model": "base",
+            "is_base": True,
+            "accuracy": 0.30,
+            "kl_to_base": 0.0,
+            "kl_to_base_se": 0.0,
+            "entropy": 1.2,
+            "drift_pos": 0.0,
+            "drift_neg": 0.0,
+            "acc_gain_per_nat": None,
+            **common,
+        },
+        {
+            "model": "teacher_e8",
+            "is_base": False,
+            "accuracy": 0.45,
+            "kl_to_base": 12.0,
+            "kl_to_base_se": 0.8,
+            "entropy": 0.4,
+            "drift_pos": 2.5,
+            "drift_neg": -9.0,
+            "acc_gain_per_nat": 0.0125,
+            **common,
+        },
+        {
+            "model": "student",
+            "is_base": False,
+            "accuracy": 0.47,
+            "kl_to_base": 1.5,
+            "kl_to_base_se": 0.1,
+            "entropy": float("nan"),
+            "drift_pos": 0.3,
+            "drift_neg": None,
+            "acc_gain_per_nat": 0.11333,
+            **common,
+        },
     ]
 
 
@@ -62,7 +104,9 @@ def test_statistics():
     assert acc["pass@1"] == pytest.approx(5 / 12)
     assert acc["pass@2"] == pytest.approx((0.5 + 1 + 0) / 3)  # 1 - C(3,2)/C(4,2) = 0.5
     assert acc["pass@4"] == pytest.approx(2 / 3) and acc["pass@8"] is None
-    kl = stats.sequence_kl([np.array([-1.0, -2.0]), np.array([-0.5])], [np.array([-1.5, -2.5]), np.array([-0.25])])
+    kl = stats.sequence_kl(
+        [np.array([-1.0, -2.0]), np.array([-0.5])], [np.array([-1.5, -2.5]), np.array([-0.25])]
+    )
     assert kl.tolist() == pytest.approx([1.0, -0.25])
     assert stats.kl_stats(kl, 3)["kl_to_base_per_token"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="sequence 0"):

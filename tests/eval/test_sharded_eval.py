@@ -24,8 +24,20 @@ from tests.dist import run_gloo
 
 from .test_evaluate import eval_overrides
 
-COLUMNS = ("accuracy", "accuracy_se", "pass@1", "pass@2", "kl_to_base", "kl_to_base_se",
-           "kl_to_base_per_token", "entropy", "drift", "drift_pos", "drift_neg", "logprob_mismatch")
+COLUMNS = (
+    "accuracy",
+    "accuracy_se",
+    "pass@1",
+    "pass@2",
+    "kl_to_base",
+    "kl_to_base_se",
+    "kl_to_base_per_token",
+    "entropy",
+    "drift",
+    "drift_pos",
+    "drift_neg",
+    "logprob_mismatch",
+)
 
 
 def _models(a: Path, b: Path, a_mc: Path | None, b_mc: Path | None) -> str:
@@ -56,13 +68,24 @@ def _worker(rank: int, world: int, a: Path, b: Path, heldout: Path, tmp: Path) -
     return {**out, "share": share}
 
 
-def _overrides(a: Path, b: Path, a_mc: Path | None, b_mc: Path | None, heldout: Path, out: Path,
-               backend: str) -> list[str]:
-    return eval_overrides({}, [heldout], out, **{
-        "eval.models": _models(a, b, a_mc, b_mc), "eval.scoring_backend": backend,
-        "eval.num_prompts": 6,
-        "eval.score_max_tokens": 96, "eval.temperature": 0.9, "eval.kl_logprobs": "teacher_forced",
-        "precision.transformer_impl": "local", "precision.params_dtype": "fp32"})
+def _overrides(
+    a: Path, b: Path, a_mc: Path | None, b_mc: Path | None, heldout: Path, out: Path, backend: str
+) -> list[str]:
+    return eval_overrides(
+        {},
+        [heldout],
+        out,
+        **{
+            "eval.models": _models(a, b, a_mc, b_mc),
+            "eval.scoring_backend": backend,
+            "eval.num_prompts": 6,
+            "eval.score_max_tokens": 96,
+            "eval.temperature": 0.9,
+            "eval.kl_logprobs": "teacher_forced",
+            "precision.transformer_impl": "local",
+            "precision.params_dtype": "fp32",
+        },
+    )
 
 
 def _share(rank: int, tmp: Path) -> tuple:
@@ -100,6 +123,7 @@ def test_tp2_table_equals_tp1_and_hf(tables):
     assert "eval.scoring_backend=hf runs in one process, but 2 were launched" in r0["hf_error"]
     assert [r["model"] for r in r0["tp2"]] == ["base", "same", "other"]
     for key in ("tp2", "tp1"):  # every rank builds the same rows
+
         def cols(rows: list[dict]) -> list[dict]:
             return [{c: r[c] for c in COLUMNS} for r in rows]
 
@@ -113,8 +137,13 @@ def test_tp2_table_equals_tp1_and_hf(tables):
             for c in COLUMNS:
                 assert (x[c] is None) == (y[c] is None), (ref, x["model"], c)
                 if x[c] is not None:
-                    assert x[c] == pytest.approx(y[c], abs=1e-5, rel=1e-5), \
-                        (ref, x["model"], c, x[c], y[c])
+                    assert x[c] == pytest.approx(y[c], abs=1e-5, rel=1e-5), (
+                        ref,
+                        x["model"],
+                        c,
+                        x[c],
+                        y[c],
+                    )
 
 
 @pytest.mark.slow  # two gloo processes with megatron

@@ -26,27 +26,46 @@ def _build(ep: int, dispatcher: str) -> Any:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                 expert_model_parallel_size=ep)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=ep
+    )
     torch.manual_seed(1234)
     model_parallel_cuda_manual_seed(1234)
     cfg = TransformerConfig(
-        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-        num_moe_experts=EXPERTS, moe_router_topk=2, moe_ffn_hidden_size=16,
-        moe_token_dispatcher_type=dispatcher, moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=0.01, expert_model_parallel_size=ep, normalization="RMSNorm",
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, hidden_dropout=0.0, attention_dropout=0.0,
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=16,
+        moe_token_dispatcher_type=dispatcher,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.01,
+        expert_model_parallel_size=ep,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         params_dtype=torch.float32,
         # megatron rejects variable_seq_lengths with the allgather dispatcher
         variable_seq_lengths=dispatcher == "alltoall",
     )
-    spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False,
-                                    normalization="RMSNorm")
-    return GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-                    position_embedding_type="rope")
+    spec = get_gpt_layer_local_spec(
+        num_experts=EXPERTS, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+    return GPTModel(
+        cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope"
+    )
 
 
 def _global_name(name: str, ep_rank: int, local: int) -> str:
@@ -83,8 +102,9 @@ def _run(model: Any, rank: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     pos = torch.arange(SEQ).expand(2, SEQ)
     logits = model(ids, pos, None)
     logits.float().square().mean().backward()
-    return logits.detach().clone(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
-                                     if p.grad is not None}
+    return logits.detach().clone(), {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 def ep2_matches_ep1(rank: int, world: int, dispatchers: list[str]) -> dict[str, dict[str, float]]:
@@ -124,5 +144,8 @@ def _compare(rank: int, world: int, dispatcher: str) -> dict[str, float]:
     for name, g in grads2.items():
         ref = grads1[_global_name(name, ep_rank, local)]
         grad_diff = max(grad_diff, float((g - ref).abs().max()))
-    return {"logits": float((out2 - out1).abs().max()), "grads": grad_diff,
-            "scale": float(out1.abs().max())}
+    return {
+        "logits": float((out2 - out1).abs().max()),
+        "grads": grad_diff,
+        "scale": float(out1.abs().max()),
+    }

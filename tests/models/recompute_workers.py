@@ -9,10 +9,16 @@ import torch
 SETTINGS: list[dict[str, Any]] = [
     {},
     {"parallel.recompute_granularity": "selective"},
-    {"parallel.recompute_granularity": "full", "parallel.recompute_method": "uniform",
-     "parallel.recompute_num_layers": 1},
-    {"parallel.recompute_granularity": "full", "parallel.recompute_method": "block",
-     "parallel.recompute_num_layers": 1},
+    {
+        "parallel.recompute_granularity": "full",
+        "parallel.recompute_method": "uniform",
+        "parallel.recompute_num_layers": 1,
+    },
+    {
+        "parallel.recompute_granularity": "full",
+        "parallel.recompute_method": "block",
+        "parallel.recompute_num_layers": 1,
+    },
 ]
 
 

@@ -30,17 +30,38 @@ def _build(tp: int, sp: bool) -> Any:
     torch.manual_seed(7)
     model_parallel_cuda_manual_seed(7)
     cfg = TransformerConfig(
-        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-        num_query_groups=2, normalization="RMSNorm", gated_linear_unit=True, qk_layernorm=True,
-        activation_func=F.silu, add_bias_linear=False, tensor_model_parallel_size=tp,
-        sequence_parallel=sp, use_cpu_initialization=True, bias_activation_fusion=False,
-        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, persist_layer_norm=False, hidden_dropout=0.0,
-        attention_dropout=0.0, params_dtype=torch.float32,
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        qk_layernorm=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sp,
+        use_cpu_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
     )
     spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    return GPTModel(cfg, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-                    position_embedding_type="rope", parallel_output=False)
+    return GPTModel(
+        cfg,
+        spec,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        parallel_output=False,
+    )
 
 
 def _tp_kind(name: str) -> str:
@@ -118,5 +139,9 @@ def tp2_sp_matches_tp1(rank: int, world: int) -> dict[str, Any]:
     out1 = _step(m1, 0)
     ps.destroy_model_parallel()
     gdiff = max(float((grads2[n] - p.grad).abs().max()) for n, p in m1.named_parameters())
-    return {"logits": float((out2 - out1).abs().max()), "grads": gdiff,
-            "scale": float(out1.abs().max()), "marked": marked}
+    return {
+        "logits": float((out2 - out1).abs().max()),
+        "grads": gdiff,
+        "scale": float(out1.abs().max()),
+        "marked": marked,
+    }

@@ -40,7 +40,11 @@ def test_qkv_layout_per_query_group():
 def test_hf_megatron_round_trip_bit_exact(hf_models, family):
     model = hf_models[family]
     mc = hf_to_model_config(model.config.to_dict())
-    hf = {k: v for k, v in model.state_dict().items() if not (mc.tie_word_embeddings and k == "lm_head.weight")}
+    hf = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (mc.tie_word_embeddings and k == "lm_head.weight")
+    }
     full = hf_maps.hf_to_megatron(hf, mc, padded_vocab_size(mc, 2))
     assert full["embedding.word_embeddings.weight"].shape[0] == 512
     assert torch.count_nonzero(full["embedding.word_embeddings.weight"][VOCAB:]) == 0
@@ -62,8 +66,11 @@ def test_shard_and_merge_ranks(hf_models, family, tp, pp):
     model = hf_models[family]
     mc = hf_to_model_config(model.config.to_dict())
     full = hf_maps.hf_to_megatron(model.state_dict(), mc, padded_vocab_size(mc, tp))
-    shards = {(t, p): hf_maps.shard_for_rank(full, mc, tp=tp, tp_rank=t, pp=pp, pp_rank=p)
-              for t in range(tp) for p in range(pp)}
+    shards = {
+        (t, p): hf_maps.shard_for_rank(full, mc, tp=tp, tp_rank=t, pp=pp, pp_rank=p)
+        for t in range(tp)
+        for p in range(pp)
+    }
     per = mc.num_layers // pp
     last = shards[(0, pp - 1)]
     assert f"decoder.layers.{per}.input_layernorm.weight" not in last  # renumbered from 0
@@ -74,7 +81,9 @@ def test_shard_and_merge_ranks(hf_models, family, tp, pp):
         gate, up = full["decoder.layers.0.mlp.linear_fc1.weight"].chunk(2)
         assert torch.equal(fc1, torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))
         proj = shards[(1, 0)]["decoder.layers.0.self_attention.linear_proj.weight"]
-        assert torch.equal(proj, full["decoder.layers.0.self_attention.linear_proj.weight"].chunk(2, dim=1)[1])
+        assert torch.equal(
+            proj, full["decoder.layers.0.self_attention.linear_proj.weight"].chunk(2, dim=1)[1]
+        )
     merged = hf_maps.merge_ranks(shards, mc, tp=tp, pp=pp)
     assert set(merged) == set(full)
     assert all(torch.equal(merged[k], full[k]) for k in full)
@@ -94,7 +103,9 @@ def test_hf_config_both_ways(hf_models, family):
     assert mc.rope_scaling == ("llama3" if family == "llama" else None)
     out = model_config_to_hf(mc, dtype="float32", base=hf)
     assert hf_to_model_config(out) == mc
-    again = AutoConfig.for_model(**{k: v for k, v in out.items() if k != "model_type"}, model_type=family)
+    again = AutoConfig.for_model(
+        **{k: v for k, v in out.items() if k != "model_type"}, model_type=family
+    )
     assert again.num_key_value_heads == mc.num_query_groups
     assert getattr(again, "head_dim", 16) == (mc.kv_channels or 16)
     assert hf_to_model_config(again.to_dict()) == mc
@@ -103,8 +114,20 @@ def test_hf_config_both_ways(hf_models, family):
     assert hf_to_model_config(legacy) == mc
 
 
-@pytest.mark.parametrize("name", ["llama3-8b", "llama3-1b", "qwen2.5-7b", "qwen3-8b", "qwen3-4b", "qwen3-tiny",
-                                  "qwen3-30b-a3b", "qwen3-235b-a22b", "qwen3-moe-tiny"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3-8b",
+        "llama3-1b",
+        "qwen2.5-7b",
+        "qwen3-8b",
+        "qwen3-4b",
+        "qwen3-tiny",
+        "qwen3-30b-a3b",
+        "qwen3-235b-a22b",
+        "qwen3-moe-tiny",
+    ],
+)
 def test_repo_model_configs_map_to_hf(name):
     mc = load_model_config(MODELS / f"{name}.yaml")
     assert hf_to_model_config(model_config_to_hf(mc)) == mc
@@ -130,7 +153,10 @@ def test_mask_padded_vocab():
     assert (start, end) == (256, 512)
     logits = torch.zeros(2, 3, end - start)
     mask_padded_vocab(logits, start, VOCAB)
-    assert torch.isfinite(logits[..., : VOCAB - start]).all() and torch.isinf(logits[..., VOCAB - start:]).all()
+    assert (
+        torch.isfinite(logits[..., : VOCAB - start]).all()
+        and torch.isinf(logits[..., VOCAB - start :]).all()
+    )
     first = torch.zeros(1, 256)
     assert torch.isfinite(mask_padded_vocab(first, 0, VOCAB)).all()
 
@@ -153,11 +179,18 @@ def moe_disk(tmp_path_factory) -> dict:
 def test_moe_maps_round_trip_and_ep_sharding(moe_disk, family):
     cfg, hf = moe_disk[family]
     mc = hf_to_model_config(cfg)
-    assert (mc.family, mc.num_experts, mc.norm_topk_prob) == (family, EXPERTS, family == "qwen3_moe")
+    assert (mc.family, mc.num_experts, mc.norm_topk_prob) == (
+        family,
+        EXPERTS,
+        family == "qwen3_moe",
+    )
     assert set(hf) == set(hf_maps.expected_hf_keys(mc))
     full = hf_maps.hf_to_megatron(hf, mc, padded_vocab_size(mc, 2))
     if family == "qwen3_moe":  # mlp_only_layers=[1]: layer 1 keeps the dense names
-        assert "decoder.layers.1.mlp.linear_fc1.weight" in full and "decoder.layers.1.mlp.router.weight" not in full
+        assert (
+            "decoder.layers.1.mlp.linear_fc1.weight" in full
+            and "decoder.layers.1.mlp.router.weight" not in full
+        )
         te = hf_maps.to_te_names(full)
         assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in te
         assert "decoder.layers.0.pre_mlp_layernorm.weight" in te  # MoE layers keep it unfused
@@ -167,17 +200,29 @@ def test_moe_maps_round_trip_and_ep_sharding(moe_disk, family):
     back = hf_maps.megatron_to_hf(full, mc)
     assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
     for tp, ep, etp, pp in ((2, 2, 1, 1), (1, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, mc.num_layers)):
-        shards = {(t, p, e): hf_maps.shard_for_rank(full, mc, tp=tp, tp_rank=t, pp=pp, pp_rank=p, ep=ep,
-                                                    ep_rank=e, etp=etp)
-                  for t in range(tp) for p in range(pp) for e in range(ep)}
+        shards = {
+            (t, p, e): hf_maps.shard_for_rank(
+                full, mc, tp=tp, tp_rank=t, pp=pp, pp_rank=p, ep=ep, ep_rank=e, etp=etp
+            )
+            for t in range(tp)
+            for p in range(pp)
+            for e in range(ep)
+        }
         last = shards[(tp - 1, 0, ep - 1)]
         local = sorted(k for k in last if k.startswith("decoder.layers.0.mlp.experts."))
         assert len(local) == 2 * EXPERTS // ep  # renumbered from 0
         fc1 = last["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]
-        g, u = full[f"decoder.layers.0.mlp.experts.local_experts.{EXPERTS - EXPERTS // ep}.linear_fc1.weight"].chunk(2)
+        g, u = full[
+            f"decoder.layers.0.mlp.experts.local_experts.{EXPERTS - EXPERTS // ep}.linear_fc1.weight"
+        ].chunk(2)
         assert torch.equal(fc1, torch.cat([g.chunk(etp)[-1], u.chunk(etp)[-1]]))
         merged = hf_maps.merge_ranks(shards, mc, tp=tp, pp=pp, ep=ep, etp=etp)
-        assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full), (tp, ep, etp, pp)
+        assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full), (
+            tp,
+            ep,
+            etp,
+            pp,
+        )
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -188,7 +233,9 @@ def test_moe_hf_config_both_ways(moe_disk, family):
     mc = hf_to_model_config(cfg)
     out = model_config_to_hf(mc, dtype="float32", base=cfg)
     assert hf_to_model_config(out) == mc
-    again = AutoConfig.for_model(**{k: v for k, v in out.items() if k != "model_type"}, model_type=family)
+    again = AutoConfig.for_model(
+        **{k: v for k, v in out.items() if k != "model_type"}, model_type=family
+    )
     assert hf_to_model_config(again.to_dict()) == mc
     assert out["num_experts"] == EXPERTS and out["architectures"][0].endswith("MoeForCausalLM")
 
@@ -202,17 +249,34 @@ def test_moe_validation_errors():
 
     mc = load_model_config(MODELS / "qwen3-moe-tiny.yaml")
     validate_model(mc)
-    assert moe_layer_pattern(dataclasses.replace(mc, num_layers=4, decoder_sparse_step=2)) == [0, 1, 0, 1]
+    assert moe_layer_pattern(dataclasses.replace(mc, num_layers=4, decoder_sparse_step=2)) == [
+        0,
+        1,
+        0,
+        1,
+    ]
     assert moe_layer_pattern(dataclasses.replace(mc, mlp_only_layers=[0])) == [0, 1]
     assert validate_layout(mc, ParallelConfig(expert_model_parallel_size=2), 2) == 2
     with pytest.raises(ConfigError, match="num_experts=4 is not divisible"):
         validate_layout(mc, ParallelConfig(expert_model_parallel_size=3), 3)
-    with pytest.raises(ConfigError, match="world size 2 is not divisible by expert_tensor_parallel_size"):
-        validate_layout(mc, ParallelConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=2), 2)
+    with pytest.raises(
+        ConfigError, match="world size 2 is not divisible by expert_tensor_parallel_size"
+    ):
+        validate_layout(
+            mc, ParallelConfig(expert_model_parallel_size=2, expert_tensor_parallel_size=2), 2
+        )
     with pytest.raises(ConfigError, match="allgather cannot run"):
-        validate_layout(mc, ParallelConfig(expert_model_parallel_size=2, moe_token_dispatcher_type="allgather"), 2)
+        validate_layout(
+            mc,
+            ParallelConfig(expert_model_parallel_size=2, moe_token_dispatcher_type="allgather"),
+            2,
+        )
     with pytest.raises(ConfigError, match="need an MoE model"):
-        validate_layout(load_model_config(MODELS / "qwen3-tiny.yaml"), ParallelConfig(expert_model_parallel_size=2), 2)
+        validate_layout(
+            load_model_config(MODELS / "qwen3-tiny.yaml"),
+            ParallelConfig(expert_model_parallel_size=2),
+            2,
+        )
     with pytest.raises(ConfigError, match="is dense"):
         validate_model(dataclasses.replace(mc, family="qwen3"))
     with pytest.raises(ConfigError, match="moe_router_topk"):

@@ -21,8 +21,12 @@ def converted(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("models")
     for fam in FAMILIES:
         # llama: sharded safetensors + index; qwen2: stored in bf16 (computed in fp32 on both sides)
-        save_hf_model(fam, root / fam / "hf", shard=fam == "llama",
-                      dtype=torch.bfloat16 if fam == "qwen2" else torch.float32)
+        save_hf_model(
+            fam,
+            root / fam / "hf",
+            shard=fam == "llama",
+            dtype=torch.bfloat16 if fam == "qwen2" else torch.float32,
+        )
     results = run_gloo(single_process_worker, 1, str(root))[0]
     for r in run_gloo(multi_layout_worker, 2, str(root)):
         results.update(r)
@@ -38,7 +42,9 @@ def test_logits_match_transformers(converted, family):
     # Padded vocabulary rows are zero in the embedding/output layer: their logits are 0.
     assert res[f"{family}/tp1_pad_max"] == 0.0
     assert res[f"{family}/inv_freq_err"] < 1e-6
-    assert res[f"{family}/inv_freq_scaled"] == (family == "llama")  # llama3 rope scaling in the fixture
+    assert res[f"{family}/inv_freq_scaled"] == (
+        family == "llama"
+    )  # llama3 rope scaling in the fixture
 
 
 @pytest.mark.slow
@@ -65,13 +71,20 @@ def test_hf_mcore_hf_round_trip_is_bit_exact(converted, family, exported):
     for k in src:
         assert src[k].dtype == back[k].dtype and torch.equal(src[k], back[k]), k
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (root / family / exported / name).read_bytes() == (root / family / "hf" / name).read_bytes()
+        assert (root / family / exported / name).read_bytes() == (
+            root / family / "hf" / name
+        ).read_bytes()
     assert LazySafetensors(root / family / exported)["model.norm.weight"].dtype == (
-        torch.bfloat16 if family == "qwen2" else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(root / family / exported, dtype=torch.float32).eval()
+        torch.bfloat16 if family == "qwen2" else torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        root / family / exported, dtype=torch.float32
+    ).eval()
     assert model.config.model_type == family
     with torch.no_grad():
-        assert torch.equal(model(sample_ids()).logits, hf_logits(root / family / "hf", sample_ids()))
+        assert torch.equal(
+            model(sample_ids()).logits, hf_logits(root / family / "hf", sample_ids())
+        )
 
 
 @pytest.mark.slow

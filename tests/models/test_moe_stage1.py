@@ -92,8 +92,10 @@ TEACHERS = (
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ERPD_LONG_TESTS") != "1",
-                    reason="about 200 s and one unexplained torchrun exit in 3 runs: set ERPD_LONG_TESTS=1")
+@pytest.mark.skipif(
+    os.environ.get("ERPD_LONG_TESTS") != "1",
+    reason="about 200 s and one unexplained torchrun exit in 3 runs: set ERPD_LONG_TESTS=1",
+)
 def test_stage1_and_stage2_at_ep2_match_single_process(tmp_path):
     """Stage 1 (3 steps), then the cache of its result as teacher0 (one process), then Stage 2
     (3 steps, top-k KL + log-ratio signals): EP=2 equals one process in both stages."""

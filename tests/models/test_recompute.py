@@ -18,14 +18,25 @@ def test_recompute_gives_identical_gradients():
             assert float((g - ref[name]).abs().max()) == 0.0, (setting, name)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["parallel.recompute_granularity=full"], "recompute_method"),
-    (["parallel.recompute_granularity=selective", "parallel.recompute_num_layers=1"],
-     "recompute_num_layers"),
-    (["parallel.recompute_method=uniform"], "recompute_granularity"),
-    (["parallel.recompute_granularity=full", "parallel.recompute_method=block",
-      "parallel.recompute_num_layers=99"], "recompute_num_layers"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["parallel.recompute_granularity=full"], "recompute_method"),
+        (
+            ["parallel.recompute_granularity=selective", "parallel.recompute_num_layers=1"],
+            "recompute_num_layers",
+        ),
+        (["parallel.recompute_method=uniform"], "recompute_granularity"),
+        (
+            [
+                "parallel.recompute_granularity=full",
+                "parallel.recompute_method=block",
+                "parallel.recompute_num_layers=99",
+            ],
+            "recompute_num_layers",
+        ),
+    ],
+)
 def test_recompute_fields_are_validated(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config(RECIPE, overrides)

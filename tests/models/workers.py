@@ -18,8 +18,13 @@ def make_cfg(mc, tp: int = 1, pp: int = 1, world: int = 1, dist_opt: bool = True
 
     return Config(
         model=mc,
-        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                num_nodes=1, gpus_per_node=world, use_distributed_optimizer=dist_opt),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            num_nodes=1,
+            gpus_per_node=world,
+            use_distributed_optimizer=dist_opt,
+        ),
         precision=PrecisionConfig(params_dtype="fp32", transformer_impl="local"),
     )
 
@@ -67,7 +72,9 @@ def single_process_worker(rank: int, world: int, root: str) -> dict:
     out: dict = {}
     for fam in FAMILIES:
         d = Path(root) / fam
-        convert_main(["hf-to-mcore", "--hf-dir", str(d / "hf"), "--out", str(d / "mc"), "--tp", "2"])
+        convert_main(
+            ["hf-to-mcore", "--hf-dir", str(d / "hf"), "--out", str(d / "mc"), "--tp", "2"]
+        )
         mc = read_model_config(d / "mc")
         _, model = build_and_load(mc, d / "mc", 1, 1, world)
         logits = logits_at(model)
@@ -79,8 +86,12 @@ def single_process_worker(rank: int, world: int, root: str) -> dict:
         from erpd_megatron.models.builder import unwrap_model
 
         hf_freq = AutoModelForCausalLM.from_pretrained(d / "hf").model.rotary_emb.inv_freq
-        out[f"{fam}/inv_freq_err"] = rel_err(unwrap_model(model[0]).rotary_pos_emb.inv_freq, hf_freq)
-        out[f"{fam}/inv_freq_scaled"] = bool(hf_freq[-1] < 1 / mc.rope_theta ** ((len(hf_freq) - 1) / len(hf_freq)) / 2)
+        out[f"{fam}/inv_freq_err"] = rel_err(
+            unwrap_model(model[0]).rotary_pos_emb.inv_freq, hf_freq
+        )
+        out[f"{fam}/inv_freq_scaled"] = bool(
+            hf_freq[-1] < 1 / mc.rope_theta ** ((len(hf_freq) - 1) / len(hf_freq)) / 2
+        )
         bad = dataclasses.replace(mc, vocab_size=VOCAB + 1)
         try:
             load_checkpoint(d / "mc", model, model_cfg=bad)
@@ -105,7 +116,11 @@ def _load_without_extra_state(d: Path) -> float:
 
     mc = read_model_config(d / "mc")
     _, model = build_and_load(mc, d / "mc", 1, 1, 1)
-    sd = {k: v for k, v in unwrap_model(model[0]).sharded_state_dict().items() if not isinstance(v, ShardedObject)}
+    sd = {
+        k: v
+        for k, v in unwrap_model(model[0]).sharded_state_dict().items()
+        if not isinstance(v, ShardedObject)
+    }
     (d / "no_extra").mkdir()
     dist_checkpointing.save({"model": sd}, str(d / "no_extra"))
     shutil.copy(d / "mc" / "model_config.yaml", d / "no_extra" / "model_config.yaml")
@@ -133,8 +148,13 @@ def multi_layout_worker(rank: int, world: int, root: str) -> dict:
         _, model = build_and_load(mc, d / "mc", 2, 1, world)
         tp2 = logits_at(model)
         out[f"{fam}/tp2_err"] = rel_err(tp2[..., :VOCAB], ref)
-        save_checkpoint(d / "tp2", model, model_cfg=mc, tokenizer_dir=d / "hf",
-                        hf_config=json.loads((d / "hf" / "config.json").read_text()))
+        save_checkpoint(
+            d / "tp2",
+            model,
+            model_cfg=mc,
+            tokenizer_dir=d / "hf",
+            hf_config=json.loads((d / "hf" / "config.json").read_text()),
+        )
         env, model = build_and_load(mc, d / "tp2", 1, 2, world)
         pp2 = logits_at(model)
         if env.is_last_stage:
@@ -162,12 +182,32 @@ def _train_setup(mc, tp: int, world: int, dist_opt: bool = True):
     cfg = make_cfg(mc, tp, 1, world, dist_opt)
     init_distributed(cfg)
     model = build_model(cfg, wrap_ddp=True)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, bf16=False,
-                                                 params_dtype=torch.float32, use_distributed_optimizer=dist_opt,
-                                                 clip_grad=1.0), model)
-    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=2,
-                                    lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
-                                    wd_incr_steps=10, wd_incr_style="constant")
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-2,
+            min_lr=1e-3,
+            weight_decay=0.01,
+            bf16=False,
+            params_dtype=torch.float32,
+            use_distributed_optimizer=dist_opt,
+            clip_grad=1.0,
+        ),
+        model,
+    )
+    sched = OptimizerParamScheduler(
+        opt,
+        init_lr=0.0,
+        max_lr=1e-2,
+        min_lr=1e-3,
+        lr_warmup_steps=2,
+        lr_decay_steps=10,
+        lr_decay_style="cosine",
+        start_wd=0.01,
+        end_wd=0.01,
+        wd_incr_steps=10,
+        wd_incr_style="constant",
+    )
     get_config(model[0]).grad_scale_func = opt.scale_loss
     return model, opt, sched
 
@@ -198,8 +238,15 @@ def _train_step(model, opt, sched) -> None:
     for c in model:
         c.zero_grad_buffer()
     opt.zero_grad()
-    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([ids]), model=model,
-                                num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter([ids]),
+        model=model,
+        num_microbatches=1,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=False,
+    )
     ok, _, _ = opt.step()
     assert ok
     sched.step(increment=1)
@@ -235,16 +282,38 @@ def optimizer_worker(rank: int, world: int, root: str) -> dict:
     from erpd_megatron.models.checkpoint import load_checkpoint, save_checkpoint
     from erpd_megatron.runtime.distributed import destroy_distributed
 
-    _MC = mc = ModelConfig(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                           num_query_groups=2, vocab_size=VOCAB, add_qkv_bias=True, tie_word_embeddings=True)
+    _MC = mc = ModelConfig(
+        family="qwen2",
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=VOCAB,
+        add_qkv_bias=True,
+        tie_word_embeddings=True,
+    )
     out: dict = {}
     model, opt, sched = _train_setup(mc, 1, world)
     for _ in range(3):
         _train_step(model, opt, sched)
-    save_checkpoint(Path(root) / "dp", model, optimizer=opt, opt_param_scheduler=sched,
-                    extra={"step": 3}, model_cfg=mc)
-    save_checkpoint(Path(root) / "full", model, optimizer=opt, opt_param_scheduler=sched,
-                    extra={"step": 3}, model_cfg=mc, optimizer_sharding="fully_reshardable")
+    save_checkpoint(
+        Path(root) / "dp",
+        model,
+        optimizer=opt,
+        opt_param_scheduler=sched,
+        extra={"step": 3},
+        model_cfg=mc,
+    )
+    save_checkpoint(
+        Path(root) / "full",
+        model,
+        optimizer=opt,
+        opt_param_scheduler=sched,
+        extra={"step": 3},
+        model_cfg=mc,
+        optimizer_sharding="fully_reshardable",
+    )
     saved = _full_hf(model, mc)
     _train_step(model, opt, sched)
     ref_next = _full_hf(model, mc)
@@ -252,7 +321,9 @@ def optimizer_worker(rank: int, world: int, root: str) -> dict:
 
     for name in ("dp", "full"):
         model2, opt2, sched2 = _train_setup(mc, 1, world)
-        extra = load_checkpoint(Path(root) / name, model2, optimizer=opt2, opt_param_scheduler=sched2, model_cfg=mc)
+        extra = load_checkpoint(
+            Path(root) / name, model2, optimizer=opt2, opt_param_scheduler=sched2, model_cfg=mc
+        )
         out[f"{name}/extra"] = extra
         loaded = _full_hf(model2, mc)
         out[f"{name}/params_equal"] = all(torch.equal(saved[k], loaded[k]) for k in saved)

@@ -57,7 +57,9 @@ def test_pg_matches_plain_reference(gen, eps):
     logp, anchor, adv, mask = _inputs(gen)
     norm = 40.0
     loss, m = pg_loss(logp, anchor, adv, mask, eps_low=eps[0], eps_high=eps[1], normalizer=norm)
-    ref = _plain_mean(lambda lp, an, a: _plain_pg(lp, an, a, *eps), mask, logp, anchor, adv, normalizer=norm)
+    ref = _plain_mean(
+        lambda lp, an, a: _plain_pg(lp, an, a, *eps), mask, logp, anchor, adv, normalizer=norm
+    )
     assert abs(loss.item() - ref) <= 1e-12 * max(1.0, abs(ref))
     rho = torch.exp(logp - anchor)
     hi = (adv > 0) & (rho > 1 + eps[1]) if eps[1] is not None else torch.zeros_like(mask)
@@ -66,17 +68,24 @@ def test_pg_matches_plain_reference(gen, eps):
     assert m["clipped_tokens"].item() == ((hi | lo) & mask).sum().item()
     assert abs(m["ratio_sum"].item() - rho[mask].sum().item()) < 1e-9
     assert abs(m["loss_sum"].item() - ref * norm) < 1e-9
-    f = lambda lp: pg_loss(lp, anchor, adv, mask, eps_low=eps[0], eps_high=eps[1], normalizer=norm)[0]  # noqa: E731
+
+    def f(lp):
+        return pg_loss(lp, anchor, adv, mask, eps_low=eps[0], eps_high=eps[1], normalizer=norm)[0]
+
     assert torch.autograd.gradcheck(f, (logp.clone().requires_grad_(),))
 
 
 def test_sapo_matches_plain_reference(gen):
     logp, anchor, adv, mask = _inputs(gen)
     loss, _ = sapo_loss(logp, anchor, adv, mask, normalizer=31, tau_pos=1.0, tau_neg=1.05)
-    ref = _plain_mean(lambda lp, an, a: _plain_sapo(lp, an, a, 1.0, 1.05), mask, logp, anchor, adv, normalizer=31)
+    ref = _plain_mean(
+        lambda lp, an, a: _plain_sapo(lp, an, a, 1.0, 1.05), mask, logp, anchor, adv, normalizer=31
+    )
     assert abs(loss.item() - ref) <= 1e-12 * max(1.0, abs(ref))
     lp = logp.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: sapo_loss(x, anchor, adv, mask, normalizer=31)[0], (lp,))
+    assert torch.autograd.gradcheck(
+        lambda x: sapo_loss(x, anchor, adv, mask, normalizer=31)[0], (lp,)
+    )
     # on-policy its gradient is the policy gradient -A / normalizer
     lp = anchor.clone().requires_grad_()
     sapo_loss(lp, anchor, adv, mask, normalizer=31)[0].backward()
@@ -104,11 +113,21 @@ def test_ce_and_mse_match_plain_reference(gen):
     assert m["sequences"].item() == nseq
     # per-sequence advantage and flat tokens with segment ids give the same loss
     seg = torch.arange(logp.shape[0]).repeat_interleave(logp.shape[1])
-    flat, _ = mse_loss(logp.reshape(-1), ref_lp.reshape(-1), adv[:, 0], mask.reshape(-1), beta=beta,
-                       normalizer=4, segment_ids=seg, num_segments=logp.shape[0])
+    flat, _ = mse_loss(
+        logp.reshape(-1),
+        ref_lp.reshape(-1),
+        adv[:, 0],
+        mask.reshape(-1),
+        beta=beta,
+        normalizer=4,
+        segment_ids=seg,
+        num_segments=logp.shape[0],
+    )
     assert abs(flat.item() - total / 4) < 1e-12
     lp = logp.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: mse_loss(x, ref_lp, adv, mask, beta=beta, normalizer=4)[0], (lp,))
+    assert torch.autograd.gradcheck(
+        lambda x: mse_loss(x, ref_lp, adv, mask, beta=beta, normalizer=4)[0], (lp,)
+    )
 
 
 def test_kl_estimators_and_penalty(gen):
@@ -119,11 +138,15 @@ def test_kl_estimators_and_penalty(gen):
         assert abs(kl_k2(logp, ref)[i, j].item() - x * x / 2) < 1e-15
         assert abs(kl_k3(logp, ref)[i, j].item() - (math.exp(-x) - 1 + x)) < 1e-14
     loss, m = kl_penalty(logp, ref, mask, coef=0.3, normalizer=50)
-    ref_val = _plain_mean(lambda a, b: 0.3 * (math.exp(b - a) - 1 + a - b), mask, logp, ref, normalizer=50)
+    ref_val = _plain_mean(
+        lambda a, b: 0.3 * (math.exp(b - a) - 1 + a - b), mask, logp, ref, normalizer=50
+    )
     assert abs(loss.item() - ref_val) < 1e-13
     assert abs(m["kl_k1_sum"].item() - (logp - ref)[mask].sum().item()) < 1e-12
     lp = logp.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: kl_penalty(x, ref, mask, coef=0.3, normalizer=50)[0], (lp,))
+    assert torch.autograd.gradcheck(
+        lambda x: kl_penalty(x, ref, mask, coef=0.3, normalizer=50)[0], (lp,)
+    )
     with pytest.raises(ValueError, match="unknown KL estimator"):
         kl_estimate("k4", logp, ref)
 
@@ -161,14 +184,35 @@ def test_k3_value_and_gradient_finite_with_the_right_sign_everywhere(dtype):
     assert torch.isfinite(loss) and torch.equal(torch.sign(lp.grad.double()), torch.sign(x64))
 
 
-@pytest.mark.parametrize("name,base", [("pg", None), ("sapo", None), ("ce", None), ("mse", None),
-                                       ("unlearned", "pg"), ("unlearned", "sapo"),
-                                       ("unlearned", "ce"), ("unlearned", "mse")])
+@pytest.mark.parametrize(
+    "name,base",
+    [
+        ("pg", None),
+        ("sapo", None),
+        ("ce", None),
+        ("mse", None),
+        ("unlearned", "pg"),
+        ("unlearned", "sapo"),
+        ("unlearned", "ce"),
+        ("unlearned", "mse"),
+    ],
+)
 def test_dispatcher_and_unlearned(gen, name, base):
     logp, anchor, adv, mask = _inputs(gen)
     reward = (adv > 0).to(D)
-    kw = dict(logp=logp, adv=adv, mask=mask, normalizer=30, anchor_logp=anchor, ref_logp=anchor,
-              reward=reward, eps_low=0.2, eps_high=0.3, seq_normalizer=5, beta=2.0)
+    kw = dict(
+        logp=logp,
+        adv=adv,
+        mask=mask,
+        normalizer=30,
+        anchor_logp=anchor,
+        ref_logp=anchor,
+        reward=reward,
+        eps_low=0.2,
+        eps_high=0.3,
+        seq_normalizer=5,
+        beta=2.0,
+    )
     loss, _ = stage1_loss(name, base=base or "pg", **kw)
     kind = base or name
     a = -adv if name == "unlearned" else adv
@@ -204,7 +248,9 @@ def test_gradient_accumulation_equals_one_batch(gen):
         full = logp.clone().requires_grad_()
         fn(full, anchor, adv, mask, norm).backward()
         micro = logp.clone().requires_grad_()
-        total = sum(fn(micro[s], anchor[s], adv[s], mask[s], norm) for s in (slice(0, 2), slice(2, 6)))
+        total = sum(
+            fn(micro[s], anchor[s], adv[s], mask[s], norm) for s in (slice(0, 2), slice(2, 6))
+        )
         total.backward()
         one = fn(logp, anchor, adv, mask, norm)
         assert torch.allclose(total, one, rtol=1e-13, atol=0)

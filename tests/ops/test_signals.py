@@ -37,8 +37,15 @@ def test_signal_definitions(gen):
     s_lr = teacher_signal("logratio", lp_t, lp_r=lp_r)
     s_ct = teacher_signal("contrast", lp_t, lp_unlearned=lp_u)
     g_sign = teacher_signal("gated", lp_t, lp_r=lp_r, adv=adv, gate_mode="sign")
-    g_add = teacher_signal("gated", lp_t, lp_unlearned=lp_u, adv=adv, gate_source="contrast",
-                           gate_mode="add", gate_alpha=0.5)
+    g_add = teacher_signal(
+        "gated",
+        lp_t,
+        lp_unlearned=lp_u,
+        adv=adv,
+        gate_source="contrast",
+        gate_mode="add",
+        gate_alpha=0.5,
+    )
     for i in range(4):
         for j in range(11):
             lr = lp_t[i, j].item() - lp_r[i, j].item()
@@ -94,13 +101,25 @@ def test_clipped_surrogate_and_full_stage2_loss(gen):
         total += -min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a)
     assert abs(loss.item() - total / 25) < 1e-13
     lp = logp.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: clipped_surrogate(x, lp_r, s, mask, eps=eps, normalizer=25)[0], (lp,))
+    assert torch.autograd.gradcheck(
+        lambda x: clipped_surrogate(x, lp_r, s, mask, eps=eps, normalizer=25)[0], (lp,)
+    )
     # the whole loss = surrogate on the built signal (outliers left out) + k3 penalty
-    full, fm = stage2_loss(logp, lp_r, mask, [TeacherTerm("logratio", raw=s, lam=2.0, clip=1.5)],
-                           normalizer=25, c_out=2.5, eps=eps, kl_coef=0.05)
+    full, fm = stage2_loss(
+        logp,
+        lp_r,
+        mask,
+        [TeacherTerm("logratio", raw=s, lam=2.0, clip=1.5)],
+        normalizer=25,
+        c_out=2.5,
+        eps=eps,
+        kl_coef=0.05,
+    )
     adv, keep, _ = build_signal(s, mask, lam=2.0, clip=1.5, c_out=2.5)
     ref = clipped_surrogate(logp, lp_r, adv, keep, eps=eps, normalizer=25)[0]
-    ref = ref + kl_penalty(logp, lp_r, mask, coef=0.05, normalizer=25)[0]  # penalty: all valid tokens
+    ref = (
+        ref + kl_penalty(logp, lp_r, mask, coef=0.05, normalizer=25)[0]
+    )  # penalty: all valid tokens
     assert torch.allclose(full, ref, rtol=0, atol=1e-15)
     assert {"clipped_tokens", "t0_signal_sum", "kl_penalty_sum", "t0_nonfinite_tokens"} <= set(fm)
 
@@ -131,10 +150,15 @@ def _mixed_terms(gen, logits, lp_r, adv, mask):
         t_logits = logits.detach() + torch.randn(n, v, generator=gen, dtype=D)
         lps, ids = torch.log_softmax(t_logits, -1).topk(4, dim=-1)
         terms.append(TeacherTerm("topk_kl", weight=w, kl=vp_topk_kl(logits, ids, lps)))
-    for kind, w, lam, clip in (("logratio", 1.0, 2.0, 1.0), ("contrast", 0.5, 1.0, 0.5),
-                               ("gated", -0.25, 1.0, None)):
+    for kind, w, lam, clip in (
+        ("logratio", 1.0, 2.0, 1.0),
+        ("contrast", 0.5, 1.0, 0.5),
+        ("gated", -0.25, 1.0, None),
+    ):
         lp_t = lp_r + torch.randn(n, generator=gen, dtype=D) * 2
-        raw = teacher_signal(kind, lp_t, lp_r=lp_r, lp_unlearned=lp_r - 0.3, adv=adv, gate_mode="add")
+        raw = teacher_signal(
+            kind, lp_t, lp_r=lp_r, lp_unlearned=lp_r - 0.3, adv=adv, gate_mode="add"
+        )
         terms.append(TeacherTerm(kind, weight=w, raw=raw, lam=lam, clip=clip))
     return terms
 
@@ -163,8 +187,10 @@ def test_stage2_loss_does_not_depend_on_teacher_order(gen):
         order = [terms[i] for i in perm]
         loss, m = stage2_loss(lp, lp_r, mask, order, **kw)
         loss.backward()
-        per_teacher = {perm[j]: {k.split("_", 1)[1]: val for k, val in m.items() if k.startswith(f"t{j}_")}
-                       for j in range(5)}
+        per_teacher = {
+            perm[j]: {k.split("_", 1)[1]: val for k, val in m.items() if k.startswith(f"t{j}_")}
+            for j in range(5)
+        }
         shared = {k: val for k, val in m.items() if not k.startswith("t")}
         results.append((loss.detach(), x.grad.clone(), (per_teacher, shared)))
     ref_loss, ref_grad, (ref_pt, ref_shared) = results[0]
@@ -193,7 +219,9 @@ def test_stage2_loss_composition_against_plain_reference(gen):
     mask = torch.rand(n, generator=gen) > 0.2
     terms = _mixed_terms(gen, logits, lp_r, adv, mask)
     eps, c_out, coef, norm = 0.3, 2.5, 0.05, 17
-    loss, m = stage2_loss(lp, lp_r, mask, terms, normalizer=norm, eps=eps, c_out=c_out, kl_coef=coef)
+    loss, m = stage2_loss(
+        lp, lp_r, mask, terms, normalizer=norm, eps=eps, c_out=c_out, kl_coef=coef
+    )
     total = 0.0
     for i in mask.nonzero()[:, 0].tolist():
         x = lp[i].item() - lp_r[i].item()
@@ -202,8 +230,15 @@ def test_stage2_loss_composition_against_plain_reference(gen):
             total += sum(t.weight * t.kl[i].item() for t in terms if t.kind == "topk_kl")
         raws = [t for t in terms if t.kind != "topk_kl"]
         if all(abs(t.raw[i].item()) <= c_out for t in raws):
-            a = sum(t.weight * (t.lam * t.raw[i].item() if t.clip is None
-                                else min(max(t.lam * t.raw[i].item(), -t.clip), t.clip)) for t in raws)
+            a = sum(
+                t.weight
+                * (
+                    t.lam * t.raw[i].item()
+                    if t.clip is None
+                    else min(max(t.lam * t.raw[i].item(), -t.clip), t.clip)
+                )
+                for t in raws
+            )
             total += -min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a)
         total += coef * (math.exp(-x) - 1 + x)
     assert abs(loss.item() - total / norm) < 1e-12

@@ -68,7 +68,9 @@ def test_logprob_entropy_match_reference(gen, dtype, padded):
 
     # the separate ops agree with the combined one, values and gradients
     xa = x0.clone().requires_grad_()
-    (vp_logprob(xa, target, vocab_size=vocab, chunk_size=chunk) * g_lp.to(lp.dtype)).sum().backward()
+    (
+        vp_logprob(xa, target, vocab_size=vocab, chunk_size=chunk) * g_lp.to(lp.dtype)
+    ).sum().backward()
     xb = x0.clone().requires_grad_()
     (vp_entropy(xb, vocab_size=vocab, chunk_size=chunk) * g_ent.to(lp.dtype)).sum().backward()
     grad_sum = xa.grad.to(D) + xb.grad.to(D)
@@ -89,15 +91,26 @@ def test_topk_kl_matches_reference(gen, dtype, padded, alpha):
     if alpha != 1.0:
         ref_lp, ref_tail = vp_bucket_logprobs(pi_r, ids, vocab_size=vocab, chunk_size=chunk)
         want_lp, want_tail = ref_buckets(pi_r.to(D), ids, vocab)
-        assert rel_err(ref_lp, want_lp) < TOL[dtype][0] and rel_err(ref_tail, want_tail) < TOL[dtype][0]
+        assert (
+            rel_err(ref_lp, want_lp) < TOL[dtype][0]
+            and rel_err(ref_tail, want_tail) < TOL[dtype][0]
+        )
     g = torch.randn(n, generator=gen, dtype=D)
     xr = x0.to(D).clone().requires_grad_()
     kl_r = ref_topk_kl(xr, ids, t_lp, vocab, alpha, ref_lp, ref_tail)
     (kl_r * g).sum().backward()
 
     x = x0.clone().requires_grad_()
-    kl = vp_topk_kl(x, ids, t_lp, vocab_size=vocab, alpha=alpha, ref_logprobs=ref_lp,
-                    ref_tail_logprob=ref_tail, chunk_size=chunk)
+    kl = vp_topk_kl(
+        x,
+        ids,
+        t_lp,
+        vocab_size=vocab,
+        alpha=alpha,
+        ref_logprobs=ref_lp,
+        ref_tail_logprob=ref_tail,
+        chunk_size=chunk,
+    )
     (kl * g.to(kl.dtype)).sum().backward()
     tv, tg = TOL[dtype]
     distinct = [r for r in range(n) if r not in (9, 10)]  # rows 9, 10 repeat ids (see make_kl_case)
@@ -206,7 +219,9 @@ def test_inplace_backward_gives_the_same_gradient(gen, dtype):
     ops = [
         lambda x, **kw: vp_logprob(x, target, vocab_size=vocab, chunk_size=chunk, **kw),
         lambda x, **kw: vp_entropy(x, vocab_size=vocab, chunk_size=chunk, **kw),
-        lambda x, **kw: sum(vp_logprob_and_entropy(x, target, vocab_size=vocab, chunk_size=chunk, **kw)),
+        lambda x, **kw: sum(
+            vp_logprob_and_entropy(x, target, vocab_size=vocab, chunk_size=chunk, **kw)
+        ),
         lambda x, **kw: vp_topk_kl(x, ids, t_lp, vocab_size=vocab, chunk_size=chunk, **kw),
     ]
     for op in ops:
@@ -223,12 +238,16 @@ def test_inplace_backward_gives_the_same_gradient(gen, dtype):
     (vp_logprob(ref, target, vocab_size=vocab) + vp_entropy(ref, vocab_size=vocab)).sum().backward()
     b = x0.clone().requires_grad_()
     logits = b * 1.0
-    out = vp_logprob(logits, target, vocab_size=vocab, inplace_backward=True) + vp_entropy(logits, vocab_size=vocab)
+    out = vp_logprob(logits, target, vocab_size=vocab, inplace_backward=True) + vp_entropy(
+        logits, vocab_size=vocab
+    )
     out.sum().backward()
     assert torch.equal(b.grad, ref.grad)
     b = x0.clone().requires_grad_()
     logits = b * 1.0
-    out = vp_entropy(logits, vocab_size=vocab) + vp_logprob(logits, target, vocab_size=vocab, inplace_backward=True)
+    out = vp_entropy(logits, vocab_size=vocab) + vp_logprob(
+        logits, target, vocab_size=vocab, inplace_backward=True
+    )
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
 
@@ -243,8 +262,10 @@ def test_kept_exps_give_the_recomputed_gradient(gen):
     ids = torch.rand(n, vocab, generator=gen).argsort(-1)[:, :5]
     t_lp = torch.log(0.8 * torch.softmax(torch.randn(n, 5, generator=gen), -1))
     w = torch.randn(n, generator=gen)
-    for op in (lambda x: vp_logprob_and_entropy(x, target, vocab_size=vocab, chunk_size=chunk)[0],
-               lambda x: vp_topk_kl(x, ids, t_lp, vocab_size=vocab, chunk_size=chunk)):
+    for op in (
+        lambda x: vp_logprob_and_entropy(x, target, vocab_size=vocab, chunk_size=chunk)[0],
+        lambda x: vp_topk_kl(x, ids, t_lp, vocab_size=vocab, chunk_size=chunk),
+    ):
         ref = x0.double().requires_grad_()
         (op(ref) * w.double()).sum().backward()
         x = x0.clone().requires_grad_()

@@ -73,7 +73,9 @@ def run_case(seed: int, case_index: int, rank: int, world: int, group) -> dict[s
     out.update(ref_lp=_np(ref_lp), ref_tail=_np(ref_tail))
     for alpha in (1.0, 0.5):
         x = x0.clone().requires_grad_()
-        kl = vp_topk_kl(x, ids, t_lp, alpha=alpha, ref_logprobs=ref_lp, ref_tail_logprob=ref_tail, **kw)
+        kl = vp_topk_kl(
+            x, ids, t_lp, alpha=alpha, ref_logprobs=ref_lp, ref_tail_logprob=ref_tail, **kw
+        )
         (kl * g1.to(cd)).sum().backward()
         out[f"kl{alpha}"], out[f"grad_kl{alpha}"] = _np(kl), _np(x.grad)
     return out
@@ -96,7 +98,11 @@ def nonfinite_case(seed: int, rank: int, world: int, group) -> dict[str, np.ndar
     _, top = vp_topk(x.detach(), 3, group)
     finite = torch.isfinite(lp) & torch.isfinite(ent) & torch.isfinite(kl)
     (torch.where(finite, lp + ent + kl, 0.0)).sum().backward()
-    return {"finite": _np(finite), "top_finite": _np(torch.isfinite(top).all(-1)), "grad": _np(x.grad)}
+    return {
+        "finite": _np(finite),
+        "top_finite": _np(torch.isfinite(top).all(-1)),
+        "grad": _np(x.grad),
+    }
 
 
 def tp_worker(rank: int, world: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -119,14 +125,20 @@ def test_tp2_equals_tp1():
             got = two[key]
             if key.startswith("grad"):
                 got_full = np.concatenate(got, axis=1)
-                assert rel_err(torch.from_numpy(got_full), torch.from_numpy(want)) < tg, (dtype_name, key)
+                assert rel_err(torch.from_numpy(got_full), torch.from_numpy(want)) < tg, (
+                    dtype_name,
+                    key,
+                )
                 continue
             # per-token outputs are replicated: every rank holds the same full result
             for g in got:
                 if key.endswith("_ids"):  # ties (row 4, bf16) go to the lowest id at any TP
                     assert np.array_equal(g, want), (dtype_name, key)
                 else:
-                    assert rel_err(torch.from_numpy(g), torch.from_numpy(want)) < tv, (dtype_name, key)
+                    assert rel_err(torch.from_numpy(g), torch.from_numpy(want)) < tv, (
+                        dtype_name,
+                        key,
+                    )
     # non-finite logits on one shard only: every rank flags the same tokens, zero gradient there
     one = nonfinite_case(seed, 0, 1, None)
     expect = np.array([True, True, True, False, True, False, True, True])
@@ -135,5 +147,5 @@ def test_tp2_equals_tp1():
         got = res[-1]
         assert np.array_equal(got["finite"], expect) and np.array_equal(got["top_finite"], expect)
         assert np.isfinite(got["grad"]).all() and (got["grad"][~expect] == 0).all()
-        want = one["grad"][:, r * V_LOCAL:(r + 1) * V_LOCAL]
+        want = one["grad"][:, r * V_LOCAL : (r + 1) * V_LOCAL]
         assert np.allclose(got["grad"], want, rtol=1e-5, atol=1e-7)

@@ -40,7 +40,9 @@ def ref_target(teacher_lp, vocab_size, alpha=1.0, ref_lp=None, ref_tail_lp=None)
     if alpha == 1.0:
         return pt
     r = ref_lp.to(D).exp()
-    r_tail = ref_tail_lp.to(D).exp() if ref_tail_lp is not None else (1 - r.sum(dim=-1)).clamp(min=0)
+    r_tail = (
+        ref_tail_lp.to(D).exp() if ref_tail_lp is not None else (1 - r.sum(dim=-1)).clamp(min=0)
+    )
     rt = torch.cat([r, r_tail[:, None]], dim=1)
     if alpha == 0.0:
         return rt / rt.sum(dim=-1, keepdim=True)
@@ -55,7 +57,9 @@ def ref_topk_kl(x, ids, teacher_lp, vocab_size, alpha=1.0, ref_lp=None, ref_tail
     lq_i, lq_t = ref_buckets(x, ids, vocab_size)
     lq = torch.cat([lq_i, lq_t[:, None]], dim=1)
     safe_log_target = torch.log(torch.where(target > 0, target, torch.ones_like(target)))
-    return torch.where(target > 0, target * (safe_log_target - lq), torch.zeros_like(lq)).sum(dim=-1)
+    return torch.where(target > 0, target * (safe_log_target - lq), torch.zeros_like(lq)).sum(
+        dim=-1
+    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,8 +73,15 @@ def distinct_ids(gen: torch.Generator, n: int, k: int, vocab_size: int) -> torch
     return torch.rand(n, vocab_size, generator=gen).argsort(dim=-1)[:, :k]
 
 
-def make_kl_case(gen: torch.Generator, n: int, v_padded: int, vocab_size: int, k: int, dtype: torch.dtype,
-                 shard: int | None = None):
+def make_kl_case(
+    gen: torch.Generator,
+    n: int,
+    v_padded: int,
+    vocab_size: int,
+    k: int,
+    dtype: torch.dtype,
+    shard: int | None = None,
+):
     """Student logits, teacher top-k ids/log-probs and pi_r logits with the awkward rows.
 
     Row 0: teacher tail exactly 0 (its top-k masses sum to just over 1). Row 1: teacher

@@ -21,8 +21,13 @@ def save_tokenizer(out: Path) -> None:
     vocab = {t: i for i, t in enumerate(words + boxed + specials)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    ).save_pretrained(out)
 
 
 def save_tiny_qwen3(out: Path, seed: int = 0) -> Path:
@@ -30,10 +35,22 @@ def save_tiny_qwen3(out: Path, seed: int = 0) -> Path:
     import torch
     import transformers as tf
 
-    cfg = tf.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-                         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                         bos_token_id=VOCAB - 3, eos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1)
+    cfg = tf.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=VOCAB - 3,
+        eos_token_id=VOCAB - 2,
+        pad_token_id=VOCAB - 1,
+    )
     torch.manual_seed(seed)
     model = tf.Qwen3ForCausalLM(cfg).eval()
     model.save_pretrained(out)
@@ -46,9 +63,12 @@ def write_prompts(path: Path, n: int, offset: int = 0) -> Path:
     """GSM8K-style rows (question / answer with ``#### d``), one-digit answers."""
     import pandas as pd
 
-    rows = [{"question": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{i}\n#### {(i + offset) % 10}"}
-            for i in range(n)]
+    rows = [
+        {"question": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{i}\n#### {(i + offset) % 10}"}
+        for i in range(n)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_parquet(path) if path.suffix == ".parquet" else pd.DataFrame(rows).to_json(
-        path, orient="records", lines=True)
+    pd.DataFrame(rows).to_parquet(path) if path.suffix == ".parquet" else pd.DataFrame(
+        rows
+    ).to_json(path, orient="records", lines=True)
     return path

@@ -17,8 +17,15 @@ from tests.train.fixtures import ROOT, env
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "-m", "erpd_megatron.cli", "demo", "--quick", f"output_dir={out}",
-           "logging.progress_bar=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "erpd_megatron.cli",
+        "demo",
+        "--quick",
+        f"output_dir={out}",
+        "logging.progress_bar=false",
+    ]
     p = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return out, p.stdout
@@ -46,13 +53,32 @@ def test_round_rerun_after_kill_skips_finished_steps(demo, tmp_path):
 
     run = tmp_path / "run"
     # reuse the demo's base and data; a fresh round directory
-    ov = QUICK + [f"output_dir={run}", "logging.progress_bar=false", f"round.base_hf={out / 'base_hf'}",
-                  f"rollout.dataset={out / 'data/train.jsonl'}", f"eval.datasets=[{out / 'data/heldout.jsonl'}]",
-                  "round.evaluate=false"]
-    cmd = [sys.executable, "-m", "erpd_megatron.cli", "round", "--config",
-           str(ROOT / "configs/recipes/demo-cpu.yaml"), *ov]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    ov = QUICK + [
+        f"output_dir={run}",
+        "logging.progress_bar=false",
+        f"round.base_hf={out / 'base_hf'}",
+        f"rollout.dataset={out / 'data/train.jsonl'}",
+        f"eval.datasets=[{out / 'data/heldout.jsonl'}]",
+        "round.evaluate=false",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "erpd_megatron.cli",
+        "round",
+        "--config",
+        str(ROOT / "configs/recipes/demo-cpu.yaml"),
+        *ov,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     s2 = run / "round_0" / "s2_student"
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None and not s2.exists():

@@ -37,11 +37,29 @@ def test_kill_rerun_is_bit_identical_and_damage_is_named(tmp_path):
     run_module("erpd_megatron.stage1", config, ov + [f"output_dir={ref}"])
     # SIGKILL the trainer's process group after its first periodic checkpoint, rerun
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "erpd_megatron.stage1", "--config", str(config), *ov, f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "erpd_megatron.stage1",
+        "--config",
+        str(config),
+        *ov,
+        f"output_dir={out}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (out / "stage1/checkpoints/latest").exists():
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not (out / "stage1/checkpoints/latest").exists()
+    ):
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, 1.0))
     alive = proc.poll() is None
@@ -50,7 +68,9 @@ def test_kill_rerun_is_bit_identical_and_damage_is_named(tmp_path):
     assert alive, "Stage 1 finished before the kill"
     assert not (out / "stage1/checkpoints/manifest.json").exists()
     run_module("erpd_megatron.stage1", config, ov + [f"output_dir={out}"])
-    a, b = faults.checkpoint_digests([ref / "stage1/checkpoints/final", out / "stage1/checkpoints/final"])
+    a, b = faults.checkpoint_digests(
+        [ref / "stage1/checkpoints/final", out / "stage1/checkpoints/final"]
+    )
     assert len(a) >= 10 and a == b, sorted(k for k in a if a[k] != b.get(k))
 
     # damage: a round-shaped folder of real artefacts (the Stage-1 checkpoint above)
@@ -61,12 +81,19 @@ def test_kill_rerun_is_bit_identical_and_damage_is_named(tmp_path):
     (rnd / "rollouts").symlink_to(tmp_path / "rollouts")
     (rnd / "s1_teacher/stage1/checkpoints/final").symlink_to(ref / "stage1/checkpoints/final")
     data = build_cache(rnd / "cache", list(range(12)), vocab_size=256, max_shard_bytes=4096)
-    expect = {"expect_vocab_size": 256, "expect_rollout_fingerprint": FINGERPRINT,
-              "expect_token_counts": token_counts(data)}
-    res = faults.corruption_campaign(rnd, tmp_path / "damaged", seed=SEED, flips=1, truncations=1, digits=0,
-                                     cache_expect=expect)
+    expect = {
+        "expect_vocab_size": 256,
+        "expect_rollout_fingerprint": FINGERPRINT,
+        "expect_token_counts": token_counts(data),
+    }
+    res = faults.corruption_campaign(
+        rnd, tmp_path / "damaged", seed=SEED, flips=1, truncations=1, digits=0, cache_expect=expect
+    )
     by_kind = res["counts"]
     assert set(by_kind) == {k for k, _, _ in faults.ARTEFACTS}, by_kind
     for kind, c in by_kind.items():
-        assert c["silent"] == 0 and c["unnamed"] == 0 and c["named"] + c["no-op"] == 2, (kind, c, [
-            x for x in res["cases"] if x["kind"] == kind])
+        assert c["silent"] == 0 and c["unnamed"] == 0 and c["named"] + c["no-op"] == 2, (
+            kind,
+            c,
+            [x for x in res["cases"] if x["kind"] == kind],
+        )

@@ -23,10 +23,12 @@ RECIPE = ROOT / "configs/recipes/tiny-cpu.yaml"
 def readme_round_commands() -> list[str]:
     """The command lines of the first ```bash block under "## One ERPD round"."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## One ERPD round"):]
-    block = section[section.index("```bash\n") + 8:]
-    block = block[:block.index("```")]
-    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    section = text[text.index("## One ERPD round") :]
+    block = section[section.index("```bash\n") + 8 :]
+    block = block[: block.index("```")]
+    return [
+        line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def substitute(line: str, tmp: Path) -> list[str]:
@@ -44,11 +46,20 @@ def test_readme_round_runs_as_written(tmp_path):
     write_prompts(tmp_path / "data/train.parquet", 16)
     write_prompts(tmp_path / "data/heldout.parquet", 8, offset=3)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # a user's plain shell
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # .venv/bin first
+    env["PATH"] = (
+        str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    )  # .venv/bin first
     env.update(OMP_NUM_THREADS="1", ERPD_PROGRESS_INTERVAL="60")
     commands = readme_round_commands()
-    assert [shlex.split(c)[0] for c in commands] == ["python", "erpd", "torchrun", "torchrun", "torchrun", "python",
-                                                     "erpd"], commands
+    assert [shlex.split(c)[0] for c in commands] == [
+        "python",
+        "erpd",
+        "torchrun",
+        "torchrun",
+        "torchrun",
+        "python",
+        "erpd",
+    ], commands
     outputs = []
     for line in commands:
         argv = substitute(line, tmp_path)
@@ -66,8 +77,12 @@ def test_readme_round_runs_as_written(tmp_path):
     assert timing and all(t["tokens"] > 0 for t in timing), timing[:2]
     for line, _out, err in outputs:
         # TE/Apex fallbacks: one info line per process, not one warning per megatron module
-        assert len(re.findall(r"(?i)(transformer engine|apex)( and apex)? (is|are) not installed", err)) <= 1, (
-            line, err[:3000])
+        assert (
+            len(
+                re.findall(r"(?i)(transformer engine|apex)( and apex)? (is|are) not installed", err)
+            )
+            <= 1
+        ), (line, err[:3000])
         if "stage" in line or "cache" in line:  # trainer bars into a pipe: plain lines
             assert "\r" not in err, (line, err[:2000])
     assert outputs[-1][1].count("# Evaluation") == 1

@@ -17,12 +17,15 @@ from tests.pipeline.readme_fixtures import save_tiny_qwen3, write_prompts
 from tests.slurm.cluster import ROOT, run, slurm_env
 
 pytestmark = [
-    pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster"),
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("slurm_cluster"),
     # 10 Slurm jobs (100-640 s here); outside the 25-minute suite budget, and it failed once
     # under a loaded machine (a resubmitted point's export cancelled): opt-in until that is
     # understood
-    pytest.mark.skipif(os.environ.get("ERPD_SLURM_LONG") != "1",
-                       reason="long Slurm test: set ERPD_SLURM_LONG=1"),
+    pytest.mark.skipif(
+        os.environ.get("ERPD_SLURM_LONG") != "1", reason="long Slurm test: set ERPD_SLURM_LONG=1"
+    ),
 ]
 TIMEOUT_S = 1500
 
@@ -33,10 +36,10 @@ def _study(tmp: Path) -> Path:
     write_prompts(tmp / "heldout.parquet", 4, offset=3)
     p = tmp / "study.yaml"
     p.write_text(f"""name: slurm-pair
-recipe: {ROOT / 'configs/recipes/tiny-cpu.yaml'}
-output_dir: {tmp / 'study'}
-overrides: [round.base_hf={tmp / 'base'}, rollout.dataset={tmp / 'train.parquet'},
-  "eval.datasets=[{tmp / 'heldout.parquet'}]", rollout.num_prompts=8, rollout.samples_per_prompt=2,
+recipe: {ROOT / "configs/recipes/tiny-cpu.yaml"}
+output_dir: {tmp / "study"}
+overrides: [round.base_hf={tmp / "base"}, rollout.dataset={tmp / "train.parquet"},
+  "eval.datasets=[{tmp / "heldout.parquet"}]", rollout.num_prompts=8, rollout.samples_per_prompt=2,
   rollout.max_new_tokens=8, eval.num_prompts=4, eval.n=2, "eval.pass_k=[1]", eval.max_new_tokens=8,
   stage1.epochs=1, stage2.epochs=1, stage1.force=true, logging.progress_bar=false]
 axes:
@@ -61,14 +64,21 @@ def _wait_all(ids: list[str], timeout: float) -> None:
         if not out:
             return
         time.sleep(2)
-    raise AssertionError(f"jobs {ids} still queued after {timeout} s: {run(['squeue'], check=False).stdout}")
+    raise AssertionError(
+        f"jobs {ids} still queued after {timeout} s: {run(['squeue'], check=False).stdout}"
+    )
 
 
 def test_study_on_slurm_survives_a_cancelled_point(tmp_path):
     study = _study(tmp_path)
     logs = tmp_path / "logs"
-    env = slurm_env(SBATCH_ARGS="--time=00:20:00 --exclusive=user --mem=3G", ROLLOUT_ARRAY="0",
-                    LOG_DIR=str(logs), OMP_NUM_THREADS="1", ERPD_PROGRESS_INTERVAL="60")
+    env = slurm_env(
+        SBATCH_ARGS="--time=00:20:00 --exclusive=user --mem=3G",
+        ROLLOUT_ARRAY="0",
+        LOG_DIR=str(logs),
+        OMP_NUM_THREADS="1",
+        ERPD_PROGRESS_INTERVAL="60",
+    )
     t0 = time.monotonic()
     _erpd(["study", "--config", str(study), "--slurm"], env)
     jobs = _jobs(tmp_path / "study")
@@ -88,7 +98,9 @@ def test_study_on_slurm_survives_a_cancelled_point(tmp_path):
     _wait_all(sorted(set(again.values())), TIMEOUT_S)
     status = _erpd(["study", "status", "--config", str(study)], env)
     report = _erpd(["study", "report", "--config", str(study)], env)
-    logs_tail = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(logs.glob("*.out")))
+    logs_tail = "\n".join(
+        f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(logs.glob("*.out"))
+    )
     assert "2 of 2 points evaluated" in report, f"{status}\n{report}\n{logs_tail}"
     doc = json.loads((tmp_path / "study/report/study.json").read_text())
     models = {(r["point"], r["model"]) for r in doc["rows"] if r["status"] == "ok"}
@@ -97,4 +109,7 @@ def test_study_on_slurm_survives_a_cancelled_point(tmp_path):
     assert {"s1_teacher", "cache", "s2_student"} <= steps, doc["compute"]
     s1 = next(c for c in doc["compute"] if c["step"] == "s1_teacher" and not c["shared"])
     assert s1["trained_tokens"] > 0 and s1["model_flops"] > 0 and s1["gpus"] == 1, s1
-    print(f"study on Slurm: {time.monotonic() - t0:.0f} s; {len(set(again.values()))} jobs", file=sys.stderr)
+    print(
+        f"study on Slurm: {time.monotonic() - t0:.0f} s; {len(set(again.values()))} jobs",
+        file=sys.stderr,
+    )

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
-CHARS = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-*/=^\\{}()[].,?!:$#%'\n")
+CHARS = list(
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-*/=^\\{}()[].,?!:$#%'\n"
+)
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+)
 
 
 def make_tokenizer(directory: Path | None = None):
@@ -24,17 +28,27 @@ def make_tokenizer(directory: Path | None = None):
     return fast
 
 
-def make_tiny_model(directory: Path, *, with_tokenizer: bool = True, seed: int = 0, hidden: int = 32,
-                    heads: int = 4) -> Path:
+def make_tiny_model(
+    directory: Path, *, with_tokenizer: bool = True, seed: int = 0, hidden: int = 32, heads: int = 4
+) -> Path:
     """Save a random LlamaForCausalLM (hidden 32, 2 layers) and its tokenizer to ``directory``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      initializer_range=0.2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=0.2,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(directory)
@@ -51,7 +65,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 GSM_ROWS = [
     {"question": f"What is {a} + {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
-    for a, b in [(1, 2), (3, 4), (10, 5), (7, 8), (20, 22), (6, 6), (9, 1), (12, 30), (2, 2), (5, 50)]
+    for a, b in [
+        (1, 2),
+        (3, 4),
+        (10, 5),
+        (7, 8),
+        (20, 22),
+        (6, 6),
+        (9, 1),
+        (12, 30),
+        (2, 2),
+        (5, 50),
+    ]
 ]
 
 

@@ -20,7 +20,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def engine(tiny_model, tok):
-    eng = HFEngine(str(tiny_model), eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, batch_size=6)
+    eng = HFEngine(
+        str(tiny_model),
+        eos_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+        batch_size=6,
+    )
     yield eng
     eng.close()
 
@@ -29,7 +34,7 @@ def teacher_forced(model, prompt, response, temperature=1.0):
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double() / temperature
-    lp = torch.log_softmax(logits, -1)[len(prompt) - 1:-1]
+    lp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
     return lp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
 
 
@@ -43,18 +48,24 @@ def test_logprobs_equal_teacher_forced_pass(engine, tok):
             assert len(c.token_ids) == len(c.logprobs) and 1 <= len(c.token_ids) <= 24
             reasons.add(c.finish_reason)
             if c.finish_reason == "stop":
-                assert c.token_ids[-1] == tok.eos_token_id and tok.eos_token_id not in c.token_ids[:-1]
+                assert (
+                    c.token_ids[-1] == tok.eos_token_id and tok.eos_token_id not in c.token_ids[:-1]
+                )
             else:
                 assert len(c.token_ids) == 24 and tok.eos_token_id not in c.token_ids
             ref = teacher_forced(engine.model, p, c.token_ids)
-            worst = max(worst, (ref - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max().item())
+            worst = max(
+                worst, (ref - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max().item()
+            )
     assert worst < 1e-5, worst
     assert reasons == {"stop", "length"}
 
 
 def test_temperature_and_top_p_logprobs_follow_the_sampling_distribution(engine, tok):
     prompt = tok(PROMPTS[0])["input_ids"]
-    (group,) = engine.generate([prompt], 3, temperature=0.7, max_new_tokens=12, seed=1, progress=False)
+    (group,) = engine.generate(
+        [prompt], 3, temperature=0.7, max_new_tokens=12, seed=1, progress=False
+    )
     for c in group:
         ref = teacher_forced(engine.model, prompt, c.token_ids, temperature=0.7)
         assert (ref - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max().item() < 1e-5
@@ -72,13 +83,20 @@ def test_seeded_and_independent_of_splitting_n_over_batches(engine, tok, tiny_mo
     ids = lambda gs: [x.token_ids for g in gs for x in g]  # noqa: E731
     assert ids(a) == ids(b) and ids(a) != ids(c)
     assert [x.logprobs for g in a for x in g] == [x.logprobs for g in b for x in g]
-    small = HFEngine(str(tiny_model), eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, batch_size=3)
+    small = HFEngine(
+        str(tiny_model),
+        eos_token_ids=[tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+        batch_size=3,
+    )
     d = small.generate(prompts, 7, max_new_tokens=5, seed=5, progress=False)  # n > batch_size
     assert [len(g) for g in d] == [7, 7] and small.tokens_generated > 0
 
 
 def test_greedy_is_deterministic_across_samples(engine, tok):
-    (group,) = engine.generate([tok("Hi")["input_ids"]], 3, temperature=0.0, max_new_tokens=8, seed=0, progress=False)
+    (group,) = engine.generate(
+        [tok("Hi")["input_ids"]], 3, temperature=0.0, max_new_tokens=8, seed=0, progress=False
+    )
     assert group[0].token_ids == group[1].token_ids == group[2].token_ids
 
 

@@ -21,14 +21,22 @@ def tok():
     return make_tokenizer()
 
 
-@pytest.mark.parametrize("columns,fmt,q,a", [
-    (["question", "answer"], "gsm8k", "question", "answer"),
-    (["problem", "solution"], "math", "problem", "solution"),
-    (["problem", "solution", "answer", "level"], "polaris", "problem", "answer"),  # MATH-500
-    (["problem", "answer"], "polaris", "problem", "answer"),  # Polaris
-    (["prompt", "answer"], "polaris", "prompt", "answer"),  # processed DAPO
-    (["prompt", "reward_model", "data_source"], "custom", "prompt", "reward_model.ground_truth"),  # verl DAPO
-])
+@pytest.mark.parametrize(
+    "columns,fmt,q,a",
+    [
+        (["question", "answer"], "gsm8k", "question", "answer"),
+        (["problem", "solution"], "math", "problem", "solution"),
+        (["problem", "solution", "answer", "level"], "polaris", "problem", "answer"),  # MATH-500
+        (["problem", "answer"], "polaris", "problem", "answer"),  # Polaris
+        (["prompt", "answer"], "polaris", "prompt", "answer"),  # processed DAPO
+        (
+            ["prompt", "reward_model", "data_source"],
+            "custom",
+            "prompt",
+            "reward_model.ground_truth",
+        ),  # verl DAPO
+    ],
+)
 def test_auto_detects_formats(columns, fmt, q, a):
     c = resolve_columns(columns)
     assert (c.format, c.question, c.answer) == (fmt, q, a)
@@ -37,9 +45,14 @@ def test_auto_detects_formats(columns, fmt, q, a):
 def test_explicit_formats_and_missing_columns():
     assert resolve_columns(["problem", "solution", "answer"], "math").answer == "answer"
     assert resolve_columns(["q", "a"], "custom", "q", "a").question == "q"
-    with pytest.raises(PromptDataError, match="answer column 'answer' \\(format gsm8k\\) not found; columns are \\['question', 'final'\\]"):
+    with pytest.raises(
+        PromptDataError,
+        match="answer column 'answer' \\(format gsm8k\\) not found; columns are \\['question', 'final'\\]",
+    ):
         resolve_columns(["question", "final"], "gsm8k")
-    with pytest.raises(PromptDataError, match="cannot detect the prompt format from columns \\['text'\\]"):
+    with pytest.raises(
+        PromptDataError, match="cannot detect the prompt format from columns \\['text'\\]"
+    ):
         resolve_columns(["text"])
     with pytest.raises(PromptDataError, match="needs rollout.question_key"):
         resolve_columns(["q", "a"], "custom")
@@ -57,8 +70,12 @@ def test_gsm8k_jsonl_selection_is_seeded_and_normalised(tmp_path, tok):
     assert [p.group_index for p in s1.prompts] == [0, 1, 2, 3]
     for p in s1.prompts:
         row = GSM_ROWS[p.prompt_id]
-        assert p.question == row["question"] and p.reference == row["answer"].split("####")[1].strip()
-        assert p.token_ids == tok(row["question"])["input_ids"] and p.token_ids[0] == tok.bos_token_id
+        assert (
+            p.question == row["question"] and p.reference == row["answer"].split("####")[1].strip()
+        )
+        assert (
+            p.token_ids == tok(row["question"])["input_ids"] and p.token_ids[0] == tok.bos_token_id
+        )
     assert s1.summary()["format"] == "gsm8k" and s1.dataset_rows == 10
     everything = load_prompt_set(str(path), tok, num_prompts=100, seed=0, max_prompt_tokens=100)
     assert len(everything.prompts) == 10  # all when fewer exist
@@ -67,11 +84,17 @@ def test_gsm8k_jsonl_selection_is_seeded_and_normalised(tmp_path, tok):
 def test_math_parquet_and_directory_loading(tmp_path, tok):
     import datasets
 
-    rows = {"problem": ["Find x.", "Find y."], "solution": ["So $x=\\boxed{\\frac{1}{2}}$.", "Thus \\boxed{3}."]}
+    rows = {
+        "problem": ["Find x.", "Find y."],
+        "solution": ["So $x=\\boxed{\\frac{1}{2}}$.", "Thus \\boxed{3}."],
+    }
     ds = datasets.Dataset.from_dict(rows)
     ds.to_parquet(str(tmp_path / "m.parquet"))
     sel = load_prompt_set(str(tmp_path / "m.parquet"), tok, num_prompts=2, seed=0)
-    assert sorted(p.reference for p in sel.prompts) == ["3", "\\frac{1}{2}"] and sel.columns.format == "math"
+    assert (
+        sorted(p.reference for p in sel.prompts) == ["3", "\\frac{1}{2}"]
+        and sel.columns.format == "math"
+    )
     ds.save_to_disk(str(tmp_path / "saved"))
     assert len(load_prompt_dataset(str(tmp_path / "saved"))) == 2
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved_dict"))
@@ -81,16 +104,25 @@ def test_math_parquet_and_directory_loading(tmp_path, tok):
 
 
 def test_chat_messages_and_nested_answers(tmp_path, tok):
-    rows = [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 1+1?"}],
-             "reward_model": {"ground_truth": "2", "style": "rule"}}]
+    rows = [
+        {
+            "prompt": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "What is 1+1?"},
+            ],
+            "reward_model": {"ground_truth": "2", "style": "rule"},
+        }
+    ]
     path = write_jsonl(tmp_path / "dapo.jsonl", rows)
     sel = load_prompt_set(str(path), tok, num_prompts=1)
     assert sel.prompts[0].question == "What is 1+1?" and sel.prompts[0].reference == "2"
 
 
 def test_templates_and_chat_template(tok):
-    assert render_prompt("Q?", "Solve: {question}\nPut the answer in \\boxed{}.") == \
-        "Solve: Q?\nPut the answer in \\boxed{}."
+    assert (
+        render_prompt("Q?", "Solve: {question}\nPut the answer in \\boxed{}.")
+        == "Solve: Q?\nPut the answer in \\boxed{}."
+    )
     with pytest.raises(PromptDataError, match="placeholder"):
         render_prompt("Q?", "no placeholder")
     assert render_prompt("Q?", tokenizer=tok, use_chat_template=True) == "<s>user: Q?\nassistant:"
@@ -114,8 +146,11 @@ def test_length_filter_counts_and_all_filtered_error(tmp_path, tok):
     sel = load_prompt_set(str(path), tok, num_prompts=10, max_prompt_tokens=40)
     assert len(sel.prompts) == 4 and sel.filtered_too_long == 1 and sel.examined == 5
     assert sel.summary()["filtered_too_long"] == 1
-    with pytest.raises(PromptDataError, match="all 5 prompts were filtered out \\(longer than max_prompt_tokens=5; "
-                                              "the shortest has 15 tokens"):
+    with pytest.raises(
+        PromptDataError,
+        match="all 5 prompts were filtered out \\(longer than max_prompt_tokens=5; "
+        "the shortest has 15 tokens",
+    ):
         load_prompt_set(str(path), tok, num_prompts=10, max_prompt_tokens=5)
 
 
@@ -126,8 +161,13 @@ def test_empty_and_missing_sources(tmp_path, tok):
     import datasets
 
     with pytest.raises(PromptDataError, match="has no rows"):
-        select_prompts(datasets.Dataset.from_dict({"question": [], "answer": []}), tok, num_prompts=1, seed=0,
-                       max_prompt_tokens=10)
+        select_prompts(
+            datasets.Dataset.from_dict({"question": [], "answer": []}),
+            tok,
+            num_prompts=1,
+            seed=0,
+            max_prompt_tokens=10,
+        )
     with pytest.raises(PromptDataError, match="no such file"):
         load_prompt_dataset(str(tmp_path / "nope.jsonl"))
     with pytest.raises(PromptDataError, match="unsupported file type"):

@@ -29,19 +29,34 @@ def make_records(num_prompts: int = 5, g: int = 4, seed: int = 0) -> list[Rollou
         prompt = rng.integers(0, 100, size=int(rng.integers(3, 9))).tolist()
         for j in range(g):
             n = int(rng.integers(1, 12))
-            out.append(RolloutRecord(
-                sample_id=p * g + j, prompt_id=100 + p, group_index=p, sample_index=j, prompt_token_ids=prompt,
-                response_token_ids=rng.integers(0, 100, size=n).tolist(), reward=float(rng.integers(0, 2)),
-                finish_reason="stop" if j % 2 else "length", engine_logprobs=(-rng.random(n)).tolist(),
-                prompt_text=f"prompt {p}", response_text=f"response {p}.{j}", reference=str(p)))
+            out.append(
+                RolloutRecord(
+                    sample_id=p * g + j,
+                    prompt_id=100 + p,
+                    group_index=p,
+                    sample_index=j,
+                    prompt_token_ids=prompt,
+                    response_token_ids=rng.integers(0, 100, size=n).tolist(),
+                    reward=float(rng.integers(0, 2)),
+                    finish_reason="stop" if j % 2 else "length",
+                    engine_logprobs=(-rng.random(n)).tolist(),
+                    prompt_text=f"prompt {p}",
+                    response_text=f"response {p}.{j}",
+                    reference=str(p),
+                )
+            )
     return out
 
 
 def test_round_trip(tmp_path):
     recs = make_records()
-    rs = write_rollout_set(tmp_path / "r", recs, prompts_per_shard=2, manifest_extra={"engine": "test"})
+    rs = write_rollout_set(
+        tmp_path / "r", recs, prompts_per_shard=2, manifest_extra={"engine": "test"}
+    )
     assert len(rs.shard_paths) == 3 and rs.num_samples == 20 and rs.num_prompts == 5
-    assert rs.samples_per_prompt == 4 and len(rs.fingerprint) == 64 and rs.manifest["engine"] == "test"
+    assert (
+        rs.samples_per_prompt == 4 and len(rs.fingerprint) == 64 and rs.manifest["engine"] == "test"
+    )
     assert pq.read_schema(rs.shard_paths[0]).remove_metadata().equals(SCHEMA)
     cols = rs.load()
     assert set(cols) == set(COLUMNS)
@@ -52,12 +67,19 @@ def test_round_trip(tmp_path):
         assert ids.tolist() == r.response_token_ids
         np.testing.assert_allclose(lps, r.engine_logprobs, rtol=1e-6)
     values, offsets = rs.load_packed("prompt_token_ids")
-    assert len(offsets) == 21 and values[offsets[5]:offsets[6]].tolist() == recs[5].prompt_token_ids
+    assert (
+        len(offsets) == 21 and values[offsets[5] : offsets[6]].tolist() == recs[5].prompt_token_ids
+    )
     back = list(rs)
     assert [b.sample_id for b in back] == list(range(20))
-    assert back[7].response_text == recs[7].response_text and back[7].finish_reason == recs[7].finish_reason
+    assert (
+        back[7].response_text == recs[7].response_text
+        and back[7].finish_reason == recs[7].finish_reason
+    )
     # the fingerprint depends on content only: the same records give the same fingerprint
-    rs2 = write_rollout_set(tmp_path / "r2", recs, prompts_per_shard=2, manifest_extra={"engine": "test"})
+    rs2 = write_rollout_set(
+        tmp_path / "r2", recs, prompts_per_shard=2, manifest_extra={"engine": "test"}
+    )
     assert rs2.fingerprint == rs.fingerprint
     rs3 = write_rollout_set(tmp_path / "r3", make_records(seed=1), prompts_per_shard=2)
     assert rs3.fingerprint != rs.fingerprint
@@ -104,7 +126,9 @@ def test_open_detects_missing_manifest_truncation_corruption_and_missing_columns
     manifest = json.loads((rs.directory / "manifest.json").read_text())
     manifest["shards"][1]["bytes"] = shard.stat().st_size
     (rs.directory / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(RolloutDataError, match=f"{shard.name}: missing columns \\['engine_logprobs'\\]"):
+    with pytest.raises(
+        RolloutDataError, match=f"{shard.name}: missing columns \\['engine_logprobs'\\]"
+    ):
         RolloutSet.open(rs.directory, verify=False)
     (rs.directory / "manifest.json").unlink()
     with pytest.raises(RolloutDataError, match="no manifest.json \\(3 shards present\\)"):
@@ -123,7 +147,10 @@ def brute_pass_at_k(n: int, c: int, k: int) -> float:
     return sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
 
 
-@pytest.mark.parametrize("n,c,k", [(4, 0, 1), (4, 1, 1), (4, 1, 2), (4, 2, 2), (8, 3, 4), (8, 7, 2), (5, 5, 3), (6, 1, 6)])
+@pytest.mark.parametrize(
+    "n,c,k",
+    [(4, 0, 1), (4, 1, 1), (4, 1, 2), (4, 2, 2), (8, 3, 4), (8, 7, 2), (5, 5, 3), (6, 1, 6)],
+)
 def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
     assert math.isclose(pass_at_k(n, c, k), brute_pass_at_k(n, c, k), rel_tol=1e-12)
 
@@ -131,13 +158,15 @@ def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
 def test_inspect_reports_accuracy_pass_at_k_lengths_and_finish_reasons(tmp_path):
     recs = make_records(4, 4)
     for r in recs:  # group 0 all correct, group 1 all wrong, groups 2-3 one correct each
-        r.reward = 1.0 if r.group_index == 0 or (r.group_index >= 2 and r.sample_index == 0) else 0.0
+        r.reward = (
+            1.0 if r.group_index == 0 or (r.group_index >= 2 and r.sample_index == 0) else 0.0
+        )
     write_rollout_set(tmp_path / "r", recs, manifest_extra={"engine": "hf", "model_path": "/m"})
     text = inspect_rollouts(tmp_path / "r")
     assert "samples 16 = 4 prompts x 4" in text
     assert "accuracy 0.3750" in text
-    assert f"k=1: {np.mean([1, 0, .25, .25]):.4f}" in text
-    assert f"k=2: {np.mean([1, 0, .5, .5]):.4f}" in text and "k=4: 0.7500" in text
+    assert f"k=1: {np.mean([1, 0, 0.25, 0.25]):.4f}" in text
+    assert f"k=2: {np.mean([1, 0, 0.5, 0.5]):.4f}" in text and "k=4: 0.7500" in text
     assert "all-correct 1 (25%), all-wrong 1 (25%), mixed 2 (50%)" in text
     assert "finish   length 8 (50.0%), stop 8 (50.0%)" in text
     assert "prompt tokens" in text and "response tokens" in text and "engine: hf" in text

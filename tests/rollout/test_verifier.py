@@ -122,7 +122,9 @@ ADVERSARIAL = [
 
 def test_adversarial_answers_score_zero_within_timeout():
     timeout = 2.0
-    with RewardPool("erpd_megatron.rollout.verifier:math_reward", timeout=timeout, num_workers=2) as pool:
+    with RewardPool(
+        "erpd_megatron.rollout.verifier:math_reward", timeout=timeout, num_workers=2
+    ) as pool:
         assert pool.map([f"{B}{{4}}"], ["4"]) == [1.0]  # workers ready before timing
         t0 = time.monotonic()
         rewards = pool.map(ADVERSARIAL + [f"{B}{{5}}"], ["5"] * len(ADVERSARIAL) + ["5"])

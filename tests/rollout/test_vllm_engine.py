@@ -22,7 +22,9 @@ from erpd_megatron.rollout.vllm_engine import VLLMEngine
 from erpd_megatron.rollout.vllm_worker import completion_tuple
 
 # vLLM here, or in the venv the worker runs on (.venv-vllm / ERPD_VLLM_PYTHON)
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None or vllm_engine.vllm_python() != os.sys.executable
+HAVE_VLLM = (
+    importlib.util.find_spec("vllm") is not None or vllm_engine.vllm_python() != os.sys.executable
+)
 HAVE_GPU = torch.cuda.is_available()
 
 FAKE_VLLM = """
@@ -112,14 +114,25 @@ def test_worker_on_a_fake_vllm(monkeypatch, gpu_visible, fake_vllm, accept):
     gen = [e for e in fake_vllm() if e["event"] == "generate"][-1]
     assert gen["prompts"] == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
     p0, p1 = gen["params"]
-    assert (p0["n"], p0["temperature"], p0["top_p"], p0["max_tokens"], p0["logprobs"]) == (2, 1.0, 1.0, 4, 0)
+    assert (p0["n"], p0["temperature"], p0["top_p"], p0["max_tokens"], p0["logprobs"]) == (
+        2,
+        1.0,
+        1.0,
+        4,
+        0,
+    )
     assert p0["stop_token_ids"] == [2, 3] and p0["seed"] != p1["seed"]
     again = eng.generate([[1, 2, 3], [4]], 2, max_new_tokens=4, seed=9, progress=False)
-    assert [p["seed"] for p in [e for e in fake_vllm() if e["event"] == "generate"][-1]["params"]] == \
-        [p0["seed"], p1["seed"]]  # seeded per prompt
+    assert [
+        p["seed"] for p in [e for e in fake_vllm() if e["event"] == "generate"][-1]["params"]
+    ] == [p0["seed"], p1["seed"]]  # seeded per prompt
     assert [[c.token_ids for c in g] for g in groups] == [[c.token_ids for c in g] for g in again]
     c0, c1 = groups[0]
-    assert c0.token_ids == [5, 6, 2] and c0.logprobs == [-0.5, -1.5, -2.5] and c0.finish_reason == "stop"
+    assert (
+        c0.token_ids == [5, 6, 2]
+        and c0.logprobs == [-0.5, -1.5, -2.5]
+        and c0.finish_reason == "stop"
+    )
     assert c1.finish_reason == "length" and len(c1.logprobs) == 4
     proc = eng.proc
     eng.close()
@@ -136,9 +149,13 @@ def test_missing_logprobs_is_an_error():
         completion_tuple(SimpleNamespace(token_ids=[1], logprobs=None, finish_reason="stop"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this interpreter")
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this interpreter"
+)
 def test_missing_vllm_names_make_install_vllm(monkeypatch, gpu_visible):
-    monkeypatch.setenv(vllm_engine.VLLM_PYTHON_ENV, os.sys.executable)  # an interpreter without vLLM
+    monkeypatch.setenv(
+        vllm_engine.VLLM_PYTHON_ENV, os.sys.executable
+    )  # an interpreter without vLLM
     with pytest.raises(ImportError, match=r"make install-vllm.*rollout\.engine=hf"):
         VLLMEngine("/m", eos_token_ids=[2])
     monkeypatch.setenv(vllm_engine.VLLM_PYTHON_ENV, "/nonexistent/python")
@@ -168,10 +185,17 @@ def test_vllm_logprobs_match_a_teacher_forced_pass(tmp_path):
 
     from .conftest import make_tiny_model, make_tokenizer
 
-    model_dir = make_tiny_model(tmp_path / "m", hidden=128, heads=2)  # head dim 64: supported by vLLM kernels
+    model_dir = make_tiny_model(
+        tmp_path / "m", hidden=128, heads=2
+    )  # head dim 64: supported by vLLM kernels
     tok = make_tokenizer()
-    eng = VLLMEngine(str(model_dir), eos_token_ids=[tok.eos_token_id], dtype="float32",
-                     gpu_memory_utilization=0.3, max_model_len=128)
+    eng = VLLMEngine(
+        str(model_dir),
+        eos_token_ids=[tok.eos_token_id],
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        max_model_len=128,
+    )
     prompt = tok("What is 2+3?")["input_ids"]
     (group,) = eng.generate([prompt], 4, max_new_tokens=16, seed=3, progress=False)
     eng.close()
@@ -180,7 +204,7 @@ def test_vllm_logprobs_match_a_teacher_forced_pass(tmp_path):
         assert len(c.token_ids) == len(c.logprobs)
         ids = torch.tensor([prompt + c.token_ids]).cuda()
         with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)[len(prompt) - 1:-1]
+            lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)[len(prompt) - 1 : -1]
         ref = lp.gather(-1, torch.tensor(c.token_ids).cuda()[:, None]).squeeze(-1).cpu()
         assert (ref - torch.tensor(c.logprobs)).abs().max() < 1e-3
 

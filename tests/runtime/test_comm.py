@@ -16,11 +16,29 @@ from tests.dist import run_gloo
 ROOT = Path(__file__).resolve().parents[2]
 
 COLLECTIVES = {
-    "all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor",
+    "all_reduce",
+    "all_gather",
+    "all_gather_object",
+    "all_gather_into_tensor",
     "all_gather_coalesced",
-    "reduce", "reduce_scatter", "reduce_scatter_tensor", "broadcast", "broadcast_object_list",
-    "barrier", "monitored_barrier", "gather", "gather_object", "scatter", "scatter_object_list",
-    "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "monitored_barrier",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
 }
 
 WHITELIST = {
@@ -43,24 +61,32 @@ def direct_collectives(root: Path) -> list[str]:
         aliases = {"torch.distributed"}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                aliases |= {a.asname for a in node.names
-                            if a.name == "torch.distributed" and a.asname}
+                aliases |= {
+                    a.asname for a in node.names if a.name == "torch.distributed" and a.asname
+                }
             elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
-                found += [f"{rel}:{node.lineno} {a.name}" for a in node.names
-                          if a.name in COLLECTIVES]
+                found += [
+                    f"{rel}:{node.lineno} {a.name}" for a in node.names if a.name in COLLECTIVES
+                ]
             elif isinstance(node, ast.ImportFrom) and node.module == "torch":
                 aliases |= {a.asname or a.name for a in node.names if a.name == "distributed"}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and node.func.attr in COLLECTIVES and ast.unparse(node.func.value) in aliases:
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in COLLECTIVES
+                and ast.unparse(node.func.value) in aliases
+            ):
                 found.append(f"{rel}:{node.lineno} {node.func.attr}")
     return found
 
 
 def test_no_direct_collectives_outside_comm():
     bad = direct_collectives(ROOT)
-    assert not bad, ("call these through erpd_megatron.runtime.comm (it puts the tensor on the "
-                     "group's device) or whitelist them here with a reason:\n" + "\n".join(bad))
+    assert not bad, (
+        "call these through erpd_megatron.runtime.comm (it puts the tensor on the "
+        "group's device) or whitelist them here with a reason:\n" + "\n".join(bad)
+    )
 
 
 def test_scan_finds_a_direct_collective(tmp_path):
@@ -68,16 +94,27 @@ def test_scan_finds_a_direct_collective(tmp_path):
     pkg.mkdir(parents=True)
     (tmp_path / "tools").mkdir()
     (pkg / "a.py").write_text("import torch.distributed as d\nd.all_reduce(t)\n")
-    (tmp_path / "tools" / "b.py").write_text("from torch.distributed import barrier\n"
-                                             "import torch\ntorch.distributed.broadcast(t, 0)\n")
+    (tmp_path / "tools" / "b.py").write_text(
+        "from torch.distributed import barrier\nimport torch\ntorch.distributed.broadcast(t, 0)\n"
+    )
     assert direct_collectives(tmp_path) == [
-        "erpd_megatron/x/a.py:2 all_reduce", "tools/b.py:1 barrier", "tools/b.py:3 broadcast"]
+        "erpd_megatron/x/a.py:2 all_reduce",
+        "tools/b.py:1 barrier",
+        "tools/b.py:3 broadcast",
+    ]
 
 
-@pytest.mark.parametrize("backend, cuda, want", [
-    ("nccl", 3, "cuda:3"), ("cpu:gloo,cuda:nccl", 1, "cuda:1"), ("NCCL", 0, "cuda:0"),
-    ("gloo", 0, "cpu"), ("gloo", None, "cpu"), ("mpi", None, "cpu"),
-])
+@pytest.mark.parametrize(
+    "backend, cuda, want",
+    [
+        ("nccl", 3, "cuda:3"),
+        ("cpu:gloo,cuda:nccl", 1, "cuda:1"),
+        ("NCCL", 0, "cuda:0"),
+        ("gloo", 0, "cpu"),
+        ("gloo", None, "cpu"),
+        ("mpi", None, "cpu"),
+    ],
+)
 def test_collective_device(backend, cuda, want):
     assert collective_device(backend, cuda) == torch.device(want)
 
@@ -94,10 +131,14 @@ def test_nccl_group_moves_cpu_tensor_to_the_current_gpu(monkeypatch):
     seen = []
     monkeypatch.setattr(comm, "is_distributed", lambda: True)
     monkeypatch.setattr(comm.dist, "get_backend", lambda group=None: "nccl")
-    monkeypatch.setattr(comm, "collective_device",
-                        lambda b, c: torch.device("meta") if b == "nccl" else torch.device("cpu"))
-    monkeypatch.setattr(comm.dist, "all_reduce",
-                        lambda t, op=None, group=None: seen.append(t.device))
+    monkeypatch.setattr(
+        comm,
+        "collective_device",
+        lambda b, c: torch.device("meta") if b == "nccl" else torch.device("cpu"),
+    )
+    monkeypatch.setattr(
+        comm.dist, "all_reduce", lambda t, op=None, group=None: seen.append(t.device)
+    )
     with pytest.raises(NotImplementedError):  # a meta tensor has no data to copy back
         comm.all_reduce(torch.ones(2), "max")
     assert seen == [torch.device("meta")]
@@ -116,10 +157,13 @@ def test_identity_without_process_group():
 def _gloo_worker(rank: int, world: int) -> dict:
     t = torch.tensor([float(rank + 1), -float(rank)])
     out = {
-        "sum": comm.all_reduce(t).tolist(), "max": comm.all_reduce(t, "max").tolist(),
-        "min": comm.all_reduce(t, "min").tolist(), "input": t.tolist(),
+        "sum": comm.all_reduce(t).tolist(),
+        "max": comm.all_reduce(t, "max").tolist(),
+        "min": comm.all_reduce(t, "min").tolist(),
+        "input": t.tolist(),
         "floats": comm.all_reduce_floats([0.5 * rank, 1.0]),
-        "any": comm.any_rank(rank == 1), "none": comm.any_rank(False),
+        "any": comm.any_rank(rank == 1),
+        "none": comm.any_rank(False),
         "gather": [x.tolist() for x in comm.all_gather(torch.tensor([rank * 10]))],
         "objects": comm.all_gather_object({"rank": rank}),
         "bcast": comm.broadcast(torch.tensor([rank + 7]), src=1).tolist(),

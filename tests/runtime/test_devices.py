@@ -8,22 +8,34 @@ import pytest
 from erpd_megatron.runtime.distributed import check_cuda_available, local_device_index
 
 
-@pytest.mark.parametrize("env", [
-    {"SLURM_GPUS_ON_NODE": "8"}, {"SLURM_JOB_GPUS": "0,1,2,3"}, {"SLURM_STEP_GPUS": "2"},
-    {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "GPU-1a2b"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SLURM_GPUS_ON_NODE": "8"},
+        {"SLURM_JOB_GPUS": "0,1,2,3"},
+        {"SLURM_STEP_GPUS": "2"},
+        {"CUDA_VISIBLE_DEVICES": "0"},
+        {"CUDA_VISIBLE_DEVICES": "GPU-1a2b"},
+    ],
+)
 def test_gpus_reported_but_cpu_torch_fails_fast(env):
     want = r"reports GPUs .*CUDA build of torch.*make install.*ERPD_ALLOW_CPU=1"
     with pytest.raises(RuntimeError, match=want):
         check_cuda_available(env, cuda_available=False)
 
 
-@pytest.mark.parametrize("env", [
-    {}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"},
-    {"SLURM_JOB_GPUS": "NoDevFiles"},
-    {"SLURM_GPUS_ON_NODE": "0"}, {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"},
-    {"CUDA_VISIBLE_DEVICES": "0", "ERPD_ALLOW_CPU": "1"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"CUDA_VISIBLE_DEVICES": ""},
+        {"CUDA_VISIBLE_DEVICES": "-1"},
+        {"SLURM_JOB_GPUS": "NoDevFiles"},
+        {"SLURM_GPUS_ON_NODE": "0"},
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"},
+        {"CUDA_VISIBLE_DEVICES": "0", "ERPD_ALLOW_CPU": "1"},
+    ],
+)
 def test_no_gpu_reported_or_cpu_allowed(env):
     check_cuda_available(env, cuda_available=False)
 

@@ -19,8 +19,10 @@ def test_bash_syntax():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck is not installed (apt-get install -y shellcheck)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None,
+    reason="shellcheck is not installed (apt-get install -y shellcheck)",
+)
 def test_shellcheck_clean():
     p = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -31,6 +33,10 @@ def test_help_and_bad_argument():
     assert p.returncode == 0 and "--cpu-dry" in p.stdout
     p = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "unknown argument '--bogus'" in p.stderr
-    p = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--help"], capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gpu_check.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0 and "--cpu-dry" in p.stdout

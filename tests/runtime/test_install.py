@@ -22,10 +22,22 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make i
 
 def _dry_run(tmp_path: Path, has_gpu: str) -> list[str]:
     out = subprocess.run(
-        ["make", "-n", "--no-print-directory", "-C", str(ROOT), f"VENV={tmp_path / 'venv'}",
-         f"VLLM_VENV={tmp_path / 'venv-vllm'}", f"HAS_GPU={has_gpu}", f"PYTHON={sys.executable}",
-         "install"],
-        check=True, capture_output=True, text=True, timeout=60,
+        [
+            "make",
+            "-n",
+            "--no-print-directory",
+            "-C",
+            str(ROOT),
+            f"VENV={tmp_path / 'venv'}",
+            f"VLLM_VENV={tmp_path / 'venv-vllm'}",
+            f"HAS_GPU={has_gpu}",
+            f"PYTHON={sys.executable}",
+            "install",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
 
@@ -36,7 +48,9 @@ def _megatron_te_range() -> str:
     te = [r for r in reqs if r.lower().replace("_", "-").startswith("transformer-engine")]
     assert te, f"megatron-core declares no transformer-engine requirement: {reqs}"
     spec = te[0].split(";")[0]
-    return spec[spec.index("]") + 1:].strip() if "]" in spec else spec.split("transformer-engine")[1]
+    return (
+        spec[spec.index("]") + 1 :].strip() if "]" in spec else spec.split("transformer-engine")[1]
+    )
 
 
 def test_gpu_install_recipe(tmp_path):
@@ -47,7 +61,10 @@ def test_gpu_install_recipe(tmp_path):
     assert len(te) == 1 and "--no-build-isolation" in te[0], lines
     # the pin is the range of the installed megatron-core (0.16.1: >=2.9.0a0,<2.12.0)
     pin = re.search(r'transformer_engine\[pytorch\]([^"]*)"', te[0]).group(1)
-    assert sorted(pin.split(",")) == sorted(_megatron_te_range().split(",")), (pin, _megatron_te_range())
+    assert sorted(pin.split(",")) == sorted(_megatron_te_range().split(",")), (
+        pin,
+        _megatron_te_range(),
+    )
     # torch and TE's build tools first, then TE against that torch, then the project
     torch_i = next(i for i, line in enumerate(lines) if '"torch"' in line and "ninja" in line)
     assert torch_i < lines.index(te[0]) < lines.index(project[0])

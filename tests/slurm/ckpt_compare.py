@@ -20,14 +20,28 @@ def main(a: str, b: str) -> int:
     try:
         from megatron.core import dist_checkpointing
 
-        ta = {k: v for k, v in dist_checkpointing.load_plain_tensors(a).items() if isinstance(v, torch.Tensor)}
-        tb = {k: v for k, v in dist_checkpointing.load_plain_tensors(b).items() if isinstance(v, torch.Tensor)}
+        ta = {
+            k: v
+            for k, v in dist_checkpointing.load_plain_tensors(a).items()
+            if isinstance(v, torch.Tensor)
+        }
+        tb = {
+            k: v
+            for k, v in dist_checkpointing.load_plain_tensors(b).items()
+            if isinstance(v, torch.Tensor)
+        }
     finally:
         dist.destroy_process_group()
     if ta.keys() != tb.keys():
-        print(f"different tensors: only in A {sorted(ta.keys() - tb.keys())}, only in B {sorted(tb.keys() - ta.keys())}")
+        print(
+            f"different tensors: only in A {sorted(ta.keys() - tb.keys())}, only in B {sorted(tb.keys() - ta.keys())}"
+        )
         return 1
-    diff = {k: (ta[k].double() - tb[k].double()).abs().max().item() for k in ta if not torch.equal(ta[k], tb[k])}
+    diff = {
+        k: (ta[k].double() - tb[k].double()).abs().max().item()
+        for k in ta
+        if not torch.equal(ta[k], tb[k])
+    }
     if diff:
         print(f"{len(diff)} of {len(ta)} tensors differ: {dict(sorted(diff.items())[:8])}")
         return 1

@@ -43,17 +43,25 @@ def slurm_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     # GPUS_PER_NODE=0: the local node has no GPUs (the training scripts refuse a GPU-less job
     # otherwise: one task per GPU)
-    env.update(SLURM_CONF=str(SLURM_CONF), PYTHONWARNINGS="ignore", ERPD_ROOT=str(ROOT), GPUS_PER_NODE="0")
+    env.update(
+        SLURM_CONF=str(SLURM_CONF), PYTHONWARNINGS="ignore", ERPD_ROOT=str(ROOT), GPUS_PER_NODE="0"
+    )
     env.update(extra)
     return env
 
 
-def run(cmd: list[str], *, timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], *, timeout: float = 60, check: bool = True, **kw
+) -> subprocess.CompletedProcess:
     """Run a command with the cluster's environment; failures carry its output."""
     kw.setdefault("env", slurm_env())
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout}\n{p.stderr}"
+        )
     return p
 
 
@@ -94,8 +102,12 @@ def cluster_up() -> subprocess.CompletedProcess:
 
 def cluster_down() -> subprocess.CompletedProcess:
     """``local_cluster.sh down``, keeping the daemons' logs."""
-    return run(["bash", str(LOCAL_CLUSTER), "down"], check=False, timeout=180,
-               env=slurm_env(ERPD_SLURM_KEEP_LOGS="1"))
+    return run(
+        ["bash", str(LOCAL_CLUSTER), "down"],
+        check=False,
+        timeout=180,
+        env=slurm_env(ERPD_SLURM_KEEP_LOGS="1"),
+    )
 
 
 @dataclass
@@ -114,7 +126,9 @@ class Job:
 
     def log_text(self) -> str:
         """The job's output so far (all its runs: the scripts append)."""
-        return self.log.read_text(errors="replace") if self.log.exists() else f"(no log at {self.log})"
+        return (
+            self.log.read_text(errors="replace") if self.log.exists() else f"(no log at {self.log})"
+        )
 
     def describe(self) -> str:
         """State and log tail, for failure messages."""
@@ -126,12 +140,23 @@ class Job:
         """Wait until the job ends; assert it ended in one of ``states``. On timeout the job is
         cancelled and the failure shows its log."""
         deadline = time.monotonic() + timeout
-        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                 "BOOT_FAIL", "DEADLINE"}
+        final = {
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "PREEMPTED",
+            "BOOT_FAIL",
+            "DEADLINE",
+        }
         while time.monotonic() < deadline:
             info = self.info()
             if info.get("JobState") in final:
-                assert info["JobState"] in states, f"ended {info['JobState']}, expected {states}\n{self.describe()}"
+                assert info["JobState"] in states, (
+                    f"ended {info['JobState']}, expected {states}\n{self.describe()}"
+                )
                 return info
             time.sleep(0.5)
         msg = f"not done after {timeout:.0f} s\n{self.describe()}"
@@ -139,16 +164,29 @@ class Job:
         raise AssertionError(msg)
 
 
-def sbatch(script: str | Path, args: list[str], *, log_dir: Path, sbatch_args: list[str] | None = None,
-           env: dict[str, str] | None = None) -> Job:
+def sbatch(
+    script: str | Path,
+    args: list[str],
+    *,
+    log_dir: Path,
+    sbatch_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Job:
     """Submit ``scripts/slurm/<script>`` (or a script path) from the repository root, with the
     log in ``log_dir/<job name>-<job id>.out``."""
     path = script if isinstance(script, Path) else SCRIPTS / script
     log_dir.mkdir(parents=True, exist_ok=True)
     m = re.search(r"^#SBATCH --job-name=(\S+)", path.read_text(), re.M)
     name = m.group(1) if m else path.name
-    cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--output={log_dir}/%x-%j.out", *(sbatch_args or []),
-           str(path), *args]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--job-name={name}",
+        f"--output={log_dir}/%x-%j.out",
+        *(sbatch_args or []),
+        str(path),
+        *args,
+    ]
     p = run(cmd, env=env or slurm_env())
     job_id = p.stdout.strip().split(";")[0]
     return Job(job_id, log_dir / f"{name}-{job_id}.out")

@@ -64,12 +64,17 @@ def _wait_for(cond, timeout: float, what: str, job=None) -> None:
 def test_status_and_two_task_srun(tmp_path):
     st = run(["bash", "scripts/slurm/local_cluster.sh", "status"])
     assert "slurmctld: running" in st.stdout and "slurmd: running" in st.stdout, st.stdout
-    script = _executable(tmp_path / "hello.sh", "#!/usr/bin/env bash\n#SBATCH --ntasks=2\n"
-                         "srun python3 -c 'import os; print(\"rank\", os.environ[\"SLURM_PROCID\"], "
-                         "\"of\", os.environ[\"SLURM_NTASKS\"])'\n")
+    script = _executable(
+        tmp_path / "hello.sh",
+        "#!/usr/bin/env bash\n#SBATCH --ntasks=2\n"
+        'srun python3 -c \'import os; print("rank", os.environ["SLURM_PROCID"], '
+        '"of", os.environ["SLURM_NTASKS"])\'\n',
+    )
     job = sbatch(script, [], log_dir=tmp_path)
     job.wait(60)
-    assert sorted(re.findall(r"rank \d of 2", job.log_text())) == ["rank 0 of 2", "rank 1 of 2"], job.describe()
+    assert sorted(re.findall(r"rank \d of 2", job.log_text())) == ["rank 0 of 2", "rank 1 of 2"], (
+        job.describe()
+    )
 
 
 def test_time_limit_usr1_checkpoints_requeues_and_resumes(tmp_path):
@@ -77,13 +82,25 @@ def test_time_limit_usr1_checkpoints_requeues_and_resumes(tmp_path):
     in (it checks limits every ~30 s), the script forwards, the fake exits 17, the script
     requeues, the second run resumes and finishes."""
     fake = _executable(tmp_path / "fake_trainer", FAKE_TRAINER)
-    env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path), CONFIG="configs/recipes/tiny-cpu.yaml")
-    job = sbatch("stage1.sh", ["output_dir=/nowhere", "stage1.epochs=3"], log_dir=tmp_path / "logs",
-                 sbatch_args=[*CPU_JOB, "--time=1", "--signal=B:USR1@45"], env=env)
+    env = slurm_env(
+        PYTHON=str(fake), FAKE_DIR=str(tmp_path), CONFIG="configs/recipes/tiny-cpu.yaml"
+    )
+    job = sbatch(
+        "stage1.sh",
+        ["output_dir=/nowhere", "stage1.epochs=3"],
+        log_dir=tmp_path / "logs",
+        sbatch_args=[*CPU_JOB, "--time=1", "--signal=B:USR1@45"],
+        env=env,
+    )
     # an afterok dependent waits through the requeue and starts after the second run
     after = _executable(tmp_path / "after.sh", "#!/usr/bin/env bash\n#SBATCH --ntasks=1\ntrue\n")
-    dep = sbatch(after, [], log_dir=tmp_path / "logs", env=env,
-                 sbatch_args=[f"--dependency=afterok:{job.id}", "--kill-on-invalid-dep=yes"])
+    dep = sbatch(
+        after,
+        [],
+        log_dir=tmp_path / "logs",
+        env=env,
+        sbatch_args=[f"--dependency=afterok:{job.id}", "--kill-on-invalid-dep=yes"],
+    )
     info = job.wait(150)
     started = dep.wait(60)["StartTime"]
     assert started >= info["EndTime"], (started, info["EndTime"], dep.describe())  # ISO times
@@ -95,16 +112,25 @@ def test_time_limit_usr1_checkpoints_requeues_and_resumes(tmp_path):
     resumed = [int(s) for s in re.findall(r"start at (\d+)", log)]
     assert len(resumed) == 4 and resumed[:2] == [0, 0] and min(resumed[2:]) > 0, job.describe()
     assert log.count(" done") == 2 and "(restart 1)" in log, job.describe()
-    assert "-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere stage1.epochs=3" \
-        in log, job.describe()
+    assert (
+        "-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere stage1.epochs=3"
+        in log
+    ), job.describe()
 
 
 def test_scancel_stops_without_requeue(tmp_path):
     fake = _executable(tmp_path / "fake_trainer", FAKE_TRAINER)
-    env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path), CONFIG="configs/recipes/tiny-cpu.yaml")
+    env = slurm_env(
+        PYTHON=str(fake), FAKE_DIR=str(tmp_path), CONFIG="configs/recipes/tiny-cpu.yaml"
+    )
     job = sbatch("stage2.sh", [], log_dir=tmp_path / "logs", sbatch_args=CPU_JOB, env=env)
     progress = tmp_path / "step.0.progress"
-    _wait_for(lambda: progress.exists() and int(progress.read_text() or 0) >= 2, 120, "the fake's 2nd step", job)
+    _wait_for(
+        lambda: progress.exists() and int(progress.read_text() or 0) >= 2,
+        120,
+        "the fake's 2nd step",
+        job,
+    )
     run(["scancel", job.id])
     info = job.wait(120, states=("CANCELLED",))
     log = job.log_text()
@@ -127,8 +153,13 @@ def test_export_none_recipe_argument_and_computed_rendezvous(tmp_path):
     fake = _executable(tmp_path / "fake_python", FAKE_ENV_RECORDER)
     env = slurm_env(MASTER_ADDR="bogus-host", MASTER_PORT="1")
     exports = f"--export=PYTHON={fake},FAKE_DIR={tmp_path},GPUS_PER_NODE=0,MASTER_ADDR,MASTER_PORT"
-    job = sbatch("stage1.sh", ["configs/recipes/tiny-cpu.yaml", "output_dir=/nowhere"], log_dir=tmp_path / "logs",
-                 sbatch_args=[*CPU_JOB, exports], env=env)
+    job = sbatch(
+        "stage1.sh",
+        ["configs/recipes/tiny-cpu.yaml", "output_dir=/nowhere"],
+        log_dir=tmp_path / "logs",
+        sbatch_args=[*CPU_JOB, exports],
+        env=env,
+    )
     job.wait(120)
     calls = sorted((tmp_path / "calls").read_text().splitlines())
     host = run(["hostname", "-s"]).stdout.strip()
@@ -136,7 +167,9 @@ def test_export_none_recipe_argument_and_computed_rendezvous(tmp_path):
     for c in calls:
         addr, port = re.search(r"master=(\S*):(\d*)", c).groups()
         assert addr == host and port and 1024 < int(port) < 32768, (c, job.describe())
-        assert c.endswith("args=-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere")
+        assert c.endswith(
+            "args=-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere"
+        )
 
 
 def test_evaluate_is_one_task(tmp_path):
@@ -144,8 +177,13 @@ def test_evaluate_is_one_task(tmp_path):
     tasks per node: evaluation does not split its work, 2 tasks would do it twice."""
     fake = _executable(tmp_path / "fake_python", FAKE_RECORDER)
     env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path))
-    job = sbatch("evaluate.sh", ["configs/recipes/tiny-cpu.yaml"], log_dir=tmp_path / "logs", sbatch_args=CPU_JOB,
-                 env=env)
+    job = sbatch(
+        "evaluate.sh",
+        ["configs/recipes/tiny-cpu.yaml"],
+        log_dir=tmp_path / "logs",
+        sbatch_args=CPU_JOB,
+        env=env,
+    )
     job.wait(120)
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 1 and "rank=0/1 -m erpd_megatron.cli evaluate --config" in calls[0], calls
@@ -153,9 +191,18 @@ def test_evaluate_is_one_task(tmp_path):
 
 def test_round_chain_runs_in_order_and_stops_at_a_failure(tmp_path):
     fake = _executable(tmp_path / "fake_python", FAKE_RECORDER)
-    env = slurm_env(PYTHON=str(fake), FAKE_DIR=str(tmp_path), FAKE_FAIL="cache", CONFIG="configs/recipes/tiny-cpu.yaml",
-                    NODES="1", GPUS_PER_NODE="0", TASKS_PER_NODE="2", ROLLOUT_ARRAY="0-1",
-                    LOG_DIR=str(tmp_path / "logs"), SBATCH_ARGS="--time=00:10:00")
+    env = slurm_env(
+        PYTHON=str(fake),
+        FAKE_DIR=str(tmp_path),
+        FAKE_FAIL="cache",
+        CONFIG="configs/recipes/tiny-cpu.yaml",
+        NODES="1",
+        GPUS_PER_NODE="0",
+        TASKS_PER_NODE="2",
+        ROLLOUT_ARRAY="0-1",
+        LOG_DIR=str(tmp_path / "logs"),
+        SBATCH_ARGS="--time=00:10:00",
+    )
     p = run(["bash", "scripts/slurm/erpd_round.sh", "output_dir=/nowhere"], env=env)
     ids = dict(line.split() for line in p.stdout.splitlines())
     assert list(ids) == ["rollout", "finalize", "stage1", "cache", "stage2", "evaluate"], p.stdout
@@ -167,22 +214,34 @@ def test_round_chain_runs_in_order_and_stops_at_a_failure(tmp_path):
         out = run(["scontrol", "show", "job", "-o", job_id], check=False).stdout
         return " ".join(sorted(set(re.findall(r"JobState=(\S+)", out))))
 
-    _wait_for(lambda: state(ids["evaluate"]) == "CANCELLED", 180, f"the chain to stop; states "
-              f"{ {k: state(v) for k, v in ids.items()} }")
+    _wait_for(
+        lambda: state(ids["evaluate"]) == "CANCELLED",
+        180,
+        f"the chain to stop; states { {k: state(v) for k, v in ids.items()} }",
+    )
     assert state(ids["rollout"]) == "COMPLETED" and state(ids["stage1"]) == "COMPLETED"
     assert state(ids["cache"]) == "FAILED" and state(ids["stage2"]) == "CANCELLED"
     # a dependent cancelled for a failed job stays cancelled when that job is requeued later
     # (docs/cluster.md, "Dependencies": resubmit the rest with STEPS=... AFTER=...)
     run(["scontrol", "requeue", ids["cache"]])
-    _wait_for(lambda: "Restarts=1" in run(["scontrol", "show", "job", "-o", ids["cache"]]).stdout
-              and state(ids["cache"]) == "FAILED", 90, "the requeued cache job to fail again")
+    _wait_for(
+        lambda: (
+            "Restarts=1" in run(["scontrol", "show", "job", "-o", ids["cache"]]).stdout
+            and state(ids["cache"]) == "FAILED"
+        ),
+        90,
+        "the requeued cache job to fail again",
+    )
     assert state(ids["stage2"]) == "CANCELLED" and state(ids["evaluate"]) == "CANCELLED"
     calls = sorted((tmp_path / "calls").read_text().splitlines(), key=lambda s: float(s.split()[0]))
     steps = [re.search(r"erpd_megatron\.cli (\w+)", c).group(1) for c in calls]
     assert steps == ["rollout"] * 3 + ["stage1"] * 2 + ["cache"] * 4, calls  # cache: 2 runs
     assert sorted(re.search(r"array=(\d*)", c).group(1) for c in calls[:2]) == ["0", "1"], calls
-    assert calls[2].endswith("--finalize") and "array= rank=0/1" in calls[2], calls  # after the array
-    assert all("--config configs/recipes/tiny-cpu.yaml output_dir=/nowhere" in c for c in calls), calls
+    assert calls[2].endswith("--finalize") and "array= rank=0/1" in calls[2], (
+        calls
+    )  # after the array
+    assert all("--config configs/recipes/tiny-cpu.yaml output_dir=/nowhere" in c for c in calls), (
+        calls
+    )
     assert {re.search(r"rank=(\S+)", c).group(1) for c in calls[3:5]} == {"0/2", "1/2"}, calls
     assert os.path.exists(tmp_path / "logs" / f"erpd-stage1-{ids['stage1']}.out")
-

@@ -21,19 +21,33 @@ from tests.rollout.conftest import GSM_ROWS, make_tiny_model, write_jsonl
 from tests.slurm.cluster import run, sbatch, slurm_env
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
-LONG = pytest.mark.skipif(os.environ.get("ERPD_SLURM_LONG") != "1", reason="long Slurm test: set ERPD_SLURM_LONG=1")
+LONG = pytest.mark.skipif(
+    os.environ.get("ERPD_SLURM_LONG") != "1", reason="long Slurm test: set ERPD_SLURM_LONG=1"
+)
 
 # --exclusive=user --mem=3G (the script asks for whole nodes): the array tasks share the one
 # local node, 2 at a time on its 2 CPUs
 ARRAY_JOB = ["--ntasks-per-node=1", "--time=00:15:00", "--exclusive=user", "--mem=3G"]
 
 
-def _overrides(tmp: Path, out: Path, *, prompts: int = 6, samples: int = 4, new_tokens: int = 16) -> list[str]:
-    return [f"rollout.model_path={tmp / 'model'}", f"rollout.dataset={tmp / 'prompts.jsonl'}",
-            f"rollout.output_dir={out}", f"rollout.num_prompts={prompts}", f"rollout.samples_per_prompt={samples}",
-            "rollout.prompts_per_shard=2", f"rollout.max_new_tokens={new_tokens}", "rollout.max_prompt_tokens=64",
-            "rollout.batch_size=8", "rollout.verifier_workers=1", "rollout.seed=7", "logging.progress_bar=false",
-            "rollout.prompt_template='{question} Answer in \\boxed{}.'"]
+def _overrides(
+    tmp: Path, out: Path, *, prompts: int = 6, samples: int = 4, new_tokens: int = 16
+) -> list[str]:
+    return [
+        f"rollout.model_path={tmp / 'model'}",
+        f"rollout.dataset={tmp / 'prompts.jsonl'}",
+        f"rollout.output_dir={out}",
+        f"rollout.num_prompts={prompts}",
+        f"rollout.samples_per_prompt={samples}",
+        "rollout.prompts_per_shard=2",
+        f"rollout.max_new_tokens={new_tokens}",
+        "rollout.max_prompt_tokens=64",
+        "rollout.batch_size=8",
+        "rollout.verifier_workers=1",
+        "rollout.seed=7",
+        "logging.progress_bar=false",
+        "rollout.prompt_template='{question} Answer in \\boxed{}.'",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +67,9 @@ def _wait_array(job_id: str, timeout: float) -> list[dict[str, str]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         tasks = _array_tasks(job_id)
-        if tasks and all(t.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for t in tasks):
+        if tasks and all(
+            t.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for t in tasks
+        ):
             return tasks
         time.sleep(1)
     run(["scancel", job_id], check=False)
@@ -64,8 +80,13 @@ def _wait_array(job_id: str, timeout: float) -> list[dict[str, str]]:
 def test_rollout_array_deals_shards_and_a_usr1_requeue_resumes(inputs, tmp_path):
     env = slurm_env(CONFIG="configs/recipes/tiny-cpu.yaml")
     full = tmp_path / "full"
-    job = sbatch("rollout.sh", _overrides(inputs, full), log_dir=tmp_path / "logs",
-                 sbatch_args=[*ARRAY_JOB, "--array=0-1"], env=env)
+    job = sbatch(
+        "rollout.sh",
+        _overrides(inputs, full),
+        log_dir=tmp_path / "logs",
+        sbatch_args=[*ARRAY_JOB, "--array=0-1"],
+        env=env,
+    )
     tasks = _wait_array(job.id, 300)
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.out")))
     assert all(t["JobState"] == "COMPLETED" for t in tasks), logs[-6000:]
@@ -73,8 +94,13 @@ def test_rollout_array_deals_shards_and_a_usr1_requeue_resumes(inputs, tmp_path)
     manifest = json.loads((full / "manifest.json").read_text())
 
     part = tmp_path / "part"
-    job = sbatch("rollout.sh", _overrides(inputs, part), log_dir=tmp_path / "logs1",
-                 sbatch_args=[*ARRAY_JOB, "--array=0"], env=env)
+    job = sbatch(
+        "rollout.sh",
+        _overrides(inputs, part),
+        log_dir=tmp_path / "logs1",
+        sbatch_args=[*ARRAY_JOB, "--array=0"],
+        env=env,
+    )
     deadline = time.monotonic() + 300
     while not list(part.glob("shard-*.parquet")):
         assert time.monotonic() < deadline, f"no shard after 300 s: {_array_tasks(job.id)}"
@@ -85,16 +111,29 @@ def test_rollout_array_deals_shards_and_a_usr1_requeue_resumes(inputs, tmp_path)
     assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", log[-6000:]
     assert "stopped on USR1: requeueing job" in log and "3 to generate" in log, log[-6000:]
     assert re.search(r"owns 3 shards, [12] to generate", log.split("(restart 1)")[1]), log[-6000:]
-    assert json.loads((part / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
+    assert (
+        json.loads((part / "manifest.json").read_text())["fingerprint"] == manifest["fingerprint"]
+    )
 
 
 def _fleet(inputs: Path, out: Path, array: str, log_dir: Path) -> str:
     """Submit the rollout array and its finalize job (afterok); wait for both; the finalize log."""
     env = slurm_env(CONFIG="configs/recipes/tiny-cpu.yaml")
     args = _overrides(inputs, out, prompts=8, samples=2, new_tokens=8)
-    job = sbatch("rollout.sh", args, log_dir=log_dir, sbatch_args=[*ARRAY_JOB, f"--array={array}"], env=env)
-    fin = sbatch("rollout_finalize.sh", args, log_dir=log_dir, env=env,
-                 sbatch_args=[f"--dependency=afterok:{job.id}", "--kill-on-invalid-dep=yes", "--time=00:10:00"])
+    job = sbatch(
+        "rollout.sh", args, log_dir=log_dir, sbatch_args=[*ARRAY_JOB, f"--array={array}"], env=env
+    )
+    fin = sbatch(
+        "rollout_finalize.sh",
+        args,
+        log_dir=log_dir,
+        env=env,
+        sbatch_args=[
+            f"--dependency=afterok:{job.id}",
+            "--kill-on-invalid-dep=yes",
+            "--time=00:10:00",
+        ],
+    )
     tasks = _wait_array(job.id, 300)
     logs = "\n".join(p.read_text() for p in sorted(log_dir.glob("erpd-rollout-[0-9]*.out")))
     assert all(t["JobState"] == "COMPLETED" for t in tasks), logs[-6000:]
@@ -114,8 +153,13 @@ def test_rollout_fleet_reruns_failed_slots_and_finalize_writes_the_same_manifest
     for s in (1, 3):  # two slots "failed": their shards are gone
         (out / f"shard-{s:05d}.parquet").unlink()
     logs = _fleet(inputs, out, "1,3", tmp_path / "logs1")
-    assert "slot 1/4 owns 1 shards, 1 to generate" in logs and "slot 3/4 owns 1 shards, 1 to generate" in logs, \
-        logs[-6000:]
+    assert (
+        "slot 1/4 owns 1 shards, 1 to generate" in logs
+        and "slot 3/4 owns 1 shards, 1 to generate" in logs
+    ), logs[-6000:]
     again = json.loads((out / "manifest.json").read_text())
-    full.pop("timing", None), again.pop("timing", None)  # generation seconds differ; the data do not
+    (
+        full.pop("timing", None),
+        again.pop("timing", None),
+    )  # generation seconds differ; the data do not
     assert again == full

@@ -44,8 +44,13 @@ def reference(tiny, tmp_path_factory):
     """The uninterrupted 2-rank run: (output dir, job, scontrol info)."""
     cfg, ov = tiny
     out = tmp_path_factory.mktemp("slurm-stage1")
-    job = sbatch("stage1.sh", [*ov, *LAYOUT, f"output_dir={out}"], log_dir=out / "logs", sbatch_args=CPU_JOB,
-                 env=slurm_env(CONFIG=str(cfg)))
+    job = sbatch(
+        "stage1.sh",
+        [*ov, *LAYOUT, f"output_dir={out}"],
+        log_dir=out / "logs",
+        sbatch_args=CPU_JOB,
+        env=slurm_env(CONFIG=str(cfg)),
+    )
     return out, job, job.wait(JOB_TIMEOUT_S)
 
 
@@ -67,8 +72,13 @@ def test_stage1_preempted_requeues_and_matches_uninterrupted_run(tiny, reference
     cfg, ov = tiny
     ref_out = reference[0]
     out = tmp_path / "preempted"
-    job = sbatch("stage1.sh", [*ov, *LAYOUT, f"output_dir={out}"], log_dir=tmp_path / "logs", sbatch_args=CPU_JOB,
-                 env=slurm_env(CONFIG=str(cfg)))
+    job = sbatch(
+        "stage1.sh",
+        [*ov, *LAYOUT, f"output_dir={out}"],
+        log_dir=tmp_path / "logs",
+        sbatch_args=CPU_JOB,
+        env=slurm_env(CONFIG=str(cfg)),
+    )
     metrics = out / "stage1/stage1_metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while len(_steps(metrics)) < 3:
@@ -88,12 +98,19 @@ def test_stage1_preempted_requeues_and_matches_uninterrupted_run(tiny, reference
     a, b = ref_out / "stage1/checkpoints/final", out / "stage1/checkpoints/final"
     if _same_tensor_files(a, b):
         return
-    cmp = subprocess.run([sys.executable, "-m", "tests.slurm.ckpt_compare", str(a), str(b)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    cmp = subprocess.run(
+        [sys.executable, "-m", "tests.slurm.ckpt_compare", str(a), str(b)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr[-3000:]
 
 
-def test_stage1_plain_scancel_loses_at_most_save_interval_and_resubmit_matches(tiny, reference, tmp_path):
+def test_stage1_plain_scancel_loses_at_most_save_interval_and_resubmit_matches(
+    tiny, reference, tmp_path
+):
     """A plain `scancel` is a hard stop (srun turns the job's SIGTERM into SIGKILL for every
     task): no requeue, and the periodic checkpoints bound the loss. Cancelled right after
     the save at step SAVE_INTERVAL, the resubmitted job resumes there and ends with the
@@ -107,7 +124,9 @@ def test_stage1_plain_scancel_loses_at_most_save_interval_and_resubmit_matches(t
     latest = out / "stage1/checkpoints/latest"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (latest.exists() and latest.read_text().strip() == str(SAVE_INTERVAL)):
-        assert time.monotonic() < deadline, f"no checkpoint at step {SAVE_INTERVAL}\n{job.describe()}"
+        assert time.monotonic() < deadline, (
+            f"no checkpoint at step {SAVE_INTERVAL}\n{job.describe()}"
+        )
         assert job.info().get("JobState") in ("PENDING", "RUNNING"), job.describe()
         time.sleep(0.05)
     run(["scancel", job.id])
@@ -127,8 +146,13 @@ def test_stage1_plain_scancel_loses_at_most_save_interval_and_resubmit_matches(t
     a, b = ref_out / "stage1/checkpoints/final", out / "stage1/checkpoints/final"
     if _same_tensor_files(a, b):
         return
-    cmp = subprocess.run([sys.executable, "-m", "tests.slurm.ckpt_compare", str(a), str(b)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    cmp = subprocess.run(
+        [sys.executable, "-m", "tests.slurm.ckpt_compare", str(a), str(b)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr[-3000:]
 
 
@@ -142,5 +166,8 @@ def _same_tensor_files(a: Path, b: Path) -> bool:
     if (ma.state_dict_metadata, ma.storage_data) != (mb.state_dict_metadata, mb.storage_data):
         return False
     names = sorted(p.name for p in a.glob("*.distcp"))
-    return bool(names) and names == sorted(p.name for p in b.glob("*.distcp")) and all(
-        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+    return (
+        bool(names)
+        and names == sorted(p.name for p in b.glob("*.distcp"))
+        and all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+    )

@@ -30,8 +30,13 @@ def make_table(vocab: int):
     prompts = [rng.integers(1, vocab, rng.integers(2, 6)) for _ in range(ROWS)]
     resps = [rng.integers(1, vocab, rng.integers(2, 9)) for _ in range(ROWS)]
     rewards = rng.integers(0, 2, ROWS).astype(np.float32)
-    t = SampleTable(sample_ids=np.arange(ROWS), group_ids=np.arange(ROWS) // 3, prompt_ids=prompts,
-                    response_ids=resps, rewards=rewards)
+    t = SampleTable(
+        sample_ids=np.arange(ROWS),
+        group_ids=np.arange(ROWS) // 3,
+        prompt_ids=prompts,
+        response_ids=resps,
+        rewards=rewards,
+    )
     t.advantages = group_advantages(t.rewards, t.group_ids)
     ref = [(-rng.random(len(r)) * 3).astype(np.float32) for r in resps]
     return t, ref
@@ -65,10 +70,15 @@ def _epoch(cfg, out: Path) -> dict:
 
         return poisoned
 
-    spec = StageSpec(name="stage1", table=table, epochs=1, make_loss=make_loss,
-                     metric_keys=stage1_metric_keys(cfg),
-                     finalize_metrics=finalize_stage1_metrics(cfg),
-                     token_arrays=lambda epoch: {"ref_logp": ref})
+    spec = StageSpec(
+        name="stage1",
+        table=table,
+        epochs=1,
+        make_loss=make_loss,
+        metric_keys=stage1_metric_keys(cfg),
+        finalize_metrics=finalize_stage1_metrics(cfg),
+        token_arrays=lambda epoch: {"ref_logp": ref},
+    )
     loop = TrainLoop(cfg, engine, spec, out)
     initial = {k: v.detach().clone() for k, v in engine.model[0].named_parameters()}
     batches = loop.batches(0)
@@ -80,11 +90,18 @@ def _epoch(cfg, out: Path) -> dict:
     # numpy, pickled by value: a torch tensor would travel as a shared-memory handle that dies
     # with the worker process
     weights = {k: v.detach().float().numpy().copy() for k, v in engine.model[0].named_parameters()}
-    moved = max(float((v.detach() - initial[k]).abs().max())
-                for k, v in engine.model[0].named_parameters())
-    return {"weights": weights, "counts": counts, "rows": real,
-            "batch_sizes": [len(b) for b in batches],
-            "skipped": loop.state.skipped_steps, "moved": moved, "steps": loop.state.global_step}
+    moved = max(
+        float((v.detach() - initial[k]).abs().max()) for k, v in engine.model[0].named_parameters()
+    )
+    return {
+        "weights": weights,
+        "counts": counts,
+        "rows": real,
+        "batch_sizes": [len(b) for b in batches],
+        "skipped": loop.state.skipped_steps,
+        "moved": moved,
+        "steps": loop.state.global_step,
+    }
 
 
 def _mine(loop, rows):
@@ -101,9 +118,12 @@ def dp2_then_dp1(rank: int, world: int, tmp: str) -> dict:
     from erpd_megatron.config.loader import load_config
     from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
 
-    overrides = [f"data.global_batch_size={GLOBAL_BATCH}",
-                 f"data.max_tokens_per_microbatch={BUDGET}",
-                 "logging.progress_bar=false", "optimizer.max_nonfinite_steps=3"]
+    overrides = [
+        f"data.global_batch_size={GLOBAL_BATCH}",
+        f"data.max_tokens_per_microbatch={BUDGET}",
+        "logging.progress_bar=false",
+        "optimizer.max_nonfinite_steps=3",
+    ]
     cfg = load_config(RECIPE, overrides, validate=False)
     init_distributed(cfg, world_size_hint=world)
     out = {"dp2": _epoch(cfg, Path(tmp) / "dp2")}

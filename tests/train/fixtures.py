@@ -17,8 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs/recipes/tiny-cpu.yaml"
 
 
-def write_random_rollouts(out: Path, *, prompts: int = 8, group: int = 4, vocab: int = 256, seed: int = 0,
-                          max_token: int | None = None) -> Path:
+def write_random_rollouts(
+    out: Path,
+    *,
+    prompts: int = 8,
+    group: int = 4,
+    vocab: int = 256,
+    seed: int = 0,
+    max_token: int | None = None,
+) -> Path:
     """A rollout set of random token sequences; reward 1 for responses whose first token is
     even (a learnable rule), so that losses have something to move."""
     from erpd_megatron.data.rollouts import RolloutRecord, write_rollout_set
@@ -30,11 +37,19 @@ def write_random_rollouts(out: Path, *, prompts: int = 8, group: int = 4, vocab:
         prompt = rng.integers(1, hi, rng.integers(3, 7)).tolist()
         for s in range(group):
             resp = rng.integers(1, hi, rng.integers(2, 10)).tolist()
-            recs.append(RolloutRecord(
-                sample_id=g * group + s, prompt_id=g, group_index=g, sample_index=s,
-                prompt_token_ids=prompt, response_token_ids=resp, reward=float(resp[0] % 2 == 0),
-                finish_reason="stop", engine_logprobs=[-5.0] * len(resp),
-            ))
+            recs.append(
+                RolloutRecord(
+                    sample_id=g * group + s,
+                    prompt_id=g,
+                    group_index=g,
+                    sample_index=s,
+                    prompt_token_ids=prompt,
+                    response_token_ids=resp,
+                    reward=float(resp[0] % 2 == 0),
+                    finish_reason="stop",
+                    engine_logprobs=[-5.0] * len(resp),
+                )
+            )
     write_rollout_set(out, recs, prompts_per_shard=4)
     return out
 
@@ -49,8 +64,16 @@ def env() -> dict[str, str]:
 
 def make_base_checkpoint(out: Path, overrides: list[str] | None = None) -> Path:
     """A random-init pi_r Megatron checkpoint of the tiny recipe's model."""
-    cmd = [sys.executable, "-m", "erpd_megatron.pipeline.init_checkpoint", "--config", str(RECIPE),
-           "--out", str(out), *(overrides or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "erpd_megatron.pipeline.init_checkpoint",
+        "--config",
+        str(RECIPE),
+        "--out",
+        str(out),
+        *(overrides or []),
+    ]
     subprocess.run(cmd, check=True, env=env(), cwd=ROOT, capture_output=True, timeout=300)
     return out
 
@@ -74,9 +97,14 @@ def make_tiny_round(tmp_path: Path) -> tuple[Path, list[str]]:
     if not base.exists():
         make_base_checkpoint(base, [f"model.vocab_size={VOCAB}"])
     overrides = [
-        f"data.rollout_dir={rollouts}", f"checkpoint.load={base}", f"output_dir={tmp_path / 'run'}",
-        f"model.vocab_size={VOCAB}", "data.global_batch_size=16", "data.max_tokens_per_microbatch=64",
-        "stage1.epochs=2", "logging.progress_bar=false",
+        f"data.rollout_dir={rollouts}",
+        f"checkpoint.load={base}",
+        f"output_dir={tmp_path / 'run'}",
+        f"model.vocab_size={VOCAB}",
+        "data.global_batch_size=16",
+        "data.max_tokens_per_microbatch=64",
+        "stage1.epochs=2",
+        "logging.progress_bar=false",
     ]
     return RECIPE, overrides
 
@@ -95,23 +123,42 @@ def assert_same_weights(a: Path, b: Path, *, rtol: float, atol: float) -> int:
             x, y = x[:VOCAB], y[:VOCAB]
         assert x.shape == y.shape, k
         assert torch.allclose(x.double(), y.double(), rtol=rtol, atol=atol), (
-            k, float((x.double() - y.double()).abs().max()))
+            k,
+            float((x.double() - y.double()).abs().max()),
+        )
     return len(keys)
 
 
-def run_module(module: str, config: Path, overrides: list[str], *, nproc: int = 1, timeout: int = 600,
-               check: bool = True) -> subprocess.CompletedProcess:
+def run_module(
+    module: str,
+    config: Path,
+    overrides: list[str],
+    *,
+    nproc: int = 1,
+    timeout: int = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run ``python -m module --config config overrides`` on ``nproc`` processes (torchrun)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", module]
     else:
         # --standalone: the rendezvous store binds port 0 itself (no free-port race)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", module]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            module,
+        ]
     cmd += ["--config", str(config), *overrides]
     p = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-8000:]}"
+        )
     return p
 
 
@@ -147,15 +194,24 @@ def checkpoint_tensors(ckpt: Path) -> dict:
         return pool.apply(_load_tensors, (str(ckpt),))
 
 
-def run_and_sigterm(module: str, config: Path, overrides: list[str], metrics: Path, *, after_records: int = 3,
-                    timeout: int = 300) -> int:
+def run_and_sigterm(
+    module: str,
+    config: Path,
+    overrides: list[str],
+    metrics: Path,
+    *,
+    after_records: int = 3,
+    timeout: int = 300,
+) -> int:
     """Start ``module``, send SIGTERM once ``metrics`` holds ``after_records`` records, wait;
     returns the exit code (17 when the trainer checkpointed on the signal)."""
     import signal
     import time
 
     cmd = [sys.executable, "-m", module, "--config", str(config), *overrides]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= after_records:
@@ -163,5 +219,7 @@ def run_and_sigterm(module: str, config: Path, overrides: list[str], metrics: Pa
             break
         time.sleep(0.02)
     out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 17, f"expected the signal exit code 17, got {proc.returncode}\n{out[-3000:]}"
+    assert proc.returncode == 17, (
+        f"expected the signal exit code 17, got {proc.returncode}\n{out[-3000:]}"
+    )
     return proc.returncode

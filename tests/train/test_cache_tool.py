@@ -18,10 +18,20 @@ def caches(tmp_path_factory):
     models = f"cache.models=[{{name: teacher0, checkpoint: {root / 'base'}}}]"
     common = ov + [models, "cache.topk=8", "cache.dtype=fp32"]
     run_module("erpd_megatron.cache.tool", cfg, common + [f"cache.dir={root / 'tp1'}"])
-    run_module("erpd_megatron.cache.tool", cfg, common + [f"cache.dir={root / 'tp2'}",
-                                                          "parallel.tensor_model_parallel_size=2"], nproc=2)
-    subprocess.run([sys.executable, "-m", "erpd_megatron.pipeline.export", f"{root / 'base'}={root / 'hf'}"],
-                   check=True, env=env(), cwd=ROOT, capture_output=True, timeout=600)
+    run_module(
+        "erpd_megatron.cache.tool",
+        cfg,
+        common + [f"cache.dir={root / 'tp2'}", "parallel.tensor_model_parallel_size=2"],
+        nproc=2,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "erpd_megatron.pipeline.export", f"{root / 'base'}={root / 'hf'}"],
+        check=True,
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
     return root
 
 
@@ -33,10 +43,13 @@ def test_cache_written_at_tp2_equals_tp1(caches):
     for sid in a.sample_ids:
         ra, rb = a.get(sid), b.get(sid)
         np.testing.assert_array_equal(ra.topk_ids["teacher0"], rb.topk_ids["teacher0"])
-        np.testing.assert_allclose(ra.topk_logprobs["teacher0"], rb.topk_logprobs["teacher0"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ra.topk_logprobs["teacher0"], rb.topk_logprobs["teacher0"], rtol=1e-5, atol=1e-5
+        )
         np.testing.assert_allclose(ra.sampled["base"], rb.sampled["base"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(ra.ref_topk_logprobs["teacher0"], rb.ref_topk_logprobs["teacher0"],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ra.ref_topk_logprobs["teacher0"], rb.ref_topk_logprobs["teacher0"], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_cache_topk_equals_float64_full_vocab_reference(caches):
@@ -48,16 +61,22 @@ def test_cache_topk_equals_float64_full_vocab_reference(caches):
 
     cache = TeacherCache.open(caches / "tp1")
     model = AutoModelForCausalLM.from_pretrained(caches / "hf", torch_dtype=torch.float64).eval()
-    cols = RolloutSet.open(caches / "rollouts").load(["sample_id", "prompt_token_ids", "response_token_ids"])
+    cols = RolloutSet.open(caches / "rollouts").load(
+        ["sample_id", "prompt_token_ids", "response_token_ids"]
+    )
     for sid, p, r in zip(cols["sample_id"], cols["prompt_token_ids"], cols["response_token_ids"]):
         ids = torch.tensor(np.concatenate([p, r]), dtype=torch.long)[None]
         with torch.no_grad():
             logits = model(ids).logits[0].double()
-        lp = torch.log_softmax(logits[len(p) - 1 : len(p) + len(r) - 1], dim=-1)  # positions predicting r
+        lp = torch.log_softmax(
+            logits[len(p) - 1 : len(p) + len(r) - 1], dim=-1
+        )  # positions predicting r
         ref_vals, ref_ids = lp.topk(8, dim=-1)
         rec = cache.get(int(sid))
         np.testing.assert_array_equal(rec.topk_ids["teacher0"], ref_ids.numpy())
-        np.testing.assert_allclose(rec.topk_logprobs["teacher0"], ref_vals.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            rec.topk_logprobs["teacher0"], ref_vals.numpy(), rtol=1e-5, atol=1e-5
+        )
         sampled = lp.gather(1, torch.tensor(np.asarray(r), dtype=torch.long)[:, None])[:, 0].numpy()
         np.testing.assert_allclose(rec.sampled["base"], sampled, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(rec.sampled["teacher0"], sampled, rtol=1e-5, atol=1e-5)

@@ -22,14 +22,39 @@ def toy_round(tmp_path_factory):
     paths = toy.write_splits(d / "data", train=32, heldout=8, seed=3)
     tok = toy.build_tokenizer(d / "tok")
     write_rollout_set(d / "sft", toy.sft_records(paths["train"], tok), prompts_per_shard=16)
-    subprocess.run([sys.executable, "-m", "erpd_megatron.pipeline.init_checkpoint", "--config", str(RECIPE),
-                    "--out", str(d / "base"), "--tokenizer-dir", str(d / "tok")],
-                   check=True, env=env(), cwd=ROOT, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "erpd_megatron.pipeline.init_checkpoint",
+            "--config",
+            str(RECIPE),
+            "--out",
+            str(d / "base"),
+            "--tokenizer-dir",
+            str(d / "tok"),
+        ],
+        check=True,
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     overrides = [
-        f"data.rollout_dir={d / 'sft'}", f"checkpoint.load={d / 'base'}", "checkpoint.save=null",
-        "data.global_batch_size=16", "stage1.loss=ce", "optimizer.lr=3e-3", "stage1.epochs=2",
-        "stage1.save_epochs=[1]", "stage1.eval_every_epochs=1", f"eval.datasets=[{paths['heldout']}]",
-        "eval.num_prompts=8", "eval.n=2", "eval.pass_k=[1,2]", "eval.max_new_tokens=12",
+        f"data.rollout_dir={d / 'sft'}",
+        f"checkpoint.load={d / 'base'}",
+        "checkpoint.save=null",
+        "data.global_batch_size=16",
+        "stage1.loss=ce",
+        "optimizer.lr=3e-3",
+        "stage1.epochs=2",
+        "stage1.save_epochs=[1]",
+        "stage1.eval_every_epochs=1",
+        f"eval.datasets=[{paths['heldout']}]",
+        "eval.num_prompts=8",
+        "eval.n=2",
+        "eval.pass_k=[1,2]",
+        "eval.max_new_tokens=12",
         "logging.progress_bar=false",
     ]
     return d, overrides
@@ -41,8 +66,12 @@ def test_heldout_accuracy_is_logged_before_training_and_every_epoch(toy_round, t
 
     d, ov = toy_round
     # under torchrun at TP=2: rank 0 evaluates in a child process, rank 1 waits
-    run_module("erpd_megatron.stage1", RECIPE, ov + [f"output_dir={tmp_path}", "parallel.tensor_model_parallel_size=2"],
-               nproc=2)
+    run_module(
+        "erpd_megatron.stage1",
+        RECIPE,
+        ov + [f"output_dir={tmp_path}", "parallel.tensor_model_parallel_size=2"],
+        nproc=2,
+    )
     st = tmp_path / "stage1"
     recs = [r for r in read_jsonl(st / "stage1_metrics.jsonl") if "stage1/eval/accuracy" in r]
     # pi_r before the first step, then after epochs 1 and 2 (2 steps each)
@@ -57,8 +86,14 @@ def test_heldout_accuracy_is_logged_before_training_and_every_epoch(toy_round, t
 
     # the logged number is the evaluation of that epoch's weights: export the snapshot, re-evaluate
     hf = tmp_path / "hf_epoch1"
-    subprocess.run([sys.executable, "-m", "erpd_megatron.pipeline.export", f"{ckpts / 'epoch_0001'}={hf}"],
-                   check=True, env=env(), cwd=ROOT, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "erpd_megatron.pipeline.export", f"{ckpts / 'epoch_0001'}={hf}"],
+        check=True,
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     cfg = load_config(str(RECIPE), ov + [f"output_dir={tmp_path}"])
     again = heldout_metrics(cfg, hf)
     assert again["accuracy"] == pytest.approx(recs[1]["stage1/eval/accuracy"])
@@ -68,7 +103,9 @@ def test_heldout_accuracy_is_logged_before_training_and_every_epoch(toy_round, t
 def test_heldout_without_datasets_is_a_config_error():
     from erpd_megatron.config.loader import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="stage1.eval_every_epochs is set but eval.datasets is empty"):
+    with pytest.raises(
+        ConfigError, match="stage1.eval_every_epochs is set but eval.datasets is empty"
+    ):
         load_config(str(RECIPE), ["stage1.eval_every_epochs=2", "eval.datasets=[]"])
     with pytest.raises(ConfigError, match="eval_every_epochs must be >= 0"):
         load_config(str(RECIPE), ["stage1.eval_every_epochs=-1"])
@@ -80,9 +117,20 @@ def test_child_is_not_a_member_of_the_launching_job(monkeypatch):
     from erpd_megatron.runtime.distributed import parse_launch_env
     from erpd_megatron.train.heldout import child_env
 
-    job = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_USE_AGENT_STORE": "True",
-           "TORCHELASTIC_RUN_ID": "x", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "CUDA_VISIBLE_DEVICES": "0"}
+    job = {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RUN_ID": "x",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "8",
+        "CUDA_VISIBLE_DEVICES": "0",
+    }
     for k, v in job.items():
         monkeypatch.setenv(k, v)
     env = child_env()

@@ -15,10 +15,20 @@ import pytest
 from erpd_megatron.cache.reader import TeacherCache
 from tests.train.fixtures import assert_same_weights, make_tiny_round, read_jsonl, run_module
 
-S1_KEYS = ["stage1/loss", "stage1/entropy", "stage1/grad_norm", "stage1/kl_k3", "stage1/tokens",
-           "stage1/drift_pos", "stage1/drift_neg", "stage1/sequences"]
-TEACHERS = ("[{model: teacher0, signal: topk_kl, alpha: 0.5}, "
-            "{model: teacher0, signal: logratio, lam: 2.0, clip: 1.0}]")
+S1_KEYS = [
+    "stage1/loss",
+    "stage1/entropy",
+    "stage1/grad_norm",
+    "stage1/kl_k3",
+    "stage1/tokens",
+    "stage1/drift_pos",
+    "stage1/drift_neg",
+    "stage1/sequences",
+]
+TEACHERS = (
+    "[{model: teacher0, signal: topk_kl, alpha: 0.5}, "
+    "{model: teacher0, signal: logratio, lam: 2.0, clip: 1.0}]"
+)
 
 
 def _both(module, cfg, pad_ov, pack_ov):
@@ -51,10 +61,21 @@ def test_packed_equals_unpacked_stage1_cache_stage2(tmp_path):
     # (small lr: Adam's first steps are ~lr * sign(g), so rounding-level differences of
     # near-zero gradient entries move a weight by up to a few % of 3 x lr: measured 1.07e-6
     # at lr 1e-5 in Stage 2, where the two runs read two caches that differ by rounding)
-    ov = ov + ["data.global_batch_size=11", "stage1.epochs=1", "stage1.loss=mse", "optimizer.lr=3e-5"]
+    ov = ov + [
+        "data.global_batch_size=11",
+        "stage1.epochs=1",
+        "stage1.loss=mse",
+        "optimizer.lr=3e-5",
+    ]
     runs = {name: tmp_path / f"s1_{name}" for name in ("pad", "pack")}
-    _both("erpd_megatron.stage1", cfg, *[ov + [f"output_dir={runs[n]}", f"data.packing={p}"]
-                                          for n, p in (("pad", "false"), ("pack", "true"))])
+    _both(
+        "erpd_megatron.stage1",
+        cfg,
+        *[
+            ov + [f"output_dir={runs[n]}", f"data.packing={p}"]
+            for n, p in (("pad", "false"), ("pack", "true"))
+        ],
+    )
     m_pad = _steps(runs["pad"] / "stage1/stage1_metrics.jsonl", "stage1/loss")
     m_pack = _steps(runs["pack"] / "stage1/stage1_metrics.jsonl", "stage1/loss")
     _same_metrics(m_pad, m_pack, "stage1/")
@@ -64,9 +85,14 @@ def test_packed_equals_unpacked_stage1_cache_stage2(tmp_path):
 
     models = f"[{{name: teacher0, checkpoint: {teacher}}}]"
     caches = {name: tmp_path / f"cache_{name}" for name in ("pad", "pack")}
-    _both("erpd_megatron.cache.tool", cfg, *[ov + [
-        f"cache.dir={caches[n]}", f"cache.models={models}", f"data.packing={p}"]
-        for n, p in (("pad", "false"), ("pack", "true"))])
+    _both(
+        "erpd_megatron.cache.tool",
+        cfg,
+        *[
+            ov + [f"cache.dir={caches[n]}", f"cache.models={models}", f"data.packing={p}"]
+            for n, p in (("pad", "false"), ("pack", "true"))
+        ],
+    )
     with TeacherCache.open(caches["pad"]) as a, TeacherCache.open(caches["pack"]) as b:
         ids = sorted(a.sample_ids)
         assert ids == sorted(b.sample_ids) and len(ids) == 32
@@ -84,13 +110,30 @@ def test_packed_equals_unpacked_stage1_cache_stage2(tmp_path):
                         assert np.allclose(xv, yv, rtol=1e-5, atol=1e-5), (sid, part, k)
 
     s2 = {name: tmp_path / f"s2_{name}" for name in ("pad", "pack")}
-    _both("erpd_megatron.stage2", cfg, *[ov + [
-        f"output_dir={s2[n]}", f"stage2.cache_dir={caches[n]}", f"cache.models={models}",
-        f"stage2.teachers={TEACHERS}", "stage2.epochs=1", f"data.packing={p}", "optimizer.lr=3e-6"]
-        for n, p in (("pad", "false"), ("pack", "true"))])
+    _both(
+        "erpd_megatron.stage2",
+        cfg,
+        *[
+            ov
+            + [
+                f"output_dir={s2[n]}",
+                f"stage2.cache_dir={caches[n]}",
+                f"cache.models={models}",
+                f"stage2.teachers={TEACHERS}",
+                "stage2.epochs=1",
+                f"data.packing={p}",
+                "optimizer.lr=3e-6",
+            ]
+            for n, p in (("pad", "false"), ("pack", "true"))
+        ],
+    )
     m_pad = _steps(s2["pad"] / "stage2/stage2_metrics.jsonl", "stage2/loss")
     m_pack = _steps(s2["pack"] / "stage2/stage2_metrics.jsonl", "stage2/loss")
     _same_metrics(m_pad, m_pack, "stage2/")
     assert m_pack[-1]["stage2/kl_k3"] > 0  # the weights moved
-    assert_same_weights(s2["pad"] / "stage2/checkpoints/final", s2["pack"] / "stage2/checkpoints/final",
-                        rtol=1e-6, atol=1e-6)
+    assert_same_weights(
+        s2["pad"] / "stage2/checkpoints/final",
+        s2["pack"] / "stage2/checkpoints/final",
+        rtol=1e-6,
+        atol=1e-6,
+    )

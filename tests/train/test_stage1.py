@@ -18,8 +18,16 @@ from tests.train.fixtures import (
     write_random_rollouts,
 )
 
-KEYS = ["stage1/loss", "stage1/entropy", "stage1/grad_norm", "stage1/kl_k3", "stage1/clip_frac",
-        "stage1/drift_pos", "stage1/drift_neg", "stage1/tokens"]
+KEYS = [
+    "stage1/loss",
+    "stage1/entropy",
+    "stage1/grad_norm",
+    "stage1/kl_k3",
+    "stage1/clip_frac",
+    "stage1/drift_pos",
+    "stage1/drift_neg",
+    "stage1/tokens",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +58,18 @@ def test_single_process_trains_and_writes_teacher(single_run):
     assert len(epochs) == 2
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
-                                    "parallel.use_distributed_optimizer=true"], ids=["tp2", "pp2", "dp2"])
-def test_two_process_layouts_match_single_process_after_four_steps(tiny, single_run, tmp_path, layout):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.pipeline_model_parallel_size=2",
+        "parallel.use_distributed_optimizer=true",
+    ],
+    ids=["tp2", "pp2", "dp2"],
+)
+def test_two_process_layouts_match_single_process_after_four_steps(
+    tiny, single_run, tmp_path, layout
+):
     """Every step's metrics (4 optimizer steps) and the final weights equal the single-process
     run's; with TP=2 the last vocab shard holds padding rows (vocab 250 of 256)."""
     cfg, ov = tiny
@@ -64,8 +81,12 @@ def test_two_process_layouts_match_single_process_after_four_steps(tiny, single_
         for k in KEYS:
             assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-5), (step, k)
     assert got[-1]["stage1/kl_k3"] > 0  # the weights moved
-    assert_same_weights(single_run / "stage1/checkpoints/final", tmp_path / "stage1/checkpoints/final",
-                        rtol=1e-4, atol=1e-4)
+    assert_same_weights(
+        single_run / "stage1/checkpoints/final",
+        tmp_path / "stage1/checkpoints/final",
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_stale_anchor_scores_are_recomputed(tiny, single_run, tmp_path):
@@ -76,8 +97,11 @@ def test_stale_anchor_scores_are_recomputed(tiny, single_run, tmp_path):
     cfg, ov = tiny
     shutil.copytree(single_run / "stage1/anchors", tmp_path / "stage1/anchors")
     start = single_run / "stage1/checkpoints/final"
-    p = run_module("erpd_megatron.stage1", cfg, ov + [f"output_dir={tmp_path}", f"checkpoint.load={start}",
-                                                       "stage1.epochs=1"])
+    p = run_module(
+        "erpd_megatron.stage1",
+        cfg,
+        ov + [f"output_dir={tmp_path}", f"checkpoint.load={start}", "stage1.epochs=1"],
+    )
     rec = read_jsonl(tmp_path / "stage1/stage1_metrics.jsonl")[0]
     # step 1 is at the run's own starting weights: ratio 1 and no drift, as the anchor is theirs
     assert rec["stage1/ratio_mean"] == 1.0 and rec["stage1/kl_k3"] == 0, rec
@@ -109,9 +133,15 @@ def test_sigterm_then_resume_reproduces_uninterrupted_run(tiny, tmp_path):
 def test_loss_moves_its_metric(tiny, tmp_path, loss, sign):
     """ce raises the log-prob of reward-1 responses; unlearned (negated pg) lowers it."""
     cfg, ov = tiny
-    run_module("erpd_megatron.stage1", cfg, ov + [f"output_dir={tmp_path}", f"stage1.loss={loss}",
-                                                   "stage1.epochs=3", "optimizer.lr=3e-3"])
-    recs = [r for r in read_jsonl(tmp_path / "stage1/stage1_metrics.jsonl") if "stage1/drift_pos" in r]
+    run_module(
+        "erpd_megatron.stage1",
+        cfg,
+        ov
+        + [f"output_dir={tmp_path}", f"stage1.loss={loss}", "stage1.epochs=3", "optimizer.lr=3e-3"],
+    )
+    recs = [
+        r for r in read_jsonl(tmp_path / "stage1/stage1_metrics.jsonl") if "stage1/drift_pos" in r
+    ]
     # the no-op baseline: at pi_r (step 1, before any update) the drift is exactly 0
     assert recs[0]["stage1/drift_pos"] == 0.0
     assert sign * recs[-1]["stage1/drift_pos"] > 0.5, recs[-1]  # moved past it by a margin
@@ -124,7 +154,10 @@ def test_token_ids_outside_vocab_are_a_clear_error(tiny, tmp_path):
 
     cfg, ov = tiny
     bad = write_random_rollouts(tmp_path / "bad", vocab=300)
-    with pytest.raises(RolloutDataError, match=rf"sample \d+ has token id \d+ outside the model vocabulary \[0, {VOCAB}\)"):
+    with pytest.raises(
+        RolloutDataError,
+        match=rf"sample \d+ has token id \d+ outside the model vocabulary \[0, {VOCAB}\)",
+    ):
         load_sample_table(load_config(cfg, ov + [f"data.rollout_dir={bad}"]))
 
 
@@ -132,9 +165,13 @@ def test_missing_checkpoint_is_a_clear_error(tiny, tmp_path, capsys):
     from erpd_megatron.train.stage1 import main
 
     cfg, ov = tiny
-    rc = main(["--config", str(cfg), *ov, f"output_dir={tmp_path}", f"checkpoint.load={tmp_path}/nope"])
+    rc = main(
+        ["--config", str(cfg), *ov, f"output_dir={tmp_path}", f"checkpoint.load={tmp_path}/nope"]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and re.search(r"config error: .*checkpoint\.load=\S*nope: no such directory", err), err
+    assert rc == 2 and re.search(
+        r"config error: .*checkpoint\.load=\S*nope: no such directory", err
+    ), err
 
 
 def test_config_typo_is_a_clear_error(tiny, capsys):
@@ -148,8 +185,11 @@ def test_config_typo_is_a_clear_error(tiny, capsys):
 
 def test_grad_accumulation_equals_one_big_batch(tiny, single_run, tmp_path):
     cfg, ov = tiny
-    run_module("erpd_megatron.stage1", cfg, ov + [f"output_dir={tmp_path}", "data.max_tokens_per_microbatch=4096",
-                                                   "stage1.epochs=1"])
+    run_module(
+        "erpd_megatron.stage1",
+        cfg,
+        ov + [f"output_dir={tmp_path}", "data.max_tokens_per_microbatch=4096", "stage1.epochs=1"],
+    )
     ref = read_jsonl(single_run / "stage1/stage1_metrics.jsonl")[0]
     got = read_jsonl(tmp_path / "stage1/stage1_metrics.jsonl")[0]
     for k in KEYS:

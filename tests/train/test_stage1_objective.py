@@ -28,7 +28,8 @@ def _table(rng: np.random.Generator) -> SampleTable:
     lens = rng.integers(1, 9, n)
     lens[3] = 0  # an empty response: no tokens, and not a sequence of the mse mean
     table = SampleTable(
-        sample_ids=np.arange(n, dtype=np.int64), group_ids=np.arange(n, dtype=np.int64) // 4,
+        sample_ids=np.arange(n, dtype=np.int64),
+        group_ids=np.arange(n, dtype=np.int64) // 4,
         prompt_ids=[rng.integers(1, V, rng.integers(2, 5)) for _ in range(n)],
         response_ids=[rng.integers(1, V, k) for k in lens],
         rewards=rng.integers(0, 2, n).astype(np.float32),
@@ -37,8 +38,9 @@ def _table(rng: np.random.Generator) -> SampleTable:
     return table
 
 
-@pytest.mark.parametrize("loss,kl_coef", [("ce", 0.0), ("ce", 0.1), ("pg", 0.1), ("mse", 0.1),
-                                          ("unlearned", 0.0)])
+@pytest.mark.parametrize(
+    "loss,kl_coef", [("ce", 0.0), ("ce", 0.1), ("pg", 0.1), ("mse", 0.1), ("unlearned", 0.0)]
+)
 def test_logged_loss_is_the_optimised_loss(loss, kl_coef):
     print(f"seed={SEED}")
     rng = np.random.default_rng(SEED)

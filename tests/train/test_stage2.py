@@ -33,13 +33,31 @@ def cached(tmp_path_factory):
     root = tmp_path_factory.mktemp("s2")
     cfg, ov = make_tiny_round(root)
     for name, loss in (("teacher", "ce"), ("unlearned", "unlearned")):
-        run_module("erpd_megatron.stage1", cfg, ov + [f"output_dir={root / name}", f"stage1.loss={loss}",
-                                                       "stage1.epochs=3", "optimizer.lr=3e-3"])
-    models = (f"[{{name: teacher0, checkpoint: {root}/teacher/stage1/checkpoints/final}}, "
-              f"{{name: unlearned, checkpoint: {root}/unlearned/stage1/checkpoints/final, topk: false}}]")
+        run_module(
+            "erpd_megatron.stage1",
+            cfg,
+            ov
+            + [
+                f"output_dir={root / name}",
+                f"stage1.loss={loss}",
+                "stage1.epochs=3",
+                "optimizer.lr=3e-3",
+            ],
+        )
+    models = (
+        f"[{{name: teacher0, checkpoint: {root}/teacher/stage1/checkpoints/final}}, "
+        f"{{name: unlearned, checkpoint: {root}/unlearned/stage1/checkpoints/final, topk: false}}]"
+    )
     cache = root / "cache"
-    run_module("erpd_megatron.cache.tool", cfg, ov + [f"cache.dir={cache}", f"cache.models={models}"])
-    ov = ov + [f"stage2.cache_dir={cache}", f"cache.models={models}", "data.global_batch_size=16", "stage2.epochs=2"]
+    run_module(
+        "erpd_megatron.cache.tool", cfg, ov + [f"cache.dir={cache}", f"cache.models={models}"]
+    )
+    ov = ov + [
+        f"stage2.cache_dir={cache}",
+        f"cache.models={models}",
+        "data.global_batch_size=16",
+        "stage2.epochs=2",
+    ]
     return cfg, ov, root
 
 
@@ -65,21 +83,48 @@ def _loss_at_pi_r(cfg, ov, teachers: str) -> float:
         adv = cat([np.full(r.num_tokens, a) for r, a in zip(recs, table.advantages)])
         for t in c.stage2.teachers:
             if t.signal == "topk_kl":
-                tl = cat([r.topk_logprobs[t.model].reshape(-1) for r in recs]).reshape(len(lp_r), -1)
-                rl = cat([r.ref_topk_logprobs[t.model].reshape(-1) for r in recs]).reshape(len(lp_r), -1)
-                target = topk_target_logprobs(tl, alpha=t.alpha, ref_logprobs=rl, vocab_size=c.model.vocab_size)
+                tl = cat([r.topk_logprobs[t.model].reshape(-1) for r in recs]).reshape(
+                    len(lp_r), -1
+                )
+                rl = cat([r.ref_topk_logprobs[t.model].reshape(-1) for r in recs]).reshape(
+                    len(lp_r), -1
+                )
+                target = topk_target_logprobs(
+                    tl, alpha=t.alpha, ref_logprobs=rl, vocab_size=c.model.vocab_size
+                )
                 ref = topk_target_logprobs(rl, vocab_size=c.model.vocab_size)
                 p = target.exp()
                 kl = torch.where(p > 0, p * (target - ref), 0.0).sum(-1)
                 terms.append(TeacherTerm("topk_kl", weight=t.weight, kl=kl))
             else:
                 lp_t = cat([r.sampled[t.model] for r in recs])
-                lp_u = cat([r.sampled[t.contrast_model] for r in recs]) if t.signal == "contrast" else None
-                raw = teacher_signal(t.signal, lp_t, lp_r=lp_r, lp_unlearned=lp_u, adv=adv,
-                                     gate_mode=t.gate_mode, gate_alpha=t.alpha)
-                terms.append(TeacherTerm(t.signal, weight=t.weight, raw=raw, lam=t.lam, clip=t.clip))
-    loss, _ = stage2_loss(lp_r, lp_r, None, terms, normalizer=len(lp_r), eps=c.stage2.eps,
-                          c_out=c.stage2.c_out, kl_coef=c.stage2.kl_coef)
+                lp_u = (
+                    cat([r.sampled[t.contrast_model] for r in recs])
+                    if t.signal == "contrast"
+                    else None
+                )
+                raw = teacher_signal(
+                    t.signal,
+                    lp_t,
+                    lp_r=lp_r,
+                    lp_unlearned=lp_u,
+                    adv=adv,
+                    gate_mode=t.gate_mode,
+                    gate_alpha=t.alpha,
+                )
+                terms.append(
+                    TeacherTerm(t.signal, weight=t.weight, raw=raw, lam=t.lam, clip=t.clip)
+                )
+    loss, _ = stage2_loss(
+        lp_r,
+        lp_r,
+        None,
+        terms,
+        normalizer=len(lp_r),
+        eps=c.stage2.eps,
+        c_out=c.stage2.c_out,
+        kl_coef=c.stage2.kl_coef,
+    )
     return float(loss)
 
 
@@ -88,8 +133,17 @@ def test_each_signal_lowers_its_loss(cached, tmp_path, name):
     cfg, ov, _ = cached
     # Adam's step is ~lr whatever the gradient's size: KL losses, small near pi_r, need a smaller lr
     lr = "3e-4" if name.startswith("topk") else "3e-3"
-    run_module("erpd_megatron.stage2", cfg, ov + [f"output_dir={tmp_path}", f"stage2.teachers={SIGNALS[name]}",
-                                                   f"optimizer.lr={lr}", "stage2.epochs=3"])
+    run_module(
+        "erpd_megatron.stage2",
+        cfg,
+        ov
+        + [
+            f"output_dir={tmp_path}",
+            f"stage2.teachers={SIGNALS[name]}",
+            f"optimizer.lr={lr}",
+            "stage2.epochs=3",
+        ],
+    )
     losses = _epoch_losses(tmp_path / "stage2/stage2_metrics.jsonl")
     rec = read_jsonl(tmp_path / "stage2/stage2_metrics.jsonl")[0]
     assert rec["stage2/kl_to_base"] == 0.0  # step 1 is at pi_r
@@ -103,7 +157,9 @@ def test_each_signal_lowers_its_loss(cached, tmp_path, name):
 
 MIXED = "[{model: teacher0, signal: topk_kl, alpha: 0.5}, {model: teacher0, signal: logratio, weight: 0.5}]"
 MIXED_KEYS = ("stage2/teacher0/topk_kl", "stage2/teacher1/signal_mean", "stage2/clip_frac")
-KL_ONLY = "[{model: teacher0, signal: topk_kl, alpha: 0.5}]"  # the KL writes its gradient into the logits
+KL_ONLY = (
+    "[{model: teacher0, signal: topk_kl, alpha: 0.5}]"  # the KL writes its gradient into the logits
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,27 +171,40 @@ def single_stage2(cached, tmp_path_factory):
     def get(teachers: str):
         if teachers not in runs:
             out = tmp_path_factory.mktemp("s2single")
-            run_module("erpd_megatron.stage2", cfg, ov + [f"stage2.teachers={teachers}", f"output_dir={out}"])
+            run_module(
+                "erpd_megatron.stage2",
+                cfg,
+                ov + [f"stage2.teachers={teachers}", f"output_dir={out}"],
+            )
             runs[teachers] = out
         return runs[teachers]
 
     return get
 
 
-@pytest.mark.parametrize("layout,teachers,keys", [
-    ("parallel.tensor_model_parallel_size=2", KL_ONLY, ("stage2/teacher0/topk_kl",)),
-    ("parallel.tensor_model_parallel_size=2", MIXED, MIXED_KEYS),
-    ("parallel.pipeline_model_parallel_size=2", MIXED, MIXED_KEYS),
-    ("parallel.use_distributed_optimizer=true", MIXED, MIXED_KEYS),
-], ids=["tp2-kl-inplace", "tp2-mixed", "pp2-mixed", "dp2-mixed"])
-def test_two_process_layouts_match_single_process_after_four_steps(cached, single_stage2, tmp_path, layout,
-                                                                   teachers, keys):
+@pytest.mark.parametrize(
+    "layout,teachers,keys",
+    [
+        ("parallel.tensor_model_parallel_size=2", KL_ONLY, ("stage2/teacher0/topk_kl",)),
+        ("parallel.tensor_model_parallel_size=2", MIXED, MIXED_KEYS),
+        ("parallel.pipeline_model_parallel_size=2", MIXED, MIXED_KEYS),
+        ("parallel.use_distributed_optimizer=true", MIXED, MIXED_KEYS),
+    ],
+    ids=["tp2-kl-inplace", "tp2-mixed", "pp2-mixed", "dp2-mixed"],
+)
+def test_two_process_layouts_match_single_process_after_four_steps(
+    cached, single_stage2, tmp_path, layout, teachers, keys
+):
     """Every step's metrics (4 optimizer steps, 2 epochs) and the final weights equal the
     single-process run's; vocab 250 of 256 rows, so with TP=2 the last shard has dead rows."""
     cfg, ov, _ = cached
     one = single_stage2(teachers)
-    run_module("erpd_megatron.stage2", cfg, ov + [f"stage2.teachers={teachers}", f"output_dir={tmp_path}", layout],
-               nproc=2)
+    run_module(
+        "erpd_megatron.stage2",
+        cfg,
+        ov + [f"stage2.teachers={teachers}", f"output_dir={tmp_path}", layout],
+        nproc=2,
+    )
     ref = [r for r in read_jsonl(one / "stage2/stage2_metrics.jsonl") if "stage2/loss" in r]
     got = [r for r in read_jsonl(tmp_path / "stage2/stage2_metrics.jsonl") if "stage2/loss" in r]
     assert len(got) == len(ref) == 4
@@ -143,17 +212,32 @@ def test_two_process_layouts_match_single_process_after_four_steps(cached, singl
         for k in ("stage2/loss", "stage2/grad_norm", "stage2/entropy", "stage2/kl_to_base", *keys):
             assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-5), (step, k)
     assert got[-1]["stage2/kl_to_base"] > 0  # the weights moved
-    assert_same_weights(one / "stage2/checkpoints/final", tmp_path / "stage2/checkpoints/final",
-                        rtol=1e-4, atol=1e-4)
+    assert_same_weights(
+        one / "stage2/checkpoints/final",
+        tmp_path / "stage2/checkpoints/final",
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_kl_budget_stops_and_keeps_a_checkpoint_inside(cached, tmp_path):
     cfg, ov, _ = cached
     budget = 0.1
-    run_module("erpd_megatron.stage2", cfg, ov + [
-        f"output_dir={tmp_path}", f"stage2.teachers={SIGNALS['logratio']}", "optimizer.lr=1e-3",
-        f"stage2.kl_budget={budget}", "checkpoint.save_interval=1", "checkpoint.keep_last=3",
-        "stage2.epochs=8", "data.global_batch_size=8"])
+    run_module(
+        "erpd_megatron.stage2",
+        cfg,
+        ov
+        + [
+            f"output_dir={tmp_path}",
+            f"stage2.teachers={SIGNALS['logratio']}",
+            "optimizer.lr=1e-3",
+            f"stage2.kl_budget={budget}",
+            "checkpoint.save_interval=1",
+            "checkpoint.keep_last=3",
+            "stage2.epochs=8",
+            "data.global_batch_size=8",
+        ],
+    )
     root = tmp_path / "stage2/checkpoints"
     man = json.loads((root / "manifest.json").read_text())
     assert man["stopped_early"] is True and man["steps"] < 32
@@ -170,8 +254,12 @@ def test_kl_budget_stops_and_keeps_a_checkpoint_inside(cached, tmp_path):
 
 def test_sigterm_then_resume_reproduces_uninterrupted_run(cached, tmp_path):
     cfg, ov, _ = cached
-    ov = ov + [f"stage2.teachers={SIGNALS['topk_kl']}", "data.global_batch_size=4", "stage2.epochs=2",
-               "checkpoint.save_interval=2"]
+    ov = ov + [
+        f"stage2.teachers={SIGNALS['topk_kl']}",
+        "data.global_batch_size=4",
+        "stage2.epochs=2",
+        "checkpoint.save_interval=2",
+    ]
     run_module("erpd_megatron.stage2", cfg, ov + [f"output_dir={tmp_path / 'full'}"])
     part = tmp_path / "part"
     metrics = part / "stage2/stage2_metrics.jsonl"
@@ -212,14 +300,33 @@ def test_cache_of_another_vocabulary_is_refused(cached, tmp_path):
     cfg, ov, root = cached
     c, table, fp = _table(cfg, ov, root / "rollouts")
     cache = tmp_path / "cache300"
-    with CacheWriter(cache, rank=0, sample_ids=table.sample_ids.tolist(), vocab_size=300, k=4,
-                     sampled_models=["base", "teacher0"], teachers=["teacher0"]) as w:
+    with CacheWriter(
+        cache,
+        rank=0,
+        sample_ids=table.sample_ids.tolist(),
+        vocab_size=300,
+        k=4,
+        sampled_models=["base", "teacher0"],
+        teachers=["teacher0"],
+    ) as w:
         for sid, r in zip(table.sample_ids, table.response_ids):
             t = len(r)
-            w.write_sample(int(sid), sampled={"base": np.full(t, -1.0), "teacher0": np.full(t, -1.0)},
-                           topk={"teacher0": (np.tile(np.arange(4), (t, 1)), np.full((t, 4), -2.0))})
-    finalize_manifest(cache, 1, {"rollout_fingerprint": fp, "models": {
-        "base": {"path": "-", "fingerprint": "-"}, "teacher0": {"path": "-", "fingerprint": "-"}}})
+            w.write_sample(
+                int(sid),
+                sampled={"base": np.full(t, -1.0), "teacher0": np.full(t, -1.0)},
+                topk={"teacher0": (np.tile(np.arange(4), (t, 1)), np.full((t, 4), -2.0))},
+            )
+    finalize_manifest(
+        cache,
+        1,
+        {
+            "rollout_fingerprint": fp,
+            "models": {
+                "base": {"path": "-", "fingerprint": "-"},
+                "teacher0": {"path": "-", "fingerprint": "-"},
+            },
+        },
+    )
     c.stage2.cache_dir = str(cache)
     with pytest.raises(CacheError, match="vocab"):
         open_cache(c, table, fp)
@@ -235,6 +342,9 @@ def test_cache_of_another_base_is_refused(cached, tmp_path):
     open_cache(c, table, fp).close()  # the base the cache was written from passes
     other = root / "teacher/stage1/checkpoints/final"
     c.checkpoint.load = str(other)
-    with pytest.raises(CacheError, match=rf"pi_r \('base'\) was scored from .*base.*checkpoint.load={other} .*"
-                                         "Re-run the cache tool"):
+    with pytest.raises(
+        CacheError,
+        match=rf"pi_r \('base'\) was scored from .*base.*checkpoint.load={other} .*"
+        "Re-run the cache tool",
+    ):
         open_cache(c, table, fp)

@@ -28,9 +28,16 @@ def four_layers(tmp_path_factory):
     root = tmp_path_factory.mktemp("vpp")
     rollouts = write_random_rollouts(root / "rollouts", vocab=VOCAB, seed=3)
     base = make_base_checkpoint(root / "base", [f"model.vocab_size={VOCAB}", "model.num_layers=4"])
-    ov = [f"data.rollout_dir={rollouts}", f"checkpoint.load={base}", f"model.vocab_size={VOCAB}",
-          "model.num_layers=4", "data.global_batch_size=16", "data.max_tokens_per_microbatch=64",
-          "stage1.epochs=2", "logging.progress_bar=false"]
+    ov = [
+        f"data.rollout_dir={rollouts}",
+        f"checkpoint.load={base}",
+        f"model.vocab_size={VOCAB}",
+        "model.num_layers=4",
+        "data.global_batch_size=16",
+        "data.max_tokens_per_microbatch=64",
+        "stage1.epochs=2",
+        "logging.progress_bar=false",
+    ]
     return root, ov
 
 
@@ -38,9 +45,17 @@ def test_pp2_vpp2_equals_pp1_and_its_checkpoint_loads_without_vpp(four_layers):
     root, ov = four_layers
     ref_dir, vpp_dir, re_dir = root / "pp1", root / "pp2vpp2", root / "reload"
     run_module("erpd_megatron.stage1", TINY, ov + [f"output_dir={ref_dir}"])
-    run_module("erpd_megatron.stage1", TINY, ov + [
-        f"output_dir={vpp_dir}", "parallel.pipeline_model_parallel_size=2",
-        "parallel.virtual_pipeline_model_parallel_size=2"], nproc=2)
+    run_module(
+        "erpd_megatron.stage1",
+        TINY,
+        ov
+        + [
+            f"output_dir={vpp_dir}",
+            "parallel.pipeline_model_parallel_size=2",
+            "parallel.virtual_pipeline_model_parallel_size=2",
+        ],
+        nproc=2,
+    )
     ref = [r for r in read_jsonl(ref_dir / "stage1/stage1_metrics.jsonl") if "stage1/loss" in r]
     got = [r for r in read_jsonl(vpp_dir / "stage1/stage1_metrics.jsonl") if "stage1/loss" in r]
     assert len(got) == len(ref) == 4
@@ -51,8 +66,13 @@ def test_pp2_vpp2_equals_pp1_and_its_checkpoint_loads_without_vpp(four_layers):
     final = vpp_dir / "stage1/checkpoints/final"
     assert_same_weights(ref_dir / "stage1/checkpoints/final", final, rtol=1e-4, atol=1e-4)
     # the VPP=2 checkpoint in one process (PP=1): step 1 is at its weights
-    run_module("erpd_megatron.stage1", TINY, ov + [
-        f"output_dir={re_dir}", f"checkpoint.load={final}", "stage1.epochs=1"])
-    first = next(r for r in read_jsonl(re_dir / "stage1/stage1_metrics.jsonl") if "stage1/loss" in r)
+    run_module(
+        "erpd_megatron.stage1",
+        TINY,
+        ov + [f"output_dir={re_dir}", f"checkpoint.load={final}", "stage1.epochs=1"],
+    )
+    first = next(
+        r for r in read_jsonl(re_dir / "stage1/stage1_metrics.jsonl") if "stage1/loss" in r
+    )
     assert first["stage1/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert first["stage1/kl_k3"] == pytest.approx(0.0, abs=1e-7)

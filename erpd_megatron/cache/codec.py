@@ -193,7 +193,8 @@ def unpack_ids(packed, n: int, bits: int) -> np.ndarray:
 
 def _bad_value_message(x: np.ndarray, bad: np.ndarray, what: str) -> str:
     pos = np.unravel_index(int(np.flatnonzero(bad.reshape(-1))[0]), x.shape)
-    return f"{int(bad.sum())} {what} value(s), first {x[pos]!r} at position {tuple(int(p) for p in pos)}"
+    where = tuple(int(p) for p in pos)
+    return f"{int(bad.sum())} {what} value(s), first {x[pos]!r} at position {where}"
 
 
 def _clamped(x, out_dtype: str) -> np.ndarray:

@@ -117,7 +117,8 @@ class CacheLayout:
         unknown = [t for t in self.ref_teachers if t not in self.teachers]
         if unknown or len(set(self.ref_teachers)) != len(self.ref_teachers):
             raise ValueError(
-                f"ref_teachers {list(self.ref_teachers)} must be distinct names from teachers {list(self.teachers)}"
+                f"ref_teachers {list(self.ref_teachers)} must be distinct names from teachers "
+                f"{list(self.teachers)}"
             )
 
     @property
@@ -298,7 +299,8 @@ class ShardFile:
             )
         if version != FORMAT_VERSION:
             raise CacheError(
-                f"{path}: format version {version}, this code reads version {FORMAT_VERSION}; rebuild the cache"
+                f"{path}: format version {version}, this code reads version {FORMAT_VERSION}; "
+                "rebuild the cache"
             )
         if size != fsize:
             what = (
@@ -310,7 +312,8 @@ class ShardFile:
         digest, fsize2, end = FOOTER.unpack_from(mm, size - FOOTER.size)
         if end != END_MAGIC or fsize2 != fsize:
             raise CacheError(
-                f"{path}: damaged footer (end magic {end!r}, size {fsize2}); delete it and rerun its writer (rank {rank})"
+                f"{path}: damaged footer (end magic {end!r}, size {fsize2}); delete it and rerun "
+                f"its writer (rank {rank})"
             )
         if verify:
             body = memoryview(mm)[: size - FOOTER.size]
@@ -321,14 +324,16 @@ class ShardFile:
             if actual != digest:
                 raise CacheError(
                     f"{path}: checksum mismatch (stored sha256 {digest.hex()[:16]}..., computed "
-                    f"{actual.hex()[:16]}...): corrupt bytes; delete it and rerun its writer (rank {rank})"
+                    f"{actual.hex()[:16]}...): corrupt bytes; delete it and rerun its writer (rank "
+                    f"{rank})"
                 )
         if vcode not in VALUE_DTYPE_BY_CODE:
             raise CacheError(f"{path}: unknown value dtype code {vcode}")
         schema_at = HEADER.size + SECTION_DTYPE.itemsize * nsec
         if schema_at + slen > hsize or hsize > size - FOOTER.size:
             raise CacheError(
-                f"{path}: header of {hsize} bytes cannot hold {nsec} sections and a {slen}-byte schema"
+                f"{path}: header of {hsize} bytes cannot hold {nsec} sections and a {slen}-byte "
+                "schema"
             )
         try:
             schema = json.loads(bytes(mm[schema_at : schema_at + slen]))
@@ -344,7 +349,8 @@ class ShardFile:
             raise CacheError(f"{path}: unreadable shard schema ({e})") from e
         if layout.bits_per_id != bits:
             raise CacheError(
-                f"{path}: header says {bits} bits per id, vocab_size {vocab} needs {layout.bits_per_id}"
+                f"{path}: header says {bits} bits per id, vocab_size {vocab} needs "
+                f"{layout.bits_per_id}"
             )
         table = np.frombuffer(mm, SECTION_DTYPE, count=nsec, offset=HEADER.size)
         expected = layout.sections()
@@ -359,7 +365,8 @@ class ShardFile:
             off, nb = int(s["offset"]), int(s["nbytes"])
             if off % ALIGN or off < hsize or off + nb > body_end:
                 raise CacheError(
-                    f"{path}: section (kind {int(s['kind'])}, model {int(s['model'])}) at [{off}, {off + nb}) lies outside the shard body"
+                    f"{path}: section (kind {int(s['kind'])}, model {int(s['model'])}) at [{off}, "
+                    f"{off + nb}) lies outside the shard body"
                 )
             sections[(int(s["kind"]), int(s["model"]))] = (off, nb)
         ioff, inb = sections[(KIND_INDEX, 0)]
@@ -396,11 +403,13 @@ class ShardFile:
         )
         if bad.size:
             raise CacheError(
-                f"{self.path}: index entry of sample {int(idx['sample_id'][bad[0]])} has inconsistent offsets"
+                f"{self.path}: index entry of sample {int(idx['sample_id'][bad[0]])} has "
+                "inconsistent offsets"
             )
         if int(tok_off[-1]) != self.num_tokens:
             raise CacheError(
-                f"{self.path}: index counts {int(tok_off[-1])} tokens, header says {self.num_tokens}"
+                f"{self.path}: index counts {int(tok_off[-1])} tokens, header says "
+                f"{self.num_tokens}"
             )
         if np.unique(idx["sample_id"]).size != idx.size:
             raise CacheError(f"{self.path}: a sample id appears twice in the index")
@@ -409,5 +418,6 @@ class ShardFile:
                 kind, self.num_tokens, int(ids_off[-1])
             ):
                 raise CacheError(
-                    f"{self.path}: section (kind {kind}, model {model}) holds {nb} bytes, the index implies {lay.section_nbytes(kind, self.num_tokens, int(ids_off[-1]))}"
+                    f"{self.path}: section (kind {kind}, model {model}) holds {nb} bytes, the "
+                    f"index implies {lay.section_nbytes(kind, self.num_tokens, int(ids_off[-1]))}"
                 )

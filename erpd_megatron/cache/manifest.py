@@ -58,7 +58,8 @@ def _check_meta(
     fp = meta.get("rollout_fingerprint")
     if not isinstance(fp, str) or not fp:
         raise CacheError(
-            "meta['rollout_fingerprint'] must be the rollout data's fingerprint (a non-empty string)"
+            "meta['rollout_fingerprint'] must be the rollout data's fingerprint (a non-empty "
+            "string)"
         )
     models = meta.get("models")
     if not isinstance(models, Mapping):
@@ -68,7 +69,8 @@ def _check_meta(
     missing = [n for n in names if n not in models]
     if missing:
         raise CacheError(
-            f"meta['models'] lacks {missing}; every cached model needs a path and a weight fingerprint"
+            f"meta['models'] lacks {missing}; every cached model needs a path and a weight "
+            "fingerprint"
         )
     out = {}
     for name, info in models.items():
@@ -106,7 +108,8 @@ def finalize_manifest(
         path = cache_dir / done_name(r)
         if not path.exists():
             raise CacheError(
-                f"{cache_dir}: rank {r} has not finished writing (no {path.name}); rerun its writer, then finalize"
+                f"{cache_dir}: rank {r} has not finished writing (no {path.name}); rerun its "
+                "writer, then finalize"
             )
         dones.append(read_json(path))
     layout = dones[0]["layout"] if dones else None
@@ -128,18 +131,21 @@ def finalize_manifest(
         }
         if (rs is not None and p.name not in names) or stray_done:
             raise CacheError(
-                f"{p}: not part of this {world_size}-rank cache (left from an earlier run?); delete it"
+                f"{p}: not part of this {world_size}-rank cache (left from an earlier run?); "
+                "delete it"
             )
     shards = open_shards([cache_dir / s["file"] for s in listed], verify=verify_checksums)
     try:
         for shard, entry in zip(shards, listed):
             if shard.summary() != entry:
                 raise CacheError(
-                    f"{shard.path}: is {shard.summary()}, its rank's done file says {entry}; rerun rank {shard.rank}'s writer"
+                    f"{shard.path}: is {shard.summary()}, its rank's done file says {entry}; rerun "
+                    f"rank {shard.rank}'s writer"
                 )
             if shard.layout.to_json() != layout:
                 raise CacheError(
-                    f"{shard.path}: layout {shard.layout.to_json()} differs from the cache's {layout}"
+                    f"{shard.path}: layout {shard.layout.to_json()} differs from the cache's "
+                    f"{layout}"
                 )
         ids = (
             np.concatenate([s.index["sample_id"] for s in shards])
@@ -151,7 +157,8 @@ def finalize_manifest(
             sid = int(uniq[np.argmax(counts > 1)])
             where = [s.name for s in shards if (s.index["sample_id"] == sid).any()]
             raise CacheError(
-                f"{cache_dir}: sample {sid} was written twice, in {where}; give each rank distinct samples"
+                f"{cache_dir}: sample {sid} was written twice, in {where}; give each rank distinct "
+                "samples"
             )
         num_tokens = sum(s.num_tokens for s in shards)
     finally:
@@ -191,7 +198,8 @@ def load_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise CacheError(
             f"{path}: not found: the cache is incomplete (every rank's CacheWriter must close and "
-            f"rank 0 must run finalize_manifest) or {cache_dir} is not a teacher cache; {REBUILD_HINT}"
+            f"rank 0 must run finalize_manifest) or {cache_dir} is not a teacher cache; "
+            f"{REBUILD_HINT}"
         )
     try:
         manifest = read_json(path)
@@ -201,7 +209,8 @@ def load_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
         raise CacheError(f"{path}: not a teacher-cache manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(
-            f"{path}: format version {manifest.get('format_version')}, this code reads {FORMAT_VERSION}; {REBUILD_HINT}"
+            f"{path}: format version {manifest.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION}; {REBUILD_HINT}"
         )
     required = (
         "vocab_size",

@@ -1,4 +1,6 @@
-"""HF ``config.json`` (Llama / Qwen2 / Qwen3 / Qwen3-MoE / Qwen2-MoE ``*ForCausalLM``) <-> ModelConfig.
+"""HF ``config.json`` <-> ModelConfig.
+
+Families: Llama, Qwen2, Qwen3, Qwen3-MoE and Qwen2-MoE ``*ForCausalLM``.
 
 Reading accepts both the transformers 4.x keys (``rope_theta``, ``rope_scaling``,
 ``torch_dtype``) and the 5.x ones (``rope_parameters``, ``dtype``); writing emits both so
@@ -52,7 +54,8 @@ def hf_to_model_config(hf: dict, *, make_vocab_size_divisible_by: int = 128) -> 
     family = _FAMILY_OF_MODEL_TYPE.get(str(model_type))
     if family is None:
         raise ConfigError(
-            f"HF model_type={model_type!r} is not supported; expected one of {sorted(ARCHITECTURES)}"
+            f"HF model_type={model_type!r} is not supported; expected one of "
+            f"{sorted(ARCHITECTURES)}"
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(

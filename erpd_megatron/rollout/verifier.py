@@ -60,8 +60,11 @@ def _inner_timeout() -> int | None:
 
 
 def answers_match(reference: str, answer: str) -> bool:
-    """True when math-verify judges ``answer`` equal to ``reference`` (both LaTeX-ish strings,
-    without ``\\boxed``). Falls back to exact string equality when the reference cannot be parsed."""
+    """True when math-verify judges ``answer`` equal to ``reference``.
+
+    Both are LaTeX-ish strings without ``\\boxed``. Falls back to exact string equality when
+    the reference cannot be parsed.
+    """
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
@@ -139,7 +142,8 @@ def resolve_reward_fn(path: str) -> Callable[[str, str], float]:
         module = importlib.import_module(module_name)
     except Exception as e:
         raise RewardFnError(
-            f"reward_fn '{path}': module '{module_name}' cannot be imported ({type(e).__name__}: {e})"
+            f"reward_fn '{path}': module '{module_name}' cannot be imported ({type(e).__name__}: "
+            f"{e})"
         ) from e
     fn = getattr(module, attr, None)
     if fn is None:

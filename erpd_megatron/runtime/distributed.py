@@ -320,7 +320,8 @@ def init_distributed(
     """
     from erpd_megatron.config.validate import check_transformer_engine_importable
 
-    check_transformer_engine_importable()  # a broken TE kills `import megatron.core` with a raw error
+    # A broken TE kills `import megatron.core` with a raw error: check first.
+    check_transformer_engine_importable()
     from megatron.core import parallel_state as ps
 
     check_cuda_available(os.environ if env is None else env, torch.cuda.is_available())

@@ -129,7 +129,10 @@ def save_tokenizer(out: Path) -> None:
 def save_hf_model(
     family: str, out: Path, *, shard: bool = False, dtype: torch.dtype = torch.float32
 ) -> Path:
-    """Save a tiny model (sharded safetensors with an index when ``shard``), tokenizer, generation config."""
+    """Save a tiny model, its tokenizer and its generation config.
+
+    The weights are sharded safetensors with an index when ``shard``.
+    """
     model = make_hf_model(family).to(dtype)
     model.save_pretrained(out, max_shard_size="100KB" if shard else "5GB")
     model.generation_config.save_pretrained(out)

@@ -213,7 +213,8 @@ def test_moe_maps_round_trip_and_ep_sharding(moe_disk, family):
         assert len(local) == 2 * EXPERTS // ep  # renumbered from 0
         fc1 = last["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]
         g, u = full[
-            f"decoder.layers.0.mlp.experts.local_experts.{EXPERTS - EXPERTS // ep}.linear_fc1.weight"
+            "decoder.layers.0.mlp.experts.local_experts."
+            f"{EXPERTS - EXPERTS // ep}.linear_fc1.weight"
         ].chunk(2)
         assert torch.equal(fc1, torch.cat([g.chunk(etp)[-1], u.chunk(etp)[-1]]))
         merged = hf_maps.merge_ranks(shards, mc, tp=tp, pp=pp, ep=ep, etp=etp)

@@ -213,7 +213,10 @@ def _train_setup(mc, tp: int, world: int, dist_opt: bool = True):
 
 
 def _train_step(model, opt, sched) -> None:
-    """One optimizer step on a fixed batch; the loss is layout independent (padded vocab excluded)."""
+    """One optimizer step on a fixed batch.
+
+    The loss is layout independent (the padded vocabulary is excluded).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

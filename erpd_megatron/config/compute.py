@@ -60,3 +60,31 @@ def tflops_per_gpu(rec: dict[str, Any]) -> float | None:
     """Achieved model TFLOP/s per GPU of a ``compute`` record during its steps (None without time)."""
     den = rec.get("gpus", 0) * rec.get("wall_s", 0.0)
     return rec.get("model_flops", 0.0) / den / 1e12 if den > 0 else None
+
+
+def eval_compute(
+    cfg: Config, rows: list[dict[str, Any]], *, wall_s: float, gpus: int
+) -> dict[str, Any]:
+    """The ``compute`` block of an evaluation from its result rows.
+
+    Per row (a model on a dataset): ``prompts * n`` samples of ``response_tokens_mean`` tokens
+    were generated (2 N each); a model other than the base also scores them under the base for
+    its KL (2 N more each, twice when the KL uses teacher-forced log-probs of the model too).
+    N is the active parameter count of ``cfg.model``: a round's models share its architecture.
+    """
+    generated = scored = 0.0
+    for r in rows:
+        toks = float(r.get("prompts") or 0) * float(r.get("n") or 0)
+        toks *= float(r.get("response_tokens_mean") or 0.0)
+        generated += toks
+        if not r.get("is_base"):
+            teacher_forced = cfg.eval.kl_logprobs == "teacher_forced"
+            scored += toks * (2 if teacher_forced else 1)
+    return compute_record(
+        cfg,
+        scored_tokens=generated + scored,
+        wall_s=wall_s,
+        gpus=gpus,
+        generated_tokens=int(generated),
+        step="eval",
+    )

@@ -49,9 +49,11 @@ def _step_compute(name: str, out: Path) -> dict | None:
         return _read(out / "stage1/checkpoints/manifest.json").get("compute")
     if name.startswith("s2_"):
         return _read(out / "stage2/checkpoints/manifest.json").get("compute")
-    if name == "cache":
+    if name in ("cache", "rollouts"):
         m = _read(out / "manifest.json")
         return m.get("compute") or (m.get("extra") or {}).get("compute")
+    if name == "eval":
+        return (_read(out / "results.json").get("meta") or {}).get("compute")
     return None
 
 

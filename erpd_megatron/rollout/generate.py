@@ -302,8 +302,13 @@ def generate_shard(
     directory: Path,
     *,
     progress: bool = True,
+    gpus: int = 0,
 ) -> Path:
-    """Generate, score and write shard ``s``; returns its path."""
+    """Generate, score and write shard ``s``; returns its path.
+
+    ``gpus`` is the number of GPUs the engine uses; it goes into the shard's timing sidecar for
+    the manifest's compute record.
+    """
     prompts, g = plan.shard_prompts(s), rc.samples_per_prompt
     t0 = time.perf_counter()
     groups = engine.generate(
@@ -348,7 +353,14 @@ def generate_shard(
     )
     atomic_write_json(
         directory / TIMING_DIR / f"{shard_name(s)}.json",
-        {"generation_seconds": gen_s, "verify_seconds": ver_s, "generated_tokens": tokens},
+        {
+            "generation_seconds": gen_s,
+            "verify_seconds": ver_s,
+            "generated_tokens": tokens,
+            # Prefill counted once per prompt (engines share it across the group's samples).
+            "prompt_tokens": sum(len(p.token_ids) for p in prompts),
+            "gpus": gpus,
+        },
     )
     log.info(
         "shard %d: %d samples, %d tokens in %.1fs (%.0f tok/s), reward mean %.3f, verified in %.1fs",
@@ -363,8 +375,40 @@ def generate_shard(
     return path
 
 
-def finalize(directory: str | os.PathLike) -> dict[str, Any]:
-    """Write ``manifest.json`` from ``plan.json`` and the shards (all must be complete)."""
+def engine_gpus(rc: RolloutConfig) -> int:
+    """GPUs one rollout engine (one fleet slot) uses: vLLM's tensor-parallel size, one for the
+    hf engine on a GPU, none on a CPU."""
+    if rc.engine == "vllm":
+        return int(rc.vllm_tensor_parallel_size)
+    import torch
+
+    return 1 if rc.hf_device != "cpu" and torch.cuda.is_available() else 0
+
+
+def rollout_compute(cfg: Config | None, timing: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The manifest's ``compute`` block from the shards' timing sidecars: tokens scored by the
+    policy (prompts once, generated tokens), generation seconds summed over shards, and GPUs
+    per slot. Over slots, GPU-hours = sum of (slot GPUs x its shards' seconds)."""
+    if cfg is None or not timing:
+        return None
+    from erpd_megatron.config.compute import compute_record
+
+    gpus = max(int(t.get("gpus", 0)) for t in timing)
+    return compute_record(
+        cfg,
+        scored_tokens=sum(t["generated_tokens"] + t.get("prompt_tokens", 0) for t in timing),
+        wall_s=sum(t["generation_seconds"] for t in timing),
+        gpus=gpus,
+        generated_tokens=sum(t["generated_tokens"] for t in timing),
+        step="rollout",
+    )
+
+
+def finalize(directory: str | os.PathLike, cfg: Config | None = None) -> dict[str, Any]:
+    """Write ``manifest.json`` from ``plan.json`` and the shards (all must be complete).
+
+    With ``cfg``, the manifest also gets a ``compute`` block (tokens, GPU-seconds, model FLOPs).
+    """
     directory = Path(directory)
     if not (directory / PLAN).exists():
         raise RolloutDataError(f"{directory}: no {PLAN}; nothing was generated there")
@@ -398,6 +442,8 @@ def finalize(directory: str | os.PathLike) -> dict[str, Any]:
             "tokens_per_second": round(toks / max(secs, 1e-9), 1),
             "shards_timed": len(timing),
         }
+        if (rec := rollout_compute(cfg, timing)) is not None:
+            extra["compute"] = rec
     manifest = finalize_manifest(directory, n, extra)
     log.info(
         "wrote %s: %d samples, reward mean %.4f, fingerprint %s",
@@ -420,7 +466,7 @@ def run_rollouts(
     """Generate this slot's shards (see module doc); returns the manifest when it was written."""
     directory = output_dir(cfg)
     if finalize_only:
-        return finalize(directory)
+        return finalize(directory, cfg)
     rc = cfg.rollout
     progress = cfg.logging.progress_bar if progress is None else progress
     _check_settings(rc)
@@ -462,12 +508,22 @@ def run_rollouts(
             make_engine(rc, tokenizer) as engine,
         ):
             for s in todo:
-                generate_shard(s, plan, rc, engine, pool, tokenizer, directory, progress=progress)
+                generate_shard(
+                    s,
+                    plan,
+                    rc,
+                    engine,
+                    pool,
+                    tokenizer,
+                    directory,
+                    progress=progress,
+                    gpus=engine_gpus(rc),
+                )
     if all((directory / shard_name(s)).exists() for s in range(plan.num_shards)):
         if manifest_path.exists() and not todo:
             log.info("%s is already complete", directory)
             return read_json(manifest_path)
-        return finalize(directory)
+        return finalize(directory, cfg)
     left = sum(not (directory / shard_name(s)).exists() for s in range(plan.num_shards))
     log.info(
         "%d shards still missing (other fleet slots); the last slot to finish writes the manifest, "

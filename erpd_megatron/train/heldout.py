@@ -1,13 +1,10 @@
-"""Held-out accuracy during training (``stage1.eval_every_epochs``).
+"""Held-out accuracy during training (``stage1.eval_every_epochs``): the launcher.
 
 Every N epochs (and once before the first step, for pi_r) the loop saves a model-only
-checkpoint (or reuses that epoch's snapshot); rank 0 then runs this module in a child
-process, which exports the checkpoint to HF, samples ``eval.n`` responses for
-``eval.num_prompts`` prompts of each ``eval.datasets`` set through the rollout engine
-(``rollout.engine``, at ``eval.temperature`` / ``eval.max_new_tokens``, with ``eval.seed``:
-every epoch sees the same prompts and random numbers), rewards them, and writes
-``accuracy`` (avg@n), ``pass@k`` and the response length as JSON. The loop logs them as
-``stage1/eval/...`` at the epoch's last step, where the Stage-1 curves plot them.
+checkpoint (or reuses that epoch's snapshot); rank 0 then starts the evaluation child
+``python -m erpd_megatron.eval.heldout`` (:mod:`erpd_megatron.eval.heldout`: export to HF,
+sample, reward, write JSON) and logs its result as ``stage1/eval/...``. The child is started
+by module name: the trainer imports nothing of the evaluation layer above it.
 
 A child process keeps the training job's parallel layout out of it: the export always
 gathers the whole model (any TP/PP) on one process. The other ranks wait at a barrier, so an
@@ -15,31 +12,27 @@ evaluation must finish within the process-group timeout (30 minutes). On large m
 costs a full export per evaluation; evaluate the epoch snapshots offline (``erpd evaluate``)
 instead.
 
-The child never uses vLLM on a GPU: the trainer's processes keep their GPU memory while it runs,
-and vLLM sizes its KV cache as a fraction of the whole GPU (see :func:`heldout_engine_problem`).
-With ``rollout.engine=vllm`` (the GPU recipes' default) evaluate the snapshots offline with
-``erpd evaluate`` as its own job, where each model's vLLM worker exits before the next starts.
-
-    python -m erpd_megatron.train.heldout --config RESOLVED.yaml --checkpoint DIR --out RESULT.json
+The child never uses vLLM on a GPU: the trainer's processes keep their GPU memory while it
+runs, and vLLM sizes its KV cache as a fraction of the whole GPU (see
+:func:`heldout_engine_problem`). With ``rollout.engine=vllm`` (the GPU recipes' default)
+evaluate the snapshots offline with ``erpd evaluate`` as its own job, where each model's vLLM
+worker exits before the next starts.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
-from erpd_megatron.config.loader import ConfigError, load_config, to_dict
-from erpd_megatron.config.schema import Config, EvalModelConfig
-from erpd_megatron.utils.files import atomic_write_json
+from erpd_megatron.config.loader import ConfigError, to_dict
+from erpd_megatron.config.schema import Config
 from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -73,53 +66,6 @@ def child_env() -> dict[str, str]:
     }
 
 
-def heldout_metrics(cfg: Config, hf_dir: str | Path, *, progress: bool = False) -> dict[str, float]:
-    """Accuracy, pass@k and mean response length of the HF model ``hf_dir`` on every
-    ``eval.datasets`` set (keys ``<name>/accuracy``...; without the prefix for a single set)."""
-    from erpd_megatron.eval import stats
-    from erpd_megatron.eval.evaluate import (
-        dataset_names,
-        eval_threads,
-        generate_and_reward,
-        select_heldout,
-    )
-    from erpd_megatron.rollout.engines import derive_seed, load_tokenizer
-    from erpd_megatron.rollout.reward_pool import RewardPool
-
-    rc, ec = cfg.rollout, cfg.eval
-    tokenizer = load_tokenizer(rc.tokenizer_path or str(hf_dir))
-    model = EvalModelConfig(name="heldout", path=str(hf_dir))
-    out: dict[str, float] = {}
-    names = dataset_names(ec.datasets)
-    with (
-        eval_threads(cfg),
-        RewardPool(
-            rc.reward_fn,
-            timeout=rc.verifier_timeout,
-            num_workers=rc.verifier_workers,
-            memory_mb=rc.verifier_memory_mb,
-        ) as pool,
-    ):
-        for d, (dataset, name) in enumerate(zip(ec.datasets, names)):
-            prompts = select_heldout(cfg, dataset, tokenizer)
-            s, _ = generate_and_reward(
-                cfg,
-                model,
-                prompts=prompts,
-                tokenizer=tokenizer,
-                pool=pool,
-                seed=derive_seed(ec.seed, "eval", d),
-                progress=progress,
-            )
-            prefix = "" if len(names) == 1 else f"{name}/"
-            acc = stats.accuracy_stats(s.rewards, ec.pass_k)
-            out.update({f"{prefix}{k}": float(v) for k, v in acc.items() if v is not None})
-            out[f"{prefix}response_length"] = float(
-                sum(len(c.token_ids) for c in s.completions) / max(len(s.completions), 1)
-            )
-    return out
-
-
 def heldout_engine_problem(engine: str, eval_every_epochs: int, on_gpu: bool) -> Optional[str]:
     """Why Stage 1's in-training held-out eval cannot use ``rollout.engine=engine`` (or None).
 
@@ -129,10 +75,11 @@ def heldout_engine_problem(engine: str, eval_every_epochs: int, on_gpu: bool) ->
     fails or competes with the trainer. The hf engine allocates only what it uses."""
     if eval_every_epochs and engine == "vllm" and on_gpu:
         return (
-            "stage1.eval_every_epochs with rollout.engine=vllm would start a vLLM engine on GPUs whose "
-            "memory the trainer holds: set stage1.eval_every_epochs=0 and evaluate the epoch snapshots "
-            "(stage1.save_epochs, converted with tools/convert_checkpoint.py mcore-to-hf) offline with "
-            "`erpd evaluate` as its own job, or set rollout.engine=hf for the in-training eval"
+            "stage1.eval_every_epochs with rollout.engine=vllm would start a vLLM engine on "
+            "GPUs whose memory the trainer holds: set stage1.eval_every_epochs=0 and evaluate "
+            "the epoch snapshots (stage1.save_epochs, converted with "
+            "tools/convert_checkpoint.py mcore-to-hf) offline with `erpd evaluate` as its own "
+            "job, or set rollout.engine=hf for the in-training eval"
         )
     return None
 
@@ -163,7 +110,7 @@ def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str
             [
                 sys.executable,
                 "-m",
-                "erpd_megatron.train.heldout",
+                "erpd_megatron.eval.heldout",
                 "--config",
                 str(resolved),
                 "--checkpoint",
@@ -190,39 +137,7 @@ def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Child entry point: export ``--checkpoint`` to HF next to ``--out``, evaluate, write JSON."""
-    from erpd_megatron.models.convert import mcore_to_hf
-    from erpd_megatron.runtime.distributed import destroy_distributed
-
-    p = argparse.ArgumentParser(
-        prog="python -m erpd_megatron.train.heldout", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("--config", required=True)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides, validate=False)
-    out = Path(args.out)
-    hf_dir = out.parent / "hf"
-    try:
-        mcore_to_hf(args.checkpoint, hf_dir, dtype="float32" if not _has_cuda() else None)
-    finally:
-        destroy_distributed()
-    try:
-        metrics: dict[str, Any] = heldout_metrics(cfg, hf_dir)
-    finally:
-        shutil.rmtree(hf_dir, ignore_errors=True)
-    atomic_write_json(out, metrics)
-    return 0
-
-
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -62,7 +62,7 @@ def toy_round(tmp_path_factory):
 
 def test_heldout_accuracy_is_logged_before_training_and_every_epoch(toy_round, tmp_path):
     from erpd_megatron.config.loader import load_config
-    from erpd_megatron.train.heldout import heldout_metrics
+    from erpd_megatron.eval.heldout import heldout_metrics
 
     d, ov = toy_round
     # under torchrun at TP=2: rank 0 evaluates in a child process, rank 1 waits

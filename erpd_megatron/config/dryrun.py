@@ -24,6 +24,7 @@ from erpd_megatron.config.memory import (
     layout_of,
     max_tokens_that_fit,
 )
+from erpd_megatron.config.moe_dryrun import moe_report, moe_report_lines
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config, validate_layout
 
@@ -58,6 +59,7 @@ def report_dict(cfg: Config, world_size: Optional[int] = None) -> dict:
         "max_tokens_per_microbatch_that_fits": max_tokens_that_fit(cfg, lay),
         "fit_fraction": FIT_FRACTION,
     }
+    d.update(moe_report(cfg, lay))
     return d
 
 
@@ -75,6 +77,7 @@ def format_report(cfg: Config, d: dict) -> str:
         f"TP={d['tp']} PP={d['pp']} CP={d['cp']} DP={d['dp']}; {knobs}",
         f"parameters: {d['params_total'] / 1e9:.3f} B total, {d['params_per_rank'] / 1e9:.3f} B on "
         f"the most loaded rank ({d['stage']} pipeline stage)",
+        *moe_report_lines(d),
         f"memory per GPU (GiB, estimate; micro-batch {d['tokens_per_microbatch']} tokens):",
         f"  weights {d['weights_gib']:7.2f}   grads {d['grads_gib']:7.2f}   "
         f"optimizer {d['optimizer_gib']:7.2f}",

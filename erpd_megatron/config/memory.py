@@ -235,6 +235,17 @@ def params_total(cfg: Config, tp: int = 1) -> int:
     return layers + emb * (1 if m.tie_word_embeddings else 2) + m.hidden_size
 
 
+def params_active(cfg: Config, tp: int = 1) -> int:
+    """Parameters one token passes through: :func:`params_total` with each MoE layer's
+    routed experts counted ``moe_router_topk / num_experts`` (HF's "A3B" / "A22B" figure)."""
+    moe = moe_shape(cfg)
+    total = params_total(cfg, tp)
+    if moe is None:
+        return total
+    expert = layer_params(cfg, True).expert * sum(moe.pattern)
+    return int(total - expert + expert * moe.topk / moe.experts)
+
+
 def _stage_layers(cfg: Config, lay: Layout, k: int) -> tuple[int, int]:
     """(dense, MoE) layers of pipeline stage ``k``."""
     n = cfg.model.num_layers // lay.pp

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
 from typing import Optional
 
 from erpd_megatron.config.loader import ConfigError
@@ -288,9 +289,11 @@ def validate_config(
         validate_layout(cfg.model, cfg.parallel, world_size)
     else:
         tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-        validate_layout(
-            cfg.model, cfg.parallel, tp * pp * max(1, cfg.parallel.context_parallel_size)
-        )
+        # the smallest world the layout runs on: dense groups and megatron's expert groups
+        par = cfg.parallel
+        expert = par.expert_tensor_parallel_size * par.expert_model_parallel_size * pp
+        world = math.lcm(tp * pp * max(1, par.context_parallel_size), max(1, expert))
+        validate_layout(cfg.model, cfg.parallel, world)
     _validate_context_parallel(cfg, check_runtime)
     if cfg.precision.fp8 is not None:
         if cfg.precision.transformer_impl == "local":

@@ -32,7 +32,7 @@
    copy of the sample's slice, as their trainers split micro-batches).
 
 2. Cache tool overhead: the full cache pass of the real tool's pieces
-   (``erpd_megatron.cache.tool``: ``rank_order``, ``pack_in_order`` micro-batches,
+   (``erpd_megatron.train.cache_pass``: ``rank_order``, ``pack_in_order`` micro-batches,
    ``_score_microbatch`` for the teacher (log-probs + vocab-parallel top-k) and pi_r
    (log-probs + its log-probs at the teacher's ids), ``CacheWriter`` (pack, quantise,
    checksum, write), ``finalize_manifest`` (SHA-256 verify)) against a forward-only scoring
@@ -182,7 +182,8 @@ def megatron_lm_check_vocab(global_vocab_size: int) -> None:
     """Megatron-LM's rule, logits_saver.py (LogitsSaverHooks, before its top-k):
     ``assert global_vocab_size <= _MAX_VOCAB_SIZE``, same message."""
     assert global_vocab_size <= MEGATRON_LM_MAX_VOCAB, (
-        f"Global vocab size {global_vocab_size} exceeds maximum supported {MEGATRON_LM_MAX_VOCAB} (17 bits)"
+        f"Global vocab size {global_vocab_size} exceeds maximum supported "
+        f"{MEGATRON_LM_MAX_VOCAB} (17 bits)"
     )
 
 
@@ -298,9 +299,9 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench_cache_"))
     per_batch = 8
     print(
-        f"# formats: vocab {VOCAB} ({bits_per_id(VOCAB)} bits per id for ERPD), k {K}, {n_samples} samples, "
-        f"{resp} response tokens ({entries:,} entries), {positions} positions with prompts; {per_batch} "
-        "samples per batch/iteration for the peers"
+        f"# formats: vocab {VOCAB} ({bits_per_id(VOCAB)} bits per id for ERPD), k {K}, "
+        f"{n_samples} samples, {resp} response tokens ({entries:,} entries), {positions} "
+        f"positions with prompts; {per_batch} samples per batch/iteration for the peers"
     )
 
     # Megatron-LM's packing rule on this vocabulary
@@ -313,7 +314,8 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
     wrong = int((megatron_lm_unpack(*megatron_lm_pack(all_ids)) != all_ids).sum())
     print(f"  Megatron-LM rule on vocab {VOCAB}: {refusal}")
     print(
-        f"  Megatron-LM pack/unpack of these ids: {wrong:,} of {all_ids.numel():,} ids come back wrong "
+        f"  Megatron-LM pack/unpack of these ids: {wrong:,} of {all_ids.numel():,} ids come "
+        "back wrong "
         f"({wrong / all_ids.numel():.1%}: every id >= {MEGATRON_LM_MAX_VOCAB})"
     )
 
@@ -366,7 +368,8 @@ def formats(args: argparse.Namespace, reps: int) -> dict:
         t = times[key]
         rate = entries / statistics.median(t)
         print(
-            f"  {label:<34}{nbytes / entries:>12.3f}{nbytes / stored_entries:>9.3f}{rate / 1e6:>20.2f}"
+            f"  {label:<34}{nbytes / entries:>12.3f}{nbytes / stored_entries:>9.3f}"
+            f"{rate / 1e6:>20.2f}"
             f"{entries / max(t) / 1e6:>8.2f}-{entries / min(t) / 1e6:<6.2f}"
         )
         out[key] = (nbytes / entries, rate)
@@ -383,10 +386,11 @@ def tool_overhead(args: argparse.Namespace, reps: int) -> tuple[float, dict]:
     import numpy as np
     import torch
 
-    from erpd_megatron.cache import CacheWriter, finalize_manifest, tool
+    from erpd_megatron.cache import CacheWriter, finalize_manifest
     from erpd_megatron.config import load_config
     from erpd_megatron.data.batching import SampleTable, collate, pack_in_order
     from erpd_megatron.runtime.distributed import init_distributed
+    from erpd_megatron.train import cache_pass as tool
     from erpd_megatron.train.engine import Engine, _device
 
     if args.quick:
@@ -527,9 +531,9 @@ def tool_overhead(args: argparse.Namespace, reps: int) -> tuple[float, dict]:
     tok = int(table.lengths.sum())
     med = {k2: statistics.median(t) for k2, t in times.items()}
     print(
-        f"# cache tool pass vs forward-only scoring: device {device.type}, dtype {args.dtype}, 2 models "
-        f"(layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, vocab {v}), {n} samples, {tok} "
-        f"tokens, {len(chunks)} micro-batches, k {k}, {reps} interleaved rounds"
+        f"# cache tool pass vs forward-only scoring: device {device.type}, dtype {args.dtype}, "
+        f"2 models (layers {cfg.model.num_layers}, hidden {cfg.model.hidden_size}, vocab {v}), "
+        f"{n} samples, {tok} tokens, {len(chunks)} micro-batches, k {k}, {reps} interleaved rounds"
     )
     print(
         f"  {'pass':<58}{'median s':>10}{'min-max s':>16}{'ratio':>7}{'cpu s':>8}{'cpu ratio':>10}"
@@ -542,7 +546,8 @@ def tool_overhead(args: argparse.Namespace, reps: int) -> tuple[float, dict]:
     for key in ("scoring", "cache"):
         t = times[key]
         print(
-            f"  {labels[key]:<58}{med[key]:>10.3f}{min(t):>8.3f}-{max(t):<7.3f}{med[key] / med['scoring']:>7.3f}"
+            f"  {labels[key]:<58}{med[key]:>10.3f}{min(t):>8.3f}-{max(t):<7.3f}"
+            f"{med[key] / med['scoring']:>7.3f}"
             f"{cpu[key]:>8.3f}{cpu[key] / cpu['scoring']:>10.3f}"
         )
     med["cpu_ratio"] = cpu["cache"] / cpu["scoring"]
@@ -574,9 +579,11 @@ def main() -> None:
         cpu_overhead = med["cpu_ratio"]
     b, rate = fmt["erpd"]
     print(
-        f"RESULT bytes_per_entry={b:.4f} decode_entries_per_s={rate:.4g} cache_tool_overhead={overhead:.3f} "
+        f"RESULT bytes_per_entry={b:.4f} decode_entries_per_s={rate:.4g} "
+        f"cache_tool_overhead={overhead:.3f} "
         f"cache_tool_cpu_overhead={cpu_overhead:.3f} "
-        f"megatron_lm_bytes_per_entry={fmt['megatron_lm'][0]:.4f} verl_bytes_per_entry={fmt['verl'][0]:.4f} "
+        f"megatron_lm_bytes_per_entry={fmt['megatron_lm'][0]:.4f} "
+        f"verl_bytes_per_entry={fmt['verl'][0]:.4f} "
         f"nemo_rl_bytes_per_entry={fmt['nemo_rl'][0]:.4f} "
         f"megatron_lm_decode_entries_per_s={fmt['megatron_lm'][1]:.4g} dtype={args.dtype}"
     )

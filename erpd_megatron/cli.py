@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "erpd_megatron.train.stage1",
         "Stage 1: weakly constrained multi-epoch training -> teacher",
     ),
-    "cache": ("erpd_megatron.cache.tool", "score teachers and write the teacher cache"),
+    "cache": ("erpd_megatron.train.cache_pass", "score teachers and write the teacher cache"),
     "stage2": ("erpd_megatron.train.stage2", "Stage 2: trust-region distillation from the cache"),
     "convert": ("erpd_megatron.models.convert", "HF <-> Megatron checkpoint conversion"),
     "evaluate": ("erpd_megatron.eval.evaluate", "accuracy / KL / entropy table and plots"),

@@ -730,7 +730,7 @@ def _cache_stage2(ck: Check, recipe: Path, ov: list[str], final: str) -> tuple[s
         [
             sys.executable,
             "-m",
-            "erpd_megatron.cache.tool",
+            "erpd_megatron.train.cache_pass",
             "--config",
             str(recipe),
             *ov,

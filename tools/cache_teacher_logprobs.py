@@ -3,12 +3,12 @@
 
     torchrun --nproc-per-node N tools/cache_teacher_logprobs.py --config RECIPE [a.b=c ...]
 
-Same as `erpd cache`; see erpd_megatron/cache/tool.py and docs/cache_format.md.
+Same as `erpd cache`; see erpd_megatron/train/cache_pass.py and docs/cache_format.md.
 """
 
 import sys
 
-from erpd_megatron.cache.tool import main
+from erpd_megatron.train.cache_pass import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -302,7 +302,7 @@ def plan_round(
         _done(paths.cache / "manifest.json"),
         data_ups + sorted({f"s1_{t.run}" for t in rc.teachers}),
         lambda: runner.module(
-            "erpd_megatron.cache.tool",
+            "erpd_megatron.train.cache_pass",
             common + [f"cache.dir={paths.cache}", cache_models, f"output_dir={paths.root}"],
         ),
     )

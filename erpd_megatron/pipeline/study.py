@@ -62,7 +62,7 @@ LOCAL_FILE = "study_local.json"
 SLURM_STEP = {
     "erpd_megatron.rollout.generate": "rollout finalize",
     "erpd_megatron.stage1": "stage1",
-    "erpd_megatron.cache.tool": "cache",
+    "erpd_megatron.train.cache_pass": "cache",
     "erpd_megatron.stage2": "stage2",
     "erpd_megatron.eval.evaluate": "evaluate",
 }

@@ -45,9 +45,10 @@ from erpd_megatron.data.batching import (
 )
 from erpd_megatron.runtime import comm
 from erpd_megatron.train.engine import Engine, LossFn, reduce_metrics
-from erpd_megatron.train.metrics import MetricsLogger, progress_bar, truncate_jsonl
+from erpd_megatron.train.metrics import MetricsLogger, truncate_jsonl
 from erpd_megatron.utils.files import atomic_write_json, read_json
 from erpd_megatron.utils.log import get_logger
+from erpd_megatron.utils.progress import progress_bar
 
 log = get_logger(__name__)
 
@@ -313,10 +314,11 @@ class TrainLoop:
             )
             if st.consecutive_nonfinite >= self.cfg.optimizer.max_nonfinite_steps:
                 raise NonFiniteAbort(
-                    f"{self.spec.name}: {st.consecutive_nonfinite} consecutive steps with a non-finite loss or "
-                    f"gradient (last at step {st.global_step + 1}); no checkpoint of non-finite weights was "
-                    "written. Lower optimizer.lr, check the data (rollout log-probs, rewards) or the stage's "
-                    "clip settings, then resume from the last checkpoint."
+                    f"{self.spec.name}: {st.consecutive_nonfinite} consecutive steps with a "
+                    f"non-finite loss or gradient (last at step {st.global_step + 1}); no "
+                    "checkpoint of non-finite weights was written. Lower optimizer.lr, check the "
+                    "data (rollout log-probs, rewards) or the stage's clip settings, then resume "
+                    "from the last checkpoint."
                 )
             return sums, float("nan"), False
         st.consecutive_nonfinite = 0

@@ -127,7 +127,7 @@ def test_stage1_and_stage2_at_ep2_match_single_process(tmp_path):
         f"stage2.teachers={TEACHERS}",
     ]
     run_module(
-        "erpd_megatron.cache.tool",
+        "erpd_megatron.train.cache_pass",
         CFG,
         ov + [f"cache.dir={tmp_path / 'cache'}", f"cache.models={models}"],
     )

@@ -166,7 +166,7 @@ def test_progress_to_a_file_is_plain_lines(tmp_path):
     import sys
 
     code = (
-        "import logging, time\nfrom erpd_megatron.train.metrics import progress_bar\n"
+        "import logging, time\nfrom erpd_megatron.utils.progress import progress_bar\n"
         "bar = progress_bar(500, enabled=True, desc='stage1')\n"
         "for i in range(500):\n    bar.update(1); bar.set_postfix(loss='0.1', tok_s='7')\n"
         "    time.sleep(0.002)\nbar.close()\n"

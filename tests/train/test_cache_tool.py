@@ -17,9 +17,9 @@ def caches(tmp_path_factory):
     cfg, ov = make_tiny_round(root)
     models = f"cache.models=[{{name: teacher0, checkpoint: {root / 'base'}}}]"
     common = ov + [models, "cache.topk=8", "cache.dtype=fp32"]
-    run_module("erpd_megatron.cache.tool", cfg, common + [f"cache.dir={root / 'tp1'}"])
+    run_module("erpd_megatron.train.cache_pass", cfg, common + [f"cache.dir={root / 'tp1'}"])
     run_module(
-        "erpd_megatron.cache.tool",
+        "erpd_megatron.train.cache_pass",
         cfg,
         common + [f"cache.dir={root / 'tp2'}", "parallel.tensor_model_parallel_size=2"],
         nproc=2,

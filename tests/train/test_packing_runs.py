@@ -86,7 +86,7 @@ def test_packed_equals_unpacked_stage1_cache_stage2(tmp_path):
     models = f"[{{name: teacher0, checkpoint: {teacher}}}]"
     caches = {name: tmp_path / f"cache_{name}" for name in ("pad", "pack")}
     _both(
-        "erpd_megatron.cache.tool",
+        "erpd_megatron.train.cache_pass",
         cfg,
         *[
             ov + [f"cache.dir={caches[n]}", f"cache.models={models}", f"data.packing={p}"]

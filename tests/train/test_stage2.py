@@ -50,7 +50,7 @@ def cached(tmp_path_factory):
     )
     cache = root / "cache"
     run_module(
-        "erpd_megatron.cache.tool", cfg, ov + [f"cache.dir={cache}", f"cache.models={models}"]
+        "erpd_megatron.train.cache_pass", cfg, ov + [f"cache.dir={cache}", f"cache.models={models}"]
     )
     ov = ov + [
         f"stage2.cache_dir={cache}",

@@ -8,6 +8,10 @@ results to its :class:`~erpd_megatron.cache.writer.CacheWriter`. Top-k is comput
 vocab-parallel (no full-vocabulary gather). pi_r's log-probs at each teacher's top-k ids are
 stored too, for the geometric-mixture target of Stage 2. A rerun skips the shards already
 complete; rank 0 writes ``manifest.json`` last.
+
+This is the cache-producing forward pass, so it lives with the engines in ``train/``;
+``erpd_megatron.cache`` keeps the format (codec, writer, reader, manifest) and imports
+nothing above it.
 """
 
 from __future__ import annotations
@@ -40,9 +44,12 @@ from erpd_megatron.data.batching import (
     pad_multiple,
     sequence_values,
 )
+from erpd_megatron.data.context_parallel import cp_split
 from erpd_megatron.runtime import comm
+from erpd_megatron.train.engine import Engine, cp_indices
 from erpd_megatron.utils.files import dir_fingerprint
 from erpd_megatron.utils.log import get_logger
+from erpd_megatron.utils.progress import progress_bar
 
 log = get_logger(__name__)
 
@@ -55,7 +62,7 @@ def rank_order(table: SampleTable, dp_rank: int, dp_size: int) -> np.ndarray:
 
 
 def _score_microbatch(
-    engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, torch.Tensor]
+    engine: Engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, torch.Tensor]
 ) -> dict:
     """Forward one micro-batch; return per-row results on the owner rank, {} elsewhere."""
     from erpd_megatron.ops.vocab_parallel import vp_bucket_logprobs, vp_logprob, vp_topk
@@ -72,9 +79,6 @@ def _score_microbatch(
             out["ids"], out["topk"] = ids.reshape(b, s, k), lps.reshape(b, s, k)
         for name, tid in ref_ids.items():
             if engine.cp_size > 1:  # the teacher's ids are whole rows (gathered over CP)
-                from erpd_megatron.data.context_parallel import cp_split
-                from erpd_megatron.train.engine import cp_indices
-
                 tid = cp_split(tid, cp_indices(mb, engine.cp_size, engine.cp_rank))
             rl, _ = vp_bucket_logprobs(flat, tid.reshape(b * s, -1), **kw)
             out[f"ref:{name}"] = rl.reshape(b, s, -1)
@@ -91,7 +95,6 @@ def write_cache(cfg: Config) -> Path:
     from erpd_megatron.cache.writer import CacheWriter
     from erpd_megatron.data.table import load_sample_table
     from erpd_megatron.models.checkpoint import load_checkpoint
-    from erpd_megatron.train.engine import Engine
 
     t_start = time.time()  # compute accounting (meta "compute")
     check_cache_inputs(cfg)  # every missing input in one ConfigError, before any engine
@@ -145,8 +148,6 @@ def write_cache(cfg: Config) -> Path:
     # FP8 forward, so unequal counts would hang (see erpd_megatron.train.engine).
     count = int(comm.all_reduce(torch.tensor([len(chunks)], dtype=torch.long), "max").item())
     chunks += [None] * (count - len(chunks))
-    from erpd_megatron.train.metrics import progress_bar
-
     pad = pad_multiple(cfg)
     bar = progress_bar(len(chunks), enabled=(dist.get_rank() == 0), desc="cache")
     for rows in chunks:

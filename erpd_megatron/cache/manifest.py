@@ -18,7 +18,12 @@ from erpd_megatron.cache.format import (
     parse_shard_name,
 )
 from erpd_megatron.cache.writer import done_name
-from erpd_megatron.utils.files import atomic_write_json, read_json
+from erpd_megatron.utils.files import (
+    atomic_write_json,
+    read_json,
+    self_digest_error,
+    with_self_digest,
+)
 from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -181,6 +186,7 @@ def finalize_manifest(
         "shards": listed,
         "extra": {k: v for k, v in meta.items() if k not in ("rollout_fingerprint", "models")},
     }
+    manifest = with_self_digest(manifest)
     atomic_write_json(cache_dir / MANIFEST_NAME, manifest)
     log.info(
         "teacher cache %s: %d samples, %d tokens in %d shards",
@@ -207,6 +213,8 @@ def load_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
         raise CacheError(str(e)) from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path}: not a teacher-cache manifest")
+    if why := self_digest_error(path, manifest):
+        raise CacheError(f"{why}; {REBUILD_HINT}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(
             f"{path}: format version {manifest.get('format_version')}, this code reads "

@@ -32,7 +32,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from erpd_megatron.utils.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from erpd_megatron.utils.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    self_digest_error,
+    sha256_file,
+    with_self_digest,
+)
 
 FORMAT = "erpd-rollouts"
 VERSION = 1
@@ -273,6 +280,7 @@ def finalize_manifest(
         "shards": shards,
         "fingerprint": data_fingerprint(shards),
     }
+    manifest = with_self_digest(manifest)
     atomic_write_json(directory / MANIFEST, manifest)
     return manifest
 
@@ -347,6 +355,10 @@ class RolloutSet:
             raise RolloutDataError(str(e)) from e
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise RolloutDataError(f"{mpath}: not an {FORMAT} v{VERSION} manifest")
+        if why := self_digest_error(mpath, manifest):
+            raise RolloutDataError(
+                f"{why}; rewrite it from the shards with `erpd rollout --finalize` (same config)"
+            )
         for s in manifest["shards"]:
             path = directory / s["file"]
             if not path.exists():

@@ -44,6 +44,38 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     )
 
 
+SELF_DIGEST_KEY = "self_sha256"
+"""Key of a manifest's digest of its own content (every other key, canonical JSON)."""
+
+
+def _content_digest(obj: dict[str, Any]) -> str:
+    body = {k: v for k, v in obj.items() if k != SELF_DIGEST_KEY}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def with_self_digest(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` plus its self digest, to write as a manifest (see :func:`self_digest_error`).
+
+    A manifest's fields are facts later steps trust (fingerprints, plan fields, shard names);
+    most are not re-derived by a reader, so a changed digit would pass silently without this.
+    """
+    return {**obj, SELF_DIGEST_KEY: _content_digest(obj)}
+
+
+def self_digest_error(path: str | os.PathLike, obj: Any) -> str | None:
+    """Why the manifest ``obj`` read from ``path`` fails its self digest, or None when it holds.
+
+    A manifest without the key (written before the digest existed, or with the key damaged)
+    fails too: nothing would then catch a changed field.
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get(SELF_DIGEST_KEY), str):
+        return f"{path}: has no {SELF_DIGEST_KEY} (written by an older version, or damaged)"
+    if obj[SELF_DIGEST_KEY] != _content_digest(obj):
+        return f"{path}: content differs from its {SELF_DIGEST_KEY} (edited or damaged)"
+    return None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file, naming the file in the error when it is missing or malformed."""
     path = Path(path)

@@ -20,6 +20,7 @@ from erpd_megatron.data.rollouts import (
     pass_at_k,
     write_rollout_set,
 )
+from erpd_megatron.utils.files import with_self_digest
 
 
 def make_records(num_prompts: int = 5, g: int = 4, seed: int = 0) -> list[RolloutRecord]:
@@ -126,6 +127,10 @@ def test_open_detects_missing_manifest_truncation_corruption_and_missing_columns
     manifest = json.loads((rs.directory / "manifest.json").read_text())
     manifest["shards"][1]["bytes"] = shard.stat().st_size
     (rs.directory / "manifest.json").write_text(json.dumps(manifest))
+    # an edited manifest fails its self digest, naming the file and the repair
+    with pytest.raises(RolloutDataError, match="manifest.json: content differs.*--finalize"):
+        RolloutSet.open(rs.directory, verify=False)
+    (rs.directory / "manifest.json").write_text(json.dumps(with_self_digest(manifest)))
     with pytest.raises(
         RolloutDataError, match=f"{shard.name}: missing columns \\['engine_logprobs'\\]"
     ):

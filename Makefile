@@ -35,7 +35,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: install install-vllm gpu-check test lint demo bench clean-venv
+.PHONY: install install-vllm gpu-check test lint demo claims bench clean-venv
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,12 @@ test: install
 
 demo: install
 	$(VENV)/bin/erpd demo $(DEMO_ARGS)
+
+# The claims over 3 independent seeds (docs/demo_protocol.md): runs/claims/claims.md and
+# claims.json, the figures, and the README's results table written from that run.
+claims: install
+	$(VENV)/bin/erpd demo --seeds 3 output_dir=runs/claims $(CLAIMS_ARGS)
+	$(PY) -m erpd_megatron.pipeline.claims runs/claims --readme README.md
 
 bench: install
 	$(PY) benchmarks/bench_token_ops.py

@@ -554,6 +554,12 @@ class DemoConfig:
     """Arithmetic problems in the train split (supervised data of the base, and rollout prompts)."""
     heldout_problems: int = 200
     """Problems in the held-out split (evaluation)."""
+    validation_problems: int = 200
+    """Problems in the validation split (disjoint from train and test): every choice of a
+    setting is made on it (docs/demo_protocol.md); ``heldout_problems`` sizes the test split."""
+    eval_split: Literal["validation", "test"] = "test"
+    """Split of every evaluation of the run (Stage-1 curves and the table): ``validation`` for
+    runs that choose settings, ``test`` for the reported run."""
     pretrain_epochs: int = 8
     """Supervised epochs of the base trained from scratch."""
     pretrain_lr: float = 3e-3

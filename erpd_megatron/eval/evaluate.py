@@ -363,6 +363,8 @@ def build_row(cfg: Config, s: ModelSamples, base: ModelSamples, dataset: str) ->
         "prompts": int(s.rewards.shape[0]),
         "n": ec.n,
         **stats.accuracy_stats(s.rewards, ec.pass_k),
+        # per prompt, in prompt order (the same prompts for every model): paired comparisons
+        "prompt_accuracy": [round(float(x), 6) for x in s.rewards.mean(axis=1)],
     }
     if s.is_base:
         row.update(

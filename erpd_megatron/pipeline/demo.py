@@ -47,10 +47,12 @@ QUICK = [
     "eval.pass_k=[1,2]",
     "round.teachers=[{name: t_ep2, run: pg, epoch: 2}, {name: t_ep8, run: pg},"
     " {name: unlearned, run: unlearned, topk: false, evaluate: false}]",
-    "round.students=[{name: student, overrides: ['stage2.teachers=[{model: t_ep8, signal: topk_kl, alpha: 0.5}]']},"
+    "round.students=[{name: student, overrides: ['stage2.teachers=[{model: t_ep8,"
+    " signal: topk_kl, alpha: 0.5}]']},"
     " {name: student_weak, overrides: ['stage2.teachers=[{model: t_ep2, signal: contrast,"
     " contrast_model: unlearned}]']}]",
-    "round.stage1_runs=[{name: pg}, {name: unlearned, overrides: [stage1.loss=unlearned, stage1.epochs=2,"
+    "round.stage1_runs=[{name: pg}, {name: unlearned, overrides: [stage1.loss=unlearned,"
+    " stage1.epochs=2,"
     " 'stage1.save_epochs=[]']}]",
 ]
 
@@ -68,7 +70,11 @@ def prepare(config: str, overrides: list[str]) -> Path:
 
     def make_task() -> None:
         paths = toy.write_splits(
-            data, train=d.train_problems, heldout=d.heldout_problems, seed=cfg.seed
+            data,
+            train=d.train_problems,
+            validation=d.validation_problems,
+            test=d.heldout_problems,
+            seed=cfg.seed,
         )
         tok = toy.build_tokenizer(tok_dir)
         from erpd_megatron.data.rollouts import write_rollout_set
@@ -142,31 +148,136 @@ def prepare(config: str, overrides: list[str]) -> Path:
     return base_hf
 
 
+def run_seed(config: str, overrides: list[str]) -> Path:
+    """The task, the base and one round for the seed in ``overrides``; returns the round's
+    directory. Every evaluation of the run (Stage-1 curves, the table) is on
+    ``demo.eval_split``."""
+    cfg = load_config(config, overrides, validate=False)
+    data = Path(cfg.output_dir) / "data"
+    # the task files are made by prepare(); every step (Stage-1 held-out evaluation included)
+    # reads them
+    overrides = [
+        f"rollout.dataset={data / 'train.jsonl'}",
+        f"eval.datasets=[{data / (cfg.demo.eval_split + '.jsonl')}]",
+    ] + overrides
+    base_hf = prepare(config, overrides)
+    report: dict = {}
+    last = run_rounds(config, overrides + [f"round.base_hf={base_hf}"], report=report)
+    if not report.get("evaluated"):  # the evaluation step printed the table when it ran
+        print("\n" + (last / "eval" / "results.md").read_text())
+    return last
+
+
+def seed_overrides(seed: int, out: Path) -> list[str]:
+    """One independent seed: task sample, base init and training (``seed``), rollouts
+    (``rollout.seed``) and evaluation sampling (``eval.seed``), in its own directory."""
+    return [f"seed={seed}", f"rollout.seed={seed}", f"eval.seed={seed}", f"output_dir={out}"]
+
+
+def seed_list(first: int, n: int) -> list[int]:
+    """``n`` seeds from ``first``, 1000 apart: the task splits use ``seed``, ``seed + 1`` and
+    ``seed + 2``, so neighbouring seeds would share problem generators."""
+    return [first + 1000 * i for i in range(n)]
+
+
+def git_commit() -> dict:
+    """The commit the run is made from, and whether tracked files differed from it."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``erpd demo [--quick] [a.b=c ...]``."""
+    """CLI entry point: ``erpd demo [--quick] [--seeds N] [a.b=c ...]``."""
+    import json
+
+    from erpd_megatron.pipeline import claims
+
     p = argparse.ArgumentParser(prog="erpd demo", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(RECIPE))
     p.add_argument("--quick", action="store_true", help="a much smaller run (integration test)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="independent seeds (task sample, base init, rollouts, training), each in "
+        "<output_dir>/seed_<S>; claims.md / claims.json over all of them (default 1: "
+        "<output_dir> itself)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     overrides = (QUICK if args.quick else []) + list(args.overrides)
     t0 = time.time()
-    # the task files are made by prepare(); every step (Stage-1 held-out evaluation included) reads them
-    data = Path(load_config(args.config, overrides, validate=False).output_dir) / "data"
-    overrides = [
-        f"rollout.dataset={data / 'train.jsonl'}",
-        f"eval.datasets=[{data / 'heldout.jsonl'}]",
-    ] + overrides
+    cfg = load_config(args.config, overrides, validate=False)
+    root = Path(cfg.output_dir)
+    seeds = seed_list(cfg.seed, max(args.seeds, 1))
+    runs = []
     try:
-        base_hf = prepare(args.config, overrides)
-        report: dict = {}
-        last = run_rounds(args.config, overrides + [f"round.base_hf={base_hf}"], report=report)
+        for s in seeds:
+            ov = overrides + (seed_overrides(s, root / f"seed_{s}") if args.seeds > 1 else [])
+            log.info("seed %d (%d of %d)", s, len(runs) + 1, len(seeds))
+            last = run_seed(args.config, ov)
+            runs.append({"seed": s, "round_dir": str(last), "overrides": ov})
     except StepFailed as e:
         log.error("%s\nfix the cause and rerun `make demo`: finished steps are skipped", e)
         return 1
-    if not report.get("evaluated"):  # the evaluation step printed the table when it ran
-        print("\n" + (last / "eval" / "results.md").read_text())
-    plots = sorted((last / "eval").glob("*.png"))
+    spec = {
+        "config": args.config,
+        "command": "erpd demo " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seeds": seeds,
+        "runs": runs,
+        "roles": claims_roles(args.config, overrides),
+        "eval_split": cfg.demo.eval_split,
+        **git_commit(),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "claims_spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+    written = claims.main([str(root)])
+    if written:
+        return written
+    print((root / "claims.md").read_text())
+    plots = sorted(Path(runs[-1]["round_dir"], "eval").glob("*.png")) + sorted(root.glob("*.png"))
     print("plots:\n" + "\n".join(f"  {p}" for p in plots))
-    print(f"demo finished in {(time.time() - t0) / 60:.1f} min; outputs under {last.parent}")
+    print(f"demo finished in {(time.time() - t0) / 60:.1f} min; outputs under {root}")
     return 0
+
+
+def claims_roles(config: str, overrides: list[str]) -> dict:
+    """Which models and Stage-1 runs play which part in the claims (by the round's names):
+    ``student`` and its teacher (the final, over-trained one), the ``student_weak*`` students
+    and their teacher, the teacher's Stage-1 run (curve) and ``<run>_tight`` (claim 2)."""
+    cfg = load_config(config, overrides, validate=False)
+    rc = cfg.round
+    teacher_of = {}
+    for st in rc.students:
+        s2 = load_config(config, overrides + st.overrides, validate=False).stage2
+        teacher_of[st.name] = s2.teachers[0].model
+    by_name = {t.name: t for t in rc.teachers}
+    final = teacher_of.get("student")
+    run = by_name[final].run if final in by_name else None
+    snaps = sorted(
+        (t for t in rc.teachers if t.run == run and t.epoch is not None), key=lambda t: t.epoch
+    )
+    weak = [n for n in teacher_of if n.startswith("student_weak")]
+    runs = {r.name: r for r in rc.stage1_runs}
+    epochs = {}
+    for name in runs:
+        s1 = load_config(config, overrides + runs[name].overrides, validate=False).stage1
+        epochs[name] = s1.epochs
+    return {
+        "base": "base",
+        "student": "student",
+        "teacher_final": final,
+        "teacher_first": snaps[0].name if snaps else None,
+        "snapshots": [[0, "base"]]
+        + [[t.epoch, t.name] for t in snaps]
+        + ([[epochs[run], final]] if run else []),
+        "weak_teacher": teacher_of[weak[0]] if weak else None,
+        "weak_students": weak,
+        "curve_weak": run,
+        "curve_tight": f"{run}_tight" if f"{run}_tight" in runs else None,
+    }

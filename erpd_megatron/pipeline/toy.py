@@ -6,8 +6,8 @@ by step and ends with the answer in ``\\boxed{}``, which the math verifier check
     prompt:   17+5-9=
     solution: 17+5=22;22-9=13;\\boxed{13}
 
-Everything is generated deterministically from a seed: the train and held-out splits
-(disjoint problems, written as JSON lines that ``datasets`` loads, Polaris-style
+Everything is generated deterministically from a seed: the train, validation and test
+splits (disjoint problems, written as JSON lines that ``datasets`` loads, Polaris-style
 ``problem/answer`` columns), a character-level tokenizer built with ``tokenizers`` and saved
 in Hugging Face format (so the demo goes through the same HF <-> Megatron path as real
 models), and the supervised data the tiny base is trained on from scratch.
@@ -89,14 +89,26 @@ def make_problems(
     return out
 
 
-def write_splits(out_dir: str | Path, *, train: int, heldout: int, seed: int) -> dict[str, Path]:
-    """Write ``train.jsonl`` and ``heldout.jsonl`` (disjoint) with ``problem``/``answer`` columns."""
+SPLITS = ("train", "validation", "test")
+
+
+def write_splits(
+    out_dir: str | Path, *, train: int, validation: int, test: int, seed: int
+) -> dict[str, Path]:
+    """Write ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` (pairwise disjoint
+    prompts) with ``problem``/``answer``/``solution`` columns; returns their paths.
+
+    Validation is drawn first from ``seed + 1`` (the generator and seed of the former single
+    held-out split, so earlier looks at that split were looks at validation), test from
+    ``seed + 2`` excluding validation, train from ``seed`` excluding both. Settings are chosen
+    on validation only; the reported table uses test only (docs/demo_protocol.md)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    held = make_problems(heldout, seed=seed + 1)
-    tr = make_problems(train, seed=seed, exclude={p.prompt for p in held})
+    val = make_problems(validation, seed=seed + 1)
+    test_ = make_problems(test, seed=seed + 2, exclude={p.prompt for p in val})
+    tr = make_problems(train, seed=seed, exclude={p.prompt for p in val + test_})
     paths = {}
-    for name, probs in (("train", tr), ("heldout", held)):
+    for name, probs in zip(SPLITS, (tr, val, test_)):
         path = out / f"{name}.jsonl"
         path.write_text(
             "".join(

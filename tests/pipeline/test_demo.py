@@ -58,7 +58,7 @@ def test_round_rerun_after_kill_skips_finished_steps(demo, tmp_path):
         "logging.progress_bar=false",
         f"round.base_hf={out / 'base_hf'}",
         f"rollout.dataset={out / 'data/train.jsonl'}",
-        f"eval.datasets=[{out / 'data/heldout.jsonl'}]",
+        f"eval.datasets=[{out / 'data/test.jsonl'}]",
         "round.evaluate=false",
     ]
     cmd = [

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             ov = overrides + (seed_overrides(s, root / f"seed_{s}") if args.seeds > 1 else [])
             log.info("seed %d (%d of %d)", s, len(runs) + 1, len(seeds))
             last = run_seed(args.config, ov)
-            runs.append({"seed": s, "round_dir": str(last), "overrides": ov})
+            runs.append({"seed": s, "round_dir": str(last.resolve()), "overrides": ov})
     except StepFailed as e:
         log.error("%s\nfix the cause and rerun `make demo`: finished steps are skipped", e)
         return 1

@@ -292,6 +292,27 @@ def compute(records: list[dict], roles: dict) -> dict[str, Any]:
     return {"claims": claims, "models": model_table(records), "seeds": [x["seed"] for x in records]}
 
 
+def quick_checks(rec: dict, roles: dict) -> dict[str, tuple[bool, str]]:
+    """The protocol's one-seed properties of the quick demo (docs/demo_protocol.md): name ->
+    (holds, the numbers)."""
+    base, st, tf = roles["base"], roles["student"], roles["teacher_final"]
+    kl_s, kl_t = _field(rec, st, "kl_to_base"), _field(rec, tf, "kl_to_base")
+    c = curve(rec, roles.get("curve_weak"), roles)
+    se, kind = paired_se(rec["models"][st], rec["models"][base])
+    d = _diff(_acc(rec, st), _acc(rec, base))
+    return {
+        "student_kl_below_teacher": (
+            kl_s is not None and kl_t is not None and kl_s < kl_t,
+            f"KL({st}) {kl_s} vs KL({tf}) {kl_t}",
+        ),
+        "curve_rises_first": (len(c) >= 2 and c[1][1] > c[0][1], f"curve {c}"),
+        "student_not_worse_than_base": (
+            d is not None and se is not None and d > -Z * se,
+            f"acc({st}) - acc(base) = {d} ({kind} SE {se})",
+        ),
+    }
+
+
 def model_table(records: list[dict]) -> list[dict]:
     """Per model: every seed's accuracy / KL / entropy and their mean and SE across seeds."""
     names: list[str] = []

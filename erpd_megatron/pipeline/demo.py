@@ -1,16 +1,21 @@
 """`erpd demo` (`make demo`): one real ERPD round on the embedded arithmetic task, on a CPU.
 
-1. the task: train / held-out splits and a character-level tokenizer (toy.py);
+1. the task: train / validation / test splits (disjoint) and a character-level tokenizer
+   (toy.py); every evaluation of a run is on ``demo.eval_split`` (test for the reported run,
+   validation for runs that choose settings: docs/demo_protocol.md);
 2. the base: a tiny Llama trained from scratch on the reference solutions, through the same
    Stage-1 trainer with the ``ce`` loss (supervised), then exported to HF;
-3. one ERPD round (round.py): rollouts of the base, Stage-1 teachers at several epoch counts
-   (the last one over-trained) and an unlearned U, the teacher cache, a student distilled from
-   the over-trained teacher (``topk_kl``) and one from a weak teacher (``contrast``), the
-   exports, and the evaluation table and plots.
+3. one ERPD round (round.py): rollouts of the base, Stage-1 teachers (an over-trained run and
+   the same under a tighter constraint, with held-out curves), a weak teacher and an unlearned
+   U, the teacher cache, a student distilled from the over-trained teacher and students from
+   the weak one (one per signal), the exports, and the evaluation table and plots;
+4. the claims (claims.py): ``claims.md`` / ``claims.json`` and their figures.
 
-Every step is resumable (rerun the same command). ``--quick`` shrinks every size (used by the
-integration test). The recipe is ``configs/recipes/demo-cpu.yaml``; the round's teachers and
-students are in its ``round:`` section.
+``--seeds N`` repeats 1-3 for N independent seeds (``<output_dir>/seed_<S>``; task sample,
+base init, rollouts, training and evaluation sampling all follow the seed) and computes the
+claims over them. Every step is resumable (rerun the same command). ``--quick`` shrinks every
+size (used by the integration test). The recipe is ``configs/recipes/demo-cpu.yaml``; the
+round's teachers and students are in its ``round:`` section.
 """
 
 from __future__ import annotations

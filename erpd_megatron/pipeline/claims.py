@@ -374,10 +374,13 @@ def render_md(result: dict, spec: dict) -> str:
     """claims.md: provenance, every claim's statistics and verdicts, the per-model table."""
     seeds = ", ".join(map(str, result["seeds"]))
     dirty = " (tracked files differed from it)" if spec.get("dirty") else ""
+    by = result.get("computed_by")
+    computed = f" (claims computed by `{by}`)" if by and by != spec.get("commit") else ""
     lines = [
         "# Claims over seeds",
         "",
-        f"Command: `{spec.get('command', '')}`; commit `{spec.get('commit', '?')}`{dirty}; "
+        f"Command: `{spec.get('command', '')}`; commit `{spec.get('commit', '?')}`{dirty}"
+        f"{computed}; "
         f"seeds {seeds}; evaluation split: {spec.get('eval_split', '?')}. Criteria: "
         "docs/demo_protocol.md (mean ± SE across seeds; a difference is paired within a seed).",
         "",
@@ -437,6 +440,16 @@ def update_readme(readme: Path, result: dict, spec: dict) -> None:
     readme.write_text(f"{head}{BEGIN}\n{note}\n{body}\n{END}{tail}")
 
 
+def _commit() -> str:
+    """HEAD of the checkout this module is in (the code that computed the claims)."""
+    import subprocess
+
+    r = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
+    return r.stdout.strip() if r.returncode == 0 else "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m erpd_megatron.pipeline.claims ROOT [--readme README.md]``."""
     p = argparse.ArgumentParser(prog="claims", description=__doc__.splitlines()[0])
@@ -447,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads((root / "claims_spec.json").read_text())
     roles = spec["roles"]
     records = [collect_seed(r["seed"], r["round_dir"], roles) for r in spec["runs"]]
-    result = compute(records, roles) | {"spec": spec}
+    result = compute(records, roles) | {"spec": spec, "computed_by": _commit()}
     (root / "claims.json").write_text(json.dumps(result, indent=2) + "\n")
     (root / "claims.md").write_text(render_md(result, spec))
     try:

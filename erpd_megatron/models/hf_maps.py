@@ -130,6 +130,99 @@ def pad_vocab(w: Tensor, padded_vocab: int) -> Tensor:
     return torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])], dim=0)
 
 
+def megatron_names(
+    mc: ModelConfig,
+    *,
+    layers: Optional[range] = None,
+    embedding: bool = True,
+    head: bool = True,
+    experts: Optional[range] = None,
+) -> Iterator[str]:
+    """The full-Megatron (local spec) tensor names :func:`iter_hf_to_megatron` yields, in order."""
+    sparse = moe_layer_pattern(mc)
+    if embedding:
+        yield "embedding.word_embeddings.weight"
+    for i in layers if layers is not None else range(mc.num_layers):
+        mp = f"decoder.layers.{i}."
+        for mname in _LAYER_1TO1:
+            if mname.startswith("self_attention.") and "layernorm" in mname and not mc.qk_layernorm:
+                continue  # q_layernorm / k_layernorm
+            yield mp + mname
+        yield mp + "self_attention.linear_qkv.weight"
+        if mc.add_qkv_bias:
+            yield mp + "self_attention.linear_qkv.bias"
+        if not sparse[i]:
+            yield from (mp + "mlp.linear_fc2.weight", mp + "mlp.linear_fc1.weight")
+            continue
+        yield mp + "mlp.router.weight"
+        for j in experts if experts is not None else range(mc.num_experts or 0):
+            x = f"{mp}mlp.experts.local_experts.{j}."
+            yield from (x + "linear_fc1.weight", x + "linear_fc2.weight")
+        if mc.shared_expert_intermediate_size is not None:
+            x = mp + "mlp.shared_experts."
+            yield from (x + "linear_fc1.weight", x + "linear_fc2.weight")
+            if mc.shared_expert_gate:
+                yield x + "gate_weight"
+    if head:
+        yield "decoder.final_layernorm.weight"
+        if not mc.tie_word_embeddings:
+            yield "output_layer.weight"
+
+
+_MLP_RE = re.compile(
+    r"^mlp\.(?:experts\.local_experts\.(\d+)\.|(shared_experts)\.)?linear_fc[12]\.weight$"
+)
+
+
+def _hf_mlp_prefix(name: str, hp: str, rest: str) -> str:
+    """HF prefix of a (dense, routed-expert or shared-expert) MLP's gate/up/down projections."""
+    x = _MLP_RE.match(rest)
+    if not x:
+        raise KeyError(f"{name}: not a Megatron tensor of this model")
+    if x.group(1):
+        return f"{hp}mlp.experts.{x.group(1)}."
+    return hp + ("mlp.shared_expert." if x.group(2) else "mlp.")
+
+
+def hf_tensor_for(
+    get: Callable[[str], Tensor], mc: ModelConfig, padded_vocab: int, name: str
+) -> Tensor:
+    """One full-Megatron (local spec) tensor ``name`` from the HF tensors fetched with ``get``
+    (only those it needs: a streaming converter asks for tensors in any order). The output layer
+    of a tied model is the embedding."""
+    if name == "embedding.word_embeddings.weight" or (
+        name == "output_layer.weight" and mc.tie_word_embeddings
+    ):
+        emb = get("model.embed_tokens.weight")
+        if emb.shape[0] != mc.vocab_size:
+            raise ValueError(
+                f"HF embedding has {emb.shape[0]} rows but model.vocab_size={mc.vocab_size}"
+            )
+        return pad_vocab(emb, padded_vocab)
+    if name == "output_layer.weight":
+        return pad_vocab(get("lm_head.weight"), padded_vocab)
+    if name == "decoder.final_layernorm.weight":
+        return get("model.norm.weight")
+    m = _LAYER_RE.match(name)
+    if not m:
+        raise KeyError(f"{name}: not a Megatron tensor of this model")
+    hp, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest in _LAYER_1TO1:
+        return get(hp + _LAYER_1TO1[rest])
+    if rest.startswith("self_attention.linear_qkv."):
+        kind = rest.rsplit(".", 1)[1]  # weight / bias
+        a = hp + "self_attn."
+        return fuse_qkv(*(get(f"{a}{p}_proj.{kind}") for p in "qkv"), mc)
+    if rest == "mlp.router.weight":
+        return get(hp + "mlp.gate.weight")
+    if rest == "mlp.shared_experts.gate_weight":
+        return get(hp + "mlp.shared_expert_gate.weight")
+    e = _hf_mlp_prefix(name, hp, rest)
+    if rest.endswith("linear_fc2.weight"):
+        return get(e + "down_proj.weight")
+    return torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0)
+
+
 def iter_hf_to_megatron(
     get: Callable[[str], Tensor],
     mc: ModelConfig,
@@ -147,71 +240,9 @@ def iter_hf_to_megatron(
     one pipeline stage needs (``head``: final norm and, when untied, the output layer);
     ``experts`` to the global expert indices of one EP rank (:func:`ep_experts`).
     """
-    sparse = moe_layer_pattern(mc)
-    if embedding:
-        emb = get("model.embed_tokens.weight")
-        if emb.shape[0] != mc.vocab_size:
-            raise ValueError(
-                f"HF embedding has {emb.shape[0]} rows but model.vocab_size={mc.vocab_size}"
-            )
-        yield "embedding.word_embeddings.weight", pad_vocab(emb, padded_vocab)
-    for i in layers if layers is not None else range(mc.num_layers):
-        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for mname, hname in _LAYER_1TO1.items():
-            if (
-                mname.startswith(("self_attention.q_layernorm", "self_attention.k_layernorm"))
-                and not mc.qk_layernorm
-            ):
-                continue
-            yield mp + mname, get(hp + hname)
-        a = hp + "self_attn."
-        yield (
-            mp + "self_attention.linear_qkv.weight",
-            fuse_qkv(
-                get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight"), mc
-            ),
-        )
-        if mc.add_qkv_bias:
-            yield (
-                mp + "self_attention.linear_qkv.bias",
-                fuse_qkv(
-                    get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), mc
-                ),
-            )
-        if sparse[i]:
-            yield from _iter_moe_layer(get, mc, hp, mp, experts)
-            continue
-        yield mp + "mlp.linear_fc2.weight", get(hp + "mlp.down_proj.weight")
-        yield (
-            mp + "mlp.linear_fc1.weight",
-            torch.cat([get(hp + "mlp.gate_proj.weight"), get(hp + "mlp.up_proj.weight")], dim=0),
-        )
-    if head:
-        yield "decoder.final_layernorm.weight", get("model.norm.weight")
-        if not mc.tie_word_embeddings:
-            yield "output_layer.weight", pad_vocab(get("lm_head.weight"), padded_vocab)
-
-
-def _iter_moe_layer(
-    get: Callable[[str], Tensor], mc: ModelConfig, hp: str, mp: str, experts: Optional[range]
-) -> Iterator[tuple[str, Tensor]]:
-    yield mp + "mlp.router.weight", get(hp + "mlp.gate.weight")
-    for j in experts if experts is not None else range(mc.num_experts or 0):
-        e, x = f"{hp}mlp.experts.{j}.", f"{mp}mlp.experts.local_experts.{j}."
-        yield (
-            x + "linear_fc1.weight",
-            torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0),
-        )
-        yield x + "linear_fc2.weight", get(e + "down_proj.weight")
-    if mc.shared_expert_intermediate_size is not None:
-        e, x = hp + "mlp.shared_expert.", mp + "mlp.shared_experts."
-        yield (
-            x + "linear_fc1.weight",
-            torch.cat([get(e + "gate_proj.weight"), get(e + "up_proj.weight")], dim=0),
-        )
-        yield x + "linear_fc2.weight", get(e + "down_proj.weight")
-        if mc.shared_expert_gate:
-            yield x + "gate_weight", get(hp + "mlp.shared_expert_gate.weight")
+    names = megatron_names(mc, layers=layers, embedding=embedding, head=head, experts=experts)
+    for name in names:
+        yield name, hf_tensor_for(get, mc, padded_vocab, name)
 
 
 def _hf_mlp_keys(mc: ModelConfig, hp: str, sparse: bool) -> list[str]:
@@ -228,30 +259,6 @@ def _hf_mlp_keys(mc: ModelConfig, hp: str, sparse: bool) -> list[str]:
         if mc.shared_expert_gate:
             keys.append(hp + "mlp.shared_expert_gate.weight")
     return keys
-
-
-def _moe_layer_to_hf(
-    sd: Mapping[str, Tensor], mc: ModelConfig, hp: str, mp: str
-) -> dict[str, Tensor]:
-    out = {hp + "mlp.gate.weight": sd[mp + "mlp.router.weight"]}
-    pairs = [
-        (f"{hp}mlp.experts.{j}.", f"{mp}mlp.experts.local_experts.{j}.")
-        for j in range(mc.num_experts or 0)
-    ]
-    if mc.shared_expert_intermediate_size is not None:
-        pairs.append((hp + "mlp.shared_expert.", mp + "mlp.shared_experts."))
-        if mc.shared_expert_gate:
-            out[hp + "mlp.shared_expert_gate.weight"] = sd[mp + "mlp.shared_experts.gate_weight"]
-    for e, x in pairs:
-        gate, up = torch.chunk(sd[x + "linear_fc1.weight"], 2, dim=0)
-        out.update(
-            {
-                e + "gate_proj.weight": gate.contiguous(),
-                e + "up_proj.weight": up.contiguous(),
-                e + "down_proj.weight": sd[x + "linear_fc2.weight"],
-            }
-        )
-    return out
 
 
 def hf_to_megatron(
@@ -282,49 +289,47 @@ def expected_hf_keys(mc: ModelConfig) -> list[str]:
     return keys
 
 
+def hf_tensors_from(name: str, t: Tensor, mc: ModelConfig) -> dict[str, Tensor]:
+    """The HF tensors of one full-Megatron (local spec) tensor (inverse of :func:`hf_tensor_for`):
+    each Megatron tensor converts on its own, so an exporter can stream them; padded vocabulary
+    rows dropped, a tied model's output layer gives nothing."""
+    v = mc.vocab_size
+    if name == "embedding.word_embeddings.weight":
+        return {"model.embed_tokens.weight": t[:v].contiguous()}
+    if name == "output_layer.weight":
+        return {} if mc.tie_word_embeddings else {"lm_head.weight": t[:v].contiguous()}
+    if name == "decoder.final_layernorm.weight":
+        return {"model.norm.weight": t}
+    m = _LAYER_RE.match(name)
+    if not m:
+        raise KeyError(f"{name}: not a Megatron tensor of this model")
+    hp, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest in _LAYER_1TO1:
+        return {hp + _LAYER_1TO1[rest]: t}
+    if rest.startswith("self_attention.linear_qkv."):
+        kind = rest.rsplit(".", 1)[1]
+        return {f"{hp}self_attn.{p}_proj.{kind}": x for p, x in zip("qkv", split_qkv(t, mc))}
+    if rest == "mlp.router.weight":
+        return {hp + "mlp.gate.weight": t}
+    if rest == "mlp.shared_experts.gate_weight":
+        return {hp + "mlp.shared_expert_gate.weight": t}
+    e = _hf_mlp_prefix(name, hp, rest)
+    if rest.endswith("linear_fc2.weight"):
+        return {e + "down_proj.weight": t}
+    gate, up = torch.chunk(t, 2, dim=0)
+    return {e + "gate_proj.weight": gate.contiguous(), e + "up_proj.weight": up.contiguous()}
+
+
 def megatron_to_hf(msd: Mapping[str, Tensor], mc: ModelConfig) -> dict[str, Tensor]:
     """Full Megatron state dict (local or TE names) -> HF state dict; padded vocab rows dropped.
 
     Tied models get no ``lm_head.weight`` (transformers ties it on load).
     """
     sd = to_local_names(msd)
-    v = mc.vocab_size
-    out: dict[str, Tensor] = {
-        "model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:v].contiguous()
-    }
-    sparse = moe_layer_pattern(mc)
-    for i in range(mc.num_layers):
-        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-        for mname, hname in _LAYER_1TO1.items():
-            if mp + mname in sd:
-                out[hp + hname] = sd[mp + mname]
-        q, k, vv = split_qkv(sd[mp + "self_attention.linear_qkv.weight"], mc)
-        out.update(
-            {
-                hp + "self_attn.q_proj.weight": q,
-                hp + "self_attn.k_proj.weight": k,
-                hp + "self_attn.v_proj.weight": vv,
-            }
-        )
-        if mp + "self_attention.linear_qkv.bias" in sd:
-            q, k, vv = split_qkv(sd[mp + "self_attention.linear_qkv.bias"], mc)
-            out.update(
-                {
-                    hp + "self_attn.q_proj.bias": q,
-                    hp + "self_attn.k_proj.bias": k,
-                    hp + "self_attn.v_proj.bias": vv,
-                }
-            )
-        if sparse[i]:
-            out.update(_moe_layer_to_hf(sd, mc, hp, mp))
-            continue
-        out[hp + "mlp.down_proj.weight"] = sd[mp + "mlp.linear_fc2.weight"]
-        gate, up = torch.chunk(sd[mp + "mlp.linear_fc1.weight"], 2, dim=0)
-        out[hp + "mlp.gate_proj.weight"] = gate.contiguous()
-        out[hp + "mlp.up_proj.weight"] = up.contiguous()
-    out["model.norm.weight"] = sd["decoder.final_layernorm.weight"]
-    if not mc.tie_word_embeddings:
-        out["lm_head.weight"] = sd["output_layer.weight"][:v].contiguous()
+    out: dict[str, Tensor] = {}
+    for name in megatron_names(mc):
+        if name in sd:
+            out.update(hf_tensors_from(name, sd[name], mc))
     missing = [k for k in expected_hf_keys(mc) if k not in out]
     if missing:
         raise KeyError(

@@ -329,48 +329,7 @@ def collate(
     length is rounded up to a multiple of ``pad_to`` (see :func:`pad_multiple`)."""
     rows = np.asarray(rows, np.int64)
     lens = [len(table.prompt_ids[i]) + len(table.response_ids[i]) for i in rows]
-    b, s = len(rows), round_up(max(lens), pad_to)
-    ids = np.zeros((b, s), np.int64)
-    tgt = np.zeros((b, s), np.int64)
-    mask = np.zeros((b, s), np.float32)
-    seq = np.full((b, s), -1, np.int64)
-    pos = np.zeros((b, s), np.int64)
-    adv = np.zeros((b, s), np.float32)
-    extra = {}
-    for k, arrs in (token_arrays or {}).items():
-        first = np.asarray(arrs[rows[0]])
-        extra[k] = np.zeros((b, s) + first.shape[1:], first.dtype)
-    has_adv = len(table.advantages) == len(table)
-    for j, i in enumerate(rows):
-        p, r = table.prompt_ids[i], table.response_ids[i]
-        n = len(p) + len(r)
-        ids[j, : len(p)] = p
-        ids[j, len(p) : n] = r
-        pos[j, :n] = np.arange(n)
-        lo, hi = len(p) - 1, n - 1  # positions predicting the response tokens
-        tgt[j, lo:hi] = r
-        mask[j, lo:hi] = 1.0
-        seq[j, lo:hi] = j
-        if has_adv:
-            adv[j, lo:hi] = table.advantages[i]
-        for k, arrs in (token_arrays or {}).items():
-            a = np.asarray(arrs[i])
-            if len(a) != len(r):
-                raise ValueError(
-                    f"{k}: sample {int(table.sample_ids[i])} has {len(a)} values for {len(r)} response tokens"
-                )
-            extra[k][j, lo:hi] = a
-    return MicroBatch(
-        rows=rows,
-        input_ids=torch.from_numpy(ids),
-        position_ids=torch.from_numpy(pos),
-        targets=torch.from_numpy(tgt),
-        loss_mask=torch.from_numpy(mask),
-        advantages=torch.from_numpy(adv),
-        rewards=torch.from_numpy(table.rewards[rows].astype(np.float32)),
-        seq_index=torch.from_numpy(seq),
-        token_arrays={k: torch.from_numpy(v) for k, v in extra.items()},
-    )
+    return _place(table, rows, token_arrays, lens, round_up(max(lens), pad_to), packed=False)
 
 
 def collate_packed(
@@ -392,40 +351,56 @@ def collate_packed(
     spans = [
         round_up(len(table.prompt_ids[i]) + len(table.response_ids[i]), seq_multiple) for i in rows
     ]
-    s = round_up(sum(spans), pad_to)
-    ids = np.zeros((1, s), np.int64)
-    tgt = np.zeros((1, s), np.int64)
-    mask = np.zeros((1, s), np.float32)
-    seq = np.full((1, s), -1, np.int64)
-    segs = np.full((1, s), -1, np.int64)
-    pos = np.zeros((1, s), np.int64)
-    adv = np.zeros((1, s), np.float32)
+    return _place(table, rows, token_arrays, spans, round_up(sum(spans), pad_to), packed=True)
+
+
+def _place(
+    table: SampleTable,
+    rows: np.ndarray,
+    token_arrays: dict[str, list[np.ndarray]] | None,
+    spans: list[int],
+    s: int,
+    *,
+    packed: bool,
+) -> MicroBatch:
+    """The tensors of :func:`collate` (sequence ``j`` in row ``j``) or :func:`collate_packed`
+    (every sequence in row 0, one after another, each over ``spans[j]`` positions)."""
+    b = 1 if packed else len(rows)
+    ids = np.zeros((b, s), np.int64)
+    tgt = np.zeros((b, s), np.int64)
+    mask = np.zeros((b, s), np.float32)
+    seq = np.full((b, s), -1, np.int64)
+    segs = np.full((b, s), -1, np.int64)
+    pos = np.zeros((b, s), np.int64)
+    adv = np.zeros((b, s), np.float32)
     extra = {}
     for k, arrs in (token_arrays or {}).items():
         first = np.asarray(arrs[rows[0]])
-        extra[k] = np.zeros((1, s) + first.shape[1:], first.dtype)
+        extra[k] = np.zeros((b, s) + first.shape[1:], first.dtype)
     has_adv = len(table.advantages) == len(table)
     off = 0
     for j, (i, span) in enumerate(zip(rows, spans)):
+        row, o = (0, off) if packed else (j, 0)
         p, r = table.prompt_ids[i], table.response_ids[i]
         n = len(p) + len(r)
-        ids[0, off : off + len(p)] = p
-        ids[0, off + len(p) : off + n] = r
-        pos[0, off : off + span] = np.arange(span)
-        segs[0, off : off + span] = j
-        lo, hi = off + len(p) - 1, off + n - 1
-        tgt[0, lo:hi] = r
-        mask[0, lo:hi] = 1.0
-        seq[0, lo:hi] = j
+        ids[row, o : o + len(p)] = p
+        ids[row, o + len(p) : o + n] = r
+        pos[row, o : o + span] = np.arange(span)
+        segs[row, o : o + span] = j
+        lo, hi = o + len(p) - 1, o + n - 1  # positions predicting the response tokens
+        tgt[row, lo:hi] = r
+        mask[row, lo:hi] = 1.0
+        seq[row, lo:hi] = j
         if has_adv:
-            adv[0, lo:hi] = table.advantages[i]
+            adv[row, lo:hi] = table.advantages[i]
         for k, arrs in (token_arrays or {}).items():
             a = np.asarray(arrs[i])
             if len(a) != len(r):
                 raise ValueError(
-                    f"{k}: sample {int(table.sample_ids[i])} has {len(a)} values for {len(r)} response tokens"
+                    f"{k}: sample {int(table.sample_ids[i])} has {len(a)} values for "
+                    f"{len(r)} response tokens"
                 )
-            extra[k][0, lo:hi] = a
+            extra[k][row, lo:hi] = a
         off += span
     return MicroBatch(
         rows=rows,
@@ -437,7 +412,7 @@ def collate_packed(
         rewards=torch.from_numpy(table.rewards[rows].astype(np.float32)),
         seq_index=torch.from_numpy(seq),
         token_arrays={k: torch.from_numpy(v) for k, v in extra.items()},
-        segments=torch.from_numpy(segs),
+        segments=torch.from_numpy(segs) if packed else None,
     )
 
 

@@ -5,13 +5,14 @@ every response token ``y_t``, its log-probability ``log p(y_t | x, y_<t)`` and t
 the full next-token distribution ``H_t = -sum_v p(v) log p(v)`` (both in nats, of the
 distribution at ``temperature``: logits divided by it).
 
-Sequences are sorted by length and packed into right-padded batches of at most
-``max_tokens`` padded tokens; only the logits of positions that predict a response token are
-computed (``logits_to_keep`` with the indices, where the model supports it). The log-prob and
-entropy come from :func:`token_scores`: the response positions' logits, a chunk of tokens at
-a time, through the chunked vocab-parallel ops (:mod:`erpd_megatron.ops.vocab_parallel`, fp32
-math per chunk); no ``[batch, seq, vocab]`` float32 log-softmax is ever built. Everything runs
-under :func:`torch.inference_mode`.
+Sequences are sorted by length and cut into right-padded batches of at most ``max_tokens``
+padded tokens (:func:`erpd_megatron.data.batching.micro_batches`, the trainer's packer); only
+the logits of positions that predict a response token are computed (``logits_to_keep`` with
+the indices, where the model supports it). The log-prob and entropy come from
+:func:`token_scores`: the response positions' logits, a chunk of tokens at a time, through the
+chunked vocab-parallel ops (:mod:`erpd_megatron.ops.vocab_parallel`, fp32 math per chunk); no
+``[batch, seq, vocab]`` float32 log-softmax is ever built. Everything runs under
+:func:`torch.inference_mode`.
 
 This is the ``eval.scoring_backend=hf`` path: one process holds the whole model. The sharded
 path (megatron-core at the recipe's TP/PP, any DP) is :mod:`erpd_megatron.eval.mcore_scoring`.
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from erpd_megatron.data.batching import micro_batches
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,22 +64,6 @@ def load_causal_lm(path: str, *, device: str = "auto", dtype: str = "auto") -> A
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev).eval()
 
 
-def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches, shortest first, with rows x longest <= max_tokens
-    (a sequence longer than the budget gets a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    out: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
-
-
 @torch.inference_mode()
 def score_responses(
     model: Any,
@@ -101,8 +88,9 @@ def score_responses(
     lps: list[np.ndarray] = [np.zeros(0)] * len(prompts)
     ents: list[np.ndarray] = [np.zeros(0)] * len(prompts)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    for batch in _batches(lengths, max_tokens):
-        batch = [i for i in batch if responses[i]]
+    order = np.arange(len(lengths), dtype=np.int64)
+    for group in micro_batches(order, np.asarray(lengths, np.int64), max_tokens):
+        batch = [i for i in group.tolist() if responses[i]]
         if not batch:
             continue
         width = max(lengths[i] for i in batch)

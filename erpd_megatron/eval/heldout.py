@@ -34,12 +34,8 @@ def heldout_metrics(cfg: Config, hf_dir: str | Path, *, progress: bool = False) 
     """Accuracy, pass@k and mean response length of the HF model ``hf_dir`` on every
     ``eval.datasets`` set (keys ``<name>/accuracy``...; without the prefix for a single set)."""
     from erpd_megatron.eval import stats
-    from erpd_megatron.eval.evaluate import (
-        dataset_names,
-        eval_threads,
-        generate_and_reward,
-        select_heldout,
-    )
+    from erpd_megatron.eval.evaluate import dataset_names, eval_threads
+    from erpd_megatron.eval.sampling import generate_and_reward, select_heldout
     from erpd_megatron.rollout.engines import derive_seed, load_tokenizer
     from erpd_megatron.rollout.reward_pool import RewardPool
 

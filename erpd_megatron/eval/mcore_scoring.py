@@ -288,7 +288,7 @@ def evaluate_megatron(
     on every rank (call on every rank). ``models[0]`` is the base. Rank 0 alone generates
     and runs the reward pool; each model's engine is built once for all held-out sets."""
     from erpd_megatron.eval import evaluate as ev
-    from erpd_megatron.eval import stats
+    from erpd_megatron.eval import sampling, stats
     from erpd_megatron.rollout.engines import derive_seed
     from erpd_megatron.rollout.reward_pool import RewardPool
     from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
@@ -299,14 +299,14 @@ def evaluate_megatron(
     try:
 
         def generate_set(d: int, dataset: str, name: str, pool: Any) -> tuple[str, list, list]:
-            prompts = ev.select_heldout(cfg, dataset, tokenizer)
+            prompts = sampling.select_heldout(cfg, dataset, tokenizer)
             seed = derive_seed(ec.seed, "eval", d)
             log.info(
                 "eval %s: %d prompts x %d samples, %d models", name, len(prompts), ec.n, len(models)
             )
             samples = []
             for i, m in enumerate(models):
-                s, _ = ev.generate_and_reward(
+                s, _ = sampling.generate_and_reward(
                     cfg,
                     m,
                     prompts=prompts,

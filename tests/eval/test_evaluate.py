@@ -17,7 +17,8 @@ from PIL import Image
 
 from erpd_megatron.cli import main as erpd_main
 from erpd_megatron.config import ConfigError, load_config
-from erpd_megatron.eval.evaluate import check_eval_config, sample_model, score_kl, select_heldout
+from erpd_megatron.eval.evaluate import check_eval_config
+from erpd_megatron.eval.sampling import sample_model, score_kl, select_heldout
 from erpd_megatron.eval.scoring import load_causal_lm, score_responses
 from erpd_megatron.rollout.engines import load_tokenizer
 from erpd_megatron.rollout.reward_pool import RewardPool
@@ -57,7 +58,8 @@ def png_size(path: Path) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def report(tiny_pair, heldout_file, tmp_path_factory):
-    """One `erpd evaluate` run: base, the same checkpoint again, another model; two held-out sets."""
+    """One `erpd evaluate` run: base, the same checkpoint again, another model; two held-out
+    sets."""
     a, b = tiny_pair
     out = tmp_path_factory.mktemp("eval-out")
     small = heldout_file.parent / "small.jsonl"
@@ -86,7 +88,8 @@ def test_same_model_has_zero_kl_and_other_model_positive_kl(report):
         base, same, other = rows[ds, "base"], rows[ds, "same"], rows[ds, "teacher"]
         assert base["is_base"] and base["kl_to_base"] == 0.0 and "construction" in base["kl_note"]
         assert base["acc_gain_per_nat"] is None and base["prompts"] == prompts and base["n"] == 4
-        # same checkpoint, same seed: the same samples; KL only from engine-vs-teacher-forced numerics
+        # same checkpoint, same seed: the same samples; KL only from engine-vs-teacher-forced
+        # numerics
         assert abs(same["kl_to_base"]) < 1e-4 and same["kl_to_base_se"] < 1e-4
         assert same["accuracy"] == base["accuracy"] and same["entropy"] == pytest.approx(
             base["entropy"], abs=1e-6
@@ -140,7 +143,8 @@ def test_report_files(report):
 
 
 def test_kl_entropy_drift_match_direct_computation(tiny_pair, heldout_file):
-    """Per-sequence KL(pi || base), entropy and drift of the pipeline vs one unbatched forward per sequence."""
+    """Per-sequence KL(pi || base), entropy and drift of the pipeline vs one unbatched forward
+    per sequence."""
     a, b = tiny_pair
     cfg = load_config(
         None,

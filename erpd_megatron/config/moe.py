@@ -39,6 +39,10 @@ def expert_ffn_size(model: ModelConfig) -> int:
 def validate_moe_model(model: ModelConfig) -> None:
     """Architecture checks of the MoE fields (dense families must not set them)."""
     if not is_moe(model):
+        if model.moe_router_replay is not None or model.moe_expert_capacity_factor is not None:
+            raise ConfigError(
+                "model.moe_router_replay / moe_expert_capacity_factor need model.num_experts"
+            )
         if model.family in MOE_FAMILIES:
             raise ConfigError(
                 f"model.family={model.family} is a mixture-of-experts family: set model.num_experts"
@@ -80,6 +84,8 @@ def validate_moe_model(model: ModelConfig) -> None:
         raise ConfigError("model.shared_expert_gate needs model.shared_expert_intermediate_size")
     if model.moe_aux_loss_coeff < 0 or (model.moe_z_loss_coeff or 0.0) < 0:
         raise ConfigError("model.moe_aux_loss_coeff and moe_z_loss_coeff must be >= 0")
+    if model.moe_expert_capacity_factor is not None and model.moe_expert_capacity_factor <= 0:
+        raise ConfigError("model.moe_expert_capacity_factor must be > 0 (null: no capacity)")
 
 
 def validate_moe_layout(model: ModelConfig, par: ParallelConfig, world_size: int) -> None:
@@ -130,6 +136,15 @@ def validate_moe_layout(model: ModelConfig, par: ParallelConfig, world_size: int
         raise ConfigError(
             "parallel.moe_token_dispatcher_type=allgather cannot run the per-rank variable-length "
             "micro-batches of the trainers and the cache tool at EP or TP > 1; use alltoall"
+        )
+    if model.moe_router_replay is not None and (
+        par.sequence_parallel or par.context_parallel_size > 1
+    ):
+        # the replayed routing is stored per sequence position; SP and CP give each rank a
+        # slice of the positions (models/router_replay.py maps whole rows only)
+        raise ConfigError(
+            "model.moe_router_replay needs parallel.sequence_parallel=false and "
+            "context_parallel_size=1"
         )
     if world_size % (etp * ep * pp):
         raise ConfigError(

@@ -81,6 +81,15 @@ class ModelConfig:
     shared_expert_gate: bool = False
     """Scale the shared expert's output by sigmoid(gate(x)) (Qwen2-MoE: true), megatron's
     ``moe_shared_expert_gate``."""
+    moe_expert_capacity_factor: Optional[float] = None
+    """Token capacity of each expert as a multiple of its even share (megatron
+    ``moe_expert_capacity_factor``; tokens over it are dropped and their share logged as
+    ``moe/l<i>/dropped_frac``); null: no capacity, no dropping (HF's behaviour)."""
+    moe_router_replay: Optional[Literal["pi_r"]] = None
+    """``pi_r``: record pi_r's top-k experts of every token in the anchor scoring pass and replay
+    them in the Stage-1/Stage-2 forwards (megatron-core's RouterReplay, so routers cannot flip
+    between pi_r and the policy; models/router_replay.py); null: every forward routes itself.
+    Either way ``moe/l<i>/routing_diff`` logs the share of tokens routed unlike pi_r."""
 
 
 @dataclass(kw_only=True)

@@ -50,6 +50,15 @@ def moe_config_kwargs(
         expert_model_parallel_size=par.expert_model_parallel_size,
         expert_tensor_parallel_size=par.expert_tensor_parallel_size,
     )
+    if m.moe_router_replay is not None:
+        # core_v0.16.1 router.py TopKRouter.__init__: a RouterReplay per router
+        out["moe_enable_routing_replay"] = True
+    if m.moe_expert_capacity_factor is not None:
+        out.update(
+            moe_expert_capacity_factor=m.moe_expert_capacity_factor,
+            moe_token_drop_policy="probs",
+            moe_pad_expert_input_to_capacity=False,
+        )
     if m.shared_expert_intermediate_size is not None:
         out.update(
             moe_shared_expert_intermediate_size=m.shared_expert_intermediate_size,

@@ -75,6 +75,9 @@ class Engine:
         self.cp_rank = ps.get_context_parallel_rank()
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.is_first_stage = ps.is_pipeline_first_stage()
+        from erpd_megatron.models.router_replay import attach
+
+        self.moe = attach(cfg, self.model)  # MoE routing metrics, pi_r record/replay
 
     # ---- construction -------------------------------------------------------------------
     def _build_optimizer(self, total_steps: int) -> tuple[Any, Any]:
@@ -185,10 +188,14 @@ class Engine:
             mask, packed = packed_inputs(run, te=te)  # from the whole row (global cu_seqlens)
             if self.cp_size > 1:  # this CP rank's positions (validated: TE, no mask)
                 run, seen = (cp_micro_batch(m, self.cp_size, self.cp_rank) for m in (run, seen))
+            if self.moe is not None:
+                self.moe.before_forward(run)
             if packed is None:
                 out = model(run.input_ids, run.position_ids, mask)
             else:
                 out = model(run.input_ids, run.position_ids, None, packed_seq_params=packed)
+            if self.moe is not None:
+                self.moe.after_forward(run)
             return out, partial(loss_wrapper, seen)
 
         seq = max(int(mb.input_ids.shape[1]) for mb in microbatches) // self.cp_size

@@ -43,6 +43,7 @@ from erpd_megatron.data.batching import (
     epoch_order,
     global_batches,
 )
+from erpd_megatron.models.router_replay import finalize_moe_metrics
 from erpd_megatron.runtime import comm
 from erpd_megatron.train.engine import Engine, LossFn, reduce_metrics
 from erpd_megatron.train.metrics import MetricsLogger, truncate_jsonl
@@ -218,7 +219,7 @@ class TrainLoop:
             st.step_in_epoch += 1
             st.global_step += 1
             add_epoch_sums(epoch_sums, sums, applied)
-            values = spec.finalize_metrics(sums)
+            values = spec.finalize_metrics(sums) | finalize_moe_metrics(sums)
             record = {f"{spec.name}/{k}": v for k, v in values.items()}
             record.update(
                 {
@@ -252,7 +253,7 @@ class TrainLoop:
             interval = self.cfg.checkpoint.save_interval
             if interval and st.global_step % interval == 0:
                 self._save_iter()
-        values = spec.finalize_metrics(epoch_sums)
+        values = spec.finalize_metrics(epoch_sums) | finalize_moe_metrics(epoch_sums)
         self.metrics.log(
             {f"{spec.name}/epoch/{k}": v for k, v in values.items()} | {"epoch": st.epoch},
             st.global_step,
@@ -302,6 +303,8 @@ class TrainLoop:
         outs = e.run(mbs, self.spec.make_loss(rows), forward_only=False)
         owner = e.is_last_stage and e.ps.get_tensor_model_parallel_rank() == 0
         sums = reduce_metrics(outs, self.spec.metric_keys, src_is_owner=owner)
+        if e.moe is not None:  # per-layer expert load, aux loss, routing vs pi_r (all ranks)
+            sums.update(e.moe.step_sums())
         finite = all(math.isfinite(v) for v in sums.values()) and e.grads_finite()
         if not finite:
             st.skipped_steps += 1

@@ -76,8 +76,13 @@ def score_logprobs(
             ).reshape(b, s)
             return logits.sum() * 0.0, {"logprobs": lp.detach() * mb.loss_mask}
 
+        if engine.moe is not None:  # MoE: the routing of every scored token, beside the scores
+            engine.moe.start_recording()
         with torch.no_grad():
             outs = engine.run(mbs, fn, forward_only=True)
+        if engine.moe is not None:
+            tp0 = engine.ps.get_tensor_model_parallel_rank() == 0
+            engine.moe.save_recording(out_dir, engine.dp_rank, owner=tp0)
         owner = engine.is_last_stage and engine.ps.get_tensor_model_parallel_rank() == 0
         if owner:
             ids, vals, offs = [], [], [0]

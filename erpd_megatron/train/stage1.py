@@ -16,6 +16,7 @@ import torch
 
 from erpd_megatron.config.schema import Config
 from erpd_megatron.data.batching import MicroBatch, SampleTable
+from erpd_megatron.models.router_replay import load_pi_r_routing
 from erpd_megatron.ops.losses import stage1_loss
 from erpd_megatron.train.common import StageRun, logits_logprob_entropy
 from erpd_megatron.train.loop import StageSpec
@@ -140,6 +141,7 @@ def build_spec(cfg: Config, run: StageRun) -> StageSpec:
     """Stage 1's plug-in for the shared loop."""
     table = run.table
     ref = run.score("anchors/data")  # lp_r under the initial weights (pi_r)
+    load_pi_r_routing(run)  # MoE: pi_r's routing of the same pass (metrics, replay)
     run.report_mismatch(ref)
     anchors: dict[int, list[np.ndarray]] = {}
 

@@ -31,6 +31,7 @@ import torch
 
 from erpd_megatron.config.schema import Config
 from erpd_megatron.data.batching import MicroBatch, SampleTable
+from erpd_megatron.models.router_replay import load_pi_r_routing
 from erpd_megatron.ops.signals import SIGNAL_METRICS, TeacherTerm, stage2_loss, teacher_signal
 from erpd_megatron.train.common import StageRun, logits_logprob_entropy
 from erpd_megatron.train.loop import StageSpec
@@ -292,6 +293,9 @@ def finalize_stage2_metrics(cfg: Config):
 def build_spec(cfg: Config, run: StageRun) -> StageSpec:
     """Stage 2's plug-in for the shared loop."""
     cache = run.context  # opened and checked by open_cache before the engine was built
+    if run.engine.moe is not None:  # MoE: score pi_r once to record its routing
+        run.score("anchors/data")
+        load_pi_r_routing(run)
     sids = run.table.sample_ids
     lru: OrderedDict = OrderedDict()
     arrays: dict = {"ref_logp": CacheColumn(cache, sids, "sampled", "base", lru)}

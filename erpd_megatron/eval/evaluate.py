@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from erpd_megatron.config.checks import eval_length_problems
+from erpd_megatron.config.compute import eval_compute
 from erpd_megatron.config.loader import ConfigError, load_config, to_dict
 from erpd_megatron.config.schema import Config, EvalModelConfig
 from erpd_megatron.data.prompts import PromptDataError
@@ -362,7 +363,9 @@ def run(cfg: Config, *, curves_only: bool = False, progress: bool | None = None)
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise ConfigError(f"eval.metrics_files: not found: {', '.join(missing)}")
+    t0 = time.perf_counter()
     rows = None if curves_only else evaluate_models(cfg, progress=progress)
+    wall_s = time.perf_counter() - t0
     if not _is_rank0():  # sharded scoring: every rank has the rows, rank 0 writes them
         return {}
     paths = {p.stem: p for p in plot_training_curves(files, out)}
@@ -373,11 +376,25 @@ def run(cfg: Config, *, curves_only: bool = False, progress: bool | None = None)
             "reward_fn": cfg.rollout.reward_fn,
             "prompt_template": cfg.rollout.prompt_template,
             "metrics_files": [str(f) for f in files],
+            "compute": eval_compute(cfg, rows, wall_s=wall_s, gpus=_eval_gpus(cfg)),
         }
         paths.update(write_report(rows, out, meta=meta))
     for key, p in paths.items():
         log.info("wrote %s: %s", key, p)
     return paths
+
+
+def _eval_gpus(cfg: Config) -> int:
+    """GPUs the evaluation held: the launch's world (sharded scoring), at least the vLLM
+    engine's tensor-parallel size; none on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    from erpd_megatron.runtime.distributed import parse_launch_env
+
+    tp = cfg.rollout.vllm_tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+    return max(parse_launch_env().world_size, int(tp))
 
 
 def _is_rank0() -> bool:

@@ -106,6 +106,11 @@ def test_same_model_has_zero_kl_and_other_model_positive_kl(report):
             assert r["finish_stop"] + r["finish_length"] == prompts * 4
             assert 0 < r["response_tokens_mean"] <= 12 and 0 < r["entropy"] < math.log(90)
             assert r["logprob_mismatch"] < 1e-4
+    # compute accounting (issue 20): generated tokens of every row, scored under the base
+    comp = doc["meta"]["compute"]
+    gen = sum(r["prompts"] * r["n"] * r["response_tokens_mean"] for r in doc["rows"])
+    assert comp["step"] == "eval" and comp["generated_tokens"] == int(gen)
+    assert comp["scored_tokens"] > gen and comp["wall_s"] > 0 and comp["model_flops"] > 0
 
 
 def test_report_files(report):
@@ -232,6 +237,13 @@ def test_score_responses_batched_equals_unbatched_at_a_temperature(tiny_pair):
             lp, lsm.gather(-1, torch.tensor(r)[:, None]).squeeze(-1).numpy(), atol=1e-5
         )
         assert np.allclose(ent, -(lsm.exp() * lsm).sum(-1).numpy(), atol=1e-5)
+    # packed rows (several sequences per row at 16 tokens, all in one row at 64): the same
+    for budget in (16, 64):
+        packed = score_responses(
+            model, prompts, resps, temperature=0.7, max_tokens=budget, packing=True
+        )
+        for x, y in zip(got.logprobs + got.entropy, packed.logprobs + packed.entropy):
+            assert len(x) == len(y) and np.allclose(x, y, rtol=0, atol=2e-6)
     with pytest.raises(ValueError, match="positive temperature"):
         score_responses(model, prompts, resps, temperature=0.0)
 

@@ -47,6 +47,34 @@ VLLM_PYTHON_ENV = "ERPD_VLLM_PYTHON"
 _REPO = Path(__file__).resolve().parents[2]
 
 
+MOE_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+"""HF config.json keys of the routed-expert count (Qwen2/3-MoE, Mixtral, DeepSeek)."""
+
+
+def expert_parallel_kwargs(model_path: str, tensor_parallel_size: int) -> dict[str, Any]:
+    """``enable_expert_parallel=True`` for an MoE checkpoint on more than one GPU, else {}.
+
+    vLLM's ``ParallelConfig.enable_expert_parallel`` (vllm/config/parallel.py: "Use expert
+    parallelism instead of tensor parallelism for MoE layers"; an ``EngineArgs`` field that
+    ``vllm.LLM(**kwargs)`` passes through) places whole experts on the engine's TP x DP ranks
+    (``expert_placement_strategy="linear"``: rank r holds experts [r*E/n, (r+1)*E/n)), the
+    layout of the trainer's EP, instead of slicing every expert's width over TP. The
+    Qwen3-MoE recipes of NeMo-RL and Megatron-Bridge run vLLM this way.
+    """
+    import json
+
+    if tensor_parallel_size <= 1:
+        return {}
+    cfg = Path(model_path) / "config.json"
+    try:
+        hf = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return {}
+    hf = hf.get("text_config", hf)
+    experts = max(int(hf.get(k) or 0) for k in MOE_EXPERT_KEYS)
+    return {"enable_expert_parallel": True} if experts > 1 else {}
+
+
 def vllm_python() -> str:
     """The interpreter that runs vLLM: ``$ERPD_VLLM_PYTHON``, else the repository's
     ``.venv-vllm`` when it exists, else this interpreter."""
@@ -119,6 +147,7 @@ class VLLMEngine(RolloutEngine):
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",
             generation_config="vllm",
+            **expert_parallel_kwargs(model_path, tensor_parallel_size),
         )
         self._start(kwargs)
         reply = self._request({"cmd": "init", "kwargs": kwargs}, timeout=start_timeout)

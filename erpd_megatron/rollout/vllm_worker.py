@@ -85,8 +85,12 @@ def serve(requests: Any, replies: Any) -> int:
                     send_message(replies, {"error": f"{type(e).__name__}: {e}", "kind": "import"})
                     return 1
                 llm, dropped = construct(
-                    vllm.LLM, msg["kwargs"], ("logprobs_mode", "generation_config")
+                    vllm.LLM,
+                    msg["kwargs"],
+                    ("logprobs_mode", "generation_config", "enable_expert_parallel"),
                 )
+                if "enable_expert_parallel" in dropped:
+                    print("vllm_worker: this vLLM has no enable_expert_parallel", file=sys.stderr)
                 send_message(
                     replies, {"logprobs_mode": "raw" if "logprobs_mode" in dropped else "processed"}
                 )

@@ -33,3 +33,14 @@ def test_hf_engine_generates_with_the_tiny_moe(tmp_path):
     # different samples of a prompt differ (sampled at temperature 1, seeded per sample)
     assert len({tuple(c.token_ids) for c in groups[2]}) > 1
     eng.close()
+
+
+def test_vllm_engine_asks_for_expert_parallel_on_moe_checkpoints(tmp_path):
+    from erpd_megatron.rollout.vllm_engine import expert_parallel_kwargs
+
+    moe = save_hf_model("qwen3_moe", tmp_path / "moe")
+    dense = save_hf_model("qwen3", tmp_path / "dense")
+    assert expert_parallel_kwargs(str(moe), 2) == {"enable_expert_parallel": True}
+    assert expert_parallel_kwargs(str(moe), 1) == {}  # one GPU: nothing to spread
+    assert expert_parallel_kwargs(str(dense), 8) == {}
+    assert expert_parallel_kwargs(str(tmp_path / "missing"), 8) == {}

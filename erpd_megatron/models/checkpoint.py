@@ -105,7 +105,8 @@ def verify_checkpoint_files(path: Path) -> None:
         return
     problems = [f"{path / n}: missing" for n in files if not (path / n).is_file()]
     problems += [
-        f"{path / n}: {(path / n).stat().st_size} bytes, {META_FILE} records {f['bytes']} (truncated "
+        f"{path / n}: {(path / n).stat().st_size} bytes, {META_FILE} records {f['bytes']} "
+        "(truncated "
         "or rewritten)"
         for n, f in files.items()
         if (path / n).is_file() and (path / n).stat().st_size != f["bytes"]
@@ -238,7 +239,8 @@ def save_checkpoint(
     hf_config: Optional[dict] = None,
     optimizer_sharding: str = OPTIMIZER_SHARDING,
 ) -> Path:
-    """Save model chunks (+ optimizer, scheduler, ``extra``) to ``ckpt_dir`` atomically; all ranks call.
+    """Save model chunks (+ optimizer, scheduler, ``extra``) to ``ckpt_dir`` atomically; all
+    ranks call.
 
     ``extra`` is a picklable dict (step, epoch, data position, ...) returned by
     :func:`load_checkpoint`. ``model_cfg`` is written as ``model_config.yaml`` (needed to
@@ -251,14 +253,7 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    ckpt_dir = Path(ckpt_dir).resolve()
-    tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp"
-    if _rank() == 0:
-        ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
+    ckpt_dir, tmp = begin_save(ckpt_dir)
     if optimizer_sharding not in OPTIMIZER_SHARDINGS:
         raise ValueError(
             f"optimizer_sharding={optimizer_sharding!r}; expected one of {OPTIMIZER_SHARDINGS}"
@@ -274,6 +269,48 @@ def save_checkpoint(
         sharding=optimizer_sharding,
     )
     dist_checkpointing.save(sd, str(tmp))
+    gpt = unwrap_model(model_chunks[0])
+    params = list(gpt.parameters())
+    meta = {
+        "format": FORMAT,
+        "saved_layout": _layout(),
+        "padded_vocab_size": getattr(gpt, "vocab_size", None),
+        "params_dtype": str(params[0].dtype).removeprefix("torch.") if params else None,
+        "has_optimizer": optimizer is not None,
+        "optimizer_sharding": optimizer_sharding if optimizer is not None else None,
+        "has_scheduler": opt_param_scheduler is not None,
+    }
+    return finish_save(
+        ckpt_dir, tmp, meta, model_cfg=model_cfg, tokenizer_dir=tokenizer_dir, hf_config=hf_config
+    )
+
+
+def begin_save(ckpt_dir: str | Path) -> tuple[Path, Path]:
+    """Start an atomic save (all ranks call): ``(ckpt_dir resolved, its fresh .tmp directory)``;
+    the caller writes the dist-checkpoint files into the tmp directory, then :func:`finish_save`."""
+    ckpt_dir = Path(ckpt_dir).resolve()
+    tmp = ckpt_dir.parent / f".{ckpt_dir.name}.tmp"
+    if _rank() == 0:
+        ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    return ckpt_dir, tmp
+
+
+def finish_save(
+    ckpt_dir: Path,
+    tmp: Path,
+    meta: dict,
+    *,
+    model_cfg: Optional[ModelConfig] = None,
+    tokenizer_dir: Optional[str | Path] = None,
+    hf_config: Optional[dict] = None,
+) -> Path:
+    """Finish a save begun with :func:`begin_save` (all ranks call): size and SHA-256 of every
+    file (each hashed by one rank), ``checkpoint.json`` = ``meta`` + ``files``, the model config,
+    tokenizer and HF config beside it, and the rename into place (an old one replaced)."""
     _barrier()  # every rank's files complete before they are hashed
     from erpd_megatron.runtime import comm
 
@@ -287,27 +324,12 @@ def save_checkpoint(
             copy_tokenizer_files(tokenizer_dir, tmp)
         if hf_config is not None:
             atomic_write_json(tmp / "hf_config.json", hf_config)
-        gpt = unwrap_model(model_chunks[0])
-        params = list(gpt.parameters())
         rest = [n for n in _file_names(tmp) if n not in digests]  # rank 0's own files above
         digests.update(
             {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in rest}
         )
-        atomic_write_json(
-            tmp / META_FILE,
-            {
-                "format": FORMAT,
-                "saved_layout": _layout(),
-                "padded_vocab_size": getattr(gpt, "vocab_size", None),
-                "params_dtype": str(params[0].dtype).removeprefix("torch.") if params else None,
-                "has_optimizer": optimizer is not None,
-                "optimizer_sharding": optimizer_sharding if optimizer is not None else None,
-                "has_scheduler": opt_param_scheduler is not None,
-                "files": dict(
-                    sorted(digests.items())
-                ),  # checked by verify_checkpoint_files at load
-            },
-        )
+        # "files" is checked by verify_checkpoint_files at load
+        atomic_write_json(tmp / META_FILE, {**meta, "files": dict(sorted(digests.items()))})
         old = ckpt_dir.parent / f".{ckpt_dir.name}.old"
         if ckpt_dir.exists():
             if old.exists():
@@ -341,7 +363,10 @@ def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
             else ""
         )
         if (path / "config.json").exists():
-            hint = "; it looks like an HF checkpoint: convert it with tools/convert_checkpoint.py hf-to-mcore"
+            hint = (
+                "; it looks like an HF checkpoint: convert it with tools/convert_checkpoint.py "
+                "hf-to-mcore"
+            )
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint{hint}")
     return path
 
@@ -386,7 +411,8 @@ def check_model_matches(
     padded = getattr(gpt, "vocab_size", None)
     if padded is not None and padded < ckpt_cfg.vocab_size:
         raise ConfigError(
-            f"{ckpt_dir}: vocabulary mismatch: checkpoint has {ckpt_cfg.vocab_size} tokens but the model "
+            f"{ckpt_dir}: vocabulary mismatch: checkpoint has {ckpt_cfg.vocab_size} tokens but "
+            "the model "
             f"only {padded} embedding rows"
         )
 
@@ -429,7 +455,8 @@ def load_checkpoint(
         if saved and (saved.get("tp"), saved.get("pp")) != (now.get("tp"), now.get("pp")):
             raise ValueError(
                 f"{path}: its optimizer state was saved as dp_reshardable at TP={saved.get('tp')} "
-                f"PP={saved.get('pp')} and cannot load at TP={now.get('tp')} PP={now.get('pp')}; load the "
+                f"PP={saved.get('pp')} and cannot load at TP={now.get('tp')} PP={now.get('pp')}; "
+                "load the "
                 "model only (optimizer=None), or save with optimizer_sharding='fully_reshardable'"
             )
     sd = _sharded_state_dict(model_chunks, optimizer, None, None, loading=True, sharding=sharding)

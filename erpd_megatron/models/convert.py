@@ -1,4 +1,4 @@
-"""HF safetensors <-> megatron distributed checkpoint conversion (behind tools/convert_checkpoint.py).
+"""HF safetensors <-> megatron distributed checkpoint conversion (tools/convert_checkpoint.py).
 
 * :func:`hf_to_mcore`: HF dir (``model.safetensors`` or sharded with
   ``model.safetensors.index.json``) -> megatron dist checkpoint + ``model_config.yaml`` +
@@ -41,9 +41,10 @@ MAX_SHARD_BYTES = 5 * 1024**3
 
 
 class LazySafetensors(Mapping[str, torch.Tensor]):
-    """Read-only mapping over the tensors of an HF directory's safetensors files, loaded on access."""
+    """Read-only mapping over the tensors of an HF directory's safetensors files, loaded on
+    access; at most ``max_open`` files are open (memory-mapped) at a time."""
 
-    def __init__(self, hf_dir: str | Path) -> None:
+    def __init__(self, hf_dir: str | Path, max_open: int = 1) -> None:
         self.dir = Path(hf_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
@@ -58,10 +59,12 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
         else:
             found = sorted(p.name for p in self.dir.glob("*"))[:10]
             raise FileNotFoundError(
-                f"{self.dir}: no model.safetensors or model.safetensors.index.json (found {found}); "
-                "only safetensors HF checkpoints are supported (re-save with safe_serialization=True)"
+                f"{self.dir}: no model.safetensors or model.safetensors.index.json (found "
+                f"{found}); only safetensors HF checkpoints are supported (re-save with "
+                "safe_serialization=True)"
             )
         self._handles: dict[Path, Any] = {}
+        self.max_open = max_open
 
     def __getitem__(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -70,6 +73,8 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             raise KeyError(f"{self.dir}: tensor {key!r} not in the checkpoint")
         path = self._where[key]
         if path not in self._handles:
+            while len(self._handles) >= self.max_open:  # unmap the oldest file: its pages
+                self._handles.pop(next(iter(self._handles)))  # count in this process's RSS
             self._handles[path] = safe_open(str(path), framework="pt")
         return self._handles[path].get_tensor(key)
 
@@ -158,7 +163,8 @@ def _load_into(
     missing = [k for k in own if not k.endswith("_extra_state") and k not in seen]
     if missing or unexpected:
         raise RuntimeError(
-            f"converted tensors do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            f"converted tensors do not fit the model: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
         )
 
 
@@ -172,6 +178,7 @@ def hf_to_mcore(
     make_vocab_size_divisible_by: int = 128,
     ep: int = 1,
     etp: int = 1,
+    streaming: bool = True,
 ) -> Path:
     """Convert an HF Llama/Qwen2/Qwen3/Qwen3-MoE/Qwen2-MoE checkpoint into a megatron dist
     checkpoint for TP=tp, PP=pp, EP=ep (expert-TP etp).
@@ -182,6 +189,8 @@ def hf_to_mcore(
     tokenizer files. Experts are stored with global expert offsets (megatron's
     ``SequentialMLP.sharded_state_dict``), so the result loads at any EP. Under torchrun each
     rank reads only its stage's layers and its EP rank's experts, one tensor at a time.
+    ``streaming`` (default): bounded memory (:mod:`convert_stream`), the model is never built;
+    False: the in-memory path (the model built, then saved by ``dist_checkpointing``).
     """
     from erpd_megatron.runtime.distributed import init_distributed
 
@@ -194,6 +203,34 @@ def hf_to_mcore(
     tensors = LazySafetensors(hf_dir)
     target_padded = padded_vocab_size(mc, tp)
     world = _world()
+    layout = {"tp": tp, "pp": pp, **({"ep": ep, "etp": etp} if mc.num_experts is not None else {})}
+    if streaming:
+        from erpd_megatron.models import convert_stream
+
+        cfg = _conversion_config(mc, *((tp, pp, dtype, ep, etp) if world > 1 else (1, 1, dtype)))
+        cfg.parallel.gpus_per_node = world
+        init_distributed(cfg)
+        out = convert_stream.stream_hf_to_mcore(
+            tensors,
+            out_dir,
+            cfg,
+            mc,
+            dtype=_TORCH_DTYPES[dtype],
+            target_padded=target_padded,
+            layout=layout,
+            hf_dir=hf_dir,
+            hf_cfg=hf_cfg,
+            dtype_name=dtype,
+        )
+        log.info(
+            "converted %s -> %s (%s, %s, padded vocab %d)",
+            hf_dir,
+            out,
+            layout,
+            dtype,
+            target_padded,
+        )
+        return out
     if world > 1:  # torchrun: every rank converts its own shard
         from megatron.core import parallel_state as ps
 
@@ -238,11 +275,6 @@ def hf_to_mcore(
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta_path = out / ckpt_io.META_FILE
         meta = json.loads(meta_path.read_text())
-        layout = {
-            "tp": tp,
-            "pp": pp,
-            **({"ep": ep, "etp": etp} if mc.num_experts is not None else {}),
-        }
         meta.update(target_layout=layout, padded_vocab_size=target_padded, source=str(hf_dir))
         atomic_write_json(meta_path, meta)
     log.info(
@@ -339,11 +371,14 @@ def mcore_to_hf(
     *,
     dtype: Optional[str] = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    streaming: bool = True,
 ) -> Path:
     """Export a megatron dist checkpoint (saved at any TP/PP) to an HF directory.
 
     ``dtype`` defaults to the original HF dtype (``hf_config.json``), else the checkpoint's
-    parameter dtype. One process, or all ranks of a torchrun job (rank 0 writes).
+    parameter dtype. One process, or all ranks of a torchrun job. ``streaming`` (default): one
+    tensor at a time, the files split over the ranks (:mod:`convert_stream`); False: the model
+    loaded whole, rank 0 writes.
     """
     from erpd_megatron.runtime.distributed import init_distributed
 
@@ -372,10 +407,12 @@ def mcore_to_hf(
     cfg = _conversion_config(mc, 1, 1, load_dtype)
     cfg.parallel.gpus_per_node = world
     init_distributed(cfg)
+    out_dir = Path(out_dir)
+    if streaming:
+        return _stream_export(ckpt_dir, out_dir, cfg, mc, dtype, base, max_shard_bytes)
     model = _bare_model(cfg)
     ckpt_io.load_checkpoint(ckpt_dir, [model], model_cfg=mc)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    out_dir = Path(out_dir)
     if rank0:
         full = hf_maps.state_dict_tensors(model.state_dict())
         hf = {k: v.to(_TORCH_DTYPES[dtype]) for k, v in hf_maps.megatron_to_hf(full, mc).items()}
@@ -393,6 +430,39 @@ def mcore_to_hf(
     from erpd_megatron.runtime import comm
 
     comm.barrier()  # on the group's device (NCCL: the current GPU)
+    return out_dir
+
+
+def _stream_export(
+    ckpt_dir: Path,
+    out_dir: Path,
+    cfg: Config,
+    mc: ModelConfig,
+    dtype: str,
+    base: Optional[dict],
+    max_shard_bytes: int,
+) -> Path:
+    from erpd_megatron.models import convert_stream
+    from erpd_megatron.runtime import comm
+
+    ckpt_io.verify_checkpoint_files(ckpt_dir)  # the digests, as a load checks them
+    tmp = convert_stream.fresh_dir(out_dir)
+    _, plan = convert_stream.stream_mcore_to_hf(
+        ckpt_dir, tmp, cfg, mc, dtype=_TORCH_DTYPES[dtype], max_shard_bytes=max_shard_bytes
+    )
+    comm.barrier()  # every rank's files written
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        convert_stream.write_hf_index(tmp, plan, _TORCH_DTYPES[dtype])
+        atomic_write_json(tmp / "config.json", model_config_to_hf(mc, dtype=dtype, base=base))
+        ckpt_io.copy_tokenizer_files(ckpt_dir, tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        n = sum(len(shard) for shard in plan)
+        log.info(
+            "exported %s -> %s (%s, %d tensors, %d files)", ckpt_dir, out_dir, dtype, n, len(plan)
+        )
+    comm.barrier()
     return out_dir
 
 
@@ -419,7 +489,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--dtype", choices=sorted(_TORCH_DTYPES), default=None, help="default: the HF dtype"
     )
     a.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF safetensors")
+    for q in (
+        a,
+        b := sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF safetensors"),
+    ):
+        q.add_argument(
+            "--in-memory",
+            action="store_true",
+            help="build the whole model in memory (the pre-streaming path; for comparisons)",
+        )
     b.add_argument(
         "--ckpt",
         required=True,
@@ -447,6 +525,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 ep=args.ep,
                 etp=args.etp,
+                streaming=not args.in_memory,
             )
         else:
             mcore_to_hf(
@@ -454,6 +533,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 args.out,
                 dtype=args.dtype,
                 max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                streaming=not args.in_memory,
             )
     finally:
         destroy_distributed()

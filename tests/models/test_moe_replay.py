@@ -11,7 +11,11 @@ the rows sharing a micro-batch change the experts' GEMM shapes on CPU, not the r
 
 Without replay the routers drift from pi_r's as the policy trains (a large learning rate
 makes it certain in 3 steps: 85% of the tokens routed otherwise at step 2, measured); that
-second run is opt-in (ERPD_LONG_TESTS=1) since each Stage-1 process costs ~30 s here."""
+second run is opt-in (ERPD_LONG_TESTS=1) since each Stage-1 process costs ~30 s here.
+
+Resume is exact: a run stopped by SIGTERM after its first step and rerun (pi_r's routing
+read back from the anchors directory, the epoch's MoE sums from the checkpoint) logs the
+uninterrupted run's metrics and ends with its weights, bit for bit."""
 
 from __future__ import annotations
 
@@ -21,7 +25,13 @@ import pytest
 
 from tests.models.test_moe_stage1 import MOE, _fixed_length_rollouts
 from tests.train.fixtures import RECIPE as CFG
-from tests.train.fixtures import make_base_checkpoint, read_jsonl, run_module
+from tests.train.fixtures import (
+    checkpoint_tensors,
+    make_base_checkpoint,
+    read_jsonl,
+    run_and_sigterm,
+    run_module,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +48,8 @@ def setup(tmp_path_factory):
         "optimizer.lr=0.05",
         "optimizer.lr_warmup_steps=0",
         "logging.progress_bar=false",
+        "checkpoint.save_interval=1",
+        "model.moe_router_replay=pi_r",
     ]
     return tmp, ov
 
@@ -63,7 +75,7 @@ def _check_layer_metrics(steps) -> None:
 
 
 def test_replay_routes_as_pi_r_and_step1_ratios_are_one(setup):
-    recs = _run(setup, "replay", ["model.moe_router_replay=pi_r"])
+    recs = _run(setup, "replay", [])
     steps = _steps(recs)
     assert len(steps) == 3
     _check_layer_metrics(steps)
@@ -81,7 +93,7 @@ def test_replay_routes_as_pi_r_and_step1_ratios_are_one(setup):
     os.environ.get("ERPD_LONG_TESTS") != "1", reason="a second ~30 s Stage-1 run: ERPD_LONG_TESTS=1"
 )
 def test_without_replay_the_routing_drifts_from_pi_r(setup):
-    recs = _run(setup, "free", [])
+    recs = _run(setup, "free", ["model.moe_router_replay=null"])
     steps = _steps(recs)
     _check_layer_metrics(steps)
     assert steps[0]["stage1/moe/routing_diff"] == 0.0  # step 1 is at pi_r's weights
@@ -89,3 +101,27 @@ def test_without_replay_the_routing_drifts_from_pi_r(setup):
     assert steps[-1]["stage1/moe/routing_diff"] > 0  # the routers moved
     epoch = [r for r in recs if "stage1/epoch/moe/routing_diff" in r]
     assert len(epoch) == 1 and epoch[0]["stage1/epoch/moe/routing_diff"] > 0
+
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_moe_run(setup):
+    import torch
+
+    tmp, ov = setup
+    full = tmp / "replay"
+    if not (full / "stage1/checkpoints/final").exists():
+        _run(setup, "replay", [])
+    part = tmp / "part"
+    metrics = part / "stage1/stage1_metrics.jsonl"
+    run_and_sigterm(
+        "erpd_megatron.stage1", CFG, ov + [f"output_dir={part}"], metrics, after_records=1
+    )
+    stopped_at = len(read_jsonl(metrics))
+    run_module("erpd_megatron.stage1", CFG, ov + [f"output_dir={part}"])
+    got, ref = read_jsonl(metrics), read_jsonl(full / "stage1/stage1_metrics.jsonl")
+    assert stopped_at < len(got)
+    assert got == ref
+    a = checkpoint_tensors(full / "stage1/checkpoints/final")
+    b = checkpoint_tensors(part / "stage1/checkpoints/final")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

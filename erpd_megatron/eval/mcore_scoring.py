@@ -6,13 +6,17 @@ No process ever holds a whole model: each model is the forward-only
 plus :func:`~erpd_megatron.models.checkpoint.load_checkpoint`, which reshards any saved
 layout to ``parallel.tensor_model_parallel_size`` / ``pipeline_model_parallel_size``), built
 from the model's Megatron checkpoint (``eval.models[].checkpoint``) and dropped before the
-next one is built. The data-parallel ranks split the samples (:func:`dp_micro_batches`,
-balanced by tokens) and pad with zero-weight dummy micro-batches, so every rank runs the same
-number of forwards. The last pipeline stage scores its vocabulary shard with the chunked
+next one is built. The micro-batches are the trainer's
+(:func:`~erpd_megatron.data.batching.build_micro_batches`): the data-parallel ranks split the
+samples (balanced by tokens) and pad with zero-weight dummy micro-batches, so every rank runs
+the same number of forwards; with ``data.packing`` each is one packed row (block-diagonal
+mask on the local spec, THD on Transformer Engine) and the scores are taken per sequence
+(``seq_index``). The last pipeline stage scores its vocabulary shard with the chunked
 vocab-parallel ops (:func:`erpd_megatron.eval.scoring.token_scores`: no full-vocabulary
-float32 tensor); the owners (last stage, TP rank 0) place their values in one flat float64
-buffer that a single SUM all-reduce (:mod:`erpd_megatron.runtime.comm`, on the group's device)
-hands to every rank, so every rank builds the same table.
+float32 tensor) and returns them per position, which the engine gathers over context-parallel
+ranks; the owners (last stage, TP rank 0) place their values in one flat float64 buffer that
+a single SUM all-reduce (:mod:`erpd_megatron.runtime.comm`, on the group's device) hands to
+every rank, so every rank builds the same table.
 
 Generation stays one process: global rank 0 samples every model (the rollout engine; vLLM
 with ``rollout.vllm_tensor_parallel_size`` GPUs of its node, one worker process per model,
@@ -48,7 +52,7 @@ import torch
 
 from erpd_megatron.config.loader import ConfigError
 from erpd_megatron.config.schema import Config, EvalModelConfig
-from erpd_megatron.eval.scoring import TokenScores, token_scores
+from erpd_megatron.eval.scoring import TokenScores, response_table, token_scores
 from erpd_megatron.runtime import comm
 from erpd_megatron.utils.files import atomic_write_bytes
 from erpd_megatron.utils.log import get_logger
@@ -166,38 +170,25 @@ def score_responses_mcore(
 
     The scores are of ``softmax(logits / temperature)`` over the real vocabulary (padded
     embedding rows excluded), as :func:`erpd_megatron.eval.scoring.score_responses`."""
-    from erpd_megatron.data.batching import (
-        SampleTable,
-        collate,
-        dp_micro_batches,
-        pad_micro_batches,
-        pad_multiple,
-    )
+    from erpd_megatron.data.batching import build_micro_batches, sequence_values
 
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    table = response_table(prompts, responses)
     if temperature <= 0:
         raise ValueError(f"teacher-forced scores need a positive temperature, got {temperature}")
     n = len(prompts)
-    table = SampleTable(
-        sample_ids=np.arange(n, dtype=np.int64),
-        group_ids=np.zeros(n, np.int64),
-        prompt_ids=[np.asarray(p, np.int64) for p in prompts],
-        response_ids=[np.asarray(r, np.int64) for r in responses],
-        rewards=np.zeros(n, np.float32),
-    )
     resp_len = table.response_lengths
     rows = np.flatnonzero(resp_len > 0).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(resp_len)]).astype(np.int64)
     shard = engine.vocab_shard()
-    pad = pad_multiple(engine.cfg)
-    mine, count = dp_micro_batches(rows, table.lengths, engine.dp_rank, engine.dp_size, max_tokens)
-    # every DP rank runs `count` forwards: dummies carry no scoring position (zero weight)
-    mbs = pad_micro_batches([collate(table, r, pad_to=pad) for r in mine], count, length=pad)
+    # the trainer's micro-batches: packed rows with data.packing, padded to pad_multiple, and
+    # zero-weight dummies up to the DP-wide count (every DP rank runs as many forwards)
+    mbs = build_micro_batches(
+        engine.cfg, table, rows, engine.dp_rank, engine.dp_size, max_tokens=max_tokens
+    )
 
     def fn(logits: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict]:
         b, s, v = logits.shape
-        pos = mb.loss_mask.reshape(-1).nonzero().flatten()  # row-major: each row's tokens in order
+        pos = mb.loss_mask.reshape(-1).nonzero().flatten()
         lp, ent = token_scores(
             logits.reshape(b * s, v),
             mb.targets.reshape(-1),
@@ -208,31 +199,35 @@ def score_responses_mcore(
             vocab_start=shard.start,
             vocab_size=shard.vocab_size,
         )
-        out = {"lp": lp.detach()}
+        # per position [b, s] (0 elsewhere): under context parallelism the engine gathers
+        # such tensors over the CP group back to whole rows (Engine._cp_gather)
+        out = {"lp": _at_positions(lp.detach(), pos, b, s)}
         if ent is not None:
-            out["ent"] = ent.detach()
+            out["ent"] = _at_positions(ent.detach(), pos, b, s)
         return logits.sum() * 0.0, out
 
     with torch.no_grad():
-        outs = engine.run(mbs, fn, forward_only=True) if count else []
+        outs = engine.run(mbs, fn, forward_only=True) if mbs else []
     width = 2 if entropy else 1
     buf = torch.zeros(int(offsets[-1]), width, dtype=torch.float64)
     owner = engine.is_last_stage and engine.ps.get_tensor_model_parallel_rank() == 0
     if owner:
         for mb, o in zip(mbs, outs):
-            lp_mb = o["lp"].double().cpu()  # one device-to-host copy per micro-batch
-            ent_mb = o["ent"].double().cpu() if entropy else None
-            k = 0
-            for r in mb.rows.tolist():
-                a, b = int(offsets[r]), int(offsets[r + 1])
-                buf[a:b, 0] = lp_mb[k : k + b - a]
-                if ent_mb is not None:
-                    buf[a:b, 1] = ent_mb[k : k + b - a]
-                k += b - a
+            # per sequence through seq_index: a packed row holds several sequences
+            cols = [o["lp"]] + ([o["ent"]] if entropy else [])
+            for c, values in enumerate(cols):
+                for r, v in zip(mb.rows.tolist(), sequence_values(mb, values)):
+                    buf[int(offsets[r]) : int(offsets[r + 1]), c] = v.double()
     buf = comm.all_reduce(buf, "sum").numpy()  # one owner per row: the sum is a gather
     lps = [buf[offsets[i] : offsets[i + 1], 0].copy() for i in range(n)]
     ents = [buf[offsets[i] : offsets[i + 1], 1].copy() for i in range(n)] if entropy else None
     return TokenScores(logprobs=lps, entropy=ents)
+
+
+def _at_positions(values: torch.Tensor, pos: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """``values`` [P] of the flat positions ``pos`` as a [b, s] tensor, 0 elsewhere."""
+    out = torch.zeros(b * s, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, pos.to(values.device), values).view(b, s)
 
 
 def rank0_shares(out_dir: Path, produce: Callable[[], Any]) -> Any:
@@ -349,7 +344,7 @@ def _score_all(
     cfg: Config, models: list[EvalModelConfig], sets: list[tuple[str, list, list]], stats: Any
 ) -> None:
     """Steps 3-4 of :mod:`erpd_megatron.eval.evaluate`, one engine per model (base first)."""
-    from erpd_megatron.eval.evaluate import apply_kl
+    from erpd_megatron.eval.sampling import apply_kl
 
     ec = cfg.eval
     kw = dict(temperature=ec.temperature, max_tokens=ec.score_max_tokens)

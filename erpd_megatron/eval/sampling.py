@@ -92,6 +92,7 @@ def _score(
         entropy=entropy,
         max_tokens=cfg.eval.score_max_tokens,
         pad_token_id=pad,
+        packing=bool(cfg.data.packing),
     )
 
 

@@ -5,8 +5,9 @@ every response token ``y_t``, its log-probability ``log p(y_t | x, y_<t)`` and t
 the full next-token distribution ``H_t = -sum_v p(v) log p(v)`` (both in nats, of the
 distribution at ``temperature``: logits divided by it).
 
-Sequences are sorted by length and cut into right-padded batches of at most ``max_tokens``
-padded tokens (:func:`erpd_megatron.data.batching.micro_batches`, the trainer's packer); only
+Sequences are cut into micro-batches of at most ``max_tokens`` tokens with the trainer's
+packers (:mod:`erpd_megatron.data.batching`): right-padded rows of similar length, or with
+``data.packing`` one packed row of several sequences (block-diagonal causal mask); only
 the logits of positions that predict a response token are computed (``logits_to_keep`` with
 the indices, where the model supports it). The log-prob and entropy come from
 :func:`token_scores`: the response positions' logits, a chunk of tokens at a time, through the
@@ -27,7 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from erpd_megatron.data.batching import micro_batches
+from erpd_megatron.data.batching import (
+    SampleTable,
+    collate,
+    collate_packed,
+    micro_batches,
+    pack_rows,
+    packed_attention_mask,
+)
+from erpd_megatron.utils.log import get_logger
+
+log = get_logger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,6 +75,27 @@ def load_causal_lm(path: str, *, device: str = "auto", dtype: str = "auto") -> A
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev).eval()
 
 
+def response_table(prompts: list[list[int]], responses: list[list[int]]) -> SampleTable:
+    """``(prompt, response)`` pairs as the trainer's :class:`SampleTable` (row ``i`` is pair
+    ``i``), so that evaluation cuts and lays out micro-batches with the trainer's packers."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    n = len(prompts)
+    return SampleTable(
+        sample_ids=np.arange(n, dtype=np.int64),
+        group_ids=np.zeros(n, np.int64),
+        prompt_ids=[np.asarray(p, np.int64) for p in prompts],
+        response_ids=[np.asarray(r, np.int64) for r in responses],
+        rewards=np.zeros(n, np.float32),
+    )
+
+
+PACKED_ATTENTION = ("eager", "sdpa")
+"""transformers attention implementations that take a custom 4D additive mask as it is
+(transformers 5.x ``masking_utils._preprocess_mask_arguments`` returns a 4D mask unchanged;
+eager adds it to the scores, SDPA passes it as ``attn_mask``)."""
+
+
 @torch.inference_mode()
 def score_responses(
     model: Any,
@@ -74,50 +106,63 @@ def score_responses(
     entropy: bool = True,
     max_tokens: int = 4096,
     pad_token_id: int = 0,
+    packing: bool = False,
 ) -> TokenScores:
     """Teacher-forced log-probs (and entropies) of ``responses[i]`` after ``prompts[i]``.
 
     ``temperature`` must be positive; the scores are of ``softmax(logits / temperature)``.
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    With ``packing`` (``data.packing``) each forward is ONE row of several sequences filled
+    by first-fit-decreasing (:func:`~erpd_megatron.data.batching.pack_rows`), each with
+    position ids of its own and a block-diagonal causal mask
+    (:func:`~erpd_megatron.data.batching.packed_attention_mask`, as a 4D additive mask); else
+    right-padded rows of similar length (:func:`~erpd_megatron.data.batching.micro_batches`).
+    Both give the same scores up to rounding."""
+    table = response_table(prompts, responses)
     if temperature <= 0:
         raise ValueError(f"teacher-forced scores need a positive temperature, got {temperature}")
     device = next(model.parameters()).device
     keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "eager") or "eager"
+    if packing and impl not in PACKED_ATTENTION:
+        log.warning(
+            "packed scoring needs attention %s, not %s: padded rows", PACKED_ATTENTION, impl
+        )
+        packing = False
     lps: list[np.ndarray] = [np.zeros(0)] * len(prompts)
     ents: list[np.ndarray] = [np.zeros(0)] * len(prompts)
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    order = np.arange(len(lengths), dtype=np.int64)
-    for group in micro_batches(order, np.asarray(lengths, np.int64), max_tokens):
-        batch = [i for i in group.tolist() if responses[i]]
-        if not batch:
-            continue
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[i]] = torch.tensor(prompts[i] + responses[i], dtype=torch.long)
-            mask[row, : lengths[i]] = 1
-        # positions start-1 .. width-2 predict every response token of the batch
-        start = min(len(prompts[i]) for i in batch) - 1
-        keep = torch.arange(start, width - 1)
+    rows = np.flatnonzero(table.response_lengths > 0).astype(np.int64)
+    if packing:
+        mbs = [collate_packed(table, g) for g in pack_rows(rows, table.lengths, max_tokens)]
+    else:
+        mbs = [collate(table, g) for g in micro_batches(rows, table.lengths, max_tokens)]
+    for mb in mbs:
+        ids = mb.input_ids.clone()
+        if mb.segments is not None:  # one packed row: each sequence attends to itself only
+            dtype = next(model.parameters()).dtype
+            blocked = packed_attention_mask(mb.segments)  # [1, 1, s, s], True = masked
+            mask = torch.zeros(blocked.shape, dtype=dtype).masked_fill(
+                blocked, torch.finfo(dtype).min
+            )
+        else:  # right-padded rows of one sequence each
+            lens = torch.from_numpy(table.lengths[mb.rows])
+            mask = (torch.arange(ids.shape[1])[None] < lens[:, None]).long()
+            ids[mask == 0] = pad_token_id
+        # only the columns that predict a response token
+        cols = mb.loss_mask.bool().any(0).nonzero().flatten()
         kwargs: dict[str, Any] = {
             "input_ids": ids.to(device),
             "attention_mask": mask.to(device),
+            "position_ids": mb.position_ids.to(device),
             "use_cache": False,
         }
         if keep_kw:
-            kwargs["logits_to_keep"] = keep.to(device)
-            logits = model(**kwargs).logits
+            logits = model(**kwargs, logits_to_keep=cols.to(device)).logits
         else:
-            logits = model(**kwargs).logits[:, start : width - 1]
-        targets = ids[:, start + 1 : width].to(device)
-        want = torch.zeros(targets.shape, dtype=torch.bool)  # the response positions
-        for row, i in enumerate(batch):
-            a = len(prompts[i]) - 1 - start
-            want[row, a : a + len(responses[i])] = True
-        pos = want.reshape(-1).nonzero().flatten().to(device)
+            logits = model(**kwargs).logits[:, cols.to(device)]
+        targets = mb.targets[:, cols].to(device)
+        # row-major over [b, kept columns]: each sequence's tokens in order, sequences in
+        # mb.rows order, in both layouts
+        pos = mb.loss_mask[:, cols].reshape(-1).nonzero().flatten().to(device)
         tok_lp, ent = token_scores(
             logits.reshape(-1, logits.shape[-1]),
             targets.reshape(-1),
@@ -128,7 +173,7 @@ def score_responses(
         tok_lp = tok_lp.double().cpu().numpy()
         ent_np = ent.double().cpu().numpy() if ent is not None else None
         k = 0
-        for i in batch:
+        for i in mb.rows.tolist():
             n = len(responses[i])
             lps[i] = tok_lp[k : k + n].copy()
             if ent_np is not None:
@@ -195,6 +240,7 @@ __all__ = [
     "TokenScores",
     "load_causal_lm",
     "resolve_device_dtype",
+    "response_table",
     "score_responses",
     "token_scores",
 ]

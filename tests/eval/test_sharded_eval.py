@@ -2,8 +2,9 @@
 TP=2 equals the table at TP=1 (DP=2: the ranks split the samples, padded with dummies) to
 1e-5, and both equal the single-process transformers backend (the converted checkpoints hold
 the same weights). Generation runs once per evaluation on rank 0 with the same seed, so the
-accuracy columns match exactly. Also: the chunked token scores equal a full fp32
-log-softmax, and a missing checkpoint is a ConfigError naming the field."""
+accuracy columns match exactly. With ``data.packing`` both backends give the same table to
+1e-6. Also: the chunked token scores equal a full fp32 log-softmax, and a missing checkpoint
+is a ConfigError naming the field."""
 
 from __future__ import annotations
 
@@ -57,9 +58,12 @@ def _worker(rank: int, world: int, a: Path, b: Path, heldout: Path, tmp: Path) -
     a_mc = hf_to_mcore(a, tmp / "a_mc", tp=2)  # both ranks: each writes its TP shard
     b_mc = hf_to_mcore(b, tmp / "b_mc", tp=2)
     out: dict[str, list] = {}
-    for key, tp, backend in (("tp2", 2, "megatron"), ("tp1", 1, "auto")):
+    runs = (("tp2", 2, "megatron", False), ("tp1", 1, "auto", False))
+    runs += (("tp2_packed", 2, "megatron", True),)  # data.packing: one packed row per forward
+    for key, tp, backend, packing in runs:
         ov = _overrides(a, b, a_mc, b_mc, heldout, tmp / key, backend)
         ov += [f"parallel.tensor_model_parallel_size={tp}", f"parallel.gpus_per_node={world}"]
+        ov += [f"data.packing={str(packing).lower()}"]
         out[key] = evaluate_models(load_config(None, ov))
     try:  # the transformers backend is one process: refused in a world of 2
         evaluate_models(load_config(None, _overrides(a, b, None, None, heldout, tmp / "x", "hf")))
@@ -113,6 +117,8 @@ def tables(tiny_pair, heldout_file, tmp_path_factory):
     r0, r1 = run_gloo(_worker, 2, a, b, heldout_file, tmp, timeout=900)
     ov = _overrides(a, b, None, None, heldout_file, tmp / "hf", "hf")
     hf = evaluate_models(load_config(None, ov))  # one process: the transformers backend
+    ov = _overrides(a, b, None, None, heldout_file, tmp / "hf_packed", "hf")
+    r0["hf_packed"] = evaluate_models(load_config(None, ov + ["data.packing=true"]))
     return r0, r1, hf
 
 
@@ -144,6 +150,20 @@ def test_tp2_table_equals_tp1_and_hf(tables):
                         x[c],
                         y[c],
                     )
+
+
+@pytest.mark.slow  # two gloo processes with megatron
+def test_packed_scoring_gives_the_same_table(tables):
+    """data.packing (packed rows, block-diagonal mask) gives the padded rows' table to 1e-6,
+    with the megatron backend at TP=2 x DP=2 and with the transformers backend."""
+    r0, _, hf = tables
+    for padded, packed in ((r0["tp2"], r0["tp2_packed"]), (hf, r0["hf_packed"])):
+        assert [r["model"] for r in packed] == ["base", "same", "other"]
+        for x, y in zip(padded, packed):
+            for c in COLUMNS:
+                assert (x[c] is None) == (y[c] is None), (x["model"], c)
+                if x[c] is not None:
+                    assert y[c] == pytest.approx(x[c], abs=1e-6, rel=1e-6), (x["model"], c)
 
 
 @pytest.mark.slow  # two gloo processes with megatron

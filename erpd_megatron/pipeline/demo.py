@@ -34,12 +34,15 @@ log = get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "recipes" / "demo-cpu.yaml"
 
-# Smaller everything, for the integration test (< 3 minutes on this machine). The quick base
-# is barely trained (few correct samples), so it always boxes its answer and its teacher is
-# the re-anchored pg run (which also learns from the wrong samples).
+# Smaller everything, for the integration test. The quick base must be trained enough to solve
+# some problems for any seed (with 400 problems x 3 epochs it solved ~2%, and a seed whose
+# rollouts had no reward failed Stage 1): 1000 problems x 10 epochs. It always boxes its
+# answer and its teacher is the re-anchored pg run (which also learns from the wrong samples).
 QUICK = [
-    "demo.train_problems=400",
-    "demo.pretrain_epochs=3",
+    "demo.train_problems=1000",
+    "demo.pretrain_epochs=10",
+    "demo.validation_problems=50",
+    "demo.heldout_problems=100",
     "demo.unboxed_fraction=0",
     "rollout.num_prompts=32",
     "rollout.samples_per_prompt=4",
@@ -47,9 +50,9 @@ QUICK = [
     "stage1.anchor=epoch",
     "stage1.epochs=8",
     "stage1.save_epochs=[2]",
-    "eval.num_prompts=24",
-    "eval.n=2",
-    "eval.pass_k=[1,2]",
+    "eval.num_prompts=48",
+    "eval.n=4",
+    "eval.pass_k=[1,4]",
     "round.teachers=[{name: t_ep2, run: pg, epoch: 2}, {name: t_ep8, run: pg},"
     " {name: unlearned, run: unlearned, topk: false, evaluate: false}]",
     "round.students=[{name: student, overrides: ['stage2.teachers=[{model: t_ep8,"

@@ -100,6 +100,8 @@ class MoeRouting:
         self._rec: Optional[dict[int, np.ndarray]] = None
         self._load = np.zeros((self.num_layers, self.experts))
         self._stats = np.zeros((self.num_layers, _PER_LAYER))
+        # on the routers' device until the step's sums: no host sync per layer and micro-batch
+        self._dev: dict[int, torch.Tensor] = {}  # layer -> [experts + 1] load, diff tokens
 
     def _hook(self, i: int) -> Any:
         def hook(module: Any, args: Any, out: Any) -> None:
@@ -131,26 +133,32 @@ class MoeRouting:
             if rmap is None:
                 continue
             self._maps[i] = None
-            rmap = rmap.cpu()
             st = self._stats[layer - 1]
-            self._load[layer - 1] += rmap.sum(0).double().numpy()
+            acc = self._dev.get(layer)
+            if acc is None:
+                acc = self._dev[layer] = torch.zeros(
+                    self.experts + 1, dtype=torch.float64, device=rmap.device
+                )
+            acc[: self.experts] += rmap.sum(0)
             st[0] += 1
             st[1] += rmap.shape[0] * self.topk
-            st[2] += float(rmap.sum())
             if self._rec is not None and self.whole_rows:
-                top = self._recorded(i, rmap)
+                top = self._recorded(i, rmap.cpu())
                 for j, idx in enumerate(toks):
                     row = int(mb.rows[j])
                     if row not in self._rec:
                         self._rec[row] = np.zeros((len(self.routers), len(idx), self.topk), "i2")
                     self._rec[row][i] = top[idx].numpy().astype(np.int16)
-            elif self.pi_r is not None and self.whole_rows:
+            elif self.pi_r is not None and self.whole_rows and toks:
+                ref = torch.zeros(rmap.shape[0], self.topk, dtype=torch.long)
+                valid = torch.zeros(rmap.shape[0], dtype=torch.bool)
                 for j, idx in enumerate(toks):
-                    ref = torch.from_numpy(self._pi_r_of(mb.rows[j], i, len(idx))).long()
-                    ref_map = torch.zeros(len(idx), self.experts, dtype=torch.bool)
-                    ref_map.scatter_(1, ref, True)
-                    st[3] += float((rmap[idx] != ref_map).any(1).sum())
-                    st[4] += len(idx)
+                    ref[idx] = torch.from_numpy(self._pi_r_of(mb.rows[j], i, len(idx))).long()
+                    valid[idx] = True
+                ref_map = torch.zeros_like(rmap, dtype=torch.bool)
+                ref_map.scatter_(1, ref.to(rmap.device), True)
+                acc[self.experts] += ((rmap != ref_map).any(1) & valid.to(rmap.device)).sum()
+                st[4] += float(valid.sum())
 
     def _recorded(self, i: int, rmap: torch.Tensor) -> torch.Tensor:
         rr = getattr(self.routers[i], "router_replay", None)
@@ -242,6 +250,7 @@ class MoeRouting:
 
         self._load[:] = 0
         self._stats[:] = 0
+        self._dev.clear()
         clear_aux_losses_tracker()
 
     def step_sums(self) -> dict[str, float]:
@@ -253,6 +262,11 @@ class MoeRouting:
                 vals = entry["values"].detach().double().cpu().numpy()
                 for layer in self.layers:
                     self._stats[layer - 1, 5] += vals[layer - 1]
+        for layer, acc in self._dev.items():
+            a = acc.cpu().numpy()
+            self._load[layer - 1] += a[: self.experts]
+            self._stats[layer - 1, 2] += a[: self.experts].sum()  # kept slots
+            self._stats[layer - 1, 3] += a[self.experts]  # tokens routed unlike pi_r
         vec = torch.from_numpy(np.concatenate([self._load, self._stats], axis=1).ravel())
         tot = comm.all_reduce(vec.clone()).numpy().reshape(self.num_layers, -1)
         self.reset()

@@ -91,7 +91,7 @@ def make_checkpoint(out: Path, *, layers: int, hidden: int, ffn: int, vocab: int
 
     def produce(name: str, k: str) -> torch.Tensor:
         shape = dict(shapes)[k]
-        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        return torch.empty(shape, dtype=torch.bfloat16).uniform_(-0.05, 0.05, generator=gen)
 
     names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     total = 0

@@ -66,7 +66,7 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
         self._handles: dict[Path, Any] = {}
         self.max_open = max_open
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def _open(self, key: str) -> Any:
         from safetensors import safe_open
 
         if key not in self._where:
@@ -76,7 +76,14 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
             while len(self._handles) >= self.max_open:  # unmap the oldest file: its pages
                 self._handles.pop(next(iter(self._handles)))  # count in this process's RSS
             self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(key)
+        return self._handles[path]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._open(key).get_tensor(key)
+
+    def slice(self, key: str) -> Any:
+        """A safetensors slice of ``key`` (``[a:b]``, ``[:, a:b]`` read only those elements)."""
+        return self._open(key).get_slice(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

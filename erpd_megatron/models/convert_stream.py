@@ -8,8 +8,8 @@
   converts each tensor from the HF safetensors only when the writer asks for it
   (``resolve_data``): one HF tensor (or the three of a fused one) and one converted tensor are
   alive at a time, and at most one safetensors file is open (mapped). Under torchrun each rank
-  plans its own layout's main replicas: it reads only its stage's layers and its EP rank's
-  experts (DP replicas read nothing).
+  plans its own layout's main replicas: it reads only its stage's layers, its EP rank's experts
+  and, of TP-split tensors, its own rows / columns (:mod:`hf_slices`); DP replicas read nothing.
 * :func:`stream_mcore_to_hf`: the inverse. Tensors are read one at a time from the checkpoint
   (any layout it was saved at: ``torch.distributed.checkpoint`` reshards each read), converted
   with :func:`hf_maps.hf_tensors_from` and appended to safetensors files whose headers were
@@ -37,6 +37,7 @@ import torch.distributed as dist
 from erpd_megatron.config.schema import ModelConfig
 from erpd_megatron.models import checkpoint as ckpt_io
 from erpd_megatron.models import hf_maps
+from erpd_megatron.models.hf_slices import tp_slice_from_hf
 from erpd_megatron.utils.files import atomic_write_json
 from erpd_megatron.utils.log import get_logger
 from erpd_megatron.utils.progress import progress_bar
@@ -201,7 +202,7 @@ def write_dist_checkpoint(
     objs = {o.unique_key: o for o in objects}
     total = sum(p.nbytes for p in mine)
     bar = progress_bar(max(1, total >> 20), enabled=_rank() == 0, desc=desc, unit="MiB")
-    state = {"name": None, "t": None, "done": 0, "shown": 0}
+    state: dict[str, Any] = {"name": None, "t": None, "out": None, "done": 0, "shown": 0}
 
     def resolve(item: Any) -> Any:
         if item.index.fqn in objs:
@@ -210,11 +211,18 @@ def write_dist_checkpoint(
             buf.seek(0)
             return buf
         p = by_index[(item.index.fqn, tuple(item.index.offset))]
+        # torch's writer (2.13, filesystem.py _write_files_from_queue) keeps every tensor it
+        # wrote in a dict until the file is closed: hand it tensors this function owns and
+        # free the previous one's storage (written by now) so that only one stays alive.
+        if state["out"] is not None:
+            state["out"].untyped_storage().resize_(0)
         if state["name"] != p.name:
             state["name"], state["t"] = p.name, None  # free the previous tensor first
             state["t"] = tensor_of(p.name)
         # The model's dtype, as the in-memory path's copy_ into it (local-spec norms are fp32)
-        out = piece_view(p, state["t"]).to(p.dtype)
+        out = torch.empty(p.sizes, dtype=p.dtype)
+        out.copy_(piece_view(p, state["t"]))
+        state["out"] = out
         state["done"] += p.nbytes
         mib = state["done"] >> 20
         bar.update(mib - state["shown"])
@@ -222,10 +230,14 @@ def write_dist_checkpoint(
         return out
 
     t0 = time.perf_counter()
-    writer = FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1)
+    # One thread, no copy-ahead: the serial loader resolves items in plan order (the overlapping
+    # one a GPU node would pick sorts them by size, splitting each tensor's pieces apart).
+    writer = FileSystemWriter(
+        str(tmp), single_file_per_rank=True, thread_count=1, per_thread_copy_ahead=0
+    )
     planner = _StreamSavePlanner(_write_items(mine, list(objs.values())), resolve)
     dcp_save({}, storage_writer=writer, planner=planner)  # type: ignore[arg-type]
-    state["t"] = None
+    state["t"] = state["out"] = None
     if _rank() == 0:
         save_config(CheckpointingConfig("torch_dist"), str(tmp))
         torch.save({}, tmp / "common.pt")  # a model-only checkpoint has no common state
@@ -286,14 +298,14 @@ def stream_hf_to_mcore(
 
     def tensor_of(name: str) -> torch.Tensor:
         full_name = _globalize(name, mc, layer0, expert0)
-        full = hf_maps.hf_tensor_for(get, mc, target_padded, full_name)
         expert = hf_maps.is_expert(full_name)
-        t = hf_maps._tp_slice(
-            full_name,
-            full,
-            etp if expert else tp,
-            (tp_rank if etp > 1 else 0) if expert else tp_rank,
-        )
+        size, r = (etp, tp_rank if etp > 1 else 0) if expert else (tp, tp_rank)
+        t = None
+        if size > 1 and hasattr(tensors, "slice"):  # read only this rank's rows / columns
+            t = tp_slice_from_hf(tensors.slice, mc, target_padded, full_name, size, r, dtype)
+        if t is None:
+            full = hf_maps.hf_tensor_for(get, mc, target_padded, full_name)
+            t = hf_maps._tp_slice(full_name, full, size, r)
         if tuple(t.shape) != shapes[name]:
             raise RuntimeError(f"{name}: converted shape {tuple(t.shape)} != model {shapes[name]}")
         return t.contiguous()

@@ -125,3 +125,22 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_moe_run(setup):
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["parallel.sequence_parallel=true", "parallel.tensor_model_parallel_size=2"], "sequence"),
+        (["model.num_experts=null", "model.family=qwen3"], "need model.num_experts"),
+        (["model.moe_expert_capacity_factor=0"], "must be > 0"),
+        (["model.moe_router_replay=pi_q"], "moe_router_replay"),
+    ],
+    ids=["sp", "dense", "capacity", "value"],
+)
+def test_router_replay_and_capacity_are_validated(extra, message):
+    from erpd_megatron.config.loader import ConfigError, load_config
+
+    ov = MOE + ["model.moe_router_replay=pi_r"]
+    assert load_config(CFG, ov).model.moe_router_replay == "pi_r"
+    with pytest.raises(ConfigError, match=message):
+        load_config(CFG, ov + extra)

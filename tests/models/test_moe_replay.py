@@ -10,8 +10,9 @@ ratio mean was 0.99999998 with and without replay alike (measured), the routing 
 the rows sharing a micro-batch change the experts' GEMM shapes on CPU, not the routing.
 
 Without replay the routers drift from pi_r's as the policy trains (a large learning rate
-makes it certain in 3 steps: 85% of the tokens routed otherwise at step 2, measured); that
-second run is opt-in (ERPD_LONG_TESTS=1) since each Stage-1 process costs ~30 s here.
+makes it certain in 3 steps: measured, 85% of the tokens routed otherwise at step 2 with
+three sequences a micro-batch); that second run is opt-in (ERPD_LONG_TESTS=1) since each
+Stage-1 process costs ~30 s here.
 
 Resume is exact: a run stopped by SIGTERM after its first step and rerun (pi_r's routing
 read back from the anchors directory, the epoch's MoE sums from the checkpoint) logs the

@@ -129,6 +129,36 @@ def assert_same_weights(a: Path, b: Path, *, rtol: float, atol: float) -> int:
     return len(keys)
 
 
+def assert_same_run(
+    ref: Path,
+    got: Path,
+    stage: str,
+    keys: list[str],
+    steps: int,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    weights_tol: float = 1e-4,
+) -> list[dict]:
+    """Two runs of ``stage`` (output dirs ``ref`` and ``got``) agree: ``steps`` optimizer
+    steps each, every step's ``keys`` to ``rtol``/``atol``, and the final checkpoints'
+    weights to ``weights_tol``. Returns ``got``'s step records (for further checks)."""
+    import pytest
+
+    def records(out: Path) -> list[dict]:
+        path = out / f"{stage}/{stage}_metrics.jsonl"
+        return [r for r in read_jsonl(path) if f"{stage}/loss" in r]
+
+    want, have = records(ref), records(got)
+    assert len(have) == len(want) == steps, (len(have), len(want), steps)
+    for step, (g, r) in enumerate(zip(have, want), 1):
+        for k in keys:
+            assert g[k] == pytest.approx(r[k], rel=rtol, abs=atol), (stage, step, k, g[k], r[k])
+    final = f"{stage}/checkpoints/final"
+    assert assert_same_weights(ref / final, got / final, rtol=weights_tol, atol=weights_tol) > 0
+    return have
+
+
 def run_module(
     module: str,
     config: Path,

@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         (work / "kill.json").write_text(json.dumps(res, indent=1))
         print(
-            f"K={res['K']} (seed {res['seed']}): {res['identical']}/{res['K']} reruns bit-identical; "
-            f"kills per step: {res['hits']}; {res['minutes']} min"
+            f"K={res['K']} (seed {res['seed']}): {res['identical']}/{res['K']} reruns "
+            f"bit-identical; kills per step: {res['hits']}; {res['minutes']} min"
         )
         return 0 if res["identical"] == res["K"] else 1
     ref = work / "ref" / "round_0"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Generate the fixed rollout data of a round (P prompts x G samples, rewards, log-probs).
 
-    python tools/generate_rollouts.py --config configs/recipes/tiny-cpu.yaml rollout.model_path=... \
-        rollout.dataset=... [--shard-index I --num-shards N] [--finalize]
+    python tools/generate_rollouts.py --config configs/recipes/tiny-cpu.yaml \
+        rollout.model_path=... rollout.dataset=... [--shard-index I --num-shards N] [--finalize]
 
 Same as `erpd rollout`; the logic is in erpd_megatron/rollout/generate.py.
 """

@@ -190,7 +190,8 @@ def check_stage1_signal(cfg: Config, table) -> float:
     n = len(np.unique(table.group_ids))
     msg = (
         f"data.rollout_dir={cfg.data.rollout_dir}: {frac:.1%} of {n} groups have signal for "
-        f"stage1.loss={cfg.stage1.loss} (it needs {need}; mean reward {float(np.mean(table.rewards)):.3f})"
+        f"stage1.loss={cfg.stage1.loss} (it needs {need}; mean reward "
+        f"{float(np.mean(table.rewards)):.3f})"
     )
     if frac > 0:
         get_logger(__name__).info("%s", msg)

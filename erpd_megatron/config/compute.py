@@ -57,7 +57,8 @@ def gpu_hours(rec: dict[str, Any]) -> float:
 
 
 def tflops_per_gpu(rec: dict[str, Any]) -> float | None:
-    """Achieved model TFLOP/s per GPU of a ``compute`` record during its steps (None without time)."""
+    """Achieved model TFLOP/s per GPU of a ``compute`` record during its steps (None without
+    time)."""
     den = rec.get("gpus", 0) * rec.get("wall_s", 0.0)
     return rec.get("model_flops", 0.0) / den / 1e12 if den > 0 else None
 

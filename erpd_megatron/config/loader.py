@@ -77,7 +77,8 @@ def _resolve_default(entry: Any, base: Path) -> tuple[str | None, Path]:
 
 
 def deep_merge(base: dict, over: dict) -> dict:
-    """Recursively merge ``over`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    """Recursively merge ``over`` into a copy of ``base`` (mappings merge, everything else
+    replaces)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):

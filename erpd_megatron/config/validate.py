@@ -110,11 +110,13 @@ def validate_layout(
         )
     if model.ffn_hidden_size % tp:
         raise ConfigError(
-            f"parallel.tensor_model_parallel_size={tp} must divide model.ffn_hidden_size={model.ffn_hidden_size}"
+            f"parallel.tensor_model_parallel_size={tp} must divide "
+            f"model.ffn_hidden_size={model.ffn_hidden_size}"
         )
     if model.num_layers % pp:
         raise ConfigError(
-            f"parallel.pipeline_model_parallel_size={pp} must divide model.num_layers={model.num_layers}"
+            f"parallel.pipeline_model_parallel_size={pp} must divide "
+            f"model.num_layers={model.num_layers}"
         )
     padded = padded_vocab_size(model, tp)
     if padded % tp:
@@ -224,8 +226,8 @@ def fp8_recipe_problem(recipe: str, capability: Optional[tuple[int, int]]) -> Op
         )
     if recipe == "blockwise" and major < 9:
         return (
-            f"precision.fp8_recipe=blockwise needs compute capability 9.0 or higher; this GPU is {cc}: "
-            "use precision.fp8_recipe=delayed or tensorwise"
+            "precision.fp8_recipe=blockwise needs compute capability 9.0 or higher; this GPU is "
+            f"{cc}: use precision.fp8_recipe=delayed or tensorwise"
         )
     return None
 
@@ -245,11 +247,13 @@ def check_stage2_teachers(cfg: Config, cached: list[str], where: str = "stage2.t
     for i, t in enumerate(cfg.stage2.teachers):
         if t.model not in known:
             raise ConfigError(
-                f"{where}.{i}.model='{t.model}' is not a cached model; the cache has {sorted(known)}"
+                f"{where}.{i}.model='{t.model}' is not a cached model; the cache has "
+                f"{sorted(known)}"
             )
         if t.signal == "contrast" and t.contrast_model not in known:
             raise ConfigError(
-                f"{where}.{i}.contrast_model='{t.contrast_model}' is not a cached model; the cache has {sorted(known)}"
+                f"{where}.{i}.contrast_model='{t.contrast_model}' is not a cached model; the "
+                f"cache has {sorted(known)}"
             )
 
 
@@ -302,8 +306,8 @@ def validate_config(
             )
         if check_runtime and not transformer_engine_available():
             raise ConfigError(
-                f"precision.fp8={cfg.precision.fp8!r} needs Transformer Engine, which is not usable here "
-                f"({transformer_engine_import_error()}); {TE_REPAIR_HINT}"
+                f"precision.fp8={cfg.precision.fp8!r} needs Transformer Engine, which is not "
+                f"usable here ({transformer_engine_import_error()}); {TE_REPAIR_HINT}"
             )
         if check_runtime:
             problem = fp8_recipe_problem(cfg.precision.fp8_recipe, cuda_capability())

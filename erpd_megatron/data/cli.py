@@ -1,4 +1,5 @@
-"""`erpd data inspect DIR`: accuracy, pass@k per prompt, lengths and finish reasons of a rollout set."""
+"""`erpd data inspect DIR`: accuracy, pass@k per prompt, lengths and finish reasons of a rollout
+set."""
 
 from __future__ import annotations
 

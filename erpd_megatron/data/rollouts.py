@@ -136,7 +136,8 @@ def _list_array(rows: Sequence[Sequence[Any]], dtype: Any, pa_type: pa.DataType)
 def records_to_table(
     records: Sequence[RolloutRecord], metadata: dict[str, Any] | None = None
 ) -> pa.Table:
-    """Records (sorted by sample_id) as an Arrow table of :data:`SCHEMA`, with the shard metadata."""
+    """Records (sorted by sample_id) as an Arrow table of :data:`SCHEMA`, with the shard
+    metadata."""
     for r in records:
         _check_record(r)
     arrays = []
@@ -173,8 +174,8 @@ def read_shard_metadata(path: str | os.PathLike) -> dict[str, Any]:
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise RolloutDataError(
-            f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); the shard is truncated "
-            "or corrupt: delete it and rerun generation (complete shards are kept)"
+            f"{path}: not a readable Parquet file ({type(e).__name__}: {e}); the shard is "
+            "truncated or corrupt: delete it and rerun generation (complete shards are kept)"
         ) from e
     names = set(pf.schema_arrow.names)
     missing = [c for c in COLUMNS if c not in names]
@@ -208,7 +209,8 @@ def shard_is_complete(path: str | os.PathLike, plan_hash: str | None = None) -> 
     if plan_hash is not None and meta.get("plan_hash") != plan_hash:
         raise RolloutDataError(
             f"{path}: written for another generation plan ({meta.get('plan_hash', '?')[:12]} != "
-            f"{plan_hash[:12]}): the config changed since; use a new rollout.output_dir or delete the old shards"
+            f"{plan_hash[:12]}): the config changed since; use a new rollout.output_dir or delete "
+            "the old shards"
         )
     return True
 
@@ -346,8 +348,8 @@ class RolloutSet:
                 else f"has no {MANIFEST} ({n} shards present)"
             )
             raise RolloutDataError(
-                f"{directory}: {what}; generation is unfinished: rerun `erpd rollout` (complete shards are "
-                "kept) or `erpd rollout --finalize` once all shards exist"
+                f"{directory}: {what}; generation is unfinished: rerun `erpd rollout` (complete "
+                "shards are kept) or `erpd rollout --finalize` once all shards exist"
             )
         try:
             manifest = read_json(mpath)
@@ -365,8 +367,8 @@ class RolloutSet:
                 raise RolloutDataError(f"{path}: listed in the manifest but missing")
             if path.stat().st_size != s["bytes"]:
                 raise RolloutDataError(
-                    f"{path}: {path.stat().st_size} bytes, the manifest says {s['bytes']}: truncated or "
-                    "rewritten; delete it and the manifest and rerun generation"
+                    f"{path}: {path.stat().st_size} bytes, the manifest says {s['bytes']}: "
+                    "truncated or rewritten; delete it and the manifest and rerun generation"
                 )
             meta = read_shard_metadata(path)
             if meta["num_rows"] != s["num_rows"]:
@@ -448,7 +450,8 @@ class RolloutSet:
         return out
 
     def load_packed(self, column: str) -> tuple[np.ndarray, np.ndarray]:
-        """A list column as ``(values, offsets)``: row ``i`` is ``values[offsets[i]:offsets[i+1]]``."""
+        """A list column as ``(values, offsets)``: row ``i`` is
+        ``values[offsets[i]:offsets[i+1]]``."""
         if column not in LIST_COLUMNS:
             raise RolloutDataError(f"{column} is not a list column ({', '.join(LIST_COLUMNS)})")
         values, lengths = [], []
@@ -545,7 +548,8 @@ def inspect_rollouts(directory: str | os.PathLike, *, correct_threshold: float =
     all_c, none_c = int((c_per == n_per).sum()), int((c_per == 0).sum())
     ng = max(len(groups), 1)
     lines.append(
-        f"  groups   all-correct {all_c} ({all_c / ng:.0%}), all-wrong {none_c} ({none_c / ng:.0%}), "
+        f"  groups   all-correct {all_c} ({all_c / ng:.0%}), all-wrong {none_c} "
+        f"({none_c / ng:.0%}), "
         f"mixed {len(groups) - all_c - none_c} ({(len(groups) - all_c - none_c) / ng:.0%})"
     )
     lines.append(f"  prompt tokens    {_quantiles(plen)}")

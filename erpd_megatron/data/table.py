@@ -71,9 +71,10 @@ def check_table(table: SampleTable, cfg: Config, where: str) -> None:
         low = min(int(p.min()) if len(p) else 0, int(r.min()) if len(r) else 0)
         if top >= vocab or low < 0:
             raise RolloutDataError(
-                f"{where}: sample {int(table.sample_ids[i])} has token id {top if top >= vocab else low} outside "
-                f"the model vocabulary [0, {vocab}) (model.vocab_size={vocab}); the rollouts were made with "
-                "another tokenizer, or the model config is wrong"
+                f"{where}: sample {int(table.sample_ids[i])} has token id "
+                f"{top if top >= vocab else low} outside the model vocabulary [0, {vocab}) "
+                f"(model.vocab_size={vocab}); the rollouts were made with another tokenizer, or "
+                "the model config is wrong"
             )
         if len(p) == 0:
             raise RolloutDataError(
@@ -81,8 +82,9 @@ def check_table(table: SampleTable, cfg: Config, where: str) -> None:
             )
         if len(p) + len(r) > limit:
             raise RolloutDataError(
-                f"{where}: sample {int(table.sample_ids[i])} has {len(p) + len(r)} tokens, more than "
-                f"data.max_seq_length={limit}; raise it (and model.max_position_embeddings) or filter the data"
+                f"{where}: sample {int(table.sample_ids[i])} has {len(p) + len(r)} tokens, more "
+                f"than data.max_seq_length={limit}; raise it (and model.max_position_embeddings) "
+                "or filter the data"
             )
 
 

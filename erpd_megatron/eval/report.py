@@ -25,21 +25,34 @@ COLUMN_DOCS: dict[str, str] = {
     "n": "samples per prompt",
     "accuracy": "avg@n: mean reward over the n samples of a prompt, averaged over prompts",
     "accuracy_se": "standard error of accuracy over prompts",
-    "pass@k": "unbiased pass@k (1 - C(n-c,k)/C(n,k), c = samples with reward > 0.5), averaged over prompts",
-    "kl_to_base": "sequence KL(pi || pi_base) in nats: mean over samples y ~ pi of sum_t log pi(y_t) - log pi_base(y_t)",
+    "pass@k": (
+        "unbiased pass@k (1 - C(n-c,k)/C(n,k), c = samples with reward > 0.5), averaged over "
+        "prompts"
+    ),
+    "kl_to_base": (
+        "sequence KL(pi || pi_base) in nats: mean over samples y ~ pi of sum_t log pi(y_t) - "
+        "log pi_base(y_t)"
+    ),
     "kl_to_base_se": "standard error of kl_to_base over sequences",
     "kl_to_base_per_token": "the same sum divided by the number of response tokens (nats/token)",
     "kl_note": "how the KL was obtained (the base's is 0 by construction)",
-    "acc_gain_per_nat": "(accuracy - base accuracy) / kl_to_base; empty for the base or KL < 1e-3 nats",
+    "acc_gain_per_nat": (
+        "(accuracy - base accuracy) / kl_to_base; empty for the base or KL < 1e-3 nats"
+    ),
     "entropy": "mean over pi's response tokens of the exact full-distribution entropy (nats/token)",
-    "drift": "mean over the base's samples of sum_t log pi - log pi_base (nats/seq; = -KL(pi_base || pi))",
+    "drift": (
+        "mean over the base's samples of sum_t log pi - log pi_base (nats/seq; "
+        "= -KL(pi_base || pi))"
+    ),
     "drift_pos": "drift on base samples with reward > 0.5",
     "drift_neg": "drift on base samples with reward <= 0.5",
     "response_tokens_mean": "mean response length in tokens (EOS included)",
     "finish_stop": "samples that ended on an EOS token",
     "finish_length": "samples cut at max_new_tokens",
     "truncated_frac": "finish_length / samples",
-    "logprob_mismatch": "mean |engine log-prob - teacher-forced log-prob| per token (numerics check)",
+    "logprob_mismatch": (
+        "mean |engine log-prob - teacher-forced log-prob| per token (numerics check)"
+    ),
 }
 
 
@@ -160,13 +173,14 @@ NOTES = """\
 Notes
 - avg@n is the mean reward over n samples per prompt (± standard error over prompts); pass@k is the
   unbiased estimator averaged over prompts.
-- KL to base is the sequence KL(pi || pi_base) in nats per response, estimated on fresh samples of pi as
-  the mean of sum_t (log pi(y_t) - log pi_base(y_t)) (± standard error over sequences); pi_base's log-probs
-  come from a teacher-forced pass. The base's own KL (and drift) is 0 by construction, not estimated.
+- KL to base is the sequence KL(pi || pi_base) in nats per response, estimated on fresh samples
+  of pi as the mean of sum_t (log pi(y_t) - log pi_base(y_t)) (± standard error over sequences);
+  pi_base's log-probs come from a teacher-forced pass. The base's own KL (and drift) is 0 by
+  construction, not estimated.
 - Entropy is exact: the mean over pi's response tokens of the full next-token distribution's entropy
   (teacher-forced pass of pi on its own samples).
-- Drift is sum_t (log pi - log pi_base) on the *base's* samples, split by their reward (+ / -), like the
-  training logs' drift_pos / drift_neg; its mean is -KL(pi_base || pi).
+- Drift is sum_t (log pi - log pi_base) on the *base's* samples, split by their reward (+ / -),
+  like the training logs' drift_pos / drift_neg; its mean is -KL(pi_base || pi).
 - Accuracy gained per nat is (accuracy - base accuracy) / KL; empty for the base or KL < 1e-3 nats.
 """
 
@@ -187,9 +201,9 @@ def kl_zero_warnings(rows: list[dict[str, Any]]) -> list[str]:
         if abs(float(kl)) < max(KL_ZERO, 2.0 * float(se)):
             out.append(
                 f"- **{r.get('model')}** ({r.get('dataset', '')}) is at KL ≈ 0 to the base "
-                f"({float(kl):.4g} ± {float(se):.2g} nats/seq): it did not move from pi_base. A teacher "
-                "here gives Stage 2 no signal; check its Stage-1 run (rollout groups with signal, "
-                "loss, learning rate, epochs)."
+                f"({float(kl):.4g} ± {float(se):.2g} nats/seq): it did not move from pi_base. A "
+                "teacher here gives Stage 2 no signal; check its Stage-1 run (rollout groups "
+                "with signal, loss, learning rate, epochs)."
             )
     return out
 

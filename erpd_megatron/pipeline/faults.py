@@ -304,9 +304,10 @@ def kill_campaign(
         with open(work / "trials.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         report(
-            f"trial {i}: kill planned in {kind} at {delay:.1f}s, hit {first.killed and first.killed['hit']}"
-            f" at {first.killed and first.killed['at_s']}s (rc {first.returncode}); rerun rc "
-            f"{second.returncode}, ran {rec['rerun_ran']} ({rec['seconds']}s)"
+            f"trial {i}: kill planned in {kind} at {delay:.1f}s, hit "
+            f"{first.killed and first.killed['hit']} at {first.killed and first.killed['at_s']}s "
+            f"(rc {first.returncode}); rerun rc {second.returncode}, ran {rec['rerun_ran']} "
+            f"({rec['seconds']}s)"
         )
         shutil.rmtree(run_dir)
     finals = [ref_round / STUDENT_FINAL] + [

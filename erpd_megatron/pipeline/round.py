@@ -1,4 +1,5 @@
-"""`erpd round --config RECIPE [--rounds R] [--rerun-changed] [a.b=c ...]`: whole ERPD rounds on one node.
+"""`erpd round --config RECIPE [--rounds R] [--rerun-changed] [a.b=c ...]`: whole ERPD rounds on
+one node.
 
 Round ``r`` lives in ``<output_dir>/round_<r>/`` and runs, each step as its own process
 (``torchrun`` when ``round.nproc_per_node > 1``)::
@@ -290,7 +291,8 @@ def plan_round(
             ),
         )
     models = ", ".join(
-        f"{{name: {t.name}, checkpoint: {teacher_checkpoint(paths, t.run, t.epoch)}, topk: {str(t.topk).lower()}}}"
+        f"{{name: {t.name}, checkpoint: {teacher_checkpoint(paths, t.run, t.epoch)}, "
+        f"topk: {str(t.topk).lower()}}}"
         for t in rc.teachers
     )
     cache_models = f"cache.models=[{models}]"
@@ -449,8 +451,8 @@ def round_problems(config: str, overrides: list[str], cfg: Config) -> list[str]:
             s1 = runs[t.run].stage1
             if t.epoch not in s1.save_epochs or t.epoch >= s1.epochs:
                 problems.append(
-                    f"round.teachers '{t.name}': epoch {t.epoch} is not a snapshot of run '{t.run}' "
-                    f"(stage1.save_epochs={s1.save_epochs}, epochs={s1.epochs})"
+                    f"round.teachers '{t.name}': epoch {t.epoch} is not a snapshot of run "
+                    f"'{t.run}' (stage1.save_epochs={s1.save_epochs}, epochs={s1.epochs})"
                 )
     cached = [t.name for t in rc.teachers]
     for s in rc.students:

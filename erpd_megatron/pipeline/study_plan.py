@@ -149,7 +149,8 @@ def format_plan(
             "?"
             if r.get("memory_gib") is None
             else (
-                f"{r['memory_gib']:.1f} of {r['budget_gib']:.0f} ({'fits' if r['fits'] else 'DOES NOT FIT'})"
+                f"{r['memory_gib']:.1f} of {r['budget_gib']:.0f} "
+                f"({'fits' if r['fits'] else 'DOES NOT FIT'})"
             )
         )
         cells = [
@@ -166,9 +167,9 @@ def format_plan(
     lines += [
         "",
         f"total: {total:.1f} GPU-hours over {len(rows)} points (shared steps counted once)",
-        f"assumption: {peak_tflops:g} TFLOP/s peak per GPU x MFU {mfu:g} for training and scoring, "
-        f"x {rollout_mfu:g} for generation; 6 N FLOPs per trained token, 2 N per scored or generated "
-        "token (N = active parameters); every sequence at max_prompt_tokens + max_new_tokens "
-        "(an upper bound)",
+        f"assumption: {peak_tflops:g} TFLOP/s peak per GPU x MFU {mfu:g} for training and "
+        f"scoring, x {rollout_mfu:g} for generation; 6 N FLOPs per trained token, 2 N per scored "
+        "or generated token (N = active parameters); every sequence at max_prompt_tokens + "
+        "max_new_tokens (an upper bound)",
     ]
     return "\n".join(lines)

@@ -495,8 +495,8 @@ def write_study_report(study: Study) -> dict[str, Path]:
     md += [
         "## Compute per step",
         "",
-        "GPU-hours = GPUs x wall time of the steps' optimizer/scoring loops; "
-        "TFLOP/s per GPU from model FLOPs (6 N per trained token, 2 N per scored token). Rollouts and "
+        "GPU-hours = GPUs x wall time of the steps' optimizer/scoring loops; TFLOP/s per GPU "
+        "from model FLOPs (6 N per trained token, 2 N per scored token). Rollouts and "
         "evaluation record no compute block.",
         "",
         _md(comp, ccols),

@@ -137,6 +137,11 @@ def _label(v: Any) -> str:
     return s or "x"
 
 
+def _flow_yaml(v: Any) -> str:
+    """``v`` as one line of flow-style YAML (an override's value)."""
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def _str_list(v: Any, where: str, src: Path) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ConfigError(f"{src}: {where} must be a list of a.b=c override strings, got {v!r}")
@@ -197,12 +202,7 @@ def _axis(raw: Any, i: int, src: Path) -> Axis:
                     [[RECIPE_KEY + str(x)] for x in paths],
                     [Path(str(v)).stem for v in vals],
                 )
-            ovs = [
-                [
-                    f"{key}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                ]
-                for v in vals
-            ]
+            ovs = [[f"{key}={_flow_yaml(v)}"] for v in vals]
             labels, values = [_label(v) for v in vals], list(vals)
     else:
         raise ConfigError(

@@ -151,7 +151,8 @@ def load_tokenizer(path: str) -> Any:
 
 def eos_token_ids(model_path: str, tokenizer: Any) -> list[int]:
     """Stop tokens: the tokenizer's EOS plus the checkpoint's ``generation_config.eos_token_id``
-    (which may be a list, e.g. Qwen instruct models stop on ``<|im_end|>`` and ``<|endoftext|>``)."""
+    (which may be a list, e.g. Qwen instruct models stop on ``<|im_end|>`` and
+    ``<|endoftext|>``)."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))

@@ -13,8 +13,8 @@ Fleet: the shards are dealt round-robin over N slots. The slot comes from
 ``ERPD_FLEET_SIZE``, else of ``SLURM_ARRAY_TASK_MAX + 1``) combined with the tasks of an
 ``srun`` (``SLURM_PROCID`` / ``SLURM_NTASKS``), else slot 0 of 1. Whoever finds all shards
 complete writes the manifest; ``--finalize`` does only that (scripts/slurm/rollout_finalize.sh
-runs it after the fleet, so that no fleet member depends on seeing the others' shards). A rerun skips complete shards, so a crashed or preempted
-task is resumed by running it again.
+runs it after the fleet, so that no fleet member depends on seeing the others' shards). A
+rerun skips complete shards, so a crashed or preempted task is resumed by running it again.
 """
 
 from __future__ import annotations
@@ -255,8 +255,9 @@ def write_or_check_plan(directory: Path, plan: RolloutPlan) -> None:
             )
             diff = [k for k in keys if old.get(k) != plan.info.get(k)]
             raise RolloutDataError(
-                f"{directory}: holds rollouts of another plan (differs in: {', '.join(diff) or 'unknown'}); "
-                "use a new rollout.output_dir, or delete the directory to start over"
+                f"{directory}: holds rollouts of another plan (differs in: "
+                f"{', '.join(diff) or 'unknown'}); use a new rollout.output_dir, or delete the "
+                "directory to start over"
             )
         return
     atomic_write_json(path, plan.info)
@@ -363,7 +364,8 @@ def generate_shard(
         },
     )
     log.info(
-        "shard %d: %d samples, %d tokens in %.1fs (%.0f tok/s), reward mean %.3f, verified in %.1fs",
+        "shard %d: %d samples, %d tokens in %.1fs (%.0f tok/s), reward mean %.3f, verified in "
+        "%.1fs",
         s,
         len(flat),
         tokens,
@@ -487,7 +489,8 @@ def run_rollouts(
         )
         manifest_path.unlink(missing_ok=True)
     log.info(
-        "rollout: %d prompts x %d samples in %d shards -> %s; slot %d/%d owns %d shards, %d to generate",
+        "rollout: %d prompts x %d samples in %d shards -> %s; slot %d/%d owns %d shards, %d to "
+        "generate",
         len(plan.prompts),
         rc.samples_per_prompt,
         plan.num_shards,

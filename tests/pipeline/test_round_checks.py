@@ -93,7 +93,8 @@ def test_changed_override_flips_the_skip_decision(finished_round):
         "export": "changed",
         "eval": "changed",
     }, d
-    # an eval-only change reruns only the evaluation; a rollout change everything after the conversion
+    # an eval-only change reruns only the evaluation; a rollout change everything after the
+    # conversion
     assert [k for k, v in _decisions(ov + ["eval.n=2"]).items() if v != "skip"] == ["eval"]
     assert [k for k, v in _decisions(ov + ["rollout.temperature=0.7"]).items() if v == "skip"] == [
         "policy_mcore"

@@ -29,7 +29,8 @@ def _study(tmp_path: Path, body: str) -> Path:
         f"""name: s
 recipe: {RECIPE}
 output_dir: {tmp_path / "out"}
-overrides: [round.base_hf={base}, rollout.dataset={tmp_path / "train.jsonl"}, "eval.datasets=[{tmp_path / "heldout.jsonl"}]"]
+overrides: [round.base_hf={base}, rollout.dataset={tmp_path / "train.jsonl"},
+  "eval.datasets=[{tmp_path / "heldout.jsonl"}]"]
 """
         + body
     )

@@ -1,4 +1,5 @@
-"""The hf engine: recorded log-probs equal a teacher-forced pass, seeding, batching, sampling rules."""
+"""The hf engine: recorded log-probs equal a teacher-forced pass, seeding, batching, sampling
+rules."""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def test_explicit_formats_and_missing_columns():
     assert resolve_columns(["q", "a"], "custom", "q", "a").question == "q"
     with pytest.raises(
         PromptDataError,
-        match="answer column 'answer' \\(format gsm8k\\) not found; columns are \\['question', 'final'\\]",
+        match="answer column 'answer' \\(format gsm8k\\) not found; "
+        "columns are \\['question', 'final'\\]",
     ):
         resolve_columns(["question", "final"], "gsm8k")
     with pytest.raises(

@@ -67,7 +67,8 @@ class LLM:
             for j in range(sp.n):
                 ids = [5 + j, 6, 2] if j % 2 == 0 else [7] * sp.max_tokens
                 lps = [{t: _LP(-0.5 - k)} for k, t in enumerate(ids)]
-                comps.append(_Out(token_ids=ids, logprobs=lps, finish_reason="stop" if j % 2 == 0 else "length"))
+                finish = "stop" if j % 2 == 0 else "length"
+                comps.append(_Out(token_ids=ids, logprobs=lps, finish_reason=finish))
             outs.append(_Out(outputs=comps, prompt_token_ids=p["prompt_token_ids"]))
         return outs
 

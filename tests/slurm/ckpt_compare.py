@@ -34,7 +34,8 @@ def main(a: str, b: str) -> int:
         dist.destroy_process_group()
     if ta.keys() != tb.keys():
         print(
-            f"different tensors: only in A {sorted(ta.keys() - tb.keys())}, only in B {sorted(tb.keys() - ta.keys())}"
+            f"different tensors: only in A {sorted(ta.keys() - tb.keys())}, only in B "
+            f"{sorted(tb.keys() - ta.keys())}"
         )
         return 1
     diff = {

@@ -41,7 +41,8 @@ echo "fake rank $SLURM_PROCID done"
 
 # Records its arguments; fails for the command in FAKE_FAIL.
 FAKE_RECORDER = r"""#!/usr/bin/env bash
-echo "$(date +%s.%N) array=${SLURM_ARRAY_TASK_ID:-} rank=$SLURM_PROCID/$SLURM_NTASKS $*" >>"$FAKE_DIR/calls"
+echo "$(date +%s.%N) array=${SLURM_ARRAY_TASK_ID:-}" \
+  "rank=$SLURM_PROCID/$SLURM_NTASKS $*" >>"$FAKE_DIR/calls"
 [[ " $* " != *" ${FAKE_FAIL:-none} "* ]]
 """
 
@@ -113,8 +114,8 @@ def test_time_limit_usr1_checkpoints_requeues_and_resumes(tmp_path):
     assert len(resumed) == 4 and resumed[:2] == [0, 0] and min(resumed[2:]) > 0, job.describe()
     assert log.count(" done") == 2 and "(restart 1)" in log, job.describe()
     assert (
-        "-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere stage1.epochs=3"
-        in log
+        "-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere "
+        "stage1.epochs=3" in log
     ), job.describe()
 
 
@@ -168,7 +169,8 @@ def test_export_none_recipe_argument_and_computed_rendezvous(tmp_path):
         addr, port = re.search(r"master=(\S*):(\d*)", c).groups()
         assert addr == host and port and 1024 < int(port) < 32768, (c, job.describe())
         assert c.endswith(
-            "args=-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml output_dir=/nowhere"
+            "args=-m erpd_megatron.cli stage1 --config configs/recipes/tiny-cpu.yaml "
+            "output_dir=/nowhere"
         )
 
 

@@ -110,7 +110,8 @@ def test_no_pkill_anywhere():
 def _fake_sbatch(tmp_path: Path) -> dict[str, str]:
     fake = tmp_path / "sbatch"
     fake.write_text(
-        '#!/usr/bin/env bash\necho "$*" >>"$FAKE_DIR/sbatch.calls"\necho "$((RANDOM + 100));cluster"\n'
+        '#!/usr/bin/env bash\necho "$*" >>"$FAKE_DIR/sbatch.calls"\n'
+        'echo "$((RANDOM + 100));cluster"\n'
     )
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -212,8 +213,12 @@ def test_round_unknown_step_is_an_error(tmp_path):
     ],
 )
 def test_recipe_is_the_first_argument_else_config(args, config):
-    """erpd_srun_cli takes the recipe from the first argument (SBATCH_EXPORT=NONE jobs), else CONFIG."""
-    script = 'source scripts/slurm/common.sh; erpd_srun() { echo "srun: $*"; }; erpd_srun_cli stage1 "$@"'
+    """erpd_srun_cli takes the recipe from the first argument (SBATCH_EXPORT=NONE jobs), else
+    CONFIG."""
+    script = (
+        'source scripts/slurm/common.sh; erpd_srun() { echo "srun: $*"; }; '
+        'erpd_srun_cli stage1 "$@"'
+    )
     p = subprocess.run(
         ["bash", "-c", script, "_", *args],
         cwd=ROOT,

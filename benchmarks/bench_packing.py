@@ -53,6 +53,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1 / 32, help="length scale (1 = 2k median)")
     p.add_argument("--budget", type=int, default=None, help="tokens per micro-batch (default p99)")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="params dtype")
     p.add_argument("overrides", nargs="*", help="config overrides a.b=c")
     return p.parse_args()
 
@@ -70,9 +72,13 @@ def lognormal_lengths(n: int, scale: float, seed: int = 0):
 def main() -> None:
     args = _args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import numpy as np
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
     torch.set_num_threads(args.threads)
     from erpd_megatron.config import load_config
     from erpd_megatron.data.batching import (
@@ -84,7 +90,7 @@ def main() -> None:
     )
     from erpd_megatron.runtime.distributed import init_distributed
     from erpd_megatron.train.common import logits_logprob_entropy
-    from erpd_megatron.train.engine import Engine, packed_inputs
+    from erpd_megatron.train.engine import Engine, _device, packed_inputs
 
     reps = args.reps or (2 if args.quick else 5)
     n = args.seqs or (32 if args.quick else 64)
@@ -107,6 +113,7 @@ def main() -> None:
         "logging.progress_bar=false",
         f"data.max_tokens_per_microbatch={budget}",
         f"data.global_batch_size={n}",
+        f"precision.params_dtype={args.dtype}",
     ]
     cfg = load_config(ROOT / "configs/recipes/tiny-cpu.yaml", base + args.overrides)
     cfg_pack = load_config(
@@ -140,7 +147,8 @@ def main() -> None:
     batches = [order[i : i + n] for i in range(0, len(lengths), n)]
     real = float(table.lengths.sum())
     print(
-        f"lengths: median {np.median(table.lengths):.0f}, p99 {np.percentile(table.lengths, 99):.0f}, "
+        f"lengths: median {np.median(table.lengths):.0f}, "
+        f"p99 {np.percentile(table.lengths, 99):.0f}, "
         f"max {table.lengths.max()}; {len(lengths)} sequences in {len(batches)} global batches; "
         f"budget {budget}"
     )
@@ -166,10 +174,14 @@ def main() -> None:
     counts = {k: sum(len(mbs) for mbs in v_) for k, v_ in plans.items()}
     pad_frac = {k: 1 - real / sizes[k] for k in plans}
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
     def epoch(eng, plan) -> float:
+        sync()
         t = time.perf_counter()
         for mbs in plan:
             eng.run(mbs, loss_fn, forward_only=False)
+        sync()
         return time.perf_counter() - t
 
     times: dict[str, list[float]] = {"unsorted": [], "padded": [], "packed": []}
@@ -182,8 +194,9 @@ def main() -> None:
     tps = {k: real / med[k] for k in med}
     for k in times:
         print(
-            f"{k:7s}: {counts[k]:3d} micro-batches, {sizes[k]:7d} row tokens, padding {pad_frac[k]:.3f}, "
-            f"median {med[k]:.3f} s ({min(times[k]):.3f}-{max(times[k]):.3f}), {tps[k]:.0f} tokens/s"
+            f"{k:7s}: {counts[k]:3d} micro-batches, {sizes[k]:7d} row tokens, "
+            f"padding {pad_frac[k]:.3f}, median {med[k]:.3f} s "
+            f"({min(times[k]):.3f}-{max(times[k]):.3f}), {tps[k]:.0f} tokens/s"
         )
 
     # ---- recompute: saved-for-backward bytes of one packed micro-batch, and time ----
@@ -199,9 +212,10 @@ def main() -> None:
             return t
 
         model = eng.model[0]
-        mask, _ = packed_inputs(mb, te=False)
+        m = mb.to(_device())
+        mask, _ = packed_inputs(m, te=False)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(mb.input_ids, mb.position_ids, mask)
+            out = model(m.input_ids, m.position_ids, mask)
         out.float().sum().backward()
         model.zero_grad_buffer()
         return total[0]
@@ -218,8 +232,10 @@ def main() -> None:
     speed_b = tps["packed"] / tps["padded"]
     print(
         f"RESULT packing_speedup={speed:.3f} packing_speedup_vs_bucketed={speed_b:.3f} "
-        f"padding_fraction={pad_frac['packed']:.4f} padded_padding_fraction={pad_frac['unsorted']:.4f} "
-        f"recompute_mem_ratio={mem:.3f} recompute_time_ratio={rc_ratio:.3f}"
+        f"padding_fraction={pad_frac['packed']:.4f} "
+        f"padded_padding_fraction={pad_frac['unsorted']:.4f} "
+        f"recompute_mem_ratio={mem:.3f} recompute_time_ratio={rc_ratio:.3f} "
+        f"load_avg={os.getloadavg()[0]:.2f} device={_device().type} dtype={args.dtype}"
     )
 
 

@@ -108,6 +108,7 @@ def _setup(n: int, v: int, dtype: str, device: str, ops: list[str], threads: int
     import torch
 
     from erpd_megatron.ops import vocab_parallel as vp
+    from erpd_megatron.ops import vocab_parallel_topk as vpt
 
     if threads:
         torch.set_num_threads(threads)
@@ -131,9 +132,9 @@ def _setup(n: int, v: int, dtype: str, device: str, ops: list[str], threads: int
         "megatron_ce": lambda: (
             vocab_parallel_cross_entropy(logits.view(n, 1, v), target.view(n, 1)).sum().backward()
         ),
-        "vp_topk_kl": lambda: vp.vp_topk_kl(logits, ids, t_lp).sum().backward(),
+        "vp_topk_kl": lambda: vpt.vp_topk_kl(logits, ids, t_lp).sum().backward(),
         "vp_topk_kl_inpl": lambda: (
-            vp.vp_topk_kl(logits, ids, t_lp, inplace_backward=True).sum().backward()
+            vpt.vp_topk_kl(logits, ids, t_lp, inplace_backward=True).sum().backward()
         ),
         "vp_logprob": lambda: vp.vp_logprob(logits, target).sum().backward(),
         "vp_logprob_inpl": lambda: (
@@ -271,8 +272,8 @@ def main() -> None:
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print(
-        f"{'tokens x vocab':>14} {'dtype':>5} {'op':>16} {'median s':>9} {'min-max s':>13} {'ratio':>6} "
-        f"{'paired':>11} {'cpu ratio':>9} {'extra MiB':>10} {'extra/logits':>12}"
+        f"{'tokens x vocab':>14} {'dtype':>5} {'op':>16} {'median s':>9} {'min-max s':>13} "
+        f"{'ratio':>6} {'paired':>11} {'cpu ratio':>9} {'extra MiB':>10} {'extra/logits':>12}"
     )
     time_ratio: dict[tuple[str, str], float] = {}
     cpu_ratio: dict[tuple[str, str], float] = {}
@@ -287,8 +288,9 @@ def main() -> None:
                 if op in TIME_ONLY:
                     med = statistics.median(t[op])
                     print(
-                        f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
-                        f"{med / base:6.2f} {'':>11} {statistics.median(c[op]) / cbase:9.2f}"
+                        f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} "
+                        f"{min(t[op]):6.3f}-{max(t[op]):<6.3f} {med / base:6.2f} {'':>11} "
+                        f"{statistics.median(c[op]) / cbase:9.2f}"
                     )
                     continue
                 m = run_child("--child-mem", op, n, v, dtype, args.device)
@@ -307,15 +309,18 @@ def main() -> None:
                 cr = statistics.median(c[op]) / cbase
                 cpu_ratio[key] = max(cpu_ratio.get(key, 0.0), cr)
                 print(
-                    f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} {min(t[op]):6.3f}-{max(t[op]):<6.3f} "
-                    f"{ratio:6.2f} {min(paired):5.2f}-{max(paired):<5.2f} {cr:9.2f} {m['extra_bytes'] / 2**20:10.1f} "
-                    f"{mr:12.3f}" + ("" if m["hw_reliable"] else "  (memory from RSS sampling)")
+                    f"{f'{n}x{v}':>14} {dtype:>5} {op:>16} {med:9.3f} "
+                    f"{min(t[op]):6.3f}-{max(t[op]):<6.3f} {ratio:6.2f} "
+                    f"{min(paired):5.2f}-{max(paired):<5.2f} {cr:9.2f} "
+                    f"{m['extra_bytes'] / 2**20:10.1f} {mr:12.3f}"
+                    + ("" if m["hw_reliable"] else "  (memory from RSS sampling)")
                 )
     print(
-        "# ratio: median(op) / median(megatron_ce); paired: min-max of the per-round ratio; extra: peak "
-        "memory above the inputs during one forward+backward, the gradient included; cpu ratio: the same "
-        "with process time (user+sys of the child, less disturbed by other load); fresh_grad: "
-        "allocating and writing a logits-sized gradient once (what default-mode ops pay beyond the math)"
+        "# ratio: median(op) / median(megatron_ce); paired: min-max of the per-round ratio; "
+        "extra: peak memory above the inputs during one forward+backward, the gradient included; "
+        "cpu ratio: the same with process time (user+sys of the child, less disturbed by other "
+        "load); fresh_grad: allocating and writing a logits-sized gradient once (what "
+        "default-mode ops pay beyond the math)"
     )
 
     def tr(op: str, dtype: str) -> str:
@@ -327,14 +332,16 @@ def main() -> None:
     print(
         f"RESULT topk_kl_time_ratio={tr('vp_topk_kl_inpl', first)} "
         f"topk_kl_default_time_ratio={tr('vp_topk_kl', first)} "
-        f"logprob_time_ratio={tr('vp_logprob', first)} logprob_inplace_time_ratio={tr('vp_logprob_inpl', first)} "
+        f"logprob_time_ratio={tr('vp_logprob', first)} "
+        f"logprob_inplace_time_ratio={tr('vp_logprob_inpl', first)} "
         f"topk_kl_time_ratio_bf16={tr('vp_topk_kl_inpl', 'bf16')} "
         f"topk_kl_default_time_ratio_bf16={tr('vp_topk_kl', 'bf16')} "
-        f"peak_extra_mem_ratio_inplace={mem['inplace']:.3f} peak_extra_mem_ratio_default={mem['default']:.3f} "
+        f"peak_extra_mem_ratio_inplace={mem['inplace']:.3f} "
+        f"peak_extra_mem_ratio_default={mem['default']:.3f} "
         f"megatron_extra_mem_ratio={mem['megatron']:.3f} "
         f"topk_kl_cpu_time_ratio={cpu_ratio.get(('vp_topk_kl_inpl', first), float('nan')):.3f} "
         f"topk_kl_default_cpu_time_ratio={cpu_ratio.get(('vp_topk_kl', first), float('nan')):.3f} "
-        f"device={args.device} time_dtype={first}"
+        f"load_avg={os.getloadavg()[0]:.2f} device={args.device} time_dtype={first}"
     )
 
 

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import importlib.util
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from erpd_megatron.config.loader import ConfigError
-from erpd_megatron.config.schema import Config, ModelConfig
+from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import (
     TE_REPAIR_HINT,
     head_dim,
@@ -101,12 +100,14 @@ def transformer_engine_status() -> TEStatus:
         have_te = False
         err = (
             err
-            or f"megatron.core.extensions.transformer_engine does not import: {type(e).__name__}: {e}"
+            or "megatron.core.extensions.transformer_engine does not import: "
+            f"{type(e).__name__}: {e}"
         )
     if err is None and not have_te:
         err = (
-            f"transformer_engine.pytorch {version} imports but megatron-core's HAVE_TE is False (it failed "
-            "to import transformer_engine.pytorch.fp8: a TE version outside megatron-core's range)"
+            f"transformer_engine.pytorch {version} imports but megatron-core's HAVE_TE is False "
+            "(it failed to import transformer_engine.pytorch.fp8: a TE version outside "
+            "megatron-core's range)"
         )
     return TEStatus(
         installed=True,
@@ -474,12 +475,6 @@ def mask_padded_vocab(
     return logits
 
 
-def vocab_range(model_cfg: ModelConfig, tp: int, tp_rank: int) -> tuple[int, int]:
-    """Global ``[start, end)`` token ids of this TP rank's logits slice (padded vocabulary)."""
-    local = padded_vocab_size(model_cfg, tp) // tp
-    return tp_rank * local, (tp_rank + 1) * local
-
-
 def _default_positions(input_ids: torch.Tensor) -> torch.Tensor:
     b, s = input_ids.shape
     return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
@@ -530,13 +525,3 @@ def forward_logits(
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return out[0]
-
-
-def num_parameters(model_chunks: list[Any]) -> int:
-    """Parameters held by this rank."""
-    return sum(p.numel() for c in model_chunks for p in c.parameters())
-
-
-def replace_config(config: Any, **changes: Any) -> Any:
-    """A copy of a TransformerConfig with fields changed (re-running its checks)."""
-    return dataclasses.replace(config, **changes)

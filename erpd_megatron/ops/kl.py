@@ -98,9 +98,9 @@ def kl_penalty(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KL-to-reference penalty ``coef * sum_valid(k(logp, ref_logp)) / normalizer``.
 
-    ``ref_logp`` is a constant (detached). Returns ``(loss, metrics)`` with metric sums ``kl_k1_sum``, ``kl_k3_sum``,
-    ``kl_penalty_sum`` (the coefficient-weighted estimator), ``tokens`` and
-    ``nonfinite_tokens``.
+    ``ref_logp`` is a constant (detached). Returns ``(loss, metrics)`` with metric sums
+    ``kl_k1_sum``, ``kl_k3_sum``, ``kl_penalty_sum`` (the coefficient-weighted estimator),
+    ``tokens`` and ``nonfinite_tokens``.
     """
     mask = as_mask(mask, logp)
     c, mask, nonfinite = clean_inputs(mask, logp=logp, ref_logp=ref_logp)

@@ -46,7 +46,7 @@ from erpd_megatron.data.batching import (
 )
 from erpd_megatron.data.context_parallel import cp_split
 from erpd_megatron.runtime import comm
-from erpd_megatron.train.engine import Engine, cp_indices
+from erpd_megatron.train.engine import Engine, cp_indices, token_rows
 from erpd_megatron.utils.files import dir_fingerprint
 from erpd_megatron.utils.log import get_logger
 from erpd_megatron.utils.progress import progress_bar
@@ -65,24 +65,32 @@ def _score_microbatch(
     engine: Engine, mb: MicroBatch, k: int | None, ref_ids: dict[str, torch.Tensor]
 ) -> dict:
     """Forward one micro-batch; return per-row results on the owner rank, {} elsewhere."""
-    from erpd_megatron.ops.vocab_parallel import vp_bucket_logprobs, vp_logprob, vp_topk
+    from erpd_megatron.ops.vocab_parallel import vp_logprob
+    from erpd_megatron.ops.vocab_parallel_topk import vp_bucket_logprobs, vp_topk
 
     shard = engine.vocab_shard()
     kw = dict(group=shard.group, vocab_start=shard.start, vocab_size=shard.vocab_size)
 
     def fn(logits: torch.Tensor, m: MicroBatch):
-        b, s, v = logits.shape
-        flat = logits.reshape(b * s, v)  # the ops take bf16 directly (fp32 per chunk)
-        out = {"lp": vp_logprob(flat, m.targets.reshape(-1), **kw).reshape(b, s)}
+        # rows without a copy; the ops take bf16 directly (fp32 per chunk)
+        # A teacher's sampled-token log-probs come out of its top-k pass (the same max, sum
+        # of exps and formula as vp_logprob: equal bit for bit); pi_r's from vp_logprob, the
+        # op Stage 2 trains with, so that its ratio to the cached lp_r is exactly 1 at pi_r.
+        flat, order = token_rows(logits)
+        target = order.flat(m.targets)
+        out: dict[str, torch.Tensor] = {}
         if k:
-            ids, lps = vp_topk(flat, k, **kw)
-            out["ids"], out["topk"] = ids.reshape(b, s, k), lps.reshape(b, s, k)
+            ids, lps, lp = vp_topk(flat, k, **kw, target=target)
+            out["ids"], out["topk"] = order.unflat(ids), order.unflat(lps)
+        else:
+            lp = vp_logprob(flat, target, **kw)
+        out["lp"] = order.unflat(lp)
         for name, tid in ref_ids.items():
             if engine.cp_size > 1:  # the teacher's ids are whole rows (gathered over CP)
                 tid = cp_split(tid, cp_indices(mb, engine.cp_size, engine.cp_rank))
-            rl, _ = vp_bucket_logprobs(flat, tid.reshape(b * s, -1), **kw)
-            out[f"ref:{name}"] = rl.reshape(b, s, -1)
-        return logits.sum() * 0.0, out
+            rl, _ = vp_bucket_logprobs(flat, order.flat(tid), **kw)
+            out[f"ref:{name}"] = order.unflat(rl)
+        return logits.new_zeros(()), out  # forward only: no loss
 
     with torch.no_grad():
         outs = engine.run([mb], fn, forward_only=True)

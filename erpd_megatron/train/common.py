@@ -17,7 +17,7 @@ from erpd_megatron.config.loader import ConfigError, load_config
 from erpd_megatron.config.schema import Config
 from erpd_megatron.config.validate import validate_config
 from erpd_megatron.data.batching import MicroBatch, SampleTable
-from erpd_megatron.train.engine import Engine, VocabShard
+from erpd_megatron.train.engine import Engine, VocabShard, token_rows
 from erpd_megatron.train.loop import EXIT_NONFINITE, NonFiniteAbort, StageSpec, TrainLoop
 from erpd_megatron.utils.log import get_logger
 
@@ -28,22 +28,23 @@ def logits_logprob_entropy(
     logits: torch.Tensor, mb: MicroBatch, shard: VocabShard, *, sole_consumer: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the target tokens ([b, s], differentiable) and token entropy ([b, s],
-    detached) from vocab-parallel logits [b, s, V/tp]. ``sole_consumer``: nothing else
+    detached) from vocab-parallel logits [b, s, V/tp] (rows taken without a copy, see
+    :func:`~erpd_megatron.train.engine.token_rows`). ``sole_consumer``: nothing else
     differentiates through ``logits``, so the backward may write the gradient into their
     memory, as Megatron's cross entropy does (no logits-sized allocation)."""
     from erpd_megatron.ops.vocab_parallel import vp_logprob_and_entropy
 
-    b, s, v = logits.shape
+    flat, order = token_rows(logits)
     lp, ent = vp_logprob_and_entropy(
-        logits.reshape(b * s, v),
-        mb.targets.to(logits.device).reshape(-1),
+        flat,
+        order.flat(mb.targets.to(logits.device)),
         group=shard.group,
         vocab_start=shard.start,
         vocab_size=shard.vocab_size,
         inplace_backward=sole_consumer,
     )
     # one pass over the logits for both; the entropy is a metric, so its backward never runs
-    return lp.reshape(b, s), ent.detach().reshape(b, s)
+    return order.unflat(lp), order.unflat(ent.detach())
 
 
 Precheck = Callable[[Config, SampleTable, str], object]

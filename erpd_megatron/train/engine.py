@@ -2,9 +2,11 @@
 runs a list of micro-batches through the pipeline schedule (forward+backward or forward-only).
 
 Loss functions stay pure: they receive the last stage's vocab-parallel logits of one
-micro-batch and return ``(loss, metrics)`` where ``loss`` is already normalised by the
-*global* batch normaliser (see :mod:`erpd_megatron.ops.losses`). Megatron divides a returned
-loss by the number of micro-batches and DDP averages gradients over data-parallel ranks;
+micro-batch (``[b, s, V/tp]``, a transposed view of the model's own ``[s, b, V/tp]``: take
+their rows with :func:`token_rows`, no copy) and return ``(loss, metrics)`` where ``loss``
+is already normalised by the *global* batch normaliser (see :mod:`erpd_megatron.ops.losses`).
+Megatron divides a returned loss by the number of micro-batches and DDP averages gradients
+over data-parallel ranks;
 :meth:`Engine.run` multiplies both factors back, so that the gradient is exactly the
 gradient of the global-batch loss, whatever the micro-batching and DP size.
 
@@ -177,6 +179,7 @@ class Engine:
         it: Any = [iter(on_device) for _ in self.model] if interleaved else iter(on_device)
 
         def loss_wrapper(mb: MicroBatch, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            logits = logits.transpose(0, 1)  # [s, b, V] -> a [b, s, V] view, no copy
             b, s = mb.input_ids.shape
             if logits.shape[0] != b or logits.shape[1] != s:  # a padded interleaved copy
                 logits = logits[:b, :s]
@@ -188,12 +191,23 @@ class Engine:
             mask, packed = packed_inputs(run, te=te)  # from the whole row (global cu_seqlens)
             if self.cp_size > 1:  # this CP rank's positions (validated: TE, no mask)
                 run, seen = (cp_micro_batch(m, self.cp_size, self.cp_rank) for m in (run, seen))
+            # labels= makes GPTModel hand the output layer's [s, b, V/tp] logits to
+            # compute_language_model_loss (overridden below to return them unchanged), the
+            # path of megatron's own loss; without labels it would return
+            # logits.transpose(0, 1).contiguous(), a full-logits copy forward and backward
+            # (core_v0.16.1 models/gpt/gpt_model.py, GPTModel._postprocess)
             if self.moe is not None:
                 self.moe.before_forward(run)
             if packed is None:
-                out = model(run.input_ids, run.position_ids, mask)
+                out = model(run.input_ids, run.position_ids, mask, labels=run.targets)
             else:
-                out = model(run.input_ids, run.position_ids, None, packed_seq_params=packed)
+                out = model(
+                    run.input_ids,
+                    run.position_ids,
+                    None,
+                    labels=run.targets,
+                    packed_seq_params=packed,
+                )
             if self.moe is not None:
                 self.moe.after_forward(run)
             return out, partial(loss_wrapper, seen)
@@ -209,15 +223,22 @@ class Engine:
             # path has been tested with).
             _unwrapped(m).config.variable_seq_lengths = not interleaved
         fb = get_forward_backward_func()
-        out = fb(
-            forward_step_func=forward_step,
-            data_iterator=it,
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=n,
-            seq_length=seq,
-            micro_batch_size=mbs,
-            forward_only=forward_only,
-        )
+        chunks = [_unwrapped(m) for m in self.model]
+        for c in chunks:  # an instance attribute shadows the method for this call only
+            c.compute_language_model_loss = _logits_unchanged
+        try:
+            out = fb(
+                forward_step_func=forward_step,
+                data_iterator=it,
+                model=self.model if len(self.model) > 1 else self.model[0],
+                num_microbatches=n,
+                seq_length=seq,
+                micro_batch_size=mbs,
+                forward_only=forward_only,
+            )
+        finally:
+            for c in chunks:
+                del c.compute_language_model_loss
         if not self.is_last_stage:
             return []
         out = list(out)
@@ -239,22 +260,28 @@ class Engine:
         out = {}
         for k, v in metrics.items():
             if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, local):
-                v = cp_unsplit(comm.all_gather(v, group=group), idx, dim=1)
+                v = cp_unsplit(comm.all_gather(v.contiguous(), group=group), idx, dim=1)
             out[k] = v
         return out
 
     def grads_finite(self) -> bool:
         """Whether every local gradient is finite, agreed over all ranks (MAX all-reduce)."""
-        bad = False
+        grads: list[torch.Tensor] = []
         for m in self.model:
+            bufs = getattr(m, "buffers", None)  # DDP: every gradient lives in its grad buffers
+            if isinstance(bufs, list):
+                bufs = bufs + list(getattr(m, "expert_parallel_buffers", []))
+                grads += [b.grad_data for b in bufs if b.grad_data.numel()]
+                continue
             for p in m.parameters():
                 g = getattr(p, "main_grad", None)
-                if g is None:
-                    g = p.grad
-                if g is not None and not torch.isfinite(g).all():
-                    bad = True
-                    break
-        return not comm.any_rank(bad)
+                g = p.grad if g is None else g
+                if g is not None and g.numel():
+                    grads.append(g)
+        # one min/max reduction per buffer (NaN propagates; +-Inf shows as an extreme), the
+        # flags summed on the device and read once: no per-parameter host sync
+        bad = sum((~torch.isfinite(torch.stack(torch.aminmax(g)))).sum() for g in grads)
+        return not comm.any_rank(bool(bad))
 
     def step(self) -> tuple[bool, float]:
         """Apply the optimizer and advance the LR schedule; returns (ok, grad_norm)."""
@@ -266,6 +293,47 @@ class Engine:
     def current_lr(self) -> float:
         """Learning rate of the first param group."""
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+def _logits_unchanged(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Stands in for ``LanguageModule.compute_language_model_loss`` inside :meth:`Engine.run`:
+    the loss functions take the ``[s, b, V/tp]`` logits themselves."""
+    return logits
+
+
+@dataclass(frozen=True)
+class TokenOrder:
+    """How the rows of :func:`token_rows` map to a micro-batch's ``[b, s]`` positions."""
+
+    b: int
+    s: int
+    seq_major: bool
+    """Rows are in ``[s, b]`` order (the model's own layout), else ``[b, s]``."""
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``[b, s, ...]`` per-token tensor as ``[b*s, ...]`` rows in the logits' order."""
+        if self.seq_major:
+            t = t.transpose(0, 1)
+        return t.reshape(-1, *t.shape[2:])
+
+    def unflat(self, t: torch.Tensor) -> torch.Tensor:
+        """``[b*s, ...]`` rows back to ``[b, s, ...]`` (a view)."""
+        if self.seq_major:
+            return t.view(self.s, self.b, *t.shape[1:]).transpose(0, 1)
+        return t.view(self.b, self.s, *t.shape[1:])
+
+
+def token_rows(logits: torch.Tensor) -> tuple[torch.Tensor, TokenOrder]:
+    """The ``[b, s, V]`` logits a loss function receives as ``[b*s, V]`` rows without a copy.
+
+    :meth:`Engine.run` passes a transposed view of the model's ``[s, b, V]`` logits; their
+    rows are then in ``[s, b]`` order, and per-token inputs and outputs go through the
+    returned :class:`TokenOrder`. A contiguous ``[b, s, V]`` tensor gives ``[b, s]`` order."""
+    b, s, v = logits.shape
+    sb = logits.transpose(0, 1)
+    if not logits.is_contiguous() and sb.is_contiguous():
+        return sb.view(s * b, v), TokenOrder(b, s, True)
+    return logits.reshape(b * s, v), TokenOrder(b, s, False)
 
 
 def packed_inputs(mb: MicroBatch, *, te: bool) -> tuple[torch.Tensor | None, Any]:
@@ -423,11 +491,16 @@ def reduce_metrics(
     vec = torch.zeros(len(keys), dtype=torch.float64)
     if src_is_owner:
         for d in metric_dicts:
+            idx, parts = [], []
             for i, k in enumerate(keys):
-                if k in d:
-                    vec[i] += (
-                        float(d[k].detach().double().sum())
-                        if torch.is_tensor(d[k])
-                        else float(d[k])
-                    )
+                if k not in d:
+                    continue
+                if torch.is_tensor(d[k]):
+                    idx.append(i)
+                    parts.append(d[k].detach().double().sum())
+                else:
+                    vec[i] += float(d[k])
+            if parts:  # one device-to-host copy per micro-batch, not one per metric
+                dev = parts[0].device
+                vec[idx] += torch.stack([t.to(dev) for t in parts]).cpu()
     return dict(zip(keys, comm.all_reduce(vec).tolist()))

@@ -24,7 +24,7 @@ from erpd_megatron.data.batching import (
     scatter_response_values,
 )
 from erpd_megatron.runtime import comm
-from erpd_megatron.train.engine import Engine
+from erpd_megatron.train.engine import Engine, token_rows
 from erpd_megatron.utils.files import atomic_write_bytes
 from erpd_megatron.utils.log import get_logger
 
@@ -66,15 +66,17 @@ def score_logprobs(
         )
 
         def fn(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
-            b, s, v = logits.shape
-            lp = vp_logprob(
-                logits.reshape(b * s, v),
-                mb.targets.reshape(-1),
-                group=shard.group,
-                vocab_start=shard.start,
-                vocab_size=shard.vocab_size,
-            ).reshape(b, s)
-            return logits.sum() * 0.0, {"logprobs": lp.detach() * mb.loss_mask}
+            flat, order = token_rows(logits)  # no copy of the logits
+            lp = order.unflat(
+                vp_logprob(
+                    flat,
+                    order.flat(mb.targets),
+                    group=shard.group,
+                    vocab_start=shard.start,
+                    vocab_size=shard.vocab_size,
+                )
+            )
+            return logits.new_zeros(()), {"logprobs": lp.detach() * mb.loss_mask}
 
         if engine.moe is not None:  # MoE: the routing of every scored token, beside the scores
             engine.moe.start_recording()

@@ -14,9 +14,9 @@ passes). The loss is the weighted sum over ``stage2.teachers``:
   surrogate ``-min(rho*s, clip(rho, 1-eps, 1+eps)*s)`` against pi_r; tokens with
   ``|s| > c_out`` are masked.
 
-Optional k3 KL-to-pi_r penalty; KL budget ``stage2.kl_budget``: when the mean sequence KL(pi_r || pi_theta) to
-pi_r measured on a step's batch exceeds it, training stops and the newest checkpoint whose
-measured KL is inside the budget becomes ``final``.
+Optional k3 KL-to-pi_r penalty; KL budget ``stage2.kl_budget``: when the mean sequence
+KL(pi_r || pi_theta) to pi_r measured on a step's batch exceeds it, training stops and the
+newest checkpoint whose measured KL is inside the budget becomes ``final``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from erpd_megatron.data.batching import MicroBatch, SampleTable
 from erpd_megatron.models.router_replay import load_pi_r_routing
 from erpd_megatron.ops.signals import SIGNAL_METRICS, TeacherTerm, stage2_loss, teacher_signal
 from erpd_megatron.train.common import StageRun, logits_logprob_entropy
+from erpd_megatron.train.engine import token_rows
 from erpd_megatron.train.loop import StageSpec
 from erpd_megatron.train.policy_metrics import (
     POLICY_KEYS,
@@ -183,8 +184,7 @@ def make_stage2_loss(cfg: Config, run: StageRun, rows: np.ndarray):
         terms = []
         for t in s2.teachers:
             if t.signal == "topk_kl":
-                b, s, _ = logits.shape
-                kl = _topk_kl(logits, arr, t, shard, inplace=inplace_kl).reshape(b, s)
+                kl = _topk_kl(logits, arr, t, shard, inplace=inplace_kl)
                 terms.append(TeacherTerm("topk_kl", weight=t.weight, kl=kl))
             else:
                 raw = teacher_signal(
@@ -213,25 +213,24 @@ def make_stage2_loss(cfg: Config, run: StageRun, rows: np.ndarray):
 def _topk_kl(
     logits: torch.Tensor, arr: dict[str, torch.Tensor], t, shard, *, inplace: bool = False
 ) -> torch.Tensor:
-    from erpd_megatron.ops.vocab_parallel import vp_topk_kl
+    """Per-token top-k KL ``[b, s]`` of one teacher (logits' rows without a copy)."""
+    from erpd_megatron.ops.vocab_parallel_topk import vp_topk_kl
 
-    b, s, v = logits.shape
-    k = arr[f"ids:{t.model}"].shape[-1]
+    flat, order = token_rows(logits)
     ref_lp = arr.get(f"reftopk:{t.model}") if t.alpha != 1.0 else None
-    ids = arr[f"ids:{t.model}"].reshape(b * s, k)
-    lps = arr[f"topk:{t.model}"].reshape(b * s, k)
     # padded positions carry id 0 and log-prob 0 (a full-mass bucket): harmless, masked later
-    return vp_topk_kl(
-        logits.reshape(b * s, v),
-        ids,
-        lps,
+    kl = vp_topk_kl(
+        flat,
+        order.flat(arr[f"ids:{t.model}"]),
+        order.flat(arr[f"topk:{t.model}"]),
         group=shard.group,
         vocab_start=shard.start,
         vocab_size=shard.vocab_size,
         alpha=t.alpha,
-        ref_logprobs=None if ref_lp is None else ref_lp.reshape(b * s, k),
+        ref_logprobs=None if ref_lp is None else order.flat(ref_lp),
         inplace_backward=inplace,
     )
+    return order.unflat(kl)
 
 
 def stage2_metric_keys(cfg: Config) -> list[str]:

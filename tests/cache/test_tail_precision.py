@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from erpd_megatron.cache.codec import quantize_reference
-from erpd_megatron.ops.vocab_parallel import topk_target_logprobs
+from erpd_megatron.ops.vocab_parallel_topk import topk_target_logprobs
 
 D = torch.float64
 SEED = 2718

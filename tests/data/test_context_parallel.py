@@ -44,7 +44,8 @@ def test_load_balanced_split_and_inverse():
 def _losses(logits, targets, ids, lps, mask, n_tokens, *, cp_group=None, cp_size=1):
     """Per-token log-prob and top-k KL losses (partial sums / global normaliser) and a
     per-sequence squared mean log-prob (nonlinear in the sequence sum)."""
-    from erpd_megatron.ops.vocab_parallel import vp_logprob, vp_topk_kl
+    from erpd_megatron.ops.vocab_parallel import vp_logprob
+    from erpd_megatron.ops.vocab_parallel_topk import vp_topk_kl
 
     b, s, v = logits.shape
     lp = vp_logprob(

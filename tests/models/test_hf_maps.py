@@ -146,10 +146,12 @@ def test_unsupported_hf_configs_are_errors(hf_models):
 
 
 def test_mask_padded_vocab():
-    from erpd_megatron.models.builder import mask_padded_vocab, vocab_range
+    from erpd_megatron.config.validate import padded_vocab_size
+    from erpd_megatron.models.builder import mask_padded_vocab
 
     mc = ModelConfig(vocab_size=VOCAB)
-    start, end = vocab_range(mc, 2, 1)
+    local = padded_vocab_size(mc, 2) // 2  # TP rank 1 of 2, as Engine.vocab_shard
+    start, end = local, 2 * local
     assert (start, end) == (256, 512)
     logits = torch.zeros(2, 3, end - start)
     mask_padded_vocab(logits, start, VOCAB)

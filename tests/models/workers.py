@@ -220,7 +220,7 @@ def _train_step(model, opt, sched) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from erpd_megatron.models.builder import vocab_range
+    from erpd_megatron.config.validate import padded_vocab_size
 
     ids = sample_ids(seed=3)
     b, s = ids.shape
@@ -229,7 +229,9 @@ def _train_step(model, opt, sched) -> None:
     def step(it, m):
         x = next(it)
         logits = m(x, torch.arange(s).expand(b, s), None)
-        start, end = vocab_range(model_cfg_of(m), tp, ps.get_tensor_model_parallel_rank())
+        local = padded_vocab_size(model_cfg_of(m), tp) // tp  # as Engine.vocab_shard
+        start = ps.get_tensor_model_parallel_rank() * local
+        end = start + local
         real = (torch.arange(start, end) < VOCAB).float()
 
         def loss_func(out):

@@ -9,7 +9,12 @@ from pathlib import Path
 import erpd_megatron.ops as ops_pkg
 
 PURE = ["common.py", "kl.py", "losses.py", "signals.py"]
-FORBIDDEN = ("megatron", "torch.distributed", "erpd_megatron.ops.vocab_parallel")
+FORBIDDEN = (
+    "megatron",
+    "torch.distributed",
+    "erpd_megatron.ops.vocab_parallel",
+    "erpd_megatron.ops.vocab_parallel_topk",
+)
 
 
 def _imports(path: Path) -> list[str]:
@@ -32,7 +37,8 @@ def test_pure_modules_import_no_megatron_or_distributed():
 
 def test_vocab_parallel_imports_no_megatron():
     root = Path(ops_pkg.__file__).parent
-    assert not any(i.startswith("megatron") for i in _imports(root / "vocab_parallel.py"))
+    for name in ("vocab_parallel.py", "vocab_parallel_topk.py"):
+        assert not any(i.startswith("megatron") for i in _imports(root / name)), name
 
 
 # The package layers, lowest first (docs: /work/shared/DESIGN.md): a module imports only from

@@ -142,7 +142,7 @@ def test_stage2_empty_mask_and_nonfinite(gen):
 
 def _mixed_terms(gen, logits, lp_r, adv, mask):
     """Two top-k KL teachers and three advantage-style ones, some tokens outliers for each."""
-    from erpd_megatron.ops.vocab_parallel import vp_topk_kl
+    from erpd_megatron.ops.vocab_parallel_topk import vp_topk_kl
 
     n, v = logits.shape
     terms = []

@@ -13,12 +13,10 @@ import torch
 
 from erpd_megatron.ops.common import set_debug_nonfinite
 from erpd_megatron.ops.losses import token_mean_loss
-from erpd_megatron.ops.vocab_parallel import (
+from erpd_megatron.ops.vocab_parallel import vp_entropy, vp_logprob, vp_logprob_and_entropy
+from erpd_megatron.ops.vocab_parallel_topk import (
     topk_target_logprobs,
     vp_bucket_logprobs,
-    vp_entropy,
-    vp_logprob,
-    vp_logprob_and_entropy,
     vp_topk,
     vp_topk_kl,
 )
@@ -276,3 +274,16 @@ def test_kept_exps_give_the_recomputed_gradient(gen):
         out.backward()
         torch.testing.assert_close(kept, ref.grad.float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad, kept, rtol=1e-6, atol=1e-7)
+
+
+def test_entropy_fp32_exact_at_qwen_vocab():
+    """fp32 entropy at V = 151,936 within 5e-6 nats of float64 (the sum of e*(z-m) over the
+    vocabulary was a sequentially accumulated bmm dot: 8.7e-4 nats off at logit scale 3)."""
+    gen = torch.Generator().manual_seed(0)
+    v = 151_936
+    x = torch.randn(16, v, generator=gen) * 3.0
+    target = torch.randint(0, v, (16,), generator=gen)
+    lp, ent = vp_logprob_and_entropy(x, target)
+    q = torch.log_softmax(x.double(), dim=-1)
+    assert (ent.double() - (-(q.exp() * q).sum(-1))).abs().max() < 5e-6
+    assert (lp.double() - q.gather(1, target[:, None])[:, 0]).abs().max() < 5e-6

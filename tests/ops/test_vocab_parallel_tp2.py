@@ -15,14 +15,8 @@ import random
 import numpy as np
 import torch
 
-from erpd_megatron.ops.vocab_parallel import (
-    vp_bucket_logprobs,
-    vp_entropy,
-    vp_logprob,
-    vp_logprob_and_entropy,
-    vp_topk,
-    vp_topk_kl,
-)
+from erpd_megatron.ops.vocab_parallel import vp_entropy, vp_logprob, vp_logprob_and_entropy
+from erpd_megatron.ops.vocab_parallel_topk import vp_bucket_logprobs, vp_topk, vp_topk_kl
 from tests.dist import run_gloo
 from tests.ops.vp_reference import D, make_kl_case, rel_err
 
@@ -67,8 +61,9 @@ def run_case(seed: int, case_index: int, rank: int, world: int, group) -> dict[s
     (vp_entropy(x, **kw) * g2.to(cd)).sum().backward()
     out["grad_ent"] = _np(x.grad)
     for kk in (5, min(40, vocab)):
-        top_ids, top_lp = vp_topk(x0, kk, **kw)
+        top_ids, top_lp, top_target = vp_topk(x0, kk, **kw, target=target)
         out[f"topk{kk}_ids"], out[f"topk{kk}_lp"] = _np(top_ids), _np(top_lp)
+        out[f"topk{kk}_target_lp"] = _np(top_target)  # the cache pass's fused log-prob
     ref_lp, ref_tail = vp_bucket_logprobs(pi_r, ids, **kw)
     out.update(ref_lp=_np(ref_lp), ref_tail=_np(ref_tail))
     for alpha in (1.0, 0.5):
@@ -79,6 +74,16 @@ def run_case(seed: int, case_index: int, rank: int, world: int, group) -> dict[s
         (kl * g1.to(cd)).sum().backward()
         out[f"kl{alpha}"], out[f"grad_kl{alpha}"] = _np(kl), _np(x.grad)
     return out
+
+
+def run_case_logprob(seed: int, case_index: int) -> np.ndarray:
+    """``vp_logprob`` (no entropy) of case ``case_index`` at TP=1."""
+    dtype_name, vocab, chunk = CASES[case_index]
+    gen = torch.Generator().manual_seed(seed + case_index)
+    n, k = 23, 6
+    x, *_ = make_kl_case(gen, n, 2 * V_LOCAL, vocab, k, getattr(torch, dtype_name), shard=V_LOCAL)
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    return _np(vp_logprob(x, target, vocab_size=vocab, chunk_size=chunk))
 
 
 def nonfinite_case(seed: int, rank: int, world: int, group) -> dict[str, np.ndarray]:
@@ -139,6 +144,11 @@ def test_tp2_equals_tp1():
                         dtype_name,
                         key,
                     )
+        # the log-prob fused into the top-k pass is vp_logprob's, bit for bit
+        want = run_case_logprob(seed, i)
+        assert np.array_equal(one["topk5_target_lp"], want), dtype_name
+        for r in ranks:
+            assert rel_err(torch.from_numpy(r[i]["topk5_target_lp"]), torch.from_numpy(want)) < tv
     # non-finite logits on one shard only: every rank flags the same tokens, zero gradient there
     one = nonfinite_case(seed, 0, 1, None)
     expect = np.array([True, True, True, False, True, False, True, True])

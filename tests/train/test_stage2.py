@@ -72,7 +72,7 @@ def _loss_at_pi_r(cfg, ov, teachers: str) -> float:
     buckets (pi_r's tail derived from its cached log-probs at the teacher's ids)."""
     from erpd_megatron.cache.reader import TeacherCache
     from erpd_megatron.ops.signals import TeacherTerm, stage2_loss, teacher_signal
-    from erpd_megatron.ops.vocab_parallel import topk_target_logprobs
+    from erpd_megatron.ops.vocab_parallel_topk import topk_target_logprobs
 
     c, table, _ = _table(cfg, ov + [f"stage2.teachers={teachers}"], None)
     terms = []

@@ -41,39 +41,6 @@ def test_vocab_parallel_imports_no_megatron():
         assert not any(i.startswith("megatron") for i in _imports(root / name)), name
 
 
-# The package layers, lowest first (docs: /work/shared/DESIGN.md): a module imports only from
-# its own layer or the ones below it (the top-level cli/stage entry points are above them all).
-LAYERS = [
-    "utils",
-    "config",
-    "ops",
-    "runtime",
-    "models",
-    "data",
-    "rollout",
-    "cache",
-    "train",
-    "eval",
-    "pipeline",
-]
-
-
-def test_package_imports_point_down_the_layers():
-    root = Path(ops_pkg.__file__).parent.parent
-    bad = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if len(rel) < 2 or rel[0] not in LAYERS:
-            continue
-        mine = LAYERS.index(rel[0])
-        for imp in _imports(path):
-            parts = imp.split(".")
-            if parts[0] == "erpd_megatron" and len(parts) > 1 and parts[1] in LAYERS:
-                if LAYERS.index(parts[1]) > mine:
-                    bad.append(f"{'/'.join(rel)} imports {imp}")
-    assert not bad, bad
-
-
 # The packages of erpd_megatron from the bottom up (DESIGN.md): a module may import its own
 # package and any package below it, never one above. utils (files, logging) sits under all;
 # the top-level entry points (cli.py, stage1.py, stage2.py) sit over all.
@@ -90,12 +57,6 @@ LAYERS = (
     "eval",
     "pipeline",
 )
-# (importing module, imported package) pairs allowed to point up, each with its reason
-ALLOWED_UP: dict[tuple[str, str], str] = {
-    # pending: the performance engineer moves the cache pass (the forward-only scoring of the
-    # teachers, which runs the trainer's engine) out of cache/tool.py into train/cache_pass.py
-    ("erpd_megatron/cache/tool.py", "train"): "pending move to train/cache_pass.py",
-}
 
 
 def _package_imports(path: Path, pkg_root: Path) -> list[tuple[int, str]]:
@@ -137,9 +98,8 @@ def test_packages_import_only_their_own_layer_or_below():
         for line, target in _package_imports(path, pkg_root):
             if target not in rank:
                 continue  # erpd_megatron.__version__ and the like
-            key = (f"erpd_megatron/{rel.as_posix()}", target)
-            if rank[target] > rank[own] and key not in ALLOWED_UP:
-                up.append(f"{key[0]}:{line} imports erpd_megatron.{target} (above {own})")
+            if rank[target] > rank[own]:
+                up.append(f"erpd_megatron/{rel.as_posix()}:{line} imports erpd_megatron.{target}")
     assert not up, "imports pointing up the layers:\n" + "\n".join(up)
 
 

@@ -5,8 +5,10 @@
     python tools/convert_checkpoint.py mcore-to-hf --ckpt CKPT_DIR --out HF_DIR
 
 One process is enough for any TP/PP (a login node without GPUs works); under
-``torchrun --nproc-per-node N`` each rank converts its own shard. Same as
-`erpd convert`; the logic is in erpd_megatron/models/convert.py.
+``torchrun --nproc-per-node N`` each rank converts its own shard. Both directions stream
+tensor by tensor (memory: a few tensors, not the model; ``--in-memory`` builds the whole
+model instead). Same as `erpd convert`; the logic is in erpd_megatron/models/convert.py and
+convert_stream.py.
 """
 
 import sys

@@ -2,15 +2,17 @@
 
 * :func:`hf_to_mcore`: HF dir (``model.safetensors`` or sharded with
   ``model.safetensors.index.json``) -> megatron dist checkpoint + ``model_config.yaml`` +
-  ``hf_config.json`` + tokenizer files. As ONE process (a login node) it builds the model
-  as a single TP=1/PP=1 rank whose embedding is padded for the *target* TP and saves it:
-  dist_checkpointing stores global tensors, so the result is the checkpoint a TP x PP run
-  would write and loads at that layout (or any other). Under torchrun with
-  ``world = tp * pp * dp`` every rank builds its own shard (HF tensors streamed per stage).
+  ``hf_config.json`` + tokenizer files. As ONE process (a login node) it writes the tensors of
+  a single TP=1/PP=1 rank whose embedding is padded for the *target* TP: dist_checkpointing
+  stores global tensors, so the result is the checkpoint a TP x PP run would write and loads
+  at that layout (or any other). Under torchrun with ``world = tp * pp * dp`` every rank
+  writes its own shard. Streamed by default (:mod:`convert_stream`: tensor by tensor, the
+  model never built); ``streaming=False`` builds the model and saves it.
 * :func:`mcore_to_hf`: any checkpoint (any TP/PP it was saved at) -> HF safetensors shards,
   ``config.json``, ``generation_config.json`` and tokenizer files that
   ``AutoModelForCausalLM.from_pretrained`` (and vLLM) load: HF names, unfused, vocabulary
-  padding dropped. One process loads the model at TP=1/PP=1; under torchrun rank 0 writes.
+  padding dropped. Streamed by default (one tensor at a time, files split over torchrun
+  ranks); ``streaming=False`` loads the model at TP=1/PP=1 and rank 0 writes.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ The exit code is 0 when no step failed.
 
 ``--bench`` adds the benchmarks on the GPU (``--device cuda``), outside the 8-minute budget.
 ``--cpu-dry`` runs what a CPU can: the imports (TE and vLLM reported, absent is SKIP), the
-local-spec vs transformers logits (fp32), one Stage-1 run of the tiny model, and the summary.
+local-spec vs transformers logits (fp32), one Stage-1 run of the tiny model, the tiny MoE's
+Stage 1 with router replay, and the summary. The steps' helpers live in
+``scripts/gpu_check_steps/`` (common pieces, the child modes, the MoE step).
 
 Child modes (used by the steps, not by hand): ``_logits``, ``_reload``, ``_vllm``.
 """
@@ -20,343 +22,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-TINY = ROOT / "configs/recipes/tiny-cpu.yaml"
-H100_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak (NVIDIA datasheet), for MFU
-
-
-class StepFailed(RuntimeError):
-    """A step's check did not hold; the message is its figure."""
-
-
-def _env() -> dict[str, str]:
-    e = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH", "")) if p)
-    return e
-
-
-def run(cmd: list[str], log: Path, timeout: float, *, nproc: int = 1) -> str:
-    """Run a command (torchrun with ``nproc`` > 1), output to ``log``; StepFailed on a non-zero exit."""
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            *cmd[1:],
-        ]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        try:
-            code = subprocess.run(
-                cmd, env=_env(), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
-    text = log.read_text(errors="replace")
-    if code != 0:
-        tail = "\n".join(text.splitlines()[-25:])
-        raise StepFailed(
-            f"`{' '.join(cmd[:6])} ...` exited {code} after {time.perf_counter() - t0:.0f}s "
-            f"(log {log}):\n{tail}"
-        )
-    return text
-
-
-def child_result(text: str) -> dict[str, Any]:
-    """The last ``RESULT {json}`` line of a child's output."""
-    lines = [x for x in text.splitlines() if x.startswith("RESULT ")]
-    if not lines:
-        raise StepFailed("the child printed no RESULT line")
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file (empty when missing)."""
-    return (
-        [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    )
-
-
-# ------------------------------------------------------------------------------ inputs
-
-
-def save_random_qwen3(out: Path, *, vocab: int = 512, seed: int = 0) -> Path:
-    """A small random HF Qwen3 (qk-norm, GQA, head_dim 64: vLLM's and TE's kernels take it) with
-    a word-level tokenizer and a generation config."""
-    import torch
-    import transformers as tf
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    cfg = tf.Qwen3Config(
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        num_hidden_layers=2,
-        vocab_size=vocab,
-        max_position_embeddings=1024,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=vocab - 2,
-        eos_token_id=vocab - 1,
-    )
-    torch.manual_seed(seed)
-    model = tf.Qwen3ForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.05)
-    model.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    words = {f"w{i}": i for i in range(vocab - 3)}
-    words.update({"<unk>": vocab - 3, "<s>": vocab - 2, "</s>": vocab - 1})
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tf.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    ).save_pretrained(out)
-    return out
-
-
-def write_random_rollouts(
-    out: Path, *, vocab: int, prompts: int, group: int, max_len: int, seed: int = 0
-) -> Path:
-    """A rollout set of random sequences with a learnable reward (first response token even);
-    an existing one (a rerun with the same ``--out``) is reused."""
-    import numpy as np
-
-    if (out / "manifest.json").exists():
-        return out
-
-    from erpd_megatron.data.rollouts import RolloutRecord, write_rollout_set
-
-    rng = np.random.default_rng(seed)
-    recs = []
-    for g in range(prompts):
-        prompt = rng.integers(1, vocab, rng.integers(max_len // 4, max_len // 2)).tolist()
-        for s in range(group):
-            resp = rng.integers(1, vocab, rng.integers(max_len // 4, max_len // 2)).tolist()
-            recs.append(
-                RolloutRecord(
-                    sample_id=g * group + s,
-                    prompt_id=g,
-                    group_index=g,
-                    sample_index=s,
-                    prompt_token_ids=prompt,
-                    response_token_ids=resp,
-                    reward=float(resp[0] % 2 == 0),
-                    finish_reason="stop",
-                    engine_logprobs=[-5.0] * len(resp),
-                )
-            )
-    write_rollout_set(out, recs, prompts_per_shard=max(1, prompts // 2))
-    return out
-
-
-# ------------------------------------------------------------------------------ child modes
-
-
-def _child_logits(args: argparse.Namespace) -> dict[str, Any]:
-    """Megatron logits of ``--mc`` (``--impl`` spec, ``--dtype``) vs transformers on ``--hf``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from erpd_megatron.config.schema import Config, ParallelConfig, PrecisionConfig
-    from erpd_megatron.models.builder import build_model, forward_logits
-    from erpd_megatron.models.checkpoint import load_checkpoint, read_model_config
-    from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
-
-    mc = read_model_config(args.mc)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    cfg = Config(
-        model=mc,
-        parallel=ParallelConfig(num_nodes=1, gpus_per_node=1),
-        precision=PrecisionConfig(params_dtype=args.dtype, transformer_impl=args.impl),
-    )
-    init_distributed(cfg)
-    model = build_model(cfg)
-    load_checkpoint(args.mc, model, model_cfg=mc)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, mc.vocab_size, (2, 48), generator=g).to(dev)
-    ours = forward_logits(model, ids)[..., : mc.vocab_size].float()
-    hf = AutoModelForCausalLM.from_pretrained(args.hf, dtype=dtype).to(dev).eval()
-    with torch.no_grad():
-        ref = hf(ids).logits.float()
-    lp, lp_ref = torch.log_softmax(ours, -1), torch.log_softmax(ref, -1)
-    out = {
-        "impl": args.impl,
-        "dtype": args.dtype,
-        "logits_dtype": str(forward_logits(model, ids).dtype),
-        "max_abs_logprob_diff": float((lp - lp_ref).abs().max()),
-        "rel_err": float((ours - ref).norm() / ref.norm()),
-        "argmax_agree": float((ours.argmax(-1) == ref.argmax(-1)).float().mean()),
-    }
-    destroy_distributed()
-    return out
-
-
-def _child_reload(args: argparse.Namespace) -> dict[str, Any]:
-    """Load each ``--ckpt`` into a forward-only model of ``--config`` and check finite logits."""
-    import torch
-
-    from erpd_megatron.config import load_config
-    from erpd_megatron.models.builder import build_model, forward_logits
-    from erpd_megatron.models.checkpoint import load_checkpoint
-    from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
-
-    cfg = load_config(args.config, args.overrides, validate=False)
-    init_distributed(cfg)
-    model = build_model(cfg)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ids = torch.randint(0, cfg.model.vocab_size, (1, 64)).to(dev)
-    out = {}
-    for ck in args.ckpt:
-        load_checkpoint(ck, model)
-        logits = forward_logits(model, ids)
-        out[Path(ck).parent.parent.parent.name] = bool(torch.isfinite(logits.float()).all())
-    destroy_distributed()
-    return out
-
-
-def _child_vllm(args: argparse.Namespace) -> dict[str, Any]:
-    """vLLM samples of ``--hf`` vs the Megatron teacher-forced log-probs of ``--mc`` (fp32);
-    with ``--export`` also greedy samples of the mcore-to-hf export against the original."""
-    import torch
-
-    from erpd_megatron.config.schema import Config, ParallelConfig, PrecisionConfig
-    from erpd_megatron.models.builder import build_model, forward_logits
-    from erpd_megatron.models.checkpoint import load_checkpoint, read_model_config
-    from erpd_megatron.rollout.vllm_engine import VLLMEngine
-    from erpd_megatron.runtime.distributed import destroy_distributed, init_distributed
-
-    mc = read_model_config(args.mc)
-    prompts = [
-        [
-            int(x)
-            for x in torch.randint(
-                0, mc.vocab_size - 3, (12,), generator=torch.Generator().manual_seed(i)
-            )
-        ]
-        for i in range(4)
-    ]
-    eos = [mc.vocab_size - 1]
-    with VLLMEngine(
-        args.hf,
-        eos_token_ids=eos,
-        dtype="float32",
-        gpu_memory_utilization=0.3,
-        max_model_len=128,
-        seed=0,
-    ) as eng:
-        groups = eng.generate(prompts, 4, max_new_tokens=24, seed=3, progress=False)
-        greedy = eng.generate(
-            prompts, 1, temperature=0.0, max_new_tokens=16, seed=0, progress=False
-        )
-    out: dict[str, Any] = {"samples": sum(len(g) for g in groups)}
-    if args.export:
-        with VLLMEngine(
-            args.export,
-            eos_token_ids=eos,
-            dtype="float32",
-            gpu_memory_utilization=0.3,
-            max_model_len=128,
-            seed=0,
-        ) as eng:
-            again = eng.generate(
-                prompts, 1, temperature=0.0, max_new_tokens=16, seed=0, progress=False
-            )
-        out["export_greedy_agree"] = float(
-            sum(a[0].token_ids == b[0].token_ids for a, b in zip(greedy, again)) / len(prompts)
-        )
-    cfg = Config(
-        model=mc,
-        parallel=ParallelConfig(num_nodes=1, gpus_per_node=1),
-        precision=PrecisionConfig(params_dtype="fp32", transformer_impl="local"),
-    )
-    init_distributed(cfg)
-    model = build_model(cfg)
-    load_checkpoint(args.mc, model, model_cfg=mc)
-    diffs = []
-    for p, group in zip(prompts, groups):
-        for c in group:
-            ids = torch.tensor([p + c.token_ids], device="cuda")
-            lp = torch.log_softmax(forward_logits(model, ids)[0, :, : mc.vocab_size].float(), -1)
-            ref = lp[len(p) - 1 : -1].gather(-1, ids[0, len(p) :, None])[:, 0].cpu()
-            diffs.append((ref - torch.tensor(c.logprobs)).abs().max().item())
-    destroy_distributed()
-    out["max_abs_logprob_diff"] = max(diffs)
-    return out
-
-
-# ------------------------------------------------------------------------------ steps
-
-
-class Check:
-    """The steps of one run, their results and the summary."""
-
-    def __init__(self, out: Path, cpu_dry: bool, budget: float = 1e9) -> None:
-        self.out, self.cpu_dry, self.budget = out, cpu_dry, budget
-        self.results: list[dict[str, Any]] = []
-        self.t0 = time.perf_counter()
-        self.over_budget = False
-
-    def step(
-        self, name: str, fn: Callable[[], tuple[str, dict[str, Any]]], *, skip: str | None = None
-    ) -> bool:
-        """Run one step; print PASS/FAIL/SKIP with its figure."""
-        t0 = time.perf_counter()
-        if not skip and t0 - self.t0 > self.budget:
-            skip = f"over the time budget ({self.budget:.0f}s): not run"
-            self.over_budget = True
-        if skip:
-            status, figure, data = "SKIP", skip, {}
-        else:
-            try:
-                figure, data = fn()
-                status = "PASS"
-            except Exception as e:  # every failure is a FAIL line, the run goes on
-                status, figure, data = "FAIL", f"{type(e).__name__}: {e}", {}
-        secs = time.perf_counter() - t0
-        print(f"{status} {name}: {figure} ({secs:.0f}s)", flush=True)
-        self.results.append(
-            {"step": name, "status": status, "figure": figure, "seconds": round(secs, 1), **data}
-        )
-        return status == "PASS"
-
-    def summary(self) -> dict[str, Any]:
-        """The JSON summary (also written to ``out/summary.json``)."""
-        import torch
-
-        counts = {s: sum(r["status"] == s for r in self.results) for s in ("PASS", "FAIL", "SKIP")}
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        s = {
-            "mode": "cpu-dry" if self.cpu_dry else "gpu",
-            "gpu": gpu,
-            "ok": counts["FAIL"] == 0 and not self.over_budget,
-            "over_budget": self.over_budget,
-            **counts,
-            "seconds": round(time.perf_counter() - self.t0, 1),
-            "steps": self.results,
-        }
-        (self.out / "summary.json").write_text(json.dumps(s, indent=1))
-        return s
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check_steps.children import _child_logits, _child_reload, _child_vllm  # noqa: E402
+from gpu_check_steps.common import (  # noqa: E402
+    H100_BF16_DENSE_FLOPS,
+    ROOT,
+    TINY,
+    Check,
+    StepFailed,
+    _env,
+    child_result,
+    read_jsonl,
+    run,
+    save_random_qwen3,
+    write_random_rollouts,
+)
+from gpu_check_steps.moe import step_moe  # noqa: E402
 
 
 def step_imports(ck: Check) -> tuple[str, dict[str, Any]]:
@@ -383,7 +72,10 @@ def step_imports(ck: Check) -> tuple[str, dict[str, Any]]:
         "vllm_version": vllm_version,
         "vllm_python": py,
     }
-    figure = f"TE {st.version or 'absent'} (HAVE_TE={st.megatron_have_te}), vLLM {vllm_version or 'absent'}"
+    figure = (
+        f"TE {st.version or 'absent'} (HAVE_TE={st.megatron_have_te}), "
+        f"vLLM {vllm_version or 'absent'}"
+    )
     if st.installed and not st.usable:
         raise StepFailed(f"{figure}: {st.error}")
     if not ck.cpu_dry and (not st.usable or vllm_version is None):
@@ -419,7 +111,8 @@ def step_logits(ck: Check, hf: Path, mc: Path) -> tuple[str, dict[str, Any]]:
         )
         data[impl] = r
         figs.append(
-            f"{impl}: max|dlogp| {r['max_abs_logprob_diff']:.2e}, argmax agree {r['argmax_agree']:.3f}"
+            f"{impl}: max|dlogp| {r['max_abs_logprob_diff']:.2e}, "
+            f"argmax agree {r['argmax_agree']:.3f}"
         )
         if not (
             r["max_abs_logprob_diff"] < tol
@@ -567,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         type=float,
         default=1e9,
-        help="seconds after which the remaining steps are reported as SKIP (the summary still prints)",
+        help="seconds after which the remaining steps are reported as SKIP "
+        "(the summary still prints)",
     )
     p.add_argument(
         "--bench",
@@ -665,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda: _reload_step(ck, recipe, ov, finals),
         skip=None if finals else "no final",
     )
+    # MoE: TE grouped GEMM + alltoall, pi_r router replay (EP=2 on 2 GPUs); tiny on CPU
+    ck.step("stage1_moe_replay", lambda: step_moe(ck))
     if "bf16" in figures:
         ck.step("stage1_mfu", lambda: mfu_figure(ck, recipe, ov, figures["bf16"]["tokens_per_s"]))
     ck.step(
@@ -770,7 +466,8 @@ def _cache_stage2(ck: Check, recipe: Path, ov: list[str], final: str) -> tuple[s
     if not losses or not all(math.isfinite(x) for x in losses):
         raise StepFailed(f"stage2 losses {losses}")
     return (
-        f"cache {t_cache:.0f}s; stage2 {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+        f"cache {t_cache:.0f}s; stage2 {len(losses)} steps, "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}",
         {"stage2_losses": losses},
     )
 
@@ -850,7 +547,8 @@ def _vllm_step(ck: Check, hf: Path, mc: Path) -> tuple[str, dict[str, Any]]:
             f"export greedy agreement {r.get('export_greedy_agree')}"
         )
     return (
-        f"{r['samples']} samples, vLLM vs trainer max|dlogp| {r['max_abs_logprob_diff']:.1e} (fp32); "
+        f"{r['samples']} samples, "
+        f"vLLM vs trainer max|dlogp| {r['max_abs_logprob_diff']:.1e} (fp32); "
         f"mcore-to-hf export greedy agreement {r['export_greedy_agree']:.2f}",
         r,
     )

@@ -71,6 +71,10 @@ S2_KEYS = [
     "stage2/grad_norm",
     "stage2/teacher0/topk_kl",
     "stage2/teacher1/signal_mean",
+    # models/router_replay.py: summed over the EP ranks, equal to one process's (measured)
+    "stage2/moe/imbalance",
+    "stage2/moe/aux_loss",
+    "stage2/moe/routing_diff",
 ]
 TEACHERS = (
     "[{model: teacher0, signal: topk_kl, alpha: 0.5}, "

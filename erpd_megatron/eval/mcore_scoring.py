@@ -171,6 +171,7 @@ def score_responses_mcore(
     The scores are of ``softmax(logits / temperature)`` over the real vocabulary (padded
     embedding rows excluded), as :func:`erpd_megatron.eval.scoring.score_responses`."""
     from erpd_megatron.data.batching import build_micro_batches, sequence_values
+    from erpd_megatron.train.engine import token_rows
 
     table = response_table(prompts, responses)
     if temperature <= 0:
@@ -187,11 +188,11 @@ def score_responses_mcore(
     )
 
     def fn(logits: torch.Tensor, mb: Any) -> tuple[torch.Tensor, dict]:
-        b, s, v = logits.shape
-        pos = mb.loss_mask.reshape(-1).nonzero().flatten()
+        flat, order = token_rows(logits)  # [b*s, V/tp] rows of the logits view, no copy
+        pos = order.flat(mb.loss_mask).nonzero().flatten()
         lp, ent = token_scores(
-            logits.reshape(b * s, v),
-            mb.targets.reshape(-1),
+            flat,
+            order.flat(mb.targets),
             pos,
             temperature=temperature,
             entropy=entropy,
@@ -201,10 +202,10 @@ def score_responses_mcore(
         )
         # per position [b, s] (0 elsewhere): under context parallelism the engine gathers
         # such tensors over the CP group back to whole rows (Engine._cp_gather)
-        out = {"lp": _at_positions(lp.detach(), pos, b, s)}
+        out = {"lp": order.unflat(_at_positions(lp.detach(), pos, flat.shape[0]))}
         if ent is not None:
-            out["ent"] = _at_positions(ent.detach(), pos, b, s)
-        return logits.sum() * 0.0, out
+            out["ent"] = order.unflat(_at_positions(ent.detach(), pos, flat.shape[0]))
+        return logits.new_zeros(()), out
 
     with torch.no_grad():
         outs = engine.run(mbs, fn, forward_only=True) if mbs else []
@@ -224,10 +225,10 @@ def score_responses_mcore(
     return TokenScores(logprobs=lps, entropy=ents)
 
 
-def _at_positions(values: torch.Tensor, pos: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    """``values`` [P] of the flat positions ``pos`` as a [b, s] tensor, 0 elsewhere."""
-    out = torch.zeros(b * s, dtype=values.dtype, device=values.device)
-    return out.index_copy_(0, pos.to(values.device), values).view(b, s)
+def _at_positions(values: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
+    """``values`` [P] of the flat positions ``pos`` as an [n] tensor, 0 elsewhere."""
+    out = torch.zeros(n, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, pos.to(values.device), values)
 
 
 def rank0_shares(out_dir: Path, produce: Callable[[], Any]) -> Any:

@@ -175,8 +175,8 @@ Notes
   unbiased estimator averaged over prompts.
 - KL to base is the sequence KL(pi || pi_base) in nats per response, estimated on fresh samples
   of pi as the mean of sum_t (log pi(y_t) - log pi_base(y_t)) (± standard error over sequences);
-  pi_base's log-probs come from a teacher-forced pass. The base's own KL (and drift) is 0 by
-  construction, not estimated.
+  pi_base's log-probs come from a teacher-forced pass. The base's own KL (and drift) is
+  0 by construction, not estimated.
 - Entropy is exact: the mean over pi's response tokens of the full next-token distribution's entropy
   (teacher-forced pass of pi on its own samples).
 - Drift is sum_t (log pi - log pi_base) on the *base's* samples, split by their reward (+ / -),

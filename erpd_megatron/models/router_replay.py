@@ -114,7 +114,9 @@ class MoeRouting:
         """Set each router's replayed indices for ``mb`` (replay on and pi_r loaded)."""
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-        if not (self.replay and self.pi_r is not None) or self._rec is not None:
+        # (also while scoring once pi_r is loaded: stage1.anchor=epoch re-scores the policy
+        # with the routing its training forwards use)
+        if not (self.replay and self.pi_r is not None):
             return
         b, s = mb.input_ids.shape
         toks = sequence_tokens(mb)

@@ -39,7 +39,8 @@ def construct(
 
 
 def completion_tuple(c: Any) -> tuple[list[int], list[float], str]:
-    """One vLLM ``CompletionOutput`` (with ``logprobs=0``) as (token ids, log-probs, finish reason)."""
+    """One vLLM ``CompletionOutput`` (with ``logprobs=0``) as (token ids, log-probs, finish
+    reason)."""
     token_ids = [int(t) for t in c.token_ids]
     if c.logprobs is None:
         raise RuntimeError("vLLM returned no log-probs; SamplingParams(logprobs=0) was ignored")

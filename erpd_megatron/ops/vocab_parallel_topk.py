@@ -49,21 +49,33 @@ from erpd_megatron.ops.vocab_parallel import (
 
 
 def _bucket_stats(
-    x: Tensor, ids: Tensor, sh: _Shard, store: Tensor | None = None
+    x: Tensor, ids: Tensor, sh: _Shard, store: Tensor | None = None, target: Tensor | None = None
 ) -> tuple[Tensor, ...]:
     """Forward of the top-k buckets (``store``: see :func:`_exp_store`; its I slots are 0).
 
     Returns (log q_I, log Q_t, m, tail, local ids, in-shard mask, first occurrences, bad
-    rows, exp(m_loc - m)), where ``tail = sum_{v not in I} exp(z_v - m)`` over all shards.
+    rows, exp(m_loc - m), log q_y), where ``tail = sum_{v not in I} exp(z_v - m)`` over all
+    shards and ``log q_y`` is the log-prob of ``target`` (None without one), computed with
+    the very operations of ``vp_logprob`` (sum of the chunk's exps before the I slots are
+    zeroed, the same all-reduced sums): equal to it bit for bit.
     """
     n, v = x.shape[0], sh.n_valid
     k = ids.shape[1]
     local, in_shard, in_vocab = _local_index(ids, sh)
     m_loc = torch.full((n,), float("-inf"), dtype=sh.cdtype, device=x.device)
     tail_loc = torch.zeros(n, dtype=sh.cdtype, device=x.device)
-    pack = torch.zeros(n, k + 2, dtype=sh.cdtype, device=x.device)  # tail sum, bad, z_I
+    with_y = target is not None
+    # tail sum, bad, z_I (, sum of all exps, z_y)
+    pack = torch.zeros(n, k + 2 + 2 * with_y, dtype=sh.cdtype, device=x.device)
+    sum_loc = torch.zeros(n if with_y else 0, dtype=sh.cdtype, device=x.device)
+    if with_y:
+        tgt_local, tgt_in, tgt_ok = _local_index(target, sh)
+        if v > 0 and n > 0:
+            pack[:, -1] = torch.where(
+                tgt_in, x.gather(1, tgt_local[:, None])[:, 0].to(sh.cdtype), 0.0
+            )
     if v > 0 and n > 0:
-        pack[:, 2:] = torch.where(in_shard, x.gather(1, local).to(sh.cdtype), 0.0)
+        pack[:, 2 : k + 2] = torch.where(in_shard, x.gather(1, local).to(sh.cdtype), 0.0)
         buf = (
             torch.empty(min(sh.chunk, n), v, dtype=sh.cdtype, device=x.device)
             if store is None
@@ -74,14 +86,18 @@ def _bucket_stats(
             xc, t = x[s:e, :v], buf[: e - s] if store is None else store[s:e, :v]
             m_loc[s:e], shift = _chunk_shift(xc, sh)
             torch.sub(xc, shift[:, None], out=t).exp_()
+            if with_y:
+                sum_loc[s:e] = t.sum(dim=-1)
             t.scatter_reduce_(1, local[s:e], zero_at[s:e], "amin")  # this shard's ids of I -> 0
             tail_loc[s:e] = t.sum(dim=-1)
     m, scale, bad_loc = _to_global(m_loc, sh)
     pack[:, 0] = tail_loc * scale
     pack[:, 1] = bad_loc
+    if with_y:
+        pack[:, -2] = sum_loc * scale
     _all_reduce(pack, "sum", sh)
     m = torch.where(pack[:, 1] > 0, float("nan"), m)
-    tail, z_i = pack[:, 0], pack[:, 2:]
+    tail, z_i = pack[:, 0], pack[:, 2 : k + 2]
     first = _first_occurrence(ids)
     mass_i = torch.where(first, torch.exp(z_i - m[:, None]), 0.0).sum(dim=-1)
     log_s = torch.log(tail + mass_i)
@@ -97,7 +113,10 @@ def _bucket_stats(
     frac_i = mass_i / (tail + mass_i)
     log_qt = torch.where(frac_i < 0.5, torch.log1p(-frac_i), torch.log(tail) - log_s)
     log_qt = torch.where(bad_ids, nan, log_qt)
-    return log_q, log_qt, m, tail, local, in_shard, first, bad | bad_ids, scale
+    lp_y = None
+    if with_y:  # as vp_logprob: (z_y - m) - log S
+        lp_y = torch.where(tgt_ok, (pack[:, -1] - m) - torch.log(pack[:, -2]), float("nan"))
+    return log_q, log_qt, m, tail, local, in_shard, first, bad | bad_ids, scale, lp_y
 
 
 def _zero_values(in_shard: Tensor, sh: _Shard) -> Tensor:
@@ -175,7 +194,7 @@ class _TopKKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, ids: Tensor, target_lp: Tensor, sh: _Shard) -> Tensor:
         store = _exp_store(x, sh, ctx.needs_input_grad[0])
-        log_q, log_qt, m, tail, local, in_shard, first, bad, scale = _bucket_stats(
+        log_q, log_qt, m, tail, local, in_shard, first, bad, scale, _ = _bucket_stats(
             x, ids, sh, store
         )
         p = torch.exp(target_lp)
@@ -264,20 +283,27 @@ def vp_bucket_logprobs(
     vocab_size: int | None = None,
     *,
     chunk_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
+    target: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """Log-probs of given ids and of the mass outside them (forward only).
 
     For the cache writer: run on pi_r's logits with the teacher's top-k ``ids [..., k]`` to
     get ``ref_logprobs [..., k]`` and ``ref_tail_logprob [...]`` for the geometric-mixture
     target of :func:`vp_topk_kl`. The tail is a direct sum over the complement (exact even
     near 0 or 1), and the same machinery gives the student's buckets in :func:`vp_topk_kl`.
+    With ``target [...]`` (global ids) a third output is its log-prob from the same pass,
+    equal bit for bit to :func:`~erpd_megatron.ops.vocab_parallel.vp_logprob`'s.
     """
     x = _flat(logits)
     sh = _shard(x, group, vocab_start, vocab_size, chunk_size)
     k = ids.shape[-1]
-    log_q, log_qt, _, _, _, _, _, bad, _ = _bucket_stats(x, ids.reshape(-1, k).long(), sh)
+    tgt = None if target is None else target.reshape(-1).long()
+    log_q, log_qt, _, _, _, _, _, bad, _, lp_y = _bucket_stats(
+        x, ids.reshape(-1, k).long(), sh, target=tgt
+    )
     log_q = torch.where(bad[:, None], float("nan"), log_q)
-    return log_q.view(*logits.shape[:-1], k), log_qt.view(logits.shape[:-1])
+    out = (log_q.view(*logits.shape[:-1], k), log_qt.view(logits.shape[:-1]))
+    return out if lp_y is None else (*out, lp_y.view(logits.shape[:-1]))
 
 
 def _topk_lowest_ids(x: Tensor, k: int) -> tuple[Tensor, Tensor]:

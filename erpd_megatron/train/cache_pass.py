@@ -73,23 +73,28 @@ def _score_microbatch(
 
     def fn(logits: torch.Tensor, m: MicroBatch):
         # rows without a copy; the ops take bf16 directly (fp32 per chunk)
-        # A teacher's sampled-token log-probs come out of its top-k pass (the same max, sum
-        # of exps and formula as vp_logprob: equal bit for bit); pi_r's from vp_logprob, the
-        # op Stage 2 trains with, so that its ratio to the cached lp_r is exactly 1 at pi_r.
+        # One pass over the logits per model: the sampled tokens' log-probs come out of the
+        # top-k pass (teachers) or the first bucket pass (pi_r), computed there with
+        # vp_logprob's own operations (equal bit for bit, tested): Stage 2's ratio to the
+        # cached lp_r stays exactly 1 at pi_r.
         flat, order = token_rows(logits)
         target = order.flat(m.targets)
         out: dict[str, torch.Tensor] = {}
+        lp = None
         if k:
             ids, lps, lp = vp_topk(flat, k, **kw, target=target)
             out["ids"], out["topk"] = order.unflat(ids), order.unflat(lps)
-        else:
-            lp = vp_logprob(flat, target, **kw)
-        out["lp"] = order.unflat(lp)
         for name, tid in ref_ids.items():
             if engine.cp_size > 1:  # the teacher's ids are whole rows (gathered over CP)
                 tid = cp_split(tid, cp_indices(mb, engine.cp_size, engine.cp_rank))
-            rl, _ = vp_bucket_logprobs(flat, order.flat(tid), **kw)
+            if lp is None:
+                rl, _, lp = vp_bucket_logprobs(flat, order.flat(tid), **kw, target=target)
+            else:
+                rl, _ = vp_bucket_logprobs(flat, order.flat(tid), **kw)
             out[f"ref:{name}"] = order.unflat(rl)
+        if lp is None:
+            lp = vp_logprob(flat, target, **kw)
+        out["lp"] = order.unflat(lp)
         return logits.new_zeros(()), out  # forward only: no loss
 
     with torch.no_grad():

@@ -64,8 +64,8 @@ def run_case(seed: int, case_index: int, rank: int, world: int, group) -> dict[s
         top_ids, top_lp, top_target = vp_topk(x0, kk, **kw, target=target)
         out[f"topk{kk}_ids"], out[f"topk{kk}_lp"] = _np(top_ids), _np(top_lp)
         out[f"topk{kk}_target_lp"] = _np(top_target)  # the cache pass's fused log-prob
-    ref_lp, ref_tail = vp_bucket_logprobs(pi_r, ids, **kw)
-    out.update(ref_lp=_np(ref_lp), ref_tail=_np(ref_tail))
+    ref_lp, ref_tail, ref_target = vp_bucket_logprobs(pi_r, ids, **kw, target=target)
+    out.update(ref_lp=_np(ref_lp), ref_tail=_np(ref_tail), ref_target_lp=_np(ref_target))
     for alpha in (1.0, 0.5):
         x = x0.clone().requires_grad_()
         kl = vp_topk_kl(
@@ -76,14 +76,17 @@ def run_case(seed: int, case_index: int, rank: int, world: int, group) -> dict[s
     return out
 
 
-def run_case_logprob(seed: int, case_index: int) -> np.ndarray:
-    """``vp_logprob`` (no entropy) of case ``case_index`` at TP=1."""
+def run_case_logprob(seed: int, case_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """``vp_logprob`` (no entropy) of case ``case_index``'s student and pi_r logits at TP=1."""
     dtype_name, vocab, chunk = CASES[case_index]
     gen = torch.Generator().manual_seed(seed + case_index)
     n, k = 23, 6
-    x, *_ = make_kl_case(gen, n, 2 * V_LOCAL, vocab, k, getattr(torch, dtype_name), shard=V_LOCAL)
+    x, _, _, pi_r = make_kl_case(
+        gen, n, 2 * V_LOCAL, vocab, k, getattr(torch, dtype_name), shard=V_LOCAL
+    )
     target = torch.randint(0, vocab, (n,), generator=gen)
-    return _np(vp_logprob(x, target, vocab_size=vocab, chunk_size=chunk))
+    kw = dict(vocab_size=vocab, chunk_size=chunk)
+    return _np(vp_logprob(x, target, **kw)), _np(vp_logprob(pi_r, target, **kw))
 
 
 def nonfinite_case(seed: int, rank: int, world: int, group) -> dict[str, np.ndarray]:
@@ -145,10 +148,12 @@ def test_tp2_equals_tp1():
                         key,
                     )
         # the log-prob fused into the top-k pass is vp_logprob's, bit for bit
-        want = run_case_logprob(seed, i)
+        want, want_r = run_case_logprob(seed, i)
         assert np.array_equal(one["topk5_target_lp"], want), dtype_name
+        assert np.array_equal(one["ref_target_lp"], want_r), dtype_name
         for r in ranks:
             assert rel_err(torch.from_numpy(r[i]["topk5_target_lp"]), torch.from_numpy(want)) < tv
+            assert rel_err(torch.from_numpy(r[i]["ref_target_lp"]), torch.from_numpy(want_r)) < tv
     # non-finite logits on one shard only: every rank flags the same tokens, zero gradient there
     one = nonfinite_case(seed, 0, 1, None)
     expect = np.array([True, True, True, False, True, False, True, True])

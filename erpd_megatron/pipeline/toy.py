@@ -93,7 +93,13 @@ SPLITS = ("train", "validation", "test")
 
 
 def write_splits(
-    out_dir: str | Path, *, train: int, validation: int, test: int, seed: int
+    out_dir: str | Path,
+    *,
+    train: int,
+    seed: int,
+    validation: int = 0,
+    test: int | None = None,
+    heldout: int | None = None,
 ) -> dict[str, Path]:
     """Write ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl`` (pairwise disjoint
     prompts) with ``problem``/``answer``/``solution`` columns; returns their paths.
@@ -101,7 +107,13 @@ def write_splits(
     Validation is drawn first from ``seed + 1`` (the generator and seed of the former single
     held-out split, so earlier looks at that split were looks at validation), test from
     ``seed + 2`` excluding validation, train from ``seed`` excluding both. Settings are chosen
-    on validation only; the reported table uses test only (docs/demo_protocol.md)."""
+    on validation only; the reported table uses test only (docs/demo_protocol.md).
+
+    ``heldout`` is the former name of ``test``; ``heldout.jsonl`` is written too, a copy of
+    ``test.jsonl`` under the name earlier callers read (``erpd study``)."""
+    test = heldout if test is None else test
+    if test is None:
+        raise TypeError("write_splits needs the size of the test split (test=)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     val = make_problems(validation, seed=seed + 1)
@@ -118,6 +130,8 @@ def write_splits(
             )
         )
         paths[name] = path
+    paths["heldout"] = out / "heldout.jsonl"
+    paths["heldout"].write_text(paths["test"].read_text())
     return paths
 
 

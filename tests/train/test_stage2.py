@@ -10,7 +10,7 @@ import torch
 
 from tests.train.fixtures import (
     VOCAB,
-    assert_same_weights,
+    assert_same_run,
     checkpoint_tensors,
     make_tiny_round,
     read_jsonl,
@@ -205,19 +205,9 @@ def test_two_process_layouts_match_single_process_after_four_steps(
         ov + [f"stage2.teachers={teachers}", f"output_dir={tmp_path}", layout],
         nproc=2,
     )
-    ref = [r for r in read_jsonl(one / "stage2/stage2_metrics.jsonl") if "stage2/loss" in r]
-    got = [r for r in read_jsonl(tmp_path / "stage2/stage2_metrics.jsonl") if "stage2/loss" in r]
-    assert len(got) == len(ref) == 4
-    for step, (g, r) in enumerate(zip(got, ref), 1):
-        for k in ("stage2/loss", "stage2/grad_norm", "stage2/entropy", "stage2/kl_to_base", *keys):
-            assert g[k] == pytest.approx(r[k], rel=1e-4, abs=1e-5), (step, k)
+    common = ["stage2/loss", "stage2/grad_norm", "stage2/entropy", "stage2/kl_to_base"]
+    got = assert_same_run(one, tmp_path, "stage2", common + list(keys), 4)
     assert got[-1]["stage2/kl_to_base"] > 0  # the weights moved
-    assert_same_weights(
-        one / "stage2/checkpoints/final",
-        tmp_path / "stage2/checkpoints/final",
-        rtol=1e-4,
-        atol=1e-4,
-    )
 
 
 def test_kl_budget_stops_and_keeps_a_checkpoint_inside(cached, tmp_path):

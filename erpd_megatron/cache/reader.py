@@ -149,8 +149,10 @@ class TeacherCache:
             )
         if expect_vocab_size is not None and int(expect_vocab_size) != manifest["vocab_size"]:
             raise CacheError(
-                f"{cache_dir}: the cache was written for vocab_size {manifest['vocab_size']}, the student "
-                f"has {expect_vocab_size}; top-k ids would not index the student's vocabulary; {REBUILD_HINT}"
+                f"{cache_dir}: the cache was written for vocab_size {manifest['vocab_size']}, the "
+                "student "
+                f"has {expect_vocab_size}; top-k ids would not index the student's vocabulary; "
+                f"{REBUILD_HINT}"
             )
         try:
             layout = CacheLayout(
@@ -167,13 +169,15 @@ class TeacherCache:
         for entry in entries:
             if not (cache_dir / entry["file"]).exists():
                 raise CacheError(
-                    f"{cache_dir / entry['file']}: shard listed in the manifest is missing; {REBUILD_HINT}"
+                    f"{cache_dir / entry['file']}: shard listed in the manifest is missing; "
+                    f"{REBUILD_HINT}"
                 )
         if verify_part is not None:
             rank, world = int(verify_part[0]), int(verify_part[1])
             if world < 1 or not 0 <= rank < world:
                 raise ValueError(
-                    f"verify_part must be (rank, world_size) with 0 <= rank < world_size, got {verify_part}"
+                    "verify_part must be (rank, world_size) with 0 <= rank < world_size, got "
+                    f"{verify_part}"
                 )
             verify = [verify_checksums and i % world == rank for i in range(len(entries))]
         else:
@@ -183,7 +187,8 @@ class TeacherCache:
             for shard, entry in zip(shards, entries):
                 if shard.summary() != entry:
                     raise CacheError(
-                        f"{shard.path}: does not match the manifest (shard {shard.summary()}, manifest {entry}): "
+                        f"{shard.path}: does not match the manifest (shard {shard.summary()}, "
+                        f"manifest {entry}): "
                         f"replaced after the manifest was written; {REBUILD_HINT}"
                     )
                 if shard.layout != layout:
@@ -193,7 +198,8 @@ class TeacherCache:
             cache = cls(cache_dir, manifest, layout, shards)
             if len(cache) != manifest["num_samples"]:
                 raise CacheError(
-                    f"{cache_dir}: shards hold {len(cache)} samples, the manifest says {manifest['num_samples']}"
+                    f"{cache_dir}: shards hold {len(cache)} samples, the manifest says "
+                    f"{manifest['num_samples']}"
                 )
             if expect_token_counts is not None:
                 cache._check_token_counts(expect_token_counts)
@@ -216,11 +222,13 @@ class TeacherCache:
             cached = int(shard.index["token_count"][self._row_of[pos]])
             if cached != int(count):
                 wrong.append(
-                    f"sample {int(sid)} in {shard.path}: {cached} tokens cached, the rollout data has {int(count)}"
+                    f"sample {int(sid)} in {shard.path}: {cached} tokens cached, the rollout data "
+                    f"has {int(count)}"
                 )
         if missing:
             raise CacheError(
-                f"{self.cache_dir}: {len(missing)} sample(s) of the rollout data are not in the cache, "
+                f"{self.cache_dir}: {len(missing)} sample(s) of the rollout data are not in the "
+                "cache, "
                 f"e.g. {missing[:5]}; {REBUILD_HINT}"
             )
         if wrong:
@@ -338,7 +346,8 @@ class TeacherCache:
                 raise CacheError(f"{shard.path}: sample {sid}, teacher {name!r}: {e}") from e
             if self._check_id_range and decoded.size and int(decoded.max()) >= lay.vocab_size:
                 raise CacheError(
-                    f"{shard.path}: sample {sid}, teacher {name!r}: id {int(decoded.max())} >= vocab_size {lay.vocab_size}; the shard is corrupt"
+                    f"{shard.path}: sample {sid}, teacher {name!r}: id {int(decoded.max())} >= "
+                    f"vocab_size {lay.vocab_size}; the shard is corrupt"
                 )
             ids[name] = decoded.reshape(t, k)
         return CacheRecord(sid, t, sampled, ids, lps, refs, shard.name)

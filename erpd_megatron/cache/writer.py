@@ -65,7 +65,8 @@ def as_sample_id(x: Any) -> int:
     """A sample id as a Python int in the int64 range (the rollout Parquet's ``sample_id``)."""
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
         raise CacheError(
-            f"sample ids are int64 (the rollout data's sample_id column); got {type(x).__name__} {x!r}"
+            f"sample ids are int64 (the rollout data's sample_id column); got {type(x).__name__} "
+            f"{x!r}"
         )
     x = int(x)
     if not -(1 << 63) <= x < (1 << 63):
@@ -193,9 +194,12 @@ class CacheWriter:
                 ids = [int(s) for s in shard.index["sample_id"]]
                 if ids != self._order[pos : pos + len(ids)]:
                     raise CacheError(
-                        f"{shard.path}: holds samples {ids[:4]}... but this rank's sample order has "
-                        f"{self._order[pos : pos + 4]}... at position {pos}; the rank's sample list "
-                        f"changed since it was written: pass the same list or delete {self.cache_dir}"
+                        f"{shard.path}: holds samples {ids[:4]}... but this rank's sample order "
+                        "has "
+                        f"{self._order[pos : pos + 4]}... at position {pos}; the rank's sample "
+                        "list "
+                        "changed since it was written: pass the same list or delete "
+                        f"{self.cache_dir}"
                     )
                 end = pos + len(ids)
                 if shard.final != (end == len(self._order)):
@@ -266,11 +270,13 @@ class CacheWriter:
         sid = as_sample_id(sample_id)
         if self._next >= len(self._order):
             raise CacheError(
-                f"rank {self.rank}: sample {sid} written, but all {len(self._order)} samples of this rank are done"
+                f"rank {self.rank}: sample {sid} written, but all {len(self._order)} samples of "
+                "this rank are done"
             )
         if sid != self._order[self._next]:
             raise CacheError(
-                f"rank {self.rank}: got sample {sid}, the next pending sample is {self._order[self._next]}; "
+                f"rank {self.rank}: got sample {sid}, the next pending sample is "
+                f"{self._order[self._next]}; "
                 "write samples in the order of writer.pending()"
             )
         enc = self._encode(sid, sampled, topk)
@@ -299,7 +305,8 @@ class CacheWriter:
             raise CacheError(f"rank {self.rank}: writer already closed")
         if self._next < len(self._order):
             raise CacheError(
-                f"rank {self.rank}: close() with {len(self._order) - self._next} of {len(self._order)} "
+                f"rank {self.rank}: close() with {len(self._order) - self._next} of "
+                f"{len(self._order)} "
                 f"samples not written (next: {self._order[self._next]})"
             )
         self._closed = True
@@ -342,7 +349,8 @@ class CacheWriter:
             arr = np.asarray(sampled[name])
             if arr.ndim != 1 or (num_tokens is not None and arr.shape[0] != num_tokens):
                 raise CacheError(
-                    f"{where}: sampled[{name!r}] has shape {arr.shape}, expected ({num_tokens if num_tokens is not None else 'T'},)"
+                    f"{where}: sampled[{name!r}] has shape {arr.shape}, expected "
+                    f"({num_tokens if num_tokens is not None else 'T'},)"
                 )
             num_tokens = arr.shape[0]
             parts.append(_values(where, f"sampled[{name!r}]", arr, None))
@@ -350,7 +358,8 @@ class CacheWriter:
             entry = topk[name]
             if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
                 raise CacheError(
-                    f"{where}: topk[{name!r}] must be (ids, logprobs) or (ids, logprobs, ref_logprobs)"
+                    f"{where}: topk[{name!r}] must be (ids, logprobs) or (ids, logprobs, "
+                    "ref_logprobs)"
                 )
             ids, lps = np.asarray(entry[0]), np.asarray(entry[1])
             ref = None if len(entry) == 2 or entry[2] is None else np.asarray(entry[2])
@@ -362,12 +371,14 @@ class CacheWriter:
             for what, arr in arrays.items():
                 if arr.shape != (num_tokens, lay.k):
                     raise CacheError(
-                        f"{where}: topk[{name!r}] {what} has shape {arr.shape}, expected ({num_tokens}, {lay.k})"
+                        f"{where}: topk[{name!r}] {what} has shape {arr.shape}, expected "
+                        f"({num_tokens}, {lay.k})"
                     )
             if (ref is not None) != (name in lay.ref_teachers):
                 need = "needs" if name in lay.ref_teachers else "must not have"
                 raise CacheError(
-                    f"{where}: teacher {name!r} {need} ref_logprobs (ref_teachers={list(lay.ref_teachers)})"
+                    f"{where}: teacher {name!r} {need} ref_logprobs "
+                    f"(ref_teachers={list(lay.ref_teachers)})"
                 )
             parts.append(_values(where, f"topk[{name!r}] logprobs", lps, lay.value_dtype))
             if ref is not None:
@@ -384,7 +395,8 @@ class CacheWriter:
             if bad.any():
                 t, j = (int(x) for x in np.argwhere(bad)[0])
                 raise CacheError(
-                    f"{where}: topk[{name!r}] id {int(ids[t, j])} at token {t}, rank {j} is outside the vocabulary [0, {lay.vocab_size})"
+                    f"{where}: topk[{name!r}] id {int(ids[t, j])} at token {t}, rank {j} is "
+                    f"outside the vocabulary [0, {lay.vocab_size})"
                 )
         out = np.zeros(lay.ids_nbytes(ids.shape[0]), np.uint8)  # zero padding to 8 bytes
         pack_ids(ids, lay.bits_per_id, check=False, out=out)
@@ -517,7 +529,8 @@ def _check_keys(where: str, what: str, given: Mapping[str, Any], expected: Seque
     extra = [n for n in given if n not in expected]
     if missing or extra:
         raise CacheError(
-            f"{where}: {what} models {sorted(given)} do not match the writer's {list(expected)} (missing {missing}, unexpected {extra})"
+            f"{where}: {what} models {sorted(given)} do not match the writer's {list(expected)} "
+            f"(missing {missing}, unexpected {extra})"
         )
 
 

@@ -206,7 +206,8 @@ class HFEngine(RolloutEngine):
             )
         if any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("empty prompt (no token ids)")
-        # Work items (prompt, samples) in prompt-length order; a prompt's n samples may span batches.
+        # Work items (prompt, samples) in prompt-length order; a prompt's n samples may span
+        # batches.
         order = sorted(range(len(prompt_token_ids)), key=lambda i: (len(prompt_token_ids[i]), i))
         items: list[tuple[int, int]] = []
         for i in order:

@@ -115,7 +115,8 @@ def test_missing_and_replaced_shards(cache_dir: Path) -> None:
 def test_manifest_of_another_rollout_set(cache_dir: Path) -> None:
     with pytest.raises(
         CacheError,
-        match=f"written for rollout set {FINGERPRINT}, the data is rollouts-sha256:2222.*cache_teacher_logprobs",
+        match=f"written for rollout set {FINGERPRINT}, the data is rollouts-sha256:2222"
+        ".*cache_teacher_logprobs",
     ):
         TeacherCache.open(cache_dir, expect_rollout_fingerprint="rollouts-sha256:2222")
     TeacherCache.open(cache_dir, expect_rollout_fingerprint=FINGERPRINT).close()
@@ -133,7 +134,8 @@ def test_token_counts_against_rollout_data(cache_dir: Path) -> None:
     wrong[105] += 1
     with pytest.raises(
         CacheError,
-        match=rf"sample 105 in {cache_dir}/rank0000\d-\d+\.erpdc: {counts[105]} tokens cached, the rollout data has {counts[105] + 1}",
+        match=rf"sample 105 in {cache_dir}/rank0000\d-\d+\.erpdc: {counts[105]} tokens cached, "
+        rf"the rollout data has {counts[105] + 1}",
     ):
         TeacherCache.open(cache_dir, expect_token_counts=wrong)
     with pytest.raises(
@@ -183,7 +185,8 @@ def test_sample_written_by_two_ranks(tmp_path: Path) -> None:
                 w.write_sample(sid, sampled={"base": np.zeros(2)}, topk={})
     with pytest.raises(
         CacheError,
-        match=r"sample 9 was written twice, in \['rank00000-00000.erpdc', 'rank00001-00000.erpdc'\]",
+        match=r"sample 9 was written twice, in "
+        r"\['rank00000-00000.erpdc', 'rank00001-00000.erpdc'\]",
     ):
         finalize_manifest(tmp_path, 2, meta(names=("base",)))
 
@@ -221,7 +224,8 @@ def test_writer_rejects_bad_input_naming_the_sample(tmp_path: Path) -> None:
     cases = [
         (
             bad(set_id),
-            r"rank 3, sample 5: topk\['teacher1'\] id 151936 at token \d+, rank 2 is outside the vocabulary \[0, 151936\)",
+            r"rank 3, sample 5: topk\['teacher1'\] id 151936 at token \d+, rank 2 is outside the "
+            r"vocabulary \[0, 151936\)",
         ),
         (bad(set_nan), r"rank 3, sample 5: sampled\['unlearned'\]: log-probs contain NaN"),
         (bad(lambda s: s["sampled"].pop("base")), r"missing \['base'\]"),

@@ -34,8 +34,9 @@ from erpd_megatron.cache import CacheWriter
 from tests.cache.helpers import REF_TEACHERS, SAMPLED, TEACHERS, make_sample, split
 cache_dir, rank, kill_after = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 ids = split(list(range(200, 260)), 2)[rank]
-w = CacheWriter(cache_dir, rank=rank, sample_ids=ids, vocab_size=151936, k=8, sampled_models=SAMPLED,
-                teachers=TEACHERS, ref_teachers=REF_TEACHERS, max_shard_bytes=9000, fsync=True)
+w = CacheWriter(cache_dir, rank=rank, sample_ids=ids, vocab_size=151936, k=8,
+                sampled_models=SAMPLED, teachers=TEACHERS, ref_teachers=REF_TEACHERS,
+                max_shard_bytes=9000, fsync=True)
 for n, sid in enumerate(w.pending()):
     if n == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -22,7 +22,9 @@ from tests.train.fixtures import (
 SIGNALS = {
     "topk_kl": "[{model: teacher0, signal: topk_kl}]",
     "logratio": "[{model: teacher0, signal: logratio, lam: 2.0, clip: 1.0}]",
-    "contrast": "[{model: teacher0, signal: contrast, contrast_model: unlearned, lam: 1.0, clip: 1.0}]",
+    "contrast": (
+        "[{model: teacher0, signal: contrast, contrast_model: unlearned, lam: 1.0, clip: 1.0}]"
+    ),
     "gated": "[{model: teacher0, signal: gated, gate_mode: add, alpha: 1.0, clip: 2.0}]",
 }
 
@@ -155,7 +157,10 @@ def test_each_signal_lowers_its_loss(cached, tmp_path, name):
     assert (tmp_path / "stage2/checkpoints/final/model_config.yaml").exists()
 
 
-MIXED = "[{model: teacher0, signal: topk_kl, alpha: 0.5}, {model: teacher0, signal: logratio, weight: 0.5}]"
+MIXED = (
+    "[{model: teacher0, signal: topk_kl, alpha: 0.5}, "
+    "{model: teacher0, signal: logratio, weight: 0.5}]"
+)
 MIXED_KEYS = ("stage2/teacher0/topk_kl", "stage2/teacher1/signal_mean", "stage2/clip_frac")
 KL_ONLY = (
     "[{model: teacher0, signal: topk_kl, alpha: 0.5}]"  # the KL writes its gradient into the logits

@@ -327,12 +327,7 @@ def evaluate_models(cfg: Config, *, progress: bool | None = None) -> list[dict[s
         return rows
     with (
         eval_threads(cfg),
-        RewardPool(
-            rc.reward_fn,
-            timeout=rc.verifier_timeout,
-            num_workers=rc.verifier_workers,
-            memory_mb=rc.verifier_memory_mb,
-        ) as pool,
+        RewardPool.from_config(rc) as pool,
     ):
         for d, (dataset, name) in enumerate(zip(ec.datasets, dataset_names(ec.datasets))):
             rows += evaluate_dataset(

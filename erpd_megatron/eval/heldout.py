@@ -46,12 +46,7 @@ def heldout_metrics(cfg: Config, hf_dir: str | Path, *, progress: bool = False) 
     names = dataset_names(ec.datasets)
     with (
         eval_threads(cfg),
-        RewardPool(
-            rc.reward_fn,
-            timeout=rc.verifier_timeout,
-            num_workers=rc.verifier_workers,
-            memory_mb=rc.verifier_memory_mb,
-        ) as pool,
+        RewardPool.from_config(rc) as pool,
     ):
         for d, (dataset, name) in enumerate(zip(ec.datasets, names)):
             prompts = select_heldout(cfg, dataset, tokenizer)

@@ -319,12 +319,7 @@ def evaluate_megatron(
         def generate() -> list[tuple[str, list, list]]:
             rc = cfg.rollout
             names = ev.dataset_names(ec.datasets)
-            with RewardPool(
-                rc.reward_fn,
-                timeout=rc.verifier_timeout,
-                num_workers=rc.verifier_workers,
-                memory_mb=rc.verifier_memory_mb,
-            ) as pool:
+            with RewardPool.from_config(rc) as pool:
                 return [
                     generate_set(d, dataset, name, pool)
                     for d, (dataset, name) in enumerate(zip(ec.datasets, names))

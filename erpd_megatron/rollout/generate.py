@@ -502,12 +502,7 @@ def run_rollouts(
     )
     if todo:
         with (
-            RewardPool(
-                rc.reward_fn,
-                timeout=rc.verifier_timeout,
-                num_workers=rc.verifier_workers,
-                memory_mb=rc.verifier_memory_mb,
-            ) as pool,
+            RewardPool.from_config(rc) as pool,
             make_engine(rc, tokenizer) as engine,
         ):
             for s in todo:

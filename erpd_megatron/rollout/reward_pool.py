@@ -136,6 +136,16 @@ class RewardPool:
         self._workers: list[_Worker] = [self._start() for _ in range(self.num_workers)]
         self._start_failures = 0
 
+    @classmethod
+    def from_config(cls, rc: Any) -> RewardPool:
+        """The pool a ``RolloutConfig`` asks for (its reward_fn and verifier_* fields)."""
+        return cls(
+            rc.reward_fn,
+            timeout=rc.verifier_timeout,
+            num_workers=rc.verifier_workers,
+            memory_mb=rc.verifier_memory_mb,
+        )
+
     # ------------------------------------------------------------------ workers
 
     def _start(self) -> _Worker:

@@ -139,6 +139,11 @@ class EvalConfig:
     """torch CPU threads for generation and scoring; 0 = auto: 1 when they run on the CPU (the
     tiny demo/test models, where more threads on a shared machine are several times slower),
     else torch's default. Set N for a larger model on an idle CPU machine."""
+    cpu_workers: int = 1
+    """Processes that sample and score the non-base models side by side when generation and
+    scoring run on the CPU (hf engine, hf scoring), each with ``cpu_threads`` threads; the
+    table is identical to one process's (every model is sampled with the same seed). 1 = all
+    in this process; ignored on GPUs."""
 
 
 @dataclass(kw_only=True)

@@ -332,6 +332,8 @@ def validate_config(
         raise ConfigError(
             f"stage1.eval_every_epochs must be >= 0 (got {cfg.stage1.eval_every_epochs})"
         )
+    if cfg.eval.cpu_workers < 1:
+        raise ConfigError(f"eval.cpu_workers must be >= 1 (got {cfg.eval.cpu_workers})")
     if cfg.stage1.eval_every_epochs and not cfg.eval.datasets:
         raise ConfigError(
             "stage1.eval_every_epochs is set but eval.datasets is empty: give the held-out "

@@ -233,7 +233,8 @@ def evaluate_dataset(
     )
     samples: list[ModelSamples] = []
     base_model = None
-    for i, m in enumerate(models):
+    parallel = cfg.eval.cpu_workers > 1 and len(models) > 2 and _runs_on_cpu(cfg)
+    for i, m in enumerate(models[:1] if parallel else models):
         s, kept = sample_model(
             cfg,
             m,
@@ -249,14 +250,22 @@ def evaluate_dataset(
         if i == 0:
             base_model = kept
         samples.append(s)
-        log.info(
-            "eval %s / %s: avg@%d %.4f, %s",
-            name,
-            m.name,
-            cfg.eval.n,
-            float(s.rewards.mean()),
-            ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items()),
+        _log_model(name, cfg, s)
+    if parallel:
+        from erpd_megatron.eval.sampling_workers import sample_in_workers
+
+        samples += sample_in_workers(
+            cfg,
+            models[1:],
+            prompts=prompts,
+            tokenizer=tokenizer,
+            pool=pool,
+            seed=seed,
+            base=samples[0],
+            progress=progress,
         )
+        for s in samples[1:]:
+            _log_model(name, cfg, s)
     if len(models) > 1 and cfg.eval.temperature > 0:
         if base_model is None:
             rc = cfg.rollout
@@ -264,6 +273,17 @@ def evaluate_dataset(
         score_kl(cfg, samples, base_model, prompts, int(tokenizer.pad_token_id))
     del base_model
     return [build_row(cfg, s, samples[0], name) for s in samples]
+
+
+def _log_model(dataset: str, cfg: Config, s: ModelSamples) -> None:
+    log.info(
+        "eval %s / %s: avg@%d %.4f, %s",
+        dataset,
+        s.model.name,
+        cfg.eval.n,
+        float(s.rewards.mean()),
+        ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items()),
+    )
 
 
 def _runs_on_cpu(cfg: Config) -> bool:

@@ -73,7 +73,7 @@ def select_heldout(cfg: Config, dataset: str, tokenizer: Any) -> list[SelectedPr
     return sel.prompts
 
 
-def _score(
+def score_completions(
     model: Any,
     prompts: list[list[int]],
     comps: list[Completion],
@@ -82,6 +82,7 @@ def _score(
     *,
     entropy: bool,
 ) -> Any:
+    """Teacher-forced log-probs (and entropies) of ``model`` on the samples ``comps``."""
     from erpd_megatron.eval.scoring import score_responses
 
     return score_responses(
@@ -102,13 +103,14 @@ def generate_and_reward(
     *,
     prompts: list[SelectedPrompt],
     tokenizer: Any,
-    pool: RewardPool,
+    pool: RewardPool | None,
     seed: int,
     progress: bool = True,
 ) -> tuple[ModelSamples, Any]:
     """Sample ``eval.n`` responses per prompt through the rollout engine and reward them
-    (steps 1-2 of :mod:`erpd_megatron.eval.evaluate`). Returns the samples and the engine's
-    model (hf engine) or None."""
+    (steps 1-2 of :mod:`erpd_megatron.eval.evaluate`; with no ``pool`` the rewards are NaN,
+    for :func:`reward_samples` later). Returns the samples and the engine's model (hf engine)
+    or None."""
     rc, ec = cfg.rollout, cfg.eval
     rc = dataclasses.replace(rc, max_new_tokens=ec.max_new_tokens)
     ids = [p.token_ids for p in prompts]
@@ -131,21 +133,35 @@ def generate_and_reward(
         raise RuntimeError(
             f"{m.name}: engine returned {len(comps)} samples for {len(prompts)} prompts x {ec.n}"
         )
-    t0 = time.perf_counter()
-    texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-    rewards = pool.map(
-        texts, [p.reference for p in prompts for _ in range(ec.n)], progress=progress
-    )
-    secs["reward"] = time.perf_counter() - t0
     out = ModelSamples(
         model=m,
         is_base=False,
         completions=comps,
-        rewards=np.asarray(rewards, dtype=np.float64).reshape(len(prompts), ec.n),
+        rewards=np.full((len(prompts), ec.n), np.nan),
         seconds=secs,
         logprobs_mode=engine.logprobs_mode,
     )
+    if pool is not None:
+        reward_samples(cfg, out, prompts, tokenizer, pool, progress=progress)
     return out, model
+
+
+def reward_samples(
+    cfg: Config,
+    s: ModelSamples,
+    prompts: list[SelectedPrompt],
+    tokenizer: Any,
+    pool: RewardPool,
+    *,
+    progress: bool = True,
+) -> None:
+    """Step 2: ``s.rewards`` from the reward pool, in place."""
+    n = cfg.eval.n
+    t0 = time.perf_counter()
+    texts = tokenizer.batch_decode([c.token_ids for c in s.completions], skip_special_tokens=True)
+    rewards = pool.map(texts, [p.reference for p in prompts for _ in range(n)], progress=progress)
+    s.rewards = np.asarray(rewards, dtype=np.float64).reshape(len(prompts), n)
+    s.seconds["reward"] = time.perf_counter() - t0
 
 
 def sample_model(
@@ -155,7 +171,7 @@ def sample_model(
     is_base: bool,
     prompts: list[SelectedPrompt],
     tokenizer: Any,
-    pool: RewardPool,
+    pool: RewardPool | None,
     seed: int,
     base: ModelSamples | None,
     keep_model: bool = False,
@@ -179,10 +195,12 @@ def sample_model(
         t0 = time.perf_counter()
         if model is None:
             model = load_causal_lm(m.path, device=rc.hf_device, dtype=rc.hf_dtype)
-        own = _score(model, flat_prompts, out.completions, cfg, pad, entropy=True)
+        own = score_completions(model, flat_prompts, out.completions, cfg, pad, entropy=True)
         out.tf_logprobs, out.entropy = own.logprobs, own.entropy
         if base is not None and base.tf_logprobs is not None:
-            on_base = _score(model, flat_prompts, base.completions, cfg, pad, entropy=False)
+            on_base = score_completions(
+                model, flat_prompts, base.completions, cfg, pad, entropy=False
+            )
             out.drift = stats.sequence_kl(on_base.logprobs, base.tf_logprobs)
         secs["score_self"] = time.perf_counter() - t0
     kept = model if keep_model and rc.engine == "hf" else None
@@ -211,10 +229,12 @@ def score_kl(
     """Step 4: the per-sequence KL(pi || pi_base) of every non-base model, in place."""
     flat_prompts = [p.token_ids for p in prompts for _ in range(cfg.eval.n)]
     for s in samples:
-        if s.is_base:
+        if s.is_base or s.kl is not None:  # the base, or scored by a worker (sampling_workers)
             continue
         t0 = time.perf_counter()
-        base_lp = _score(base_model, flat_prompts, s.completions, cfg, pad, entropy=False).logprobs
+        base_lp = score_completions(
+            base_model, flat_prompts, s.completions, cfg, pad, entropy=False
+        ).logprobs
         apply_kl(cfg, s, base_lp)
         s.seconds["score_base"] = time.perf_counter() - t0
 

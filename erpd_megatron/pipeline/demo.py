@@ -13,7 +13,8 @@
 
 ``--seeds N`` repeats 1-3 for N independent seeds (``<output_dir>/seed_<S>``; task sample,
 base init, rollouts, training and evaluation sampling all follow the seed) and computes the
-claims over them. Every step is resumable (rerun the same command). ``--quick`` shrinks every
+claims over them. Every step runs inside this one process (pipeline/runner.py: one megatron
+import for the whole demo) and is resumable (rerun the same command). ``--quick`` shrinks every
 size (used by the integration test). The recipe is ``configs/recipes/demo-cpu.yaml``; the
 round's teachers and students are in its ``round:`` section.
 """
@@ -74,7 +75,7 @@ def prepare(config: str, overrides: list[str]) -> Path:
     d = cfg.demo
     out = Path(cfg.output_dir)
     data, tok_dir = out / "data", out / "tokenizer"
-    runner = Runner(config, overrides, 1)
+    runner = Runner(config, overrides, 1, in_process=True)
 
     def make_task() -> None:
         paths = toy.write_splits(
@@ -170,7 +171,9 @@ def run_seed(config: str, overrides: list[str]) -> Path:
     ] + overrides
     base_hf = prepare(config, overrides)
     report: dict = {}
-    last = run_rounds(config, overrides + [f"round.base_hf={base_hf}"], report=report)
+    last = run_rounds(
+        config, overrides + [f"round.base_hf={base_hf}"], report=report, in_process=True
+    )
     if not report.get("evaluated"):  # the evaluation step printed the table when it ran
         print("\n" + (last / "eval" / "results.md").read_text())
     return last

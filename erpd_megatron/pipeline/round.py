@@ -2,7 +2,8 @@
 one node.
 
 Round ``r`` lives in ``<output_dir>/round_<r>/`` and runs, each step as its own process
-(``torchrun`` when ``round.nproc_per_node > 1``)::
+(``torchrun`` when ``round.nproc_per_node > 1``; with ``--in-process``, one after another in
+this process, see :mod:`erpd_megatron.pipeline.runner`)::
 
     policy_mcore   HF pi_r -> Megatron            (round 0 only; later rounds reuse the student)
     rollouts       fixed data from pi_r           rollouts/manifest.json
@@ -24,9 +25,7 @@ unfinished steps, and a rerun with changed overrides refuses (naming the steps a
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,13 +41,10 @@ from erpd_megatron.pipeline.round_state import (
     decide,
     flatten,
 )
+from erpd_megatron.pipeline.runner import Runner, StepFailed  # noqa: F401 (re-exported)
 from erpd_megatron.utils.log import get_logger
 
 log = get_logger(__name__)
-
-
-class StepFailed(RuntimeError):
-    """A step's process exited non-zero."""
 
 
 @dataclass
@@ -84,40 +80,6 @@ class RoundPaths:
     def hf(self, name: str) -> Path:
         """HF export of a model (for evaluation and the next round's rollouts)."""
         return self.root / "hf" / name
-
-
-class Runner:
-    """Starts the steps' processes with the recipe, the user's overrides and the step's own."""
-
-    def __init__(self, config: str, overrides: list[str], nproc: int) -> None:
-        self.config, self.overrides, self.nproc = config, list(overrides), nproc
-
-    def module(self, module: str, step_overrides: list[str], *, distributed: bool = True) -> None:
-        """``python -m module --config RECIPE overrides...`` (under torchrun when distributed)."""
-        if distributed and self.nproc > 1:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                str(self.nproc),
-                "-m",
-                module,
-            ]
-        else:
-            cmd = [sys.executable, "-m", module]
-        self.run(cmd + ["--config", self.config, *self.overrides, *step_overrides])
-
-    def run(self, cmd: list[str]) -> None:
-        """Run a command, inheriting the console; a non-zero exit is a StepFailed."""
-        env = dict(os.environ)
-        env.setdefault("PYTHONWARNINGS", "ignore")
-        t0 = time.time()
-        code = subprocess.call(cmd, env=env)
-        if code != 0:
-            raise StepFailed(f"step exited with code {code}: {' '.join(cmd)}")
-        log.debug("step took %.1fs", time.time() - t0)
 
 
 def _done(path: Path) -> bool:
@@ -181,6 +143,7 @@ PATH_KEYS = (
     "eval.models",
     "eval.output_dir",
     "eval.metrics_files",
+    "eval.cpu_workers",  # how many processes, not what they compute (the same table)
 )
 
 
@@ -509,12 +472,19 @@ def run_rounds(
     *,
     rerun_changed: bool = False,
     report: dict | None = None,
+    in_process: bool = False,
 ) -> Path:
     """Run ``rounds`` rounds (default ``round.rounds``); returns the last round's directory.
-    ``report["evaluated"]`` (when given) says whether an evaluation step ran in this call."""
+    ``report["evaluated"]`` (when given) says whether an evaluation step ran in this call;
+    ``in_process``: run the steps in this process (see :mod:`erpd_megatron.pipeline.runner`)."""
     cfg = load_config(config, overrides)
     check_round(config, overrides, cfg)
-    runner = Runner(config, overrides, cfg.round.nproc_per_node)
+    if in_process and cfg.round.nproc_per_node != 1:
+        raise ConfigError(
+            f"round.nproc_per_node: {cfg.round.nproc_per_node} processes per step cannot run in "
+            "process; drop --in-process or set round.nproc_per_node=1"
+        )
+    runner = Runner(config, overrides, cfg.round.nproc_per_node, in_process=in_process)
     n = rounds or cfg.round.rounds
     plans = plan_rounds(config, overrides, cfg, runner, n)
     msg = changed_message([s.plan for _, steps in plans for s in steps])
@@ -555,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="redo finished steps whose inputs changed (their outputs are deleted first)",
     )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every step inside this process instead of one process per step (one-process "
+        "CPU rounds: saves a megatron import and set-up per step; round.nproc_per_node=1)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)  # options may follow the a.b=c overrides
     try:
@@ -565,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds,
             rerun_changed=args.rerun_changed,
             report=report,
+            in_process=args.in_process,
         )
     except ConfigError as e:
         return print_config_error("round", e)

@@ -147,6 +147,24 @@ def test_report_files(report):
     assert w > 1000 and h > 800 and (out / "stage1_curves.png").stat().st_size > 50_000
 
 
+def test_cpu_workers_give_the_same_table(report, tiny_pair, heldout_file, tmp_path):
+    """``eval.cpu_workers=2`` (the non-base models sampled and scored in two processes) writes
+    the same rows, bit for bit, as the one-process run of ``report``."""
+    a, b = tiny_pair
+    _, doc = report
+    out = tmp_path / "workers"
+    argv = eval_overrides({"base": a, "same": a, "teacher": b}, [heldout_file], out)
+    assert erpd_main(["evaluate", *argv, "eval.cpu_workers=2"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    want = [r for r in doc["rows"] if r["dataset"] == "heldout"]
+    assert len(rows) == len(want) == 3
+
+    def strip(r: dict) -> dict:
+        return {k: v for k, v in r.items() if not k.startswith("seconds")}
+
+    assert [strip(r) for r in rows] == [strip(r) for r in want]
+
+
 def test_kl_entropy_drift_match_direct_computation(tiny_pair, heldout_file):
     """Per-sequence KL(pi || base), entropy and drift of the pipeline vs one unbatched forward
     per sequence."""

@@ -22,7 +22,9 @@ Locally the points run one after another through :func:`run_rounds` (as `erpd ro
 export steps, which that script does not have, are ``sbatch --wrap`` jobs running the same
 command as locally. Job ids are kept in ``<output_dir>/study_jobs.json`` keyed by
 fingerprint: a rerun skips finished steps, keeps waiting on queued or running jobs and
-resubmits failed or cancelled ones.
+resubmits failed or cancelled ones, and with them every step that waits for a resubmitted one
+(its old job, queued behind a dependency that can never be satisfied, is cancelled: Slurm
+would cancel it only at its next scheduling pass, after the rerun may have kept it).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -254,18 +257,34 @@ def run_local(study: Study, *, rerun_changed: bool = False) -> dict[str, str]:
 
 # ---- Slurm -----------------------------------------------------------------------------------
 def job_states(ids: list[str]) -> dict[str, str]:
-    """Slurm state of each job id (``scontrol show job``; UNKNOWN once Slurm forgot it)."""
+    """Slurm state of each job id (``scontrol show job``; UNKNOWN once Slurm forgot it).
+
+    A job still PENDING whose dependency can never be satisfied (Reason
+    DependencyNeverSatisfied: a job it waits for with afterok failed or was cancelled) is
+    reported CANCELLED: every job of a study is submitted with ``--kill-on-invalid-dep=yes``,
+    so Slurm cancels it at its next scheduling pass, which comes a second or more after the
+    cancelled job (longer on a loaded controller); it will never run either way."""
     out = {}
     for j in ids:
         p = subprocess.run(["scontrol", "show", "job", "-o", j], capture_output=True, text=True)
         state = "UNKNOWN"
         for line in p.stdout.splitlines():  # an array has a line per task: the worst one wins
-            for tok in line.split():
-                if tok.startswith("JobState="):
-                    s = tok.split("=", 1)[1]
-                    state = s if state in ("UNKNOWN", "COMPLETED") or s in ACTIVE else state
+            f = dict(re.findall(r"(\w+)=(\S*)", line))
+            s = f.get("JobState")
+            if s is None:
+                continue
+            if s == "PENDING" and f.get("Reason") == "DependencyNeverSatisfied":
+                s = "CANCELLED"
+            state = s if state in ("UNKNOWN", "COMPLETED") or s in ACTIVE else state
         out[j] = state
     return out
+
+
+def cancel_jobs(ids: list[str]) -> None:
+    """``scancel`` jobs superseded by a resubmission (a job still queued behind a dependency
+    that was resubmitted would otherwise wait for, or be cancelled with, the old one)."""
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, text=True)
 
 
 def _read_jobs(study: Study) -> dict[str, dict]:
@@ -349,6 +368,7 @@ def submit_slurm(study: Study, *, rerun_changed: bool = False) -> dict[str, dict
     jobs = _read_jobs(study)
     states = job_states(sorted({j["job"] for j in jobs.values()}))
     by_fp: dict[str, str] = {}
+    fresh: set[str] = set()  # submitted by this call: whatever waits on one is resubmitted too
     summary: dict[str, dict[str, str]] = {}
     for pp in plans:
         row: dict[str, str] = {}
@@ -367,15 +387,25 @@ def submit_slurm(study: Study, *, rerun_changed: bool = False) -> dict[str, dict
                         shutil.rmtree(o, ignore_errors=True)
                 fp = p.fingerprint
                 old = jobs.get(fp)
+                after = [ids[(r, u)] for u in p.upstream if (r, u) in ids]
+                if r > 0:
+                    after += [j for (rr, _), j in ids.items() if rr == r - 1]
+                after = sorted(set(after))
+                queued = old is not None and states.get(old["job"]) in ACTIVE
                 if fp in by_fp:
                     jid = by_fp[fp]
-                elif old and states.get(old["job"]) in ACTIVE and p.decision != "changed":
-                    jid = old["job"]
+                elif queued and p.decision != "changed" and not fresh & set(after):
+                    jid = old["job"]  # still queued or running, after the same jobs as now
                 else:
-                    after = [ids[(r, u)] for u in p.upstream if (r, u) in ids]
-                    if r > 0:
-                        after += [j for (rr, _), j in ids.items() if rr == r - 1]
-                    after = sorted(set(after))
+                    if queued:  # its inputs changed, or a job it waits for was resubmitted
+                        log.info(
+                            "%s round %d %s: job %s superseded",
+                            pp.point.name,
+                            r,
+                            p.name,
+                            old["job"],
+                        )
+                        cancel_jobs([old["job"]])
                     pp.runner.calls.clear()
                     s.fn()
                     kind, module, args = pp.runner.calls[-1]
@@ -391,7 +421,9 @@ def submit_slurm(study: Study, *, rerun_changed: bool = False) -> dict[str, dict
                         "round": r,
                         "step": p.name,
                         "outputs": [str(o) for o in p.outputs],
+                        "after": after,
                     }
+                    fresh.add(jid)
                     log.info(
                         "%s round %d %s: job %s (after %s)",
                         pp.point.name,

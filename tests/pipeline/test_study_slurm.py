@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from erpd_megatron.pipeline.study import job_states
 from tests.pipeline.readme_fixtures import save_tiny_qwen3, write_prompts
-from tests.slurm.cluster import ROOT, run, slurm_env
+from tests.slurm.cluster import ROOT, SLURM_CONF, run, slurm_env
 
 pytestmark = [
     pytest.mark.slurm,
@@ -41,7 +42,8 @@ output_dir: {tmp / "study"}
 overrides: [round.base_hf={tmp / "base"}, rollout.dataset={tmp / "train.parquet"},
   "eval.datasets=[{tmp / "heldout.parquet"}]", rollout.num_prompts=8, rollout.samples_per_prompt=2,
   rollout.max_new_tokens=8, eval.num_prompts=4, eval.n=2, "eval.pass_k=[1]", eval.max_new_tokens=8,
-  stage1.epochs=1, stage2.epochs=1, stage1.force=true, logging.progress_bar=false]
+  stage1.epochs=1, stage2.epochs=1, stage1.force=true, logging.progress_bar=false,
+  "round.teachers=[{{name: teacher0, run: teacher, evaluate: false}}]"]
 axes:
   - {{name: eps, key: stage2.eps, values: [0.1, 0.3]}}
 """)
@@ -69,7 +71,8 @@ def _wait_all(ids: list[str], timeout: float) -> None:
     )
 
 
-def test_study_on_slurm_survives_a_cancelled_point(tmp_path):
+def test_study_on_slurm_survives_a_cancelled_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_CONF", str(SLURM_CONF))  # for job_states in this process
     study = _study(tmp_path)
     logs = tmp_path / "logs"
     env = slurm_env(
@@ -87,21 +90,29 @@ def test_study_on_slurm_survives_a_cancelled_point(tmp_path):
     # the second point submitted only what differs: its student, export and evaluation
     assert sorted(s for p, s in by if p == b) == ["eval", "export", "s2_student"], by
     assert (tmp_path / "study" / b / "round_0" / "s1_teacher").is_symlink()
-    run(["scancel", by[(b, "s2_student")]])  # its afterok dependants are cancelled with it
+    # cancelled while it waits for the cache; Slurm cancels its afterok dependants (export,
+    # eval: --kill-on-invalid-dep) only at its next scheduling pass, so the rerun below may
+    # still find them PENDING: they must be resubmitted with the student, not kept
+    run(["scancel", by[(b, "s2_student")]])
     status = _erpd(["study", "status", "--config", str(study)], env)
     assert "cancelled" in status.lower(), status
     # resubmit at once: the first point's queued jobs are kept, the second's chain submitted anew
     _erpd(["study", "--config", str(study), "--slurm"], env)
     again = {(j["point"], j["step"]): j["job"] for j in _jobs(tmp_path / "study").values()}
-    assert again[("eps-0.1", "s1_teacher")] == by[("eps-0.1", "s1_teacher")]
-    assert again[(b, "s2_student")] != by[(b, "s2_student")]
-    _wait_all(sorted(set(again.values())), TIMEOUT_S)
-    status = _erpd(["study", "status", "--config", str(study)], env)
+    for step in ("policy_mcore", "rollouts", "s1_teacher", "cache", "s2_student", "eval"):
+        assert again[("eps-0.1", step)] == by[("eps-0.1", step)], (step, by, again)
+    for step in ("s2_student", "export", "eval"):
+        assert again[(b, step)] != by[(b, step)], (step, by, again)
+    old = [by[(b, s)] for s in ("s2_student", "export", "eval")]
+    _wait_all(sorted(set(again.values()) | set(old)), TIMEOUT_S)
+    assert set(job_states(old).values()) == {"CANCELLED"}, job_states(old)
     report = _erpd(["study", "report", "--config", str(study)], env)
-    logs_tail = "\n".join(
-        f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(logs.glob("*.out"))
-    )
-    assert "2 of 2 points evaluated" in report, f"{status}\n{report}\n{logs_tail}"
+    if "2 of 2 points evaluated" not in report:
+        status = _erpd(["study", "status", "--config", str(study)], env)
+        logs_tail = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(logs.glob("*.out"))
+        )
+        raise AssertionError(f"{status}\n{report}\n{logs_tail}")
     doc = json.loads((tmp_path / "study/report/study.json").read_text())
     models = {(r["point"], r["model"]) for r in doc["rows"] if r["status"] == "ok"}
     assert {("eps-0.1", "student"), (b, "student"), ("eps-0.1", "base")} <= models, models

@@ -224,6 +224,8 @@ def _layout() -> dict[str, int]:
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(),
+        # expert-parallel size (1 for dense models): a MoE checkpoint says where it was made
+        "ep": ps.get_expert_model_parallel_world_size(),
     }
 
 

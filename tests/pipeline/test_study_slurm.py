@@ -116,3 +116,41 @@ def test_study_on_slurm_survives_a_cancelled_point(tmp_path, monkeypatch):
         f"study on Slurm: {time.monotonic() - t0:.0f} s; {len(set(again.values()))} jobs",
         file=sys.stderr,
     )
+
+
+def test_rerun_resubmits_what_waits_for_a_resubmitted_job(tmp_path, monkeypatch):
+    """Deterministically, without running a step (every job submitted held): a point's Stage-2
+    job that Slurm no longer knows (UNKNOWN, as after MinJobAge) is resubmitted, and so are the
+    export and eval still queued after the old one (kept, they would wait for it, or be
+    cancelled with it); their old jobs are cancelled, the other point's jobs kept."""
+    monkeypatch.setenv("SLURM_CONF", str(SLURM_CONF))
+    study = _study(tmp_path)
+    env = slurm_env(
+        SBATCH_ARGS="--hold --time=00:05:00 --mem=1G",
+        ROLLOUT_ARRAY="0",
+        LOG_DIR=str(tmp_path / "logs"),
+    )
+    _erpd(["study", "--config", str(study), "--slurm"], env)
+    path = tmp_path / "study" / "study_jobs.json"
+    doc = json.loads(path.read_text())
+    b = "eps-0.3"
+    by = {(j["point"], j["step"]): j["job"] for j in doc["jobs"].values()}
+    key = next(k for k, j in doc["jobs"].items() if (j["point"], j["step"]) == (b, "s2_student"))
+    doc["jobs"][key]["job"] = "99999999"  # forgotten by Slurm
+    path.write_text(json.dumps(doc))
+    try:
+        _erpd(["study", "--config", str(study), "--slurm"], env)
+        again = {(j["point"], j["step"]): j["job"] for j in _jobs(tmp_path / "study").values()}
+        assert again[(b, "s2_student")] not in (by[(b, "s2_student")], "99999999"), again
+        for step in ("export", "eval"):
+            assert again[(b, step)] != by[(b, step)], (step, by, again)
+        assert {k: v for k, v in again.items() if k[0] != b} == {
+            k: v for k, v in by.items() if k[0] != b
+        }
+        old = [by[(b, "export")], by[(b, "eval")]]
+        assert set(job_states(old).values()) == {"CANCELLED"}, job_states(old)
+        dep = run(["scontrol", "show", "job", "-o", again[(b, "export")]]).stdout
+        assert f"afterok:{again[(b, 's2_student')]}" in dep, dep
+    finally:
+        now = {j["job"] for j in _jobs(tmp_path / "study").values()}
+        run(["scancel", *sorted((set(by.values()) | now) - {"99999999"})], check=False)

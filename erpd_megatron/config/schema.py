@@ -304,6 +304,12 @@ class Stage1Config:
     """Keep a teacher snapshot after these epochs (the final epoch is always kept)."""
     eval_every_epochs: int = 0
     """Held-out accuracy through the rollout engine every N epochs (0 disables)."""
+    eval_async: bool = False
+    """Let the held-out evaluation child run while training goes on (at most one at a time):
+    its result is logged with the step and epoch it evaluated, and waited for before the next
+    evaluation, every resumable checkpoint and the end (the metrics file holds the same records
+    as with false, the late one further down). For CPU runs whose small models leave a core
+    idle (the demo); on GPUs the child would compete with the trainer for the GPU."""
     force: bool = False
     """Train even when no rollout group gives the loss a gradient (all-0 / all-1 groups for
     pg, sapo, mse; no reward-1 sample for ce); otherwise Stage 1 refuses (`--force`)."""

@@ -143,7 +143,9 @@ PATH_KEYS = (
     "eval.models",
     "eval.output_dir",
     "eval.metrics_files",
-    "eval.cpu_workers",  # how many processes, not what they compute (the same table)
+    # how the work is laid out, not what it computes (the same table and curves)
+    "eval.cpu_workers",
+    "stage1.eval_async",
 )
 
 

@@ -8,7 +8,10 @@ by module name: the trainer imports nothing of the evaluation layer above it.
 
 A child process keeps the training job's parallel layout out of it: the export always
 gathers the whole model (any TP/PP) on one process. The other ranks wait at a barrier, so an
-evaluation must finish within the process-group timeout (30 minutes). On large models this
+evaluation must finish within the process-group timeout (30 minutes). With
+``stage1.eval_async`` the child runs while every rank trains on; rank 0 waits for it before
+the next evaluation, a resumable checkpoint or the end, and logs its result at the step it
+evaluated. On large models this
 costs a full export per evaluation; evaluate the epoch snapshots offline (``erpd evaluate``)
 instead.
 
@@ -84,11 +87,45 @@ def heldout_engine_problem(engine: str, eval_every_epochs: int, on_gpu: bool) ->
     return None
 
 
-def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str, float]:
-    """Evaluate ``checkpoint`` in a child process (rank 0 only); returns its metrics.
+class HeldoutChild:
+    """A started evaluation child (:func:`start_heldout_child`); :meth:`wait` for its metrics."""
 
-    Raises RuntimeError with the child's exit code when it fails (the log is in ``work_dir``), and
-    :class:`ConfigError` before starting one that would run vLLM next to the trainer
+    def __init__(self, proc: subprocess.Popen, checkpoint: Path, work_dir: Path, log_f) -> None:
+        self.proc, self.checkpoint, self.work_dir, self._log_f = proc, checkpoint, work_dir, log_f
+        self.t0 = time.perf_counter()
+
+    def wait(self) -> dict[str, float]:
+        """Wait for the child; its metrics, or RuntimeError naming its log when it failed."""
+        code = self.proc.wait()
+        self._log_f.close()
+        result, logfile = self.work_dir / "result.json", self.work_dir / "heldout.log"
+        if code != 0 or not result.exists():
+            raise RuntimeError(
+                f"held-out evaluation of {self.checkpoint} failed (exit code {code}); see "
+                f"{logfile}. Fix the eval/rollout settings or set stage1.eval_every_epochs=0, "
+                "then resume."
+            )
+        metrics = json.loads(result.read_text())
+        log.info(
+            "held-out accuracy of %s: %s (%.0fs)",
+            self.checkpoint.name,
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            time.perf_counter() - self.t0,
+        )
+        return metrics
+
+    def kill(self) -> None:
+        """Stop the child (the run is ending without its result)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log_f.close()
+
+
+def start_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> HeldoutChild:
+    """Start evaluating ``checkpoint`` in a child process (rank 0 only) and return at once.
+
+    Raises :class:`ConfigError` before starting one that would run vLLM next to the trainer
     (:func:`heldout_engine_problem`; the first evaluation runs before the first step)."""
     problem = heldout_engine_problem(
         cfg.rollout.engine, max(cfg.stage1.eval_every_epochs, 1), _has_cuda()
@@ -98,43 +135,34 @@ def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str
     work_dir.mkdir(parents=True, exist_ok=True)
     resolved = work_dir / "config.yaml"
     resolved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    result = work_dir / "result.json"
-    result.unlink(missing_ok=True)
+    (work_dir / "result.json").unlink(missing_ok=True)
     env = child_env()
     env.setdefault("PYTHONWARNINGS", "ignore")
     env["PYTHONUNBUFFERED"] = "1"  # the log shows where a slow evaluation is
-    logfile = work_dir / "heldout.log"
-    t0 = time.perf_counter()
-    with open(logfile, "a") as f:
-        code = subprocess.call(
-            [
-                sys.executable,
-                "-m",
-                "erpd_megatron.eval.heldout",
-                "--config",
-                str(resolved),
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(result),
-            ],
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
-    if code != 0 or not result.exists():
-        raise RuntimeError(
-            f"held-out evaluation of {checkpoint} failed (exit code {code}); see {logfile}. "
-            "Fix the eval/rollout settings or set stage1.eval_every_epochs=0, then resume."
-        )
-    metrics = json.loads(result.read_text())
-    log.info(
-        "held-out accuracy of %s: %s (%.0fs)",
-        checkpoint.name,
-        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-        time.perf_counter() - t0,
+    f = open(work_dir / "heldout.log", "a")  # noqa: SIM115 - closed by HeldoutChild
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "erpd_megatron.eval.heldout",
+            "--config",
+            str(resolved),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(work_dir / "result.json"),
+        ],
+        env=env,
+        stdout=f,
+        stderr=subprocess.STDOUT,
     )
-    return metrics
+    return HeldoutChild(proc, checkpoint, work_dir, f)
+
+
+def run_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> dict[str, float]:
+    """Evaluate ``checkpoint`` in a child process (rank 0 only) and wait; returns its metrics
+    (see :func:`start_heldout_child` and :meth:`HeldoutChild.wait` for the errors)."""
+    return start_heldout_child(cfg, checkpoint, work_dir).wait()
 
 
 def _has_cuda() -> bool:

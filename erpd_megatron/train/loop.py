@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,6 +161,9 @@ class TrainLoop:
         )
         self.timing_path = self.out_dir / f"{spec.name}_timing.jsonl"
         self.signals = _Signals()
+        self._pending_eval: tuple[Any, int, int, Path | None] | None = None
+        """An asynchronous held-out evaluation still running (``stage1.eval_async``): the
+        child, the epoch and step it evaluates, and its temporary checkpoint."""
         self.kl_by_step: dict[int, float] = {}
         self.t_start = time.time()  # compute accounting (manifest "compute")
 
@@ -202,6 +206,10 @@ class TrainLoop:
                     return code
         finally:
             bar.close()
+            if self._pending_eval is not None and sys.exc_info()[0] is not None:
+                self._pending_eval[0].kill()  # an error ends the run: the result is not needed
+                self._pending_eval = None
+            self._collect_heldout()  # a stop (signal) keeps the curve point it started
         self._finish()
         return 0
 
@@ -274,26 +282,39 @@ class TrainLoop:
         """Held-out accuracy of the current weights, logged at the current step. ``saved``: a
         model-only checkpoint of these weights already on disk (else the epoch's snapshot, or a
         temporary save)."""
-        from erpd_megatron.train.heldout import run_heldout_child
+        from erpd_megatron.train.heldout import start_heldout_child
 
+        self._collect_heldout()  # at most one child at a time (and one temporary checkpoint)
         st = self.state
         snapshot = self.save_root / f"epoch_{st.epoch:04d}"
         temporary = saved is None and st.epoch not in self.spec.snapshot_epochs
         ckpt = saved or (self.save_root / ".heldout_model" if temporary else snapshot)
         if temporary:
             self._save_model_only(ckpt)
-        metrics: dict[str, float] = {}
         if _rank() == 0:
-            metrics = run_heldout_child(
+            child = start_heldout_child(
                 self.cfg, ckpt, self.out_dir / "heldout" / f"epoch_{st.epoch:04d}"
             )
-            self.metrics.log(
-                {f"{self.spec.name}/eval/{k}": v for k, v in metrics.items()} | {"epoch": st.epoch},
-                st.global_step,
-            )
-        _barrier()
-        if temporary and _rank() == 0:
-            shutil.rmtree(ckpt, ignore_errors=True)
+            self._pending_eval = (child, st.epoch, st.global_step, ckpt if temporary else None)
+        if not self.cfg.stage1.eval_async or saved is not None:  # `final`: before the manifest
+            self._collect_heldout()
+            _barrier()
+
+    def _collect_heldout(self) -> None:
+        """Wait for the running held-out evaluation (rank 0), log its result at the step it
+        evaluated, and delete its temporary checkpoint."""
+        if self._pending_eval is None:
+            return
+        child, epoch, step, temporary = self._pending_eval
+        self._pending_eval = None
+        metrics = child.wait()
+        self.metrics.log(
+            {f"{self.spec.name}/eval/{k}": v for k, v in metrics.items()} | {"epoch": epoch},
+            step,
+            wandb_step=self.state.global_step,
+        )
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
 
     def _step(
         self, rows: np.ndarray, arrays: dict[str, list[np.ndarray]]
@@ -356,6 +377,8 @@ class TrainLoop:
 
     def _save_iter(self) -> None:
         from erpd_megatron.models.checkpoint import iter_dir, save_checkpoint, write_latest
+
+        self._collect_heldout()  # a resumed run must not lose a started evaluation's result
 
         step = self.state.global_step
         path = iter_dir(self.save_root, step)

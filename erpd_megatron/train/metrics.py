@@ -68,14 +68,20 @@ class MetricsLogger:
         if self.enabled:
             truncate_jsonl(self.path, step)
 
-    def log(self, record: dict[str, Any], step: int) -> None:
-        """Write one record (``step`` included) to the JSONL file and wandb."""
+    def log(self, record: dict[str, Any], step: int, *, wandb_step: int | None = None) -> None:
+        """Write one record (``step`` included) to the JSONL file and wandb. ``wandb_step``:
+        the step wandb files it under when it is logged late (wandb's steps only increase; a
+        late record, e.g. an asynchronous held-out evaluation, goes under the current step
+        and keeps its own ``step`` and ``epoch`` as values)."""
         if not self.enabled:
             return
         rec = {"step": step, **{k: _clean(v) for k, v in record.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
-        self.run.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+        values = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
+        if wandb_step is not None and wandb_step != step:
+            values = {k if k != "step" else "logged_for_step": v for k, v in values.items()}
+        self.run.log(values, step=step if wandb_step is None else wandb_step)
 
     def close(self) -> None:
         """Finish the wandb run."""

@@ -65,11 +65,17 @@ def test_heldout_accuracy_is_logged_before_training_and_every_epoch(toy_round, t
     from erpd_megatron.eval.heldout import heldout_metrics
 
     d, ov = toy_round
-    # under torchrun at TP=2: rank 0 evaluates in a child process, rank 1 waits
+    # under torchrun at TP=2: rank 0 evaluates in a child process that runs while both ranks
+    # train on (stage1.eval_async; the synchronous path is the same start and an immediate wait)
     run_module(
         "erpd_megatron.stage1",
         RECIPE,
-        ov + [f"output_dir={tmp_path}", "parallel.tensor_model_parallel_size=2"],
+        ov
+        + [
+            f"output_dir={tmp_path}",
+            "parallel.tensor_model_parallel_size=2",
+            "stage1.eval_async=true",
+        ],
         nproc=2,
     )
     st = tmp_path / "stage1"
@@ -77,6 +83,10 @@ def test_heldout_accuracy_is_logged_before_training_and_every_epoch(toy_round, t
     # pi_r before the first step, then after epochs 1 and 2 (2 steps each)
     assert [r["step"] for r in recs] == [0, 2, 4]
     assert [r["epoch"] for r in recs] == [0, 1, 2]
+    # pi_r's evaluation ran while epoch 1 trained: its record is written after those steps'
+    lines = read_jsonl(st / "stage1_metrics.jsonl")
+    first = next(i for i, r in enumerate(lines) if "stage1/eval/accuracy" in r)
+    assert {r.get("step") for r in lines[:first]} >= {1, 2}
     for r in recs:
         assert 0.0 <= r["stage1/eval/accuracy"] <= 1.0
         assert r["stage1/eval/pass@2"] >= r["stage1/eval/pass@1"]

@@ -12,10 +12,15 @@ local spec (one process), with micro-batches from
 * ``padded``: ``data.packing=false``, this repository's unpacked default: rows bucketed by
   length (sorted), count x longest <= budget;
 * ``packed``: ``data.packing=true``, first-fit-decreasing rows of <= budget tokens with the
-  block-diagonal causal mask (on GPUs, THD).
+  block-diagonal causal mask (on GPUs, THD). The local spec's core attention
+  (``erpd_megatron/models/local_varlen_attention.py``) recognises that mask and runs the row's
+  sequences as causal batches of similar length (sum n_b x L_b^2 scores, not T^2), with
+  megatron's own ``DotProductAttention`` per batch; TE does varlen attention from THD.
 
 tokens/s counts response+prompt tokens (not padding); ``padding_fraction`` is the packed
-rows' padding over their size. Recompute: the same model with
+rows' padding over their size. Wall time is the target's measure; with ``--threads 1`` the
+process CPU time of the same epochs (``packing_speedup_cpu``) is also given, the figure that
+other jobs on a shared machine disturb least. Recompute: the same model with
 ``parallel.recompute_granularity=full`` (uniform, 1 layer): the bytes of tensors saved for
 backward during one packed micro-batch's forward (``torch.autograd.graph.saved_tensors_hooks``:
 the activation memory that recompute trades), and the forward+backward time ratio.
@@ -24,8 +29,8 @@ Rows interleave (unsorted, padded, packed, unsorted, ...) after a warm-up; media
     python benchmarks/bench_packing.py [--quick] [--reps 5] [--threads 1]
 
 Last line: ``RESULT packing_speedup=... (packed vs unsorted) packing_speedup_vs_bucketed=...
-padding_fraction=... (packed rows) padded_padding_fraction=... (unsorted) recompute_mem_ratio=...
-recompute_time_ratio=...``.
+packing_speedup_cpu=... padding_fraction=... (packed rows) padded_padding_fraction=...
+(unsorted) recompute_mem_ratio=... recompute_time_ratio=...``.
 """
 
 from __future__ import annotations
@@ -176,12 +181,15 @@ def main() -> None:
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    def epoch(eng, plan) -> float:
+    cpu_times: dict[str, list[float]] = {}
+
+    def epoch(eng, plan, name: str = "") -> float:
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for mbs in plan:
             eng.run(mbs, loss_fn, forward_only=False)
         sync()
+        cpu_times.setdefault(name, []).append(time.process_time() - c)
         return time.perf_counter() - t
 
     times: dict[str, list[float]] = {"unsorted": [], "padded": [], "packed": []}
@@ -189,14 +197,16 @@ def main() -> None:
         epoch(engine, plans[name])  # warm-up
     for _ in range(reps):
         for name in times:
-            times[name].append(epoch(engine, plans[name]))
+            times[name].append(epoch(engine, plans[name], name))
     med = {k: statistics.median(v_) for k, v_ in times.items()}
     tps = {k: real / med[k] for k in med}
+    cpu_med = {k: statistics.median(cpu_times[k]) for k in times}
     for k in times:
         print(
             f"{k:7s}: {counts[k]:3d} micro-batches, {sizes[k]:7d} row tokens, "
             f"padding {pad_frac[k]:.3f}, median {med[k]:.3f} s "
-            f"({min(times[k]):.3f}-{max(times[k]):.3f}), {tps[k]:.0f} tokens/s"
+            f"({min(times[k]):.3f}-{max(times[k]):.3f}), {tps[k]:.0f} tokens/s; "
+            f"CPU {cpu_med[k]:.3f} s"
         )
 
     # ---- recompute: saved-for-backward bytes of one packed micro-batch, and time ----
@@ -232,6 +242,7 @@ def main() -> None:
     speed_b = tps["packed"] / tps["padded"]
     print(
         f"RESULT packing_speedup={speed:.3f} packing_speedup_vs_bucketed={speed_b:.3f} "
+        f"packing_speedup_cpu={cpu_med['unsorted'] / cpu_med['packed']:.3f} "
         f"padding_fraction={pad_frac['packed']:.4f} "
         f"padded_padding_fraction={pad_frac['unsorted']:.4f} "
         f"recompute_mem_ratio={mem:.3f} recompute_time_ratio={rc_ratio:.3f} "

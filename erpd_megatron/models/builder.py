@@ -260,17 +260,23 @@ def transformer_config(cfg: Config, **overrides: Any) -> Any:
 
 
 def layer_spec(cfg: Config, config: Any) -> Any:
-    """The transformer layer spec: TE (lazy import) or local, with RMSNorm and qk-norm."""
+    """The transformer layer spec: TE (lazy import) or local, with RMSNorm and qk-norm. The
+    local spec's core attention runs a packed row per sequence, in length groups
+    (:mod:`erpd_megatron.models.local_varlen_attention`); TE's takes THD as it is."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    from erpd_megatron.models.local_varlen_attention import with_varlen_core_attention
+
+    te = config.transformer_impl == "transformer_engine"
     if cfg.model.num_experts is not None:  # dense and MoE layers: erpd_megatron/models/moe.py
         from erpd_megatron.models.moe import moe_block_spec
 
-        return moe_block_spec(config)
-    if config.transformer_impl == "transformer_engine":
+        block = moe_block_spec(config)
+        return block if te else with_varlen_core_attention(block)
+    if te:
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
-    return specs.get_gpt_layer_local_spec(
-        qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm"
+    return with_varlen_core_attention(
+        specs.get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm, normalization="RMSNorm")
     )
 
 

@@ -18,47 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.pipeline.readme_fixtures import VOCAB, save_tokenizer, write_prompts
+from tests.pipeline.readme_fixtures import save_tiny_qwen3_moe, write_prompts
 from tests.train.fixtures import ROOT, env, run_module
 
 TOL = 1e-5
-
-
-def save_tiny_qwen3_moe(out: Path, seed: int = 0) -> Path:
-    """A random Qwen3MoeForCausalLM with the architecture of configs/models/qwen3-moe-tiny.yaml
-    (both layers sparse) and the boxed-digit tokenizer of the tiny round."""
-    import torch
-    import transformers as tf
-
-    cfg = tf.Qwen3MoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        router_aux_loss_coef=0.01,
-        bos_token_id=VOCAB - 3,
-        eos_token_id=VOCAB - 2,
-        pad_token_id=VOCAB - 1,
-    )
-    torch.manual_seed(seed)
-    model = tf.Qwen3MoeForCausalLM(cfg).eval()
-    model.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    save_tokenizer(out)
-    return out
 
 
 def _recipe(tmp: Path) -> Path:

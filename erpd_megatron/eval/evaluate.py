@@ -266,7 +266,7 @@ def evaluate_dataset(
         )
         for s in samples[1:]:
             _log_model(name, cfg, s)
-    if len(models) > 1 and cfg.eval.temperature > 0:
+    if len(models) > 1 and cfg.eval.temperature > 0 and not parallel:  # (workers score theirs)
         if base_model is None:
             rc = cfg.rollout
             base_model = load_causal_lm(models[0].path, device=rc.hf_device, dtype=rc.hf_dtype)

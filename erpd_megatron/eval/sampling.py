@@ -229,7 +229,7 @@ def score_kl(
     """Step 4: the per-sequence KL(pi || pi_base) of every non-base model, in place."""
     flat_prompts = [p.token_ids for p in prompts for _ in range(cfg.eval.n)]
     for s in samples:
-        if s.is_base or s.kl is not None:  # the base, or scored by a worker (sampling_workers)
+        if s.is_base:
             continue
         t0 = time.perf_counter()
         base_lp = score_completions(

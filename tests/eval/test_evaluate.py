@@ -255,13 +255,15 @@ def test_score_responses_batched_equals_unbatched_at_a_temperature(tiny_pair):
             lp, lsm.gather(-1, torch.tensor(r)[:, None]).squeeze(-1).numpy(), atol=1e-5
         )
         assert np.allclose(ent, -(lsm.exp() * lsm).sum(-1).numpy(), atol=1e-5)
-    # packed rows (several sequences per row at 16 tokens, all in one row at 64): the same
+    # packed rows (several sequences per row at 16 tokens, all in one row at 64): the same to
+    # fp32 rounding (other GEMM shapes; 2.4e-6 on log-probs of ~3.4 was seen on one CPU, so the
+    # bound is the one used against the float64 reference above)
     for budget in (16, 64):
         packed = score_responses(
             model, prompts, resps, temperature=0.7, max_tokens=budget, packing=True
         )
         for x, y in zip(got.logprobs + got.entropy, packed.logprobs + packed.entropy):
-            assert len(x) == len(y) and np.allclose(x, y, rtol=0, atol=2e-6)
+            assert len(x) == len(y) and np.allclose(x, y, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="positive temperature"):
         score_responses(model, prompts, resps, temperature=0.0)
 

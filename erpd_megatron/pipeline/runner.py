@@ -162,4 +162,10 @@ class Runner:
         if code != 0:
             where = " (in process)" if target is not None else ""
             raise StepFailed(f"step exited with code {code}{where}: {' '.join(cmd)}")
-        log.debug("step took %.1fs", time.time() - t0)
+        if target is not None:  # what the steps leave in this process adds up over a demo
+            import psutil
+
+            rss = psutil.Process().memory_info().rss / 2**30
+            log.debug("step took %.1fs; this process holds %.2f GiB", time.time() - t0, rss)
+        else:
+            log.debug("step took %.1fs", time.time() - t0)

@@ -120,35 +120,25 @@ def save_random_qwen3(out: Path, *, vocab: int = 512, seed: int = 0) -> Path:
 def write_random_rollouts(
     out: Path, *, vocab: int, prompts: int, group: int, max_len: int, seed: int = 0
 ) -> Path:
-    """A rollout set of random sequences with a learnable reward (first response token even);
-    an existing one (a rerun with the same ``--out``) is reused."""
-    import numpy as np
-
+    """A rollout set of random sequences (prompts and responses of max_len // 4 up to below
+    max_len // 2 tokens) with a learnable reward (first response token even); an existing one
+    (a rerun with the same ``--out``) is reused."""
     if (out / "manifest.json").exists():
         return out
 
-    from erpd_megatron.data.rollouts import RolloutRecord, write_rollout_set
+    from erpd_megatron.data.synthetic import write_synthetic_rollouts
 
-    rng = np.random.default_rng(seed)
-    recs = []
-    for g in range(prompts):
-        prompt = rng.integers(1, vocab, rng.integers(max_len // 4, max_len // 2)).tolist()
-        for s in range(group):
-            resp = rng.integers(1, vocab, rng.integers(max_len // 4, max_len // 2)).tolist()
-            recs.append(
-                RolloutRecord(
-                    sample_id=g * group + s,
-                    prompt_id=g,
-                    group_index=g,
-                    sample_index=s,
-                    prompt_token_ids=prompt,
-                    response_token_ids=resp,
-                    reward=float(resp[0] % 2 == 0),
-                    finish_reason="stop",
-                    engine_logprobs=[-5.0] * len(resp),
-                )
-            )
-    write_rollout_set(out, recs, prompts_per_shard=max(1, prompts // 2))
+    lengths = (max_len // 4, max_len // 2 - 1)
+    write_synthetic_rollouts(
+        out,
+        prompts=prompts,
+        group=group,
+        vocab=vocab,
+        prompt_len=lengths,
+        response_len=lengths,
+        seed=seed,
+        prompts_per_shard=max(1, prompts // 2),
+    )
     return out
 
 

@@ -23,6 +23,7 @@ from tests.train.fixtures import (
     make_base_checkpoint,
     read_jsonl,
     run_module,
+    write_random_rollouts,
 )
 
 MOE = [
@@ -40,30 +41,15 @@ KEYS = ["stage1/loss", "stage1/entropy", "stage1/grad_norm", "stage1/kl_k3", "st
 def _fixed_length_rollouts(out, *, prompts: int = 6, group: int = 4, seed: int = 0):
     """Random tokens, every prompt 4 and every response 6 tokens long; reward 1 for an even
     first response token."""
-    import numpy as np
-
-    from erpd_megatron.data.rollouts import RolloutRecord, write_rollout_set
-
-    rng = np.random.default_rng(seed)
-    recs = []
-    for g in range(prompts):
-        prompt = rng.integers(1, VOCAB, 4).tolist()
-        for s in range(group):
-            resp = rng.integers(1, VOCAB, 6).tolist()
-            recs.append(
-                RolloutRecord(
-                    sample_id=g * group + s,
-                    prompt_id=g,
-                    group_index=g,
-                    sample_index=s,
-                    prompt_token_ids=prompt,
-                    response_token_ids=resp,
-                    reward=float(resp[0] % 2 == 0),
-                    finish_reason="stop",
-                    engine_logprobs=[-5.0] * len(resp),
-                )
-            )
-    write_rollout_set(out, recs, prompts_per_shard=4)
+    write_random_rollouts(
+        out,
+        prompts=prompts,
+        group=group,
+        vocab=VOCAB,
+        seed=seed,
+        prompt_len=(4, 4),
+        response_len=(6, 6),
+    )
 
 
 S2_KEYS = [

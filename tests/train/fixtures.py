@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs/recipes/tiny-cpu.yaml"
 
@@ -24,33 +22,22 @@ def write_random_rollouts(
     group: int = 4,
     vocab: int = 256,
     seed: int = 0,
-    max_token: int | None = None,
+    prompt_len: tuple[int, int] = (3, 6),
+    response_len: tuple[int, int] = (2, 9),
 ) -> Path:
-    """A rollout set of random token sequences; reward 1 for responses whose first token is
-    even (a learnable rule), so that losses have something to move."""
-    from erpd_megatron.data.rollouts import RolloutRecord, write_rollout_set
+    """The trainer tests' random rollout set (erpd_megatron.data.synthetic): by default prompts
+    of 3-6 and responses of 2-9 random tokens; reward 1 for an even first response token."""
+    from erpd_megatron.data.synthetic import write_synthetic_rollouts
 
-    rng = np.random.default_rng(seed)
-    hi = max_token or vocab
-    recs = []
-    for g in range(prompts):
-        prompt = rng.integers(1, hi, rng.integers(3, 7)).tolist()
-        for s in range(group):
-            resp = rng.integers(1, hi, rng.integers(2, 10)).tolist()
-            recs.append(
-                RolloutRecord(
-                    sample_id=g * group + s,
-                    prompt_id=g,
-                    group_index=g,
-                    sample_index=s,
-                    prompt_token_ids=prompt,
-                    response_token_ids=resp,
-                    reward=float(resp[0] % 2 == 0),
-                    finish_reason="stop",
-                    engine_logprobs=[-5.0] * len(resp),
-                )
-            )
-    write_rollout_set(out, recs, prompts_per_shard=4)
+    write_synthetic_rollouts(
+        out,
+        prompts=prompts,
+        group=group,
+        vocab=vocab,
+        prompt_len=prompt_len,
+        response_len=response_len,
+        seed=seed,
+    )
     return out
 
 

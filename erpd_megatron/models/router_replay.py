@@ -28,8 +28,11 @@ micro-batch's forward (:meth:`before_forward` / :meth:`after_forward`, called by
   ``RouterReplayAction.REPLAY_FORWARD``: megatron gathers the router's own scores at pi_r's
   experts (``moe_utils.topk_routing_with_score_function``), so gradients still reach the
   router. The per-instance methods are used, not megatron's static ones, whose class-wide
-  list of routers spans every model built in the process. Full recompute replays the
-  forward's indices too (PP=1: the backward of a micro-batch follows its forward).
+  list of routers spans every model built in the process. A full recompute (run inside
+  the backward) replays ``REPLAY_BACKWARD``: megatron pops the oldest indices set and not
+  yet recomputed, since the backwards run in the forwards' order (PP=1, and 1F1B at PP > 1,
+  where stage 0 recomputes micro-batch k after the forward of k+1; measured: with the
+  latest indices instead, the PP=2 step-1 gradient norm moved 7e-4 relative).
 
 Token order: the router flattens its ``[s, b, h]`` input, so token ``t = pos * b + row``;
 a padded row ``j`` is sequence ``j`` over ``position_ids`` 0..span-1, a packed row holds
@@ -60,6 +63,22 @@ def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
     while hasattr(m, "module"):
         m = m.module
     return m
+
+
+def _in_backward() -> bool:
+    """True inside an autograd backward (a full recompute's forward runs there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _replay_pre_hook(router: Any, args: Any) -> None:
+    """Replay the forward's indices (REPLAY_FORWARD) or, in a recompute, the oldest micro-batch's
+    not yet recomputed (REPLAY_BACKWARD pops ``replay_backward_list``: core_v0.16.1
+    ``transformer/moe/router_replay.py``, which nothing in megatron sets itself)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction as A
+
+    rr = router.router_replay
+    if rr.router_replay_action in (A.REPLAY_FORWARD, A.REPLAY_BACKWARD):
+        rr.set_router_replay_action(A.REPLAY_BACKWARD if _in_backward() else A.REPLAY_FORWARD)
 
 
 def sequence_tokens(mb: Any) -> list[torch.Tensor]:
@@ -93,9 +112,13 @@ class MoeRouting:
         self.capacity = m.moe_expert_capacity_factor is not None
         self.replay = m.moe_router_replay == "pi_r"
         self.whole_rows = not par.sequence_parallel and par.context_parallel_size == 1
+        # full recompute runs a layer's forward again in the backward (the router's too)
+        self.recompute = par.recompute_granularity == "full"
         self._maps: list[Optional[torch.Tensor]] = [None] * len(self.routers)
         for i, r in enumerate(self.routers):
             r.register_forward_hook(self._hook(i))
+            if self.replay and getattr(r, "router_replay", None) is not None:
+                r.register_forward_pre_hook(_replay_pre_hook)
         self.pi_r: Optional[dict[int, np.ndarray]] = None
         self._rec: Optional[dict[int, np.ndarray]] = None
         self._load = np.zeros((self.num_layers, self.experts))
@@ -105,7 +128,8 @@ class MoeRouting:
 
     def _hook(self, i: int) -> Any:
         def hook(module: Any, args: Any, out: Any) -> None:
-            self._maps[i] = out[1].detach()
+            if not _in_backward():  # a recompute's routing: counted at its forward already
+                self._maps[i] = out[1].detach()
 
         return hook
 
@@ -124,7 +148,9 @@ class MoeRouting:
             target = torch.arange(self.topk).repeat(b * s, 1)  # padding: any k experts
             for j, idx in enumerate(toks):
                 target[idx] = torch.from_numpy(self._pi_r_of(mb.rows[j], i, len(idx))).long()
-            r.router_replay.clear_indices()
+            if not (self.recompute and torch.is_grad_enabled()):
+                r.router_replay.clear_indices()  # no recompute: no backward list to keep
+            # appends to the backward list too, popped in order by the recomputes
             r.router_replay.set_target_indices(target.to(mb.input_ids.device))
             r.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
@@ -249,9 +275,14 @@ class MoeRouting:
     def reset(self) -> None:
         """Drop the sums so far (and megatron's aux-loss tracker values)."""
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         self._load[:] = 0
         self._stats[:] = 0
+        for r in self.routers:  # the step's backwards are done: nothing left to recompute
+            rr = getattr(r, "router_replay", None)
+            if rr is not None and rr.router_replay_action is not RouterReplayAction.RECORD:
+                rr.replay_backward_list = []
         self._dev.clear()
         clear_aux_losses_tracker()
 

@@ -14,6 +14,10 @@ makes it certain in 3 steps: measured, 85% of the tokens routed otherwise at ste
 three sequences a micro-batch); that second run is opt-in (ERPD_LONG_TESTS=1) since each
 Stage-1 process costs ~30 s here.
 
+At PP=2 (2 gloo processes, one MoE layer a stage) with full recompute, replay gives the
+PP=1 run's steps: each stage records and replays its own layer, and stage 0's recompute under
+1F1B replays the recomputed micro-batch's routing, not the latest one set.
+
 Resume is exact: a run stopped by SIGTERM after its first step and rerun (pi_r's routing
 read back from the anchors directory, the epoch's MoE sums from the checkpoint) logs the
 uninterrupted run's metrics and ends with its weights, bit for bit."""
@@ -88,6 +92,39 @@ def test_replay_routes_as_pi_r_and_step1_ratios_are_one(setup):
     assert steps[-1]["stage1/kl_k3"] > 0  # the weights moved; the routing stayed pi_r's
     epoch = [r for r in recs if "stage1/epoch/moe/routing_diff" in r]
     assert len(epoch) == 1 and epoch[0]["stage1/epoch/moe/routing_diff"] == 0.0
+
+
+def test_replay_at_pp2_with_full_recompute_matches_pp1(setup):
+    """PP=2 (2 gloo processes, one MoE layer a stage): each stage records and replays its own
+    layer's routing (one file a stage), and the full recompute of stage 0, run under 1F1B
+    after the next micro-batch's forward, replays the recomputed micro-batch's routing: the
+    steps equal the PP=1 run's (with the latest micro-batch's indices instead, the step-1
+    gradient norm was 1.31657 vs 1.31751, measured)."""
+    tmp, ov = setup
+    full = tmp / "replay"
+    if not (full / "stage1/checkpoints/final").exists():
+        _run(setup, "replay", [])
+    ref = _steps(read_jsonl(full / "stage1/stage1_metrics.jsonl"))
+    out = tmp / "pp2"
+    pp2 = [
+        "parallel.pipeline_model_parallel_size=2",
+        "parallel.recompute_granularity=full",
+        "parallel.recompute_method=uniform",
+        "parallel.recompute_num_layers=1",
+        "checkpoint.save_interval=100",
+        f"output_dir={out}",
+    ]
+    run_module("erpd_megatron.stage1", CFG, ov + pp2, nproc=2)
+    steps = _steps(read_jsonl(out / "stage1/stage1_metrics.jsonl"))
+    names = sorted(f.name for f in (out / "stage1/anchors").rglob("routing_*.npz"))
+    assert names == ["routing_dp00000_pp000.npz", "routing_dp00000_pp001.npz"]
+    assert len(steps) == len(ref) == 3
+    _check_layer_metrics(steps)
+    assert all(r[f"stage1/moe/l{i}/routing_diff"] == 0.0 for r in steps for i in (1, 2))
+    assert steps[0]["stage1/ratio_mean"] == 1.0 and steps[0]["stage1/kl_k3"] == 0.0
+    for a, b in zip(steps, ref):
+        for k in ("stage1/grad_norm", "stage1/loss", "stage1/kl_k3", "stage1/ratio_mean"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a[k], b[k])
 
 
 @pytest.mark.skipif(

@@ -217,6 +217,7 @@ class StageRun:
             check_stage_inputs(cfg, stage)
         except ConfigError as e:
             return print_config_error(stage, e)
+        run = None
         try:
             run = StageRun(cfg, stage, precheck)
             spec = build_spec(cfg, run)
@@ -228,5 +229,7 @@ class StageRun:
         except ConfigError as e:  # e.g. the Stage-1 signal check (needs the loaded data)
             return print_config_error(stage, e)
         finally:
+            if run is not None:
+                run.engine.release()  # nothing of the model outlives the run (in-process steps)
             destroy_distributed()
             sys.stdout.flush()

@@ -290,6 +290,35 @@ class Engine:
             self.scheduler.step(increment=1)
         return bool(ok), float(grad_norm) if grad_norm is not None else 0.0
 
+    def release(self) -> None:
+        """Free the model's and optimizer's tensors now (the run is over).
+
+        megatron-core's DDP registers its backward hooks on the parameters' AccumulateGrad
+        nodes and keeps no handle (core_v0.16.1 distributed_data_parallel.py,
+        ``grad_acc.register_hook(self._make_backward_post_hook(param))``); the hook closes over
+        the DDP module, and a cycle through a C++ node is invisible to Python's garbage
+        collector, so the weights, gradient buffers and main grads would outlive the run. In
+        a process that runs several steps (``erpd round --in-process``) that is one model per
+        step; here every tensor the cycle reaches is dropped instead."""
+        self.optimizer = self.scheduler = None
+        for chunk in self.model:
+            for name in ("buffers", "expert_parallel_buffers"):  # DDP's grad/param buffers
+                for buf in getattr(chunk, name, None) or []:
+                    for obj in [buf, *getattr(buf, "buckets", [])]:
+                        for k, v in list(vars(obj).items()):  # param_data, grad_data, ...
+                            if isinstance(v, torch.Tensor):
+                                setattr(obj, k, None)
+            if hasattr(chunk, "grad_accs"):
+                chunk.grad_accs = []
+            for p in chunk.parameters():
+                p.grad = None
+                if hasattr(p, "main_grad"):
+                    p.main_grad = None
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            for b in torch.nn.Module.buffers(chunk):  # DDP has a `buffers` list attribute
+                b.data = torch.empty(0, dtype=b.dtype, device=b.device)
+        self.model = []
+
     def current_lr(self) -> float:
         """Learning rate of the first param group."""
         return float(self.optimizer.param_groups[0]["lr"])

@@ -244,7 +244,7 @@ def evaluate_dataset(
             pool=pool,
             seed=seed,
             base=samples[0] if samples else None,
-            keep_model=i == 0 and len(models) > 1,
+            keep_model=i == 0 and len(models) > 1 and not parallel,  # workers load their own
             progress=progress,
         )
         if i == 0:

@@ -13,19 +13,12 @@ process holding torch threads) and get the base's samples and model path, never 
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from erpd_megatron.config.schema import Config, EvalModelConfig
 from erpd_megatron.data.prompts import SelectedPrompt
-from erpd_megatron.eval.sampling import (
-    ModelSamples,
-    apply_kl,
-    reward_samples,
-    sample_model,
-    score_completions,
-)
+from erpd_megatron.eval.sampling import ModelSamples, reward_samples, sample_model, score_kl
 from erpd_megatron.rollout.reward_pool import RewardPool
 from erpd_megatron.utils.log import get_logger
 
@@ -59,14 +52,9 @@ def _sample_one(
         progress=False,
     )
     if cfg.eval.temperature > 0:
-        t0 = time.perf_counter()
         rc = cfg.rollout
         base_model = load_causal_lm(base.model.path, device=rc.hf_device, dtype=rc.hf_dtype)
-        flat = [p.token_ids for p in prompts for _ in range(cfg.eval.n)]
-        pad = int(tokenizer.pad_token_id)
-        lp = score_completions(base_model, flat, s.completions, cfg, pad, entropy=False).logprobs
-        apply_kl(cfg, s, lp)
-        s.seconds["score_base"] = time.perf_counter() - t0
+        score_kl(cfg, [s], base_model, prompts, int(tokenizer.pad_token_id))
     return s
 
 

@@ -41,6 +41,21 @@ class StepFailed(RuntimeError):
     """A step's process exited non-zero (or, in process, returned non-zero or raised)."""
 
 
+def python_command(nproc: int = 1) -> list[str]:
+    """This interpreter, under ``torchrun --standalone`` when ``nproc`` > 1 (the rendezvous
+    store binds port 0 itself: no free-port race); append ``-m module ...`` or a script."""
+    if nproc <= 1:
+        return [sys.executable]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+    ]
+
+
 def module_of(cmd: list[str]) -> tuple[str, list[str]] | None:
     """``(module, argv)`` of a ``[python, -m, module, *argv]`` command for this interpreter,
     else None (torchrun, other programs)."""
@@ -133,19 +148,7 @@ class Runner:
 
     def module(self, module: str, step_overrides: list[str], *, distributed: bool = True) -> None:
         """``python -m module --config RECIPE overrides...`` (under torchrun when distributed)."""
-        if distributed and self.nproc > 1:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                str(self.nproc),
-                "-m",
-                module,
-            ]
-        else:
-            cmd = [sys.executable, "-m", module]
+        cmd = python_command(self.nproc if distributed else 1) + ["-m", module]
         self.run(cmd + ["--config", self.config, *self.overrides, *step_overrides])
 
     def run(self, cmd: list[str]) -> None:

@@ -31,16 +31,9 @@ def _env() -> dict[str, str]:
 def run(cmd: list[str], log: Path, timeout: float, *, nproc: int = 1) -> str:
     """Run a command (torchrun with ``nproc`` > 1), output to ``log``; StepFailed on a non-zero
     exit."""
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            *cmd[1:],
-        ]
+    from erpd_megatron.pipeline.runner import python_command
+
+    cmd = python_command(nproc) + cmd[1:]
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:

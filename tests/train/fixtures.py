@@ -156,21 +156,9 @@ def run_module(
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m module --config config overrides`` on ``nproc`` processes (torchrun)."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", module]
-    else:
-        # --standalone: the rendezvous store binds port 0 itself (no free-port race)
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            module,
-        ]
-    cmd += ["--config", str(config), *overrides]
+    from erpd_megatron.pipeline.runner import python_command
+
+    cmd = python_command(nproc) + ["-m", module, "--config", str(config), *overrides]
     p = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(

@@ -140,22 +140,26 @@ def start_heldout_child(cfg: Config, checkpoint: Path, work_dir: Path) -> Heldou
     env.setdefault("PYTHONWARNINGS", "ignore")
     env["PYTHONUNBUFFERED"] = "1"  # the log shows where a slow evaluation is
     f = open(work_dir / "heldout.log", "a")  # noqa: SIM115 - closed by HeldoutChild
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "erpd_megatron.eval.heldout",
-            "--config",
-            str(resolved),
-            "--checkpoint",
-            str(checkpoint),
-            "--out",
-            str(work_dir / "result.json"),
-        ],
-        env=env,
-        stdout=f,
-        stderr=subprocess.STDOUT,
-    )
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "erpd_megatron.eval.heldout",
+                "--config",
+                str(resolved),
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(work_dir / "result.json"),
+            ],
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    except BaseException:
+        f.close()
+        raise
     return HeldoutChild(proc, checkpoint, work_dir, f)
 
 

@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,14 +202,16 @@ class TrainLoop:
             while self.state.epoch < self.spec.epochs and not self.state.stopped_early:
                 code = self._run_epoch(bar)
                 if code is not None:
+                    self._collect_heldout()  # a stop (signal) keeps the curve point it started
                     return code
+        except BaseException:
+            if self._pending_eval is not None:  # an error ends the run: drop its evaluation
+                self._pending_eval[0].kill()
+                self._pending_eval = None
+            raise
         finally:
             bar.close()
-            if self._pending_eval is not None and sys.exc_info()[0] is not None:
-                self._pending_eval[0].kill()  # an error ends the run: the result is not needed
-                self._pending_eval = None
-            self._collect_heldout()  # a stop (signal) keeps the curve point it started
-        self._finish()
+        self._finish()  # (its final evaluation waits for a running one first)
         return 0
 
     def _run_epoch(self, bar: Any) -> int | None:

@@ -84,6 +84,7 @@ claims: install
 bench: install
 	$(PY) benchmarks/bench_token_ops.py
 	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_packing.py
 	$(if $(wildcard benchmarks/bench_train_step.py),$(PY) benchmarks/bench_train_step.py)
 
 clean-venv:

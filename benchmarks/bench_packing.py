@@ -1,8 +1,10 @@
 """Sequence packing against padded micro-batches, and activation recompute's memory and time.
 
 Lengths are long-tailed: lognormal with median 2k and p99 16k tokens (sigma = ln(8)/2.326),
-scaled down by ``--scale`` (default 1/32: median 64, p99 512) to fit a CPU. For the same
-global batches and the same token budget (``--budget``, default the scaled p99), this runs
+scaled down by ``--scale`` (default 1/32: median 64, p99 512, cap 1024) to fit a CPU. For the
+same global batches and the same token budget (``--budget``, default the length cap 2 x p99:
+the long-response recipes set ``max_tokens_per_microbatch = max_seq_length`` so that the
+longest allowed sequence fits one micro-batch), this runs
 the real training path, ``Engine.run`` forward+backward through megatron's schedule on the
 local spec (one process), with micro-batches from
 :func:`erpd_megatron.data.batching.build_micro_batches`:
@@ -17,6 +19,12 @@ local spec (one process), with micro-batches from
   sequences as causal batches of similar length (sum n_b x L_b^2 scores, not T^2), with
   megatron's own ``DotProductAttention`` per batch; TE does varlen attention from THD.
 
+The model (``--proxy qwen3-4b``, :func:`proxy_model`) is Qwen3-4B's shape scaled with the
+lengths, so that attention, the linear layers and the output layer keep Qwen3-4B's shares of a
+token's multiply-adds at the scaled lengths (both are printed). ``flop_ceiling`` is the speedup
+packing would give if time were multiply-adds (:func:`flop_ceiling`): what the measured figure
+is to be read against.
+
 tokens/s counts response+prompt tokens (not padding); ``padding_fraction`` is the packed
 rows' padding over their size. Wall time is the target's measure; with ``--threads 1`` the
 process CPU time of the same epochs (``packing_speedup_cpu``) is also given, the figure that
@@ -30,7 +38,8 @@ Rows interleave (unsorted, padded, packed, unsorted, ...) after a warm-up; media
 
 Last line: ``RESULT packing_speedup=... (packed vs unsorted) packing_speedup_vs_bucketed=...
 packing_speedup_cpu=... padding_fraction=... (packed rows) padded_padding_fraction=...
-(unsorted) recompute_mem_ratio=... recompute_time_ratio=...``.
+(unsorted) recompute_mem_ratio=... recompute_time_ratio=... flop_ceiling=...
+flop_ceiling_vs_bucketed=...``.
 """
 
 from __future__ import annotations
@@ -56,12 +65,126 @@ def _args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed interleaved rounds (default 5)")
     p.add_argument("--seqs", type=int, default=None, help="sequences per global batch (default 64)")
     p.add_argument("--scale", type=float, default=1 / 32, help="length scale (1 = 2k median)")
-    p.add_argument("--budget", type=int, default=None, help="tokens per micro-batch (default p99)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="tokens per micro-batch (default the length cap, 2 x p99, as the long-response "
+        "recipes set max_tokens_per_microbatch = max_seq_length)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="params dtype")
+    p.add_argument(
+        "--proxy",
+        choices=["qwen3-4b", "legacy"],
+        default="qwen3-4b",
+        help="the model: Qwen3-4B's cost shares at --scale (default), or the former 2x128 model",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides a.b=c")
     return p.parse_args()
+
+
+# Qwen3-4B (the 16k recipe's model): hidden, q heads x head size, kv groups, ffn, vocab, layers
+REFERENCE = {
+    "hidden": 2560,
+    "heads": 32,
+    "head_dim": 128,
+    "groups": 8,
+    "ffn": 9728,
+    "vocab": 151936,
+    "layers": 36,
+}
+PROXY_LAYERS = 4
+PROXY_HEAD_DIM = 32
+
+
+def proxy_model(scale: float, kind: str = "qwen3-4b") -> list[str]:
+    """The benchmark model's overrides. ``qwen3-4b``: Qwen3-4B's shape scaled with the lengths,
+    so that per token the three costs packing changes keep their proportions at the scaled
+    lengths (:func:`cost_shares`). Attention per token and layer is ``L x q_dim`` multiply-adds
+    against ``~15.4 hidden^2`` for the linear layers, so scaling every length by ``scale``
+    keeps the ratio when the width is scaled by ``scale`` too (hidden 2560 -> 80 at 1/32);
+    q/kv widths and ffn keep Qwen3-4B's ratios to the hidden size (head size 32, GQA 4:1), and
+    the vocabulary keeps the output layer's share of a token's cost at 4 layers instead of 36
+    (``vocab ~ 151936 x 4 x 80 / (36 x 2560)``). ``legacy``: the former 2-layer, hidden-128,
+    vocab-4096 model, whose vocabulary projection is 57% of a token's multiply-adds (Qwen3-4B:
+    10%) and whose attention share at a given scaled length is about half of Qwen3-4B's."""
+    if kind == "legacy":
+        return [
+            "model.num_layers=2",
+            "model.hidden_size=128",
+            "model.ffn_hidden_size=384",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.kv_channels=32",
+            "model.vocab_size=4096",
+        ]
+    r = REFERENCE
+    hidden = max(16, 16 * round(r["hidden"] * scale / 16))
+    heads = max(1, round(r["heads"] * r["head_dim"] / r["hidden"] * hidden / PROXY_HEAD_DIM))
+    groups = max(1, heads * r["groups"] // r["heads"])
+    ffn = 16 * round(r["ffn"] / r["hidden"] * hidden / 16)
+    vocab = 16 * round(r["vocab"] * PROXY_LAYERS * hidden / (r["layers"] * r["hidden"]) / 16)
+    return [
+        f"model.num_layers={PROXY_LAYERS}",
+        f"model.hidden_size={hidden}",
+        f"model.ffn_hidden_size={ffn}",
+        f"model.num_attention_heads={heads}",
+        f"model.num_query_groups={groups}",
+        f"model.kv_channels={PROXY_HEAD_DIM}",
+        f"model.vocab_size={vocab}",
+        "model.make_vocab_size_divisible_by=16",
+    ]
+
+
+def cost_shares(m, length: float) -> tuple[float, float]:
+    """Per token of a sequence of ``length`` (SwiGLU model ``m``: a ModelConfig or the
+    REFERENCE dict): (causal attention's multiply-adds over the linear layers', the output
+    layer's share of all multiply-adds)."""
+    g = m.get if isinstance(m, dict) else lambda k: getattr(m, _FIELDS[k])
+    h, q, kv = g("hidden"), g("heads") * g("head_dim"), g("groups") * g("head_dim")
+    linear = h * (q + 2 * kv) + q * h + 3 * h * g("ffn")
+    attn = length * q  # q.k^T and p.v over length/2 keys on average
+    out = h * g("vocab")
+    return attn / linear, out / (g("layers") * linear + out)
+
+
+def flop_ceiling(m, lengths, batches, budget: int) -> dict[str, float]:
+    """The speedup packing could reach if time were multiply-adds: per arm the linear layers
+    and the output layer over its row tokens plus causal attention over each row's squared
+    length (``count x longest^2`` padded, ``sum L^2`` packed), over packed's.
+    ``{"unsorted": ..., "padded": ...}`` for the model ``m`` (a ModelConfig)."""
+    from erpd_megatron.data.batching import micro_batches, pack_in_order, pack_rows
+
+    attn, out = cost_shares(m, 1.0)
+    # attention per token and unit of length, over all of a token's other multiply-adds
+    ratio = attn * (1 - out)
+
+    def padded(mbs) -> float:
+        return sum(len(r) * max(lengths[r]) * (1 + ratio * max(lengths[r])) for r in mbs)
+
+    plans = {
+        "unsorted": lambda b: padded(pack_in_order(b.tolist(), lengths, budget)),
+        "padded": lambda b: padded(micro_batches(b, lengths, budget)),
+        "packed": lambda b: sum(
+            float((lengths[r] * (1 + ratio * lengths[r])).sum())
+            for r in pack_rows(b, lengths, budget)
+        ),
+    }
+    cost = {k: sum(f(b) for b in batches) for k, f in plans.items()}
+    return {k: cost[k] / cost["packed"] for k in ("unsorted", "padded")}
+
+
+_FIELDS = {
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "head_dim": "kv_channels",
+    "groups": "num_query_groups",
+    "ffn": "ffn_hidden_size",
+    "vocab": "vocab_size",
+    "layers": "num_layers",
+}
 
 
 def lognormal_lengths(n: int, scale: float, seed: int = 0):
@@ -100,16 +223,9 @@ def main() -> None:
     reps = args.reps or (2 if args.quick else 5)
     n = args.seqs or (32 if args.quick else 64)
     p99 = int(16384 * args.scale)
-    budget = args.budget or p99
+    budget = args.budget or 2 * p99  # the length cap of lognormal_lengths
     tmp = Path(tempfile.mkdtemp(prefix="erpd-bench-pack-"))
-    model = [
-        "model.num_layers=2",
-        "model.hidden_size=128",
-        "model.ffn_hidden_size=384",
-        "model.num_attention_heads=4",
-        "model.num_query_groups=2",
-        "model.kv_channels=32",
-        "model.vocab_size=4096",
+    model = proxy_model(args.scale, args.proxy) + [
         f"model.max_position_embeddings={4 * p99}",
         f"data.max_seq_length={4 * p99}",
     ]
@@ -157,6 +273,12 @@ def main() -> None:
         f"max {table.lengths.max()}; {len(lengths)} sequences in {len(batches)} global batches; "
         f"budget {budget}"
     )
+    for name, m, scl in (("Qwen3-4B", REFERENCE, 1.0), (args.proxy, cfg.model, args.scale)):
+        at = [cost_shares(m, 2048 * scl * q) for q in (1, 8)]
+        print(
+            f"{name}: attention/linear per token at the median {at[0][0]:.3f}, at p99 "
+            f"{at[1][0]:.3f}; output layer {at[0][1]:.3f} of a token's multiply-adds"
+        )
 
     engine = Engine(cfg, train=True, total_steps=1000)
     shard = engine.vocab_shard()
@@ -175,6 +297,7 @@ def main() -> None:
         [collate(table, r) for r in pack_in_order(b.tolist(), table.lengths, budget)]
         for b in batches
     ]
+    ceiling = flop_ceiling(cfg.model, table.lengths, batches, budget)
     sizes = {k: sum(int(m.input_ids.numel()) for mbs in v_ for m in mbs) for k, v_ in plans.items()}
     counts = {k: sum(len(mbs) for mbs in v_) for k, v_ in plans.items()}
     pad_frac = {k: 1 - real / sizes[k] for k in plans}
@@ -246,6 +369,7 @@ def main() -> None:
         f"padding_fraction={pad_frac['packed']:.4f} "
         f"padded_padding_fraction={pad_frac['unsorted']:.4f} "
         f"recompute_mem_ratio={mem:.3f} recompute_time_ratio={rc_ratio:.3f} "
+        f"flop_ceiling={ceiling['unsorted']:.3f} flop_ceiling_vs_bucketed={ceiling['padded']:.3f} "
         f"load_avg={os.getloadavg()[0]:.2f} device={_device().type} dtype={args.dtype}"
     )
 

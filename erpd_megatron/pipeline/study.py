@@ -313,14 +313,6 @@ def _sbatch_round(
     return ids[-1]
 
 
-def _one_slot_fleet() -> bool:
-    """Whether erpd_round.sh's rollout fleet is one slot (``ROLLOUT_ARRAY=0``, FLEET_SIZE
-    unset or 1): that slot finds every shard done and writes the manifest, so the finalize
-    job would only write it again."""
-    arr = os.environ.get("ROLLOUT_ARRAY", "0-3").split("%")[0]
-    return arr == "0" and os.environ.get("FLEET_SIZE", "1") == "1"
-
-
 def _sbatch_wrap(name: str, cmd: list[str], after: list[str]) -> str:
     """A one-task job running ``cmd`` (steps erpd_round.sh does not have)."""
     import shlex
@@ -418,9 +410,7 @@ def submit_slurm(study: Study, *, rerun_changed: bool = False) -> dict[str, dict
                     s.fn()
                     kind, module, args = pp.runner.calls[-1]
                     if kind == "module" and module in SLURM_STEP:
-                        chain = SLURM_STEP[module]
-                        if chain == "rollout finalize" and _one_slot_fleet():
-                            chain = "rollout"  # the only slot writes the manifest itself
+                        chain = SLURM_STEP[module]  # erpd_round.sh drops a needless finalize
                         jid = _sbatch_round(pp.cfg, str(pp.point.recipe), chain, after, args)
                     else:
                         jid = _sbatch_wrap(f"{p.name}", args, after)

@@ -19,7 +19,9 @@
 #   FLEET_SIZE       rollout fleet slots (default: the highest id of ROLLOUT_ARRAY + 1); keep it
 #                    when rerunning some slots (ROLLOUT_ARRAY=1,3 FLEET_SIZE=4)
 #   STEPS            the steps to submit, in order
-#                    (default "rollout finalize stage1 cache stage2 evaluate")
+#                    (default "rollout finalize stage1 cache stage2 evaluate"); with a one-slot
+#                    fleet (FLEET_SIZE 1) submitted in the same call there is no finalize job:
+#                    that slot finds every shard done and writes the manifest itself
 #   AFTER            job id the first step waits for (e.g. the conversion job)
 #   SBATCH_ARGS      extra sbatch arguments for every job (--account=..., --partition=..., --time=...)
 #   LOG_DIR          job logs, <LOG_DIR>/<job name>-<job id>.out (default logs)
@@ -71,7 +73,13 @@ prev=${AFTER:-}
 for step in $STEPS; do
   case $step in
     rollout) args=(--array="$ROLLOUT_ARRAY" "${gpu[@]}" --output="$LOG_DIR/%x-%A_%a.out" scripts/slurm/rollout.sh) ;;
-    finalize) args=(--output="$LOG_DIR/%x-%j.out" scripts/slurm/rollout_finalize.sh) ;;
+    finalize)
+      if ((FLEET_SIZE == 1)) && [[ " $STEPS " == *" rollout "* ]]; then
+        echo "erpd_round: no finalize job: the one-slot rollout fleet writes the manifest" >&2
+        continue
+      fi
+      args=(--output="$LOG_DIR/%x-%j.out" scripts/slurm/rollout_finalize.sh)
+      ;;
     stage1 | stage2) args=("${train[@]}" --output="$LOG_DIR/%x-%j.out" "scripts/slurm/$step.sh") ;;
     cache) args=("${train[@]}" --output="$LOG_DIR/%x-%j.out" scripts/slurm/cache_teacher.sh) ;;
     evaluate) args=(--nodes=1 "${gpu[@]}" --output="$LOG_DIR/%x-%j.out" scripts/slurm/evaluate.sh) ;;

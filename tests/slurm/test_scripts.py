@@ -159,6 +159,36 @@ def test_round_submits_an_afterok_chain(tmp_path):
     assert "--nodes=1 --gpus-per-node=8" in calls[5] and "evaluate.sh" in calls[5], calls
 
 
+def test_round_with_a_one_slot_fleet_submits_no_finalize_job(tmp_path):
+    env = _fake_sbatch(tmp_path) | {
+        "CONFIG": "configs/recipes/llama3-8b-2node.yaml",
+        "ROLLOUT_ARRAY": "0",
+        "STEPS": "rollout finalize stage1",
+    }
+
+    def submit(extra: dict) -> tuple[list[list[str]], str]:
+        p = subprocess.run(
+            ["bash", "scripts/slurm/erpd_round.sh"],
+            env=env | extra,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, p.stderr
+        return [line.split() for line in p.stdout.splitlines()], p.stderr
+
+    ids, err = submit({})
+    assert [s for s, _ in ids] == ["rollout", "stage1"], ids
+    assert "no finalize job" in err, err
+    calls = (tmp_path / "sbatch.calls").read_text().splitlines()
+    assert f"--dependency=afterok:{ids[0][1]} " in calls[1], calls
+    # a rerun of slot 0 of four, or a finalize submitted on its own, still gets the job
+    for extra in ({"FLEET_SIZE": "4"}, {"STEPS": "finalize stage1"}):
+        ids, _ = submit(extra)
+        assert "finalize" in [s for s, _ in ids], (extra, ids)
+
+
 def test_round_gres_sites_and_fleet_size(tmp_path):
     """GRES=gpu:4 requests --gres instead of --gpus-per-node; the fleet size of a partial rerun
     (ROLLOUT_ARRAY=1,3) is the highest slot + 1 and reaches the rollout job as FLEET_SIZE."""

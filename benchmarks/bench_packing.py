@@ -85,18 +85,17 @@ def _args() -> argparse.Namespace:
     return p.parse_args()
 
 
-# Qwen3-4B (the 16k recipe's model): hidden, q heads x head size, kv groups, ffn, vocab, layers
-REFERENCE = {
-    "hidden": 2560,
-    "heads": 32,
-    "head_dim": 128,
-    "groups": 8,
-    "ffn": 9728,
-    "vocab": 151936,
-    "layers": 36,
-}
+# the long-response recipe whose model (Qwen3-4B) the benchmark model is scaled from
+REFERENCE_RECIPE = ROOT / "configs/recipes/qwen3-4b-thinking-16k.yaml"
 PROXY_LAYERS = 4
 PROXY_HEAD_DIM = 32
+
+
+def reference_model():
+    """Qwen3-4B's ModelConfig, as the 16k recipe loads it (``configs/models/qwen3-4b.yaml``)."""
+    from erpd_megatron.config import load_config
+
+    return load_config(REFERENCE_RECIPE, validate=False).model  # a GPU recipe: no TE check
 
 
 def proxy_model(scale: float, kind: str = "qwen3-4b") -> list[str]:
@@ -120,12 +119,13 @@ def proxy_model(scale: float, kind: str = "qwen3-4b") -> list[str]:
             "model.kv_channels=32",
             "model.vocab_size=4096",
         ]
-    r = REFERENCE
-    hidden = max(16, 16 * round(r["hidden"] * scale / 16))
-    heads = max(1, round(r["heads"] * r["head_dim"] / r["hidden"] * hidden / PROXY_HEAD_DIM))
-    groups = max(1, heads * r["groups"] // r["heads"])
-    ffn = 16 * round(r["ffn"] / r["hidden"] * hidden / 16)
-    vocab = 16 * round(r["vocab"] * PROXY_LAYERS * hidden / (r["layers"] * r["hidden"]) / 16)
+    r = reference_model()
+    hidden = max(16, 16 * round(r.hidden_size * scale / 16))
+    q_dim = r.num_attention_heads * r.kv_channels
+    heads = max(1, round(q_dim / r.hidden_size * hidden / PROXY_HEAD_DIM))
+    groups = max(1, heads * r.num_query_groups // r.num_attention_heads)
+    ffn = 16 * round(r.ffn_hidden_size / r.hidden_size * hidden / 16)
+    vocab = r.vocab_size * PROXY_LAYERS * hidden / (r.num_layers * r.hidden_size)
     return [
         f"model.num_layers={PROXY_LAYERS}",
         f"model.hidden_size={hidden}",
@@ -133,58 +133,86 @@ def proxy_model(scale: float, kind: str = "qwen3-4b") -> list[str]:
         f"model.num_attention_heads={heads}",
         f"model.num_query_groups={groups}",
         f"model.kv_channels={PROXY_HEAD_DIM}",
-        f"model.vocab_size={vocab}",
+        f"model.vocab_size={16 * round(vocab / 16)}",
         "model.make_vocab_size_divisible_by=16",
     ]
 
 
 def cost_shares(m, length: float) -> tuple[float, float]:
-    """Per token of a sequence of ``length`` (SwiGLU model ``m``: a ModelConfig or the
-    REFERENCE dict): (causal attention's multiply-adds over the linear layers', the output
-    layer's share of all multiply-adds)."""
-    g = m.get if isinstance(m, dict) else lambda k: getattr(m, _FIELDS[k])
-    h, q, kv = g("hidden"), g("heads") * g("head_dim"), g("groups") * g("head_dim")
-    linear = h * (q + 2 * kv) + q * h + 3 * h * g("ffn")
+    """Per token of a sequence of ``length`` (``m``: a SwiGLU ModelConfig): (causal
+    attention's multiply-adds over the linear layers', the output layer's share of all
+    multiply-adds)."""
+    h = m.hidden_size
+    q, kv = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    linear = h * (q + 2 * kv) + q * h + 3 * h * m.ffn_hidden_size
     attn = length * q  # q.k^T and p.v over length/2 keys on average
-    out = h * g("vocab")
-    return attn / linear, out / (g("layers") * linear + out)
+    out = h * m.vocab_size
+    return attn / linear, out / (m.num_layers * linear + out)
 
 
-def flop_ceiling(m, lengths, batches, budget: int) -> dict[str, float]:
+def random_table(lengths, vocab: int, seed: int = 1):
+    """A SampleTable of random token ids with these total lengths (an eighth prompt, at
+    least 2 tokens; groups of 4; random 0/1 rewards and their group advantages)."""
+    import numpy as np
+
+    from erpd_megatron.data.batching import SampleTable, group_advantages
+
+    rng = np.random.default_rng(seed)
+    prompt = [rng.integers(1, vocab, max(2, int(L) // 8)) for L in lengths]
+    table = SampleTable(
+        sample_ids=np.arange(len(lengths)),
+        group_ids=np.arange(len(lengths)) // 4,
+        prompt_ids=prompt,
+        response_ids=[
+            rng.integers(1, vocab, max(1, int(L) - len(p))) for L, p in zip(lengths, prompt)
+        ],
+        rewards=rng.integers(0, 2, len(lengths)).astype(np.float32),
+    )
+    table.advantages = group_advantages(table.rewards, table.group_ids)
+    return table
+
+
+def build_plans(cfg, cfg_pack, table, batches, budget: int) -> dict:
+    """Each arm's micro-batches of every global batch: ``unsorted`` (rows in batch order,
+    count x longest <= budget), ``padded`` (``cfg``: length-bucketed) and ``packed``
+    (``cfg_pack``: first-fit-decreasing packed rows)."""
+    from erpd_megatron.data.batching import build_micro_batches, collate, pack_in_order
+
+    plans = {
+        name: [build_micro_batches(c, table, b, 0, 1) for b in batches]
+        for name, c in (("padded", cfg), ("packed", cfg_pack))
+    }
+    # the usual padded baseline: rows in their (shuffled) batch order, count x longest <= budget
+    plans["unsorted"] = [
+        [collate(table, r) for r in pack_in_order(b.tolist(), table.lengths, budget)]
+        for b in batches
+    ]
+    return plans
+
+
+def flop_ceiling(m, plans: dict) -> dict[str, float]:
     """The speedup packing could reach if time were multiply-adds: per arm the linear layers
-    and the output layer over its row tokens plus causal attention over each row's squared
-    length (``count x longest^2`` padded, ``sum L^2`` packed), over packed's.
-    ``{"unsorted": ..., "padded": ...}`` for the model ``m`` (a ModelConfig)."""
-    from erpd_megatron.data.batching import micro_batches, pack_in_order, pack_rows
+    and the output layer over its row tokens plus causal attention over each sequence's
+    squared length (``count x longest^2`` a padded micro-batch, ``sum L^2`` a packed row),
+    over packed's; ``plans`` as :func:`build_plans` makes them, ``m`` their ModelConfig.
+    ``{"unsorted": ..., "padded": ...}``."""
+    import numpy as np
+
+    from erpd_megatron.data.batching import packed_cu_seqlens
 
     attn, out = cost_shares(m, 1.0)
     # attention per token and unit of length, over all of a token's other multiply-adds
     ratio = attn * (1 - out)
 
-    def padded(mbs) -> float:
-        return sum(len(r) * max(lengths[r]) * (1 + ratio * max(lengths[r])) for r in mbs)
+    def cost(mb) -> float:
+        b, s = mb.input_ids.shape
+        if mb.segments is None:
+            return b * s * (1 + ratio * s)
+        lengths = np.diff(packed_cu_seqlens(mb.segments)[0].numpy()).astype(np.float64)
+        return float((lengths * (1 + ratio * lengths)).sum())
 
-    plans = {
-        "unsorted": lambda b: padded(pack_in_order(b.tolist(), lengths, budget)),
-        "padded": lambda b: padded(micro_batches(b, lengths, budget)),
-        "packed": lambda b: sum(
-            float((lengths[r] * (1 + ratio * lengths[r])).sum())
-            for r in pack_rows(b, lengths, budget)
-        ),
-    }
-    cost = {k: sum(f(b) for b in batches) for k, f in plans.items()}
-    return {k: cost[k] / cost["packed"] for k in ("unsorted", "padded")}
-
-
-_FIELDS = {
-    "hidden": "hidden_size",
-    "heads": "num_attention_heads",
-    "head_dim": "kv_channels",
-    "groups": "num_query_groups",
-    "ffn": "ffn_hidden_size",
-    "vocab": "vocab_size",
-    "layers": "num_layers",
-}
+    total = {k: sum(cost(mb) for mbs in v for mb in mbs) for k, v in plans.items()}
+    return {k: total[k] / total["packed"] for k in ("unsorted", "padded")}
 
 
 def lognormal_lengths(n: int, scale: float, seed: int = 0):
@@ -209,13 +237,6 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is visible")
     torch.set_num_threads(args.threads)
     from erpd_megatron.config import load_config
-    from erpd_megatron.data.batching import (
-        SampleTable,
-        build_micro_batches,
-        collate,
-        group_advantages,
-        pack_in_order,
-    )
     from erpd_megatron.runtime.distributed import init_distributed
     from erpd_megatron.train.common import logits_logprob_entropy
     from erpd_megatron.train.engine import Engine, _device, packed_inputs
@@ -253,17 +274,7 @@ def main() -> None:
     )
     init_distributed(cfg)
     lengths = lognormal_lengths(n * 3, args.scale)
-    rng = np.random.default_rng(1)
-    v = cfg.model.vocab_size
-    prompt = [rng.integers(1, v, max(2, int(L) // 8)) for L in lengths]
-    table = SampleTable(
-        sample_ids=np.arange(len(lengths)),
-        group_ids=np.arange(len(lengths)) // 4,
-        prompt_ids=prompt,
-        response_ids=[rng.integers(1, v, max(1, int(L) - len(p))) for L, p in zip(lengths, prompt)],
-        rewards=rng.integers(0, 2, len(lengths)).astype(np.float32),
-    )
-    table.advantages = group_advantages(table.rewards, table.group_ids)
+    table = random_table(lengths, cfg.model.vocab_size)
     order = np.random.default_rng(2).permutation(len(lengths))  # an epoch's shuffle
     batches = [order[i : i + n] for i in range(0, len(lengths), n)]
     real = float(table.lengths.sum())
@@ -273,7 +284,7 @@ def main() -> None:
         f"max {table.lengths.max()}; {len(lengths)} sequences in {len(batches)} global batches; "
         f"budget {budget}"
     )
-    for name, m, scl in (("Qwen3-4B", REFERENCE, 1.0), (args.proxy, cfg.model, args.scale)):
+    for name, m, scl in (("Qwen3-4B", reference_model(), 1.0), (args.proxy, cfg.model, args.scale)):
         at = [cost_shares(m, 2048 * scl * q) for q in (1, 8)]
         print(
             f"{name}: attention/linear per token at the median {at[0][0]:.3f}, at p99 "
@@ -288,16 +299,8 @@ def main() -> None:
         lp, _ = logits_logprob_entropy(logits, mb, shard)
         return -(lp * mb.loss_mask.to(lp.device)).sum() / total_tokens, {}
 
-    plans = {
-        name: [build_micro_batches(c, table, b, 0, 1) for b in batches]
-        for name, c in (("padded", cfg), ("packed", cfg_pack))
-    }
-    # the usual padded baseline: rows in their (shuffled) batch order, count x longest <= budget
-    plans["unsorted"] = [
-        [collate(table, r) for r in pack_in_order(b.tolist(), table.lengths, budget)]
-        for b in batches
-    ]
-    ceiling = flop_ceiling(cfg.model, table.lengths, batches, budget)
+    plans = build_plans(cfg, cfg_pack, table, batches, budget)
+    ceiling = flop_ceiling(cfg.model, plans)
     sizes = {k: sum(int(m.input_ids.numel()) for mbs in v_ for m in mbs) for k, v_ in plans.items()}
     counts = {k: sum(len(mbs) for mbs in v_) for k, v_ in plans.items()}
     pad_frac = {k: 1 - real / sizes[k] for k in plans}

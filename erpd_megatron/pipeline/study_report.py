@@ -427,6 +427,10 @@ def _wandb_runs(study: Study, rows: list[dict]) -> None:
                         summary[f"{r['model']}/{r['dataset']}/{m}"] = r[m]
         run.summary.update(summary)
         run.finish()
+    # run.finish() can return before wandb's service has written an offline run's records
+    # (a fresh-clone suite read a header-only .wandb file right after it, wandb 0.31.0);
+    # teardown waits for the service to write everything and exit (every run here is finished)
+    wandb.teardown()
 
 
 def write_study_report(study: Study) -> dict[str, Path]:

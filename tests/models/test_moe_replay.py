@@ -122,9 +122,14 @@ def test_replay_at_pp2_with_full_recompute_matches_pp1(setup):
     _check_layer_metrics(steps)
     assert all(r[f"stage1/moe/l{i}/routing_diff"] == 0.0 for r in steps for i in (1, 2))
     assert steps[0]["stage1/ratio_mean"] == 1.0 and steps[0]["stage1/kl_k3"] == 0.0
-    for a, b in zip(steps, ref):
+    # step 1 (same weights; the bug moved its grad norm by 7e-4) to 1e-6. After updates at
+    # lr 0.05 the two layouts' fp32 sums (in other orders) drift apart, measured on this
+    # session's CPU: step 2's loss by 1.9e-6, step 3's kl_k3 by 1.1e-5 (1e-6 held on the last
+    # session's); later steps to 1e-4, their routing exact (above)
+    for step, (a, b) in enumerate(zip(steps, ref)):
+        rel = 1e-6 if step == 0 else 1e-4
         for k in ("stage1/grad_norm", "stage1/loss", "stage1/kl_k3", "stage1/ratio_mean"):
-            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a[k], b[k])
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-9), (step, k, a[k], b[k])
 
 
 @pytest.mark.skipif(
